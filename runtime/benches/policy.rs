@@ -1,0 +1,253 @@
+//! Policy runtime budgets, each beside a native baseline measured in the same run:
+//!
+//! - targeting 1,000,000 nodes through `select` (chunked): Wasm ≤ 0.5 s, Rhai ≤ 1.5 s
+//! - a hook call on a warm Wasm instance ≤ 2 µs
+//! - instantiating from the cached compiled component ≤ 50 µs
+//!
+//! Run: `cargo bench -p flotilla --bench policy` (add `-- --quick` for fewer reps).
+
+use flotilla::model::{Node, Selection, SkipReason, TaskContext};
+use flotilla::policy::build::{build_component, workspace_root};
+use flotilla::policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
+use flotilla::world::World;
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const FLEET: usize = 1_000_000;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = if quick { 3 } else { 7 };
+    let root = workspace_root(Path::new(env!("CARGO_MANIFEST_DIR")));
+    eprintln!("building the version-gate component ...");
+    let wasm = build_component(&root, "version-gate").expect("build version-gate");
+    let cache = std::env::temp_dir().join(format!("flotilla-bench-cache-{}", std::process::id()));
+
+    let nodes = fleet(FLEET);
+    let range = ">=1.10, <2";
+    let ctx = TaskContext::new("1.13").with_params(serde_json::json!({ "range": range }));
+
+    let rt = WasmRuntime::new(Some(cache.clone())).unwrap();
+    let compiled = rt.load_file(&wasm).unwrap();
+    let mut wasm_policy = compiled
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let mut rhai_policy = RhaiPolicy::load_file(
+        &root.join("policies/version-gate.rhai"),
+        World::empty(),
+        Limits::default(),
+    )
+    .unwrap();
+
+    // The same decision as the policy, as a native closure.
+    let req = flotilla_version::parse_range(range).unwrap();
+    let native = |ctx: &TaskContext, nodes: &[Node]| -> Vec<Selection> {
+        let target = &ctx.target_version;
+        let target_parsed = flotilla_version::parse(target).ok();
+        let skip = |reason, detail| Selection::Skip { reason, detail };
+        nodes
+            .iter()
+            .map(|n| {
+                let v = &n.version;
+                if !n.healthy {
+                    return skip(SkipReason::Unhealthy, "node is unhealthy".into());
+                }
+                let parsed = flotilla_version::parse(v);
+                let same = match (&parsed, &target_parsed) {
+                    (Ok(a), Some(b)) => a == b,
+                    _ => v.trim() == target.trim(),
+                };
+                if same {
+                    return skip(SkipReason::SameVersion, format!("already at {target}"));
+                }
+                match parsed {
+                    Err(_) => skip(
+                        SkipReason::OutOfRange,
+                        format!("version '{v}' is not a version"),
+                    ),
+                    Ok(p) if !req.matches(&p) => skip(
+                        SkipReason::OutOfRange,
+                        format!("version {v} is not in {range}"),
+                    ),
+                    Ok(_) => Selection::Include,
+                }
+            })
+            .collect()
+    };
+
+    // Sanity: all three decide the same.
+    let sample = &nodes[..5000];
+    let want = native(&ctx, sample);
+    assert_eq!(wasm_policy.select(&ctx, sample).unwrap(), want);
+    assert_eq!(rhai_policy.select(&ctx, sample).unwrap(), want);
+
+    let mut rows = Vec::new();
+
+    let base = median(reps, || black_box(native(&ctx, &nodes)).len());
+    let w = median(reps, || wasm_policy.select(&ctx, &nodes).unwrap().len());
+    rows.push(row(
+        "select 1M nodes, wasm",
+        w,
+        base,
+        Duration::from_millis(500),
+    ));
+    // The boundary alone: a component that includes every node without looking.
+    let trivial = build_component(&root, "misbehave").expect("build misbehave");
+    let mut trivial = rt
+        .load_file(&trivial)
+        .unwrap()
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let t = median(reps, || trivial.select(&ctx, &nodes).unwrap().len());
+    rows.push(row(
+        "select 1M nodes, wasm, include-all",
+        t,
+        base,
+        Duration::from_millis(500),
+    ));
+    let r = median(reps.min(3), || {
+        rhai_policy.select(&ctx, &nodes).unwrap().len()
+    });
+    rows.push(row(
+        "select 1M nodes, rhai",
+        r,
+        base,
+        Duration::from_millis(1500),
+    ));
+
+    // A warm call: one node through `select` (lowering ctx and node, lifting the decision).
+    let one = &nodes[..1];
+    let calls = 100_000;
+    let base = median(reps, || {
+        (0..calls).map(|_| black_box(native(&ctx, one)).len()).sum()
+    }) / calls as u32;
+    let w = median(reps, || {
+        (0..calls)
+            .map(|_| wasm_policy.select(&ctx, one).unwrap().len())
+            .sum()
+    }) / calls as u32;
+    rows.push(row(
+        "warm hook call (select, 1 node)",
+        w,
+        base,
+        Duration::from_micros(2),
+    ));
+
+    // Instantiate from the on-disk cache: a new runtime (as after a restart) loads
+    // the compiled artifact, then each instantiation makes a store and an instance.
+    let rt2 = WasmRuntime::new(Some(cache.clone())).unwrap();
+    let t = Instant::now();
+    let cached = rt2.load_file(&wasm).unwrap();
+    let load_from_cache = t.elapsed();
+    let n_inst = 2000;
+    let inst = median(reps, || {
+        (0..n_inst)
+            .map(|_| {
+                let mut p = cached
+                    .instantiate(World::empty(), Limits::default())
+                    .unwrap();
+                p.warm().unwrap();
+                1
+            })
+            .sum()
+    }) / n_inst as u32;
+    // The native counterpart of "get a ready policy": parse the params, box the closure.
+    let base_inst = median(reps, || {
+        (0..n_inst)
+            .map(|_| {
+                let req = flotilla_version::parse_range(black_box(range)).unwrap();
+                let ready: Box<dyn Fn(&Node) -> bool> = Box::new(move |n: &Node| {
+                    flotilla_version::in_range(&n.version, &req.to_string()).unwrap_or(false)
+                });
+                black_box(ready);
+                1
+            })
+            .sum()
+    }) / n_inst as u32;
+    rows.push(row(
+        "instantiate from cached component",
+        inst,
+        base_inst,
+        Duration::from_micros(50),
+    ));
+
+    println!();
+    println!(
+        "{:<36} {:>12} {:>12} {:>14} {:>10} {:>8}",
+        "what", "measured", "budget", "native base", "ratio", "ok"
+    );
+    for (what, m, b, budget) in &rows {
+        println!(
+            "{:<36} {:>12} {:>12} {:>14} {:>9.1}x {:>8}",
+            what,
+            fmt(*m),
+            fmt(*budget),
+            fmt(*b),
+            m.as_secs_f64() / b.as_secs_f64().max(1e-12),
+            if m <= budget { "yes" } else { "NO" }
+        );
+    }
+    println!(
+        "(load of the compiled component from the disk cache: {})",
+        fmt(load_from_cache)
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+type Row = (&'static str, Duration, Duration, Duration);
+
+fn row(what: &'static str, measured: Duration, base: Duration, budget: Duration) -> Row {
+    (what, measured, base, budget)
+}
+
+/// Median wall time of `reps` runs of `f`, after one warm-up run.
+fn median(reps: usize, mut f: impl FnMut() -> usize) -> Duration {
+    black_box(f());
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(f());
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[reps / 2]
+}
+
+fn fmt(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.1} ms", s * 1e3)
+    } else if s >= 1e-6 {
+        format!("{:.2} µs", s * 1e6)
+    } else {
+        format!("{:.0} ns", s * 1e9)
+    }
+}
+
+/// A fleet like a real one: two labels, one attribute, an asset path, versions
+/// spread over in-range, out-of-range, same-version and garbage, some unhealthy.
+fn fleet(n: usize) -> Vec<Node> {
+    let versions = [
+        "1.12", "v1.13", "1.9.0", "2.0.0", "1.12.3", "1.11", "garbage", "1.10.1",
+    ];
+    (0..n)
+        .map(|i| {
+            let mut node = Node::new(format!("node-{i:07}"), versions[i % versions.len()]);
+            node.healthy = i % 13 != 5;
+            node.labels = vec![
+                ("region".into(), ["eu", "us", "ap"][i % 3].into()),
+                (
+                    "tier".into(),
+                    if i % 2 == 0 { "edge" } else { "core" }.into(),
+                ),
+            ];
+            node.attributes = vec![("model".into(), format!("m{}", i % 4))];
+            node.asset_path = format!("/site-{}/rack-{}", i % 5, i % 11);
+            node
+        })
+        .collect()
+}

@@ -1,0 +1,9 @@
+//! Flotilla: a runner for fleet upgrades whose rollout policy is code — a
+//! WebAssembly component or a Rhai script. This crate is the runner's library;
+//! the `flotilla` binary in `main.rs` is a thin shell over it.
+
+pub mod cli;
+pub mod model;
+pub mod policy;
+pub mod window;
+pub mod world;

@@ -1,0 +1,364 @@
+//! Upgrade tasks: the spec a user (or a webhook) submits, its validation, and
+//! the task state machine.
+
+use super::{Method, Selector, Strategy};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The version a task upgrades to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// An explicit version (`1.13`, `v4.2.1`).
+    Version(String),
+    /// Whatever the control plane runs for this component when the task starts
+    /// (KubeEdge: edge nodes follow CloudCore's version).
+    ControlPlane(String),
+}
+
+/// Which nodes a task may touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    #[default]
+    All,
+    Selector(Selector),
+}
+
+/// Where the agent keeps the backup it restores from on failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backup {
+    /// The agent's default location.
+    #[default]
+    Default,
+    /// A location the agent knows (`backup add` in the cluster reference).
+    Location(String),
+    /// No backup: fast, but a failed install cannot be restored.
+    None,
+}
+
+/// What a user submits to start an upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// 1–63 chars of `[a-z0-9-]`, starting and ending alphanumeric (a DNS label).
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub package: String,
+    pub target: Target,
+    /// Versions the task upgrades from; empty = any.
+    #[serde(default)]
+    pub source_versions: Vec<String>,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub method: Method,
+    /// Policy name (as uploaded) and its parameters.
+    pub policy: String,
+    #[serde(default = "empty_object")]
+    pub params: serde_json::Value,
+    #[serde(default)]
+    pub backup: Backup,
+    /// `false`: a trial release that reverts on restart until made permanent.
+    #[serde(default = "yes")]
+    pub permanent: bool,
+    /// Nodes upgrading at once (0 = unbounded) unless a wave says otherwise.
+    #[serde(default)]
+    pub concurrency: u32,
+    #[serde(default = "default_timeout")]
+    pub node_timeout_seconds: u64,
+    #[serde(default)]
+    pub retries: u32,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_timeout() -> u64 {
+    300
+}
+
+/// What is wrong with a spec, phrased for the person who wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid task: {0}")]
+pub struct SpecError(pub String);
+
+impl TaskSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError(m));
+        validate_name(&self.name)?;
+        if self.package.trim().is_empty() {
+            return bad("`package` is empty".into());
+        }
+        match &self.target {
+            Target::Version(v) if flotilla_version::parse(v).is_err() => {
+                return bad(format!(
+                    "target version {v:?} is not a version (like 1.13 or v4.2.1)"
+                ));
+            }
+            Target::ControlPlane(c) if c.trim().is_empty() => {
+                return bad("target control-plane component is empty".into());
+            }
+            _ => {}
+        }
+        for v in &self.source_versions {
+            if flotilla_version::parse(v).is_err() {
+                return bad(format!("source version {v:?} is not a version"));
+            }
+        }
+        if let Scope::Selector(sel) = &self.scope {
+            if sel.asset_trees.len() > 5 {
+                return bad(format!(
+                    "{} asset trees selected; at most 5 are allowed (use node ids for devices deeper down)",
+                    sel.asset_trees.len()
+                ));
+            }
+            if self.method == Method::Pull {
+                return bad(
+                    "pull (upon device request) needs scope `all`: a filtered scope must use push"
+                        .into(),
+                );
+            }
+        }
+        if self.policy.trim().is_empty() {
+            return bad("`policy` is empty".into());
+        }
+        if !self.params.is_object() {
+            return bad("`params` must be a JSON object".into());
+        }
+        if self.node_timeout_seconds == 0 {
+            return bad("`node_timeout_seconds` must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Task names are DNS labels: 1–63 chars, `[a-z0-9]([-a-z0-9]*[a-z0-9])?`.
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(ok_char)
+        && name.ends_with(ok_char)
+        && name.chars().all(|c| ok_char(c) || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(SpecError(format!(
+            "name {name:?} must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
+        )))
+    }
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "reason")]
+pub enum TaskState {
+    /// Created; starts when its first window opens.
+    Scheduled,
+    Running,
+    /// Nothing new starts until resumed; running nodes finish.
+    Paused(String),
+    Succeeded,
+    Failed(String),
+    Cancelled,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "event", content = "reason")]
+pub enum TaskEvent {
+    Start,
+    Pause(String),
+    Resume,
+    /// Every wave finished and the last verdict was proceed.
+    Complete,
+    /// Aborted by a verdict or an operator, or failed for good.
+    Fail(String),
+    Cancel,
+    /// The rollback of every upgraded node finished.
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("task: `{event}` does not apply in state `{state}`")]
+pub struct IllegalTaskTransition {
+    pub state: String,
+    pub event: String,
+}
+
+impl TaskState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskState::Scheduled => "scheduled",
+            TaskState::Running => "running",
+            TaskState::Paused(_) => "paused",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed(_) => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::RolledBack => "rolled-back",
+        }
+    }
+
+    /// Scheduled, running or paused: its nodes are busy for other tasks.
+    pub fn active(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Scheduled | TaskState::Running | TaskState::Paused(_)
+        )
+    }
+
+    pub fn next(self, event: TaskEvent) -> Result<TaskState, IllegalTaskTransition> {
+        use TaskEvent as E;
+        use TaskState as S;
+        Ok(match (&self, event) {
+            (S::Scheduled, E::Start) => S::Running,
+            (S::Running | S::Scheduled, E::Pause(r)) => S::Paused(r),
+            // A pause while paused updates the reason (a second verdict).
+            (S::Paused(_), E::Pause(r)) => S::Paused(r),
+            (S::Paused(_), E::Resume) => S::Running,
+            (S::Running, E::Complete) => S::Succeeded,
+            (S::Scheduled | S::Running | S::Paused(_), E::Fail(r)) => S::Failed(r),
+            (S::Scheduled | S::Running | S::Paused(_), E::Cancel) => S::Cancelled,
+            (S::Running | S::Paused(_), E::RolledBack) => S::RolledBack,
+            (_, event) => {
+                return Err(IllegalTaskTransition {
+                    state: self.name().into(),
+                    event: event.name().into(),
+                });
+            }
+        })
+    }
+}
+
+impl TaskEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskEvent::Start => "start",
+            TaskEvent::Pause(_) => "pause",
+            TaskEvent::Resume => "resume",
+            TaskEvent::Complete => "complete",
+            TaskEvent::Fail(_) => "fail",
+            TaskEvent::Cancel => "cancel",
+            TaskEvent::RolledBack => "rolled-back",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TaskSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "edge-1-13",
+            "package": "edgecore",
+            "target": { "version": "v1.13" },
+            "policy": "canary",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_references() {
+        let s = spec();
+        assert_eq!(s.node_timeout_seconds, 300);
+        assert_eq!(s.retries, 0);
+        assert!(s.permanent);
+        assert_eq!(s.scope, Scope::All);
+        assert_eq!(s.method, Method::Push);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for ok in ["a", "edge-upgrade-1", &"x".repeat(63)] {
+            validate_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Upper",
+            "under_score",
+            &"x".repeat(64),
+            "sp ace",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pull_needs_scope_all_and_trees_are_capped() {
+        let mut s = spec();
+        s.method = Method::Pull;
+        s.validate().unwrap();
+        s.scope = Scope::Selector(Selector {
+            labels: vec![("tier".into(), "edge".into())],
+            ..Default::default()
+        });
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("pull (upon device request) needs scope `all`"),
+            "{err}"
+        );
+        s.method = Method::Push;
+        s.validate().unwrap();
+        s.scope = Scope::Selector(Selector {
+            asset_trees: (0..6).map(|i| format!("/t{i}")).collect(),
+            ..Default::default()
+        });
+        assert!(s.validate().unwrap_err().to_string().contains("at most 5"));
+    }
+
+    #[test]
+    fn bad_versions_and_unknown_fields_are_refused() {
+        let mut s = spec();
+        s.target = Target::Version("latest".into());
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("\"latest\" is not a version")
+        );
+        let err = serde_json::from_value::<TaskSpec>(serde_json::json!({
+            "name": "a", "package": "p", "target": {"version": "1"}, "policy": "c", "concurency": 3
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    #[test]
+    fn task_state_machine() {
+        use TaskEvent as E;
+        let s = TaskState::Scheduled.next(E::Start).unwrap();
+        let s = s.next(E::Pause("2 of 10 failed".into())).unwrap();
+        assert!(s.active());
+        let s = s.next(E::Resume).unwrap().next(E::Complete).unwrap();
+        assert_eq!(s, TaskState::Succeeded);
+        assert!(!s.active());
+        let err = s.next(E::Resume).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "task: `resume` does not apply in state `succeeded`"
+        );
+        assert!(TaskState::Cancelled.next(E::Start).is_err());
+        assert!(TaskState::Scheduled.next(E::Complete).is_err());
+    }
+}

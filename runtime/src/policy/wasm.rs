@@ -1,0 +1,996 @@
+//! The WebAssembly policy host: the only file that imports wasmtime.
+//!
+//! A [`WasmRuntime`] owns the engine (component model, epoch interruption), the
+//! linker with the host functions and a locked-down WASI, and an on-disk cache
+//! of compiled components. [`WasmRuntime::load_file`] compiles (or loads from the
+//! cache) and pre-links a component once; [`CompiledPolicy::instantiate`] makes a
+//! cheap [`WasmPolicy`] bound to a task's world and limits. A trap, blown budget
+//! or memory cap discards the instance; the next call instantiates a fresh one.
+
+use super::{Limits, Policy, PolicyError};
+use crate::model::{self, Hook, PolicyInfo};
+use crate::world::World;
+use sha2::{Digest, Sha256};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wasmtime::component::{
+    Component, ComponentExportIndex, ComponentType, HasSelf, Instance, Linker, Lower, ResourceTable,
+};
+use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "../wit",
+    });
+}
+
+use bindings::flotilla::policy::{clock, delivery, fleet, log, status, types as wit};
+use bindings::{Policy as PolicyWorld, PolicyIndices, PolicyPre};
+
+/// How often the epoch advances; the CPU budget is counted in these ticks.
+const TICK: Duration = Duration::from_millis(1);
+/// Bytes of guest stderr kept to explain a trap (a Rust panic message lands here).
+const STDERR_CAP: usize = 16 << 10;
+/// Exports a component must have to be a policy.
+const EXPORTS: [&str; 6] = [
+    "describe",
+    "select",
+    "plan",
+    "admit",
+    "evaluate",
+    "on-request",
+];
+
+/// The engine, linker and compile cache shared by every Wasm policy of a runner.
+#[derive(Clone)]
+pub struct WasmRuntime {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    cache_dir: Option<PathBuf>,
+    ticker: Arc<Ticker>,
+}
+
+/// Advances the engine's epoch every [`TICK`] until the last runtime is dropped.
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WasmRuntime {
+    /// A runtime caching compiled components in `cache_dir` (`None`: no cache).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PolicyError> {
+        let err = |e: wasmtime::Error| PolicyError::Load {
+            policy: "<runtime>".into(),
+            reason: format!("cannot set up the Wasm engine: {e:#}"),
+        };
+        let mut config = Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(err)?;
+
+        let mut linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;
+        PolicyWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(err)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ticking, flag) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("flotilla-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| PolicyError::Load {
+                policy: "<runtime>".into(),
+                reason: format!("cannot start the epoch thread: {e}"),
+            })?;
+
+        Ok(WasmRuntime {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir,
+            ticker: Arc::new(Ticker(stop)),
+        })
+    }
+
+    /// The default cache location: `$FLOTILLA_CACHE_DIR`, else the user cache dir.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        std::env::var_os("FLOTILLA_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                directories::ProjectDirs::from("dev", "flotilla", "flotilla")
+                    .map(|d| d.cache_dir().join("components"))
+            })
+    }
+
+    /// Loads a component from a `.wasm` file.
+    pub fn load_file(&self, path: &Path) -> Result<CompiledPolicy, PolicyError> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let bytes = std::fs::read(path).map_err(|e| PolicyError::Load {
+            policy: name.clone(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        self.load_bytes(&name, &bytes)
+    }
+
+    /// Compiles (or loads from the cache) and pre-links a component, then asks it
+    /// to `describe` itself.
+    pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<CompiledPolicy, PolicyError> {
+        let load_err = |reason: String| PolicyError::Load {
+            policy: name.to_string(),
+            reason,
+        };
+        let component = self.compile(bytes).map_err(|e| {
+            let hint = if bytes.starts_with(b"\0asm\x01\0\0\0") {
+                " (this is a core Wasm module, not a component: build the policy for \
+                 `--target wasm32-wasip2` with the flotilla SDK)"
+            } else {
+                ""
+            };
+            load_err(format!("not a valid component: {e:#}{hint}"))
+        })?;
+
+        let ty = component.component_type();
+        let exported: Vec<&str> = ty.exports(&self.engine).map(|(n, _)| n).collect();
+        let missing: Vec<&str> = EXPORTS
+            .iter()
+            .copied()
+            .filter(|e| !exported.contains(e))
+            .collect();
+        if !missing.is_empty() {
+            return Err(load_err(format!(
+                "does not implement world flotilla:policy/policy@0.1.0: missing export(s) {} \
+                 (it exports: {}); export a policy with `flotilla_sdk::export_policy!`",
+                missing.join(", "),
+                if exported.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    exported.join(", ")
+                }
+            )));
+        }
+
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            load_err(format!(
+                "cannot link (imports outside the policy world?): {e:#}"
+            ))
+        })?;
+        let pre = PolicyPre::new(pre)
+            .map_err(|e| load_err(format!("exports do not match the policy world: {e:#}")))?;
+
+        let export = |name: &str| {
+            component
+                .get_export_index(None, name)
+                .ok_or_else(|| load_err(format!("missing export {name}")))
+        };
+        let (select, plan) = (export("select")?, export("plan")?);
+        let indices = PolicyIndices::new(pre.instance_pre())
+            .map_err(|e| load_err(format!("exports do not match the policy world: {e:#}")))?;
+        let mut compiled = CompiledPolicy {
+            name: name.to_string(),
+            _ticker: self.ticker.clone(),
+            pre,
+            indices,
+            select,
+            plan,
+            info: PolicyInfo {
+                name: name.to_string(),
+                version: String::new(),
+                hooks: Vec::new(),
+            },
+        };
+        let mut probe = compiled.instantiate(World::empty(), Limits::default())?;
+        let described = probe.describe()?;
+        compiled.info = PolicyInfo {
+            name: if described.name.is_empty() {
+                name.to_string()
+            } else {
+                described.name
+            },
+            version: described.version,
+            hooks: described.hooks,
+        };
+        Ok(compiled)
+    }
+
+    fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let Some(dir) = &self.cache_dir else {
+            return Component::new(&self.engine, bytes);
+        };
+        // Keyed by content and by everything that makes a compiled artifact
+        // incompatible (wasmtime version, target, settings).
+        let mut compat = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut compat);
+        let key = format!(
+            "{}-{:016x}",
+            hex::encode(Sha256::digest(bytes)),
+            compat.finish()
+        );
+        let path = dir.join(format!("{key}.cwasm"));
+        // Read into memory rather than mmap the file: a cache file truncated or
+        // rewritten in place while mapped would take the process down (SIGBUS).
+        if let Ok(cached) = std::fs::read(&path) {
+            // SAFETY: the bytes are an artifact this runtime serialized into its
+            // own cache directory (written to a temp file, renamed into place),
+            // keyed by the engine's compatibility hash; wasmtime checks the header
+            // and metadata, and a damaged file is recompiled below.
+            match unsafe { Component::deserialize(&self.engine, &cached) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    "recompiling: cached component unusable: {e:#}"
+                ),
+            }
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        if let Err(e) = write_atomic(dir, &path, &component.serialize()?) {
+            tracing::warn!(dir = %dir.display(), "cannot cache compiled component: {e}");
+        }
+        Ok(component)
+    }
+}
+
+fn write_atomic(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A compiled, pre-linked policy component; instantiate it once per task.
+#[derive(Clone)]
+pub struct CompiledPolicy {
+    name: String,
+    /// Keeps the epoch ticker (and so every CPU budget) alive while a policy
+    /// outlives the runtime handle it was loaded from.
+    _ticker: Arc<Ticker>,
+    pre: PolicyPre<State>,
+    indices: PolicyIndices,
+    /// `select` and `plan` are called through typed functions over borrowed
+    /// nodes ([`NodeRef`]), so a million nodes cross without being cloned.
+    select: ComponentExportIndex,
+    plan: ComponentExportIndex,
+    info: PolicyInfo,
+}
+
+impl CompiledPolicy {
+    pub fn info(&self) -> &PolicyInfo {
+        &self.info
+    }
+
+    /// A policy bound to `world` and `limits`. Cheap: the instance itself is
+    /// created on the first call (and again after a trap).
+    pub fn instantiate(&self, world: World, limits: Limits) -> Result<WasmPolicy, PolicyError> {
+        Ok(WasmPolicy {
+            compiled: self.clone(),
+            world,
+            limits,
+            live: None,
+            spare: Vec::new(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            ctx_cache: None,
+        })
+    }
+}
+
+/// A live instance: its store, its bindings and the raw instance for typed calls.
+struct Live {
+    store: Store<State>,
+    bindings: PolicyWorld,
+    instance: Instance,
+}
+
+/// A node lowered straight from the model, borrowing its strings.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct NodeRef<'a> {
+    id: &'a str,
+    version: &'a str,
+    labels: &'a [(String, String)],
+    attributes: &'a [(String, String)],
+    #[component(name = "asset-path")]
+    asset_path: &'a str,
+    healthy: bool,
+    schedulable: bool,
+    online: bool,
+    #[component(name = "last-seen")]
+    last_seen: u64,
+}
+
+impl<'a> From<&'a model::Node> for NodeRef<'a> {
+    fn from(n: &'a model::Node) -> Self {
+        NodeRef {
+            id: &n.id,
+            version: &n.version,
+            labels: &n.labels,
+            attributes: &n.attributes,
+            asset_path: &n.asset_path,
+            healthy: n.healthy,
+            schedulable: n.schedulable,
+            online: n.online,
+            last_seen: n.last_seen,
+        }
+    }
+}
+
+/// A Wasm policy bound to one task's world.
+pub struct WasmPolicy {
+    compiled: CompiledPolicy,
+    world: World,
+    limits: Limits,
+    live: Option<Live>,
+    /// Extra instances for spreading `select` chunks over cores.
+    spare: Vec<Live>,
+    workers: usize,
+    ctx_cache: Option<(model::TaskContext, wit::TaskContext)>,
+}
+
+impl WasmPolicy {
+    /// Creates the instance now rather than on the first call (benchmarks, `check`).
+    pub fn warm(&mut self) -> Result<(), PolicyError> {
+        self.live(Hook::Select).map(|_| ())
+    }
+
+    /// Drops the instances; the next call makes a new one.
+    pub fn discard(&mut self) {
+        self.live = None;
+        self.spare.clear();
+    }
+
+    /// How many instances `select` may spread chunks over (default: the
+    /// number of cores, at most 4). 1 keeps everything on the calling thread.
+    pub fn set_workers(&mut self, workers: usize) {
+        self.workers = workers.max(1);
+        self.spare.truncate(self.workers - 1);
+    }
+
+    fn live(&mut self, hook: Hook) -> Result<&mut Live, PolicyError> {
+        if self.live.is_none() {
+            self.live = Some(self.new_live(hook)?);
+        }
+        Ok(self.live.as_mut().expect("instance was just created"))
+    }
+
+    fn new_live(&self, hook: Hook) -> Result<Live, PolicyError> {
+        let engine = self.compiled.pre.engine();
+        let stderr = MemoryOutputPipe::new(STDERR_CAP);
+        let state = State {
+            wasi: locked_down_wasi(stderr.clone()),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_cap: self.limits.memory_bytes,
+                hit_cap: false,
+            },
+            world: self.world.clone(),
+            policy: self.compiled.name.clone(),
+            stderr,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.ticks(0));
+        let made = self
+            .compiled
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .and_then(|instance| {
+                let bindings = self.compiled.indices.load(&mut store, &instance)?;
+                Ok((instance, bindings))
+            });
+        let (instance, bindings) = made.map_err(|e| self.classify(hook, 0, &store, e))?;
+        Ok(Live {
+            store,
+            bindings,
+            instance,
+        })
+    }
+
+    fn ticks(&self, nodes: usize) -> u64 {
+        ticks(&self.limits, nodes)
+    }
+
+    fn classify(
+        &self,
+        hook: Hook,
+        nodes: usize,
+        store: &Store<State>,
+        e: wasmtime::Error,
+    ) -> PolicyError {
+        classify(&self.compiled.name, &self.limits, hook, nodes, store, e)
+    }
+
+    /// Runs one export with a fresh CPU budget; any failure discards the instance.
+    fn call<R>(
+        &mut self,
+        hook: Hook,
+        nodes: usize,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<R>,
+    ) -> Result<R, PolicyError> {
+        let ticks = self.ticks(nodes);
+        let live = self.live(hook)?;
+        live.store.set_epoch_deadline(ticks);
+        match f(live) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let live = self.live.take().expect("instance is live");
+                Err(self.classify(hook, nodes, &live.store, e))
+            }
+        }
+    }
+
+    /// Calls `select` or `plan` (same signature) on borrowed nodes.
+    fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
+        &mut self,
+        hook: Hook,
+        ctx: &model::TaskContext,
+        nodes: &[model::Node],
+    ) -> Result<R, PolicyError> {
+        let index = match hook {
+            Hook::Plan => self.compiled.plan,
+            _ => self.compiled.select,
+        };
+        self.with_ctx(ctx, |this, ctx| {
+            this.call(hook, nodes.len(), |live| {
+                call_nodes(live, &index, ctx, nodes)
+            })
+        })
+    }
+
+    /// The lowered context, reused while the task's context is unchanged. It is
+    /// taken out of the cache for the call and put back by [`Self::with_ctx`].
+    fn take_ctx(&mut self, ctx: &model::TaskContext) -> (model::TaskContext, wit::TaskContext) {
+        match self.ctx_cache.take() {
+            Some(cached) if cached.0 == *ctx => cached,
+            _ => (ctx.clone(), wit_ctx(ctx)),
+        }
+    }
+
+    fn with_ctx<R>(
+        &mut self,
+        ctx: &model::TaskContext,
+        f: impl FnOnce(&mut Self, &wit::TaskContext) -> Result<R, PolicyError>,
+    ) -> Result<R, PolicyError> {
+        let cached = self.take_ctx(ctx);
+        let out = f(self, &cached.1);
+        self.ctx_cache = Some(cached);
+        out
+    }
+
+    fn describe(&mut self) -> Result<PolicyInfo, PolicyError> {
+        let info = self.call(Hook::Select, 0, |l| l.bindings.call_describe(&mut l.store))?;
+        Ok(PolicyInfo {
+            name: info.name,
+            version: info.version,
+            hooks: info.hooks.into_iter().map(hook_from).collect(),
+        })
+    }
+}
+
+impl Policy for WasmPolicy {
+    fn info(&self) -> &PolicyInfo {
+        &self.compiled.info
+    }
+
+    /// Chunks are spread over up to `workers` instances on scoped threads (the
+    /// contract says `select` keeps no state between calls). Each call has its
+    /// own budget; a failed instance is discarded, the others are kept.
+    fn call_select_chunks(
+        &mut self,
+        ctx: &model::TaskContext,
+        chunks: &[&[model::Node]],
+    ) -> Result<Vec<Vec<model::Selection>>, PolicyError> {
+        let per = chunks.len().div_ceil(self.workers.max(1)).max(1);
+        let groups: Vec<&[&[model::Node]]> = chunks.chunks(per).collect();
+        if groups.len() <= 1 {
+            return chunks.iter().map(|c| self.call_select(ctx, c)).collect();
+        }
+        let mut lives = Vec::with_capacity(groups.len());
+        while lives.len() < groups.len() {
+            let live = match (lives.is_empty(), self.live.take(), self.spare.pop()) {
+                (true, Some(primary), spare) => {
+                    self.spare.extend(spare);
+                    primary
+                }
+                (_, primary, Some(spare)) => {
+                    self.live = primary;
+                    spare
+                }
+                (_, primary, None) => {
+                    self.live = primary;
+                    self.new_live(Hook::Select)?
+                }
+            };
+            lives.push(live);
+        }
+        let cached = self.take_ctx(ctx);
+        let (name, limits, index) = (&self.compiled.name, self.limits, self.compiled.select);
+        let wit_ctx = &cached.1;
+        let results: Vec<(
+            Option<Live>,
+            Result<Vec<Vec<model::Selection>>, PolicyError>,
+        )> = std::thread::scope(|scope| {
+            let handles: Vec<_> = lives
+                .into_iter()
+                .zip(groups)
+                .map(|(mut live, group)| {
+                    scope.spawn(move || {
+                        let mut out = Vec::with_capacity(group.len());
+                        for chunk in group {
+                            live.store.set_epoch_deadline(ticks(&limits, chunk.len()));
+                            match call_nodes::<Vec<wit::Selection>>(
+                                &mut live, &index, wit_ctx, chunk,
+                            ) {
+                                Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
+                                Err(e) => {
+                                    let err = classify(
+                                        name,
+                                        &limits,
+                                        Hook::Select,
+                                        chunk.len(),
+                                        &live.store,
+                                        e,
+                                    );
+                                    return (None, Err(err));
+                                }
+                            }
+                        }
+                        (Some(live), Ok(out))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a select worker thread panicked"))
+                .collect()
+        });
+        self.ctx_cache = Some(cached);
+        let mut all = Vec::with_capacity(chunks.len());
+        let mut first_err = None;
+        for (live, result) in results {
+            if let Some(live) = live {
+                if self.live.is_none() {
+                    self.live = Some(live);
+                } else {
+                    self.spare.push(live);
+                }
+            }
+            match result {
+                Ok(v) => all.extend(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
+    }
+
+    fn call_select(
+        &mut self,
+        ctx: &model::TaskContext,
+        nodes: &[model::Node],
+    ) -> Result<Vec<model::Selection>, PolicyError> {
+        let out: Vec<wit::Selection> = self.call_nodes(Hook::Select, ctx, nodes)?;
+        Ok(out.into_iter().map(selection_from).collect())
+    }
+
+    fn call_plan(
+        &mut self,
+        ctx: &model::TaskContext,
+        nodes: &[model::Node],
+    ) -> Result<Vec<model::Wave>, PolicyError> {
+        let out: Vec<wit::Wave> = self.call_nodes(Hook::Plan, ctx, nodes)?;
+        Ok(out
+            .into_iter()
+            .map(|w| model::Wave {
+                name: w.name,
+                nodes: w.nodes,
+                concurrency: w.concurrency,
+                soak_seconds: w.soak_seconds,
+                needs_approval: w.needs_approval,
+            })
+            .collect())
+    }
+
+    fn call_admit(
+        &mut self,
+        ctx: &model::TaskContext,
+        node: &model::Node,
+        now: u64,
+    ) -> Result<model::Admission, PolicyError> {
+        let node = wit_node(node);
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::Admit, 1, |l| {
+                l.bindings.call_admit(&mut l.store, ctx, &node, now)
+            })
+        })?;
+        Ok(match out {
+            wit::Admission::Now => model::Admission::Now,
+            wit::Admission::DeferUntil(t) => model::Admission::DeferUntil(t),
+            wit::Admission::Never(r) => model::Admission::Never(r),
+        })
+    }
+
+    fn call_evaluate(
+        &mut self,
+        ctx: &model::TaskContext,
+        report: &model::WaveReport,
+    ) -> Result<model::Verdict, PolicyError> {
+        let report = wit::WaveReport {
+            wave: report.wave,
+            waves: report.waves,
+            total: report.total,
+            succeeded: report.succeeded,
+            failed_rolled_back: report.failed_rolled_back,
+            failed_rollback_failed: report.failed_rollback_failed,
+            timed_out: report.timed_out,
+            unknown: report.unknown,
+            rejected: report.rejected,
+            in_flight: report.in_flight,
+            failed_nodes: report.failed_nodes.clone(),
+            task_finished: report.task_finished,
+            task_failed: report.task_failed,
+        };
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::Evaluate, 0, |l| {
+                l.bindings.call_evaluate(&mut l.store, ctx, &report)
+            })
+        })?;
+        Ok(match out {
+            wit::Verdict::Proceed => model::Verdict::Proceed,
+            wit::Verdict::Pause(r) => model::Verdict::Pause(r),
+            wit::Verdict::RetryFailed => model::Verdict::RetryFailed,
+            wit::Verdict::Rollback(r) => model::Verdict::Rollback(r),
+            wit::Verdict::Abort(r) => model::Verdict::Abort(r),
+        })
+    }
+
+    fn call_on_request(
+        &mut self,
+        ctx: &model::TaskContext,
+        node: &model::Node,
+    ) -> Result<model::Offer, PolicyError> {
+        let node = wit_node(node);
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::OnRequest, 1, |l| {
+                l.bindings.call_on_request(&mut l.store, ctx, &node)
+            })
+        })?;
+        Ok(match out {
+            wit::Offer::Offer => model::Offer::Offer,
+            wit::Offer::DeferUntil(t) => model::Offer::DeferUntil(t),
+            wit::Offer::Decline(r) => model::Offer::Decline(r),
+        })
+    }
+}
+
+/// Epoch ticks for a call handed `nodes` nodes; one extra tick because the
+/// current tick may be about to end.
+fn ticks(limits: &Limits, nodes: usize) -> u64 {
+    (limits.budget(nodes).as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// Turns a failed call into the error the engine records: budget, memory cap,
+/// or a trap with whatever the guest printed to stderr (a Rust panic message).
+fn classify(
+    policy: &str,
+    limits: &Limits,
+    hook: Hook,
+    nodes: usize,
+    store: &Store<State>,
+    e: wasmtime::Error,
+) -> PolicyError {
+    let policy = policy.to_string();
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return PolicyError::Budget {
+            policy,
+            hook,
+            budget: format!("{} ms", limits.budget(nodes).as_millis()),
+        };
+    }
+    if store.data().limiter.hit_cap {
+        return PolicyError::Memory {
+            policy,
+            hook,
+            cap: format!("{} MiB", limits.memory_bytes >> 20),
+        };
+    }
+    let stderr = store.data().stderr.contents();
+    let stderr = String::from_utf8_lossy(&stderr);
+    let stderr = stderr.trim();
+    PolicyError::Trap {
+        policy,
+        hook,
+        message: if stderr.is_empty() {
+            format!("{e:#}")
+        } else {
+            format!("{e:#}; guest stderr: {stderr}")
+        },
+    }
+}
+
+/// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
+fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
+    live: &mut Live,
+    index: &ComponentExportIndex,
+    ctx: &wit::TaskContext,
+    nodes: &[model::Node],
+) -> wasmtime::Result<R> {
+    let refs: Vec<NodeRef<'_>> = nodes.iter().map(NodeRef::from).collect();
+    let f = live
+        .instance
+        .get_typed_func::<(&wit::TaskContext, &[NodeRef<'_>]), (R,)>(&mut live.store, index)?;
+    Ok(f.call(&mut live.store, (ctx, &refs))?.0)
+}
+
+/// No files, no network, no env or args, clocks stuck at zero, deterministic
+/// randomness: a policy sees the world only through the policy imports.
+fn locked_down_wasi(stderr: MemoryOutputPipe) -> WasiCtx {
+    struct Frozen;
+    impl wasmtime_wasi::HostWallClock for Frozen {
+        fn resolution(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+        fn now(&self) -> Duration {
+            Duration::ZERO
+        }
+    }
+    impl wasmtime_wasi::HostMonotonicClock for Frozen {
+        fn resolution(&self) -> u64 {
+            1_000_000_000
+        }
+        fn now(&self) -> u64 {
+            0
+        }
+    }
+    WasiCtxBuilder::new()
+        .stderr(stderr)
+        .wall_clock(Frozen)
+        .monotonic_clock(Frozen)
+        .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a; 32]))
+        .insecure_random(wasmtime_wasi::Deterministic::new(vec![0xa5; 32]))
+        .insecure_random_seed(0)
+        .allow_ip_name_lookup(false)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .build()
+}
+
+/// Host state of one instance.
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    world: World,
+    policy: String,
+    stderr: MemoryOutputPipe,
+}
+
+struct Limiter {
+    memory_cap: usize,
+    hit_cap: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.memory_cap;
+        self.hit_cap |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 16)
+    }
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit::Host for State {}
+
+impl fleet::Host for State {
+    fn query(&mut self, selector: wit::Selector, offset: u64, limit: u32) -> Vec<wit::Node> {
+        let limit = limit.min(model::CHUNK as u32);
+        self.world
+            .fleet
+            .query(&selector_from(selector), offset, limit)
+            .iter()
+            .map(wit_node)
+            .collect()
+    }
+
+    fn get(&mut self, id: String) -> Option<wit::Node> {
+        self.world.fleet.get(&id).as_ref().map(wit_node)
+    }
+
+    fn count(&mut self, selector: wit::Selector) -> u64 {
+        self.world.fleet.count(&selector_from(selector))
+    }
+}
+
+impl delivery::Host for State {
+    fn releases(&mut self, package: String) -> Vec<wit::Release> {
+        self.world
+            .delivery
+            .releases(&package)
+            .into_iter()
+            .map(|r| wit::Release {
+                package: r.package,
+                version: r.version,
+                kind: match r.kind {
+                    model::ReleaseKind::Full => wit::ReleaseKind::Full,
+                    model::ReleaseKind::Patch => wit::ReleaseKind::Patch,
+                },
+                size: r.size,
+                sha256: r.sha256,
+            })
+            .collect()
+    }
+
+    fn control_plane_version(&mut self, component: String) -> Option<String> {
+        self.world.delivery.control_plane_version(&component)
+    }
+}
+
+impl status::Host for State {
+    fn run(&mut self, node_id: String) -> Option<wit::NodeRun> {
+        self.world.status.run(&node_id).map(|r| wit::NodeRun {
+            node_id: r.node_id,
+            state: r.state,
+            attempts: r.attempts,
+            wave: r.wave,
+        })
+    }
+
+    fn summary(&mut self) -> wit::TaskSummary {
+        let s = self.world.status.summary();
+        wit::TaskSummary {
+            total: s.total,
+            skipped: s.skipped,
+            pending: s.pending,
+            in_flight: s.in_flight,
+            succeeded: s.succeeded,
+            failed: s.failed,
+        }
+    }
+
+    fn node_history(&mut self, node_id: String, limit: u32) -> Vec<wit::Outcome> {
+        self.world
+            .status
+            .history(&node_id, limit)
+            .into_iter()
+            .map(|o| wit::Outcome {
+                task_id: o.task_id,
+                version: o.version,
+                state: o.state,
+                at: o.at,
+            })
+            .collect()
+    }
+
+    fn metric(&mut self, node_id: String, name: String) -> Option<f64> {
+        self.world.status.metric(&node_id, &name)
+    }
+}
+
+impl log::Host for State {
+    fn log(&mut self, level: wit::Level, message: String) {
+        let policy = self.policy.as_str();
+        match level {
+            wit::Level::Trace => tracing::trace!(policy, "{message}"),
+            wit::Level::Debug => tracing::debug!(policy, "{message}"),
+            wit::Level::Info => tracing::info!(policy, "{message}"),
+            wit::Level::Warn => tracing::warn!(policy, "{message}"),
+            wit::Level::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+}
+
+impl clock::Host for State {
+    fn now(&mut self) -> u64 {
+        self.world.clock.now()
+    }
+}
+
+fn wit_node(n: &model::Node) -> wit::Node {
+    wit::Node {
+        id: n.id.clone(),
+        version: n.version.clone(),
+        labels: n.labels.clone(),
+        attributes: n.attributes.clone(),
+        asset_path: n.asset_path.clone(),
+        healthy: n.healthy,
+        schedulable: n.schedulable,
+        online: n.online,
+        last_seen: n.last_seen,
+    }
+}
+
+fn wit_ctx(c: &model::TaskContext) -> wit::TaskContext {
+    wit::TaskContext {
+        task_id: c.task_id.clone(),
+        name: c.name.clone(),
+        package: c.package.clone(),
+        target_version: c.target_version.clone(),
+        source_versions: c.source_versions.clone(),
+        strategy: match c.strategy {
+            model::Strategy::Snapshot => wit::Strategy::Snapshot,
+            model::Strategy::Increment => wit::Strategy::Increment,
+        },
+        method: match c.method {
+            model::Method::Push => wit::DeliveryMethod::Push,
+            model::Method::Pull => wit::DeliveryMethod::Pull,
+        },
+        concurrency: c.concurrency,
+        params: c.params.to_string(),
+    }
+}
+
+fn selector_from(s: wit::Selector) -> model::Selector {
+    model::Selector {
+        ids: s.ids,
+        labels: s.labels,
+        attributes: s.attributes,
+        asset_trees: s.asset_trees,
+    }
+}
+
+fn selection_from(s: wit::Selection) -> model::Selection {
+    match s {
+        wit::Selection::Include => model::Selection::Include,
+        wit::Selection::Skip(skip) => model::Selection::Skip {
+            reason: match skip.reason {
+                wit::SkipReason::SameVersion => model::SkipReason::SameVersion,
+                wit::SkipReason::Unhealthy => model::SkipReason::Unhealthy,
+                wit::SkipReason::BusyInAnotherTask => model::SkipReason::BusyInAnotherTask,
+                wit::SkipReason::OutOfRange => model::SkipReason::OutOfRange,
+                wit::SkipReason::Policy => model::SkipReason::Policy,
+            },
+            detail: skip.detail,
+        },
+    }
+}
+
+fn hook_from(h: wit::Hook) -> Hook {
+    match h {
+        wit::Hook::Select => Hook::Select,
+        wit::Hook::Plan => Hook::Plan,
+        wit::Hook::Admit => Hook::Admit,
+        wit::Hook::Evaluate => Hook::Evaluate,
+        wit::Hook::OnRequest => Hook::OnRequest,
+    }
+}

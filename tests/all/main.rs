@@ -1,0 +1,5 @@
+//! Flotilla's end-to-end tests, one binary (one link of wasmtime), a module per topic.
+
+mod policy_load;
+mod policy_safety;
+mod policy_twins;

@@ -1,0 +1,183 @@
+//! A policy can never take the runner down: loops hit the CPU budget, hoarding
+//! hits the memory cap, panics and bad output become typed errors, and the next
+//! call on the same policy works.
+
+use flotilla::model::{Node, TaskContext, WaveReport};
+use flotilla::policy::{Limits, Policy, PolicyError, RhaiPolicy, WasmPolicy, WasmRuntime};
+use flotilla::world::World;
+use flotilla_tests::component;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn limits() -> Limits {
+    Limits {
+        cpu: Duration::from_millis(100),
+        cpu_per_node: Duration::ZERO,
+        memory_bytes: 32 << 20,
+        ..Limits::default()
+    }
+}
+
+fn misbehave() -> WasmPolicy {
+    let rt = WasmRuntime::new(None).unwrap();
+    rt.load_file(&component("misbehave"))
+        .unwrap()
+        .instantiate(World::empty(), limits())
+        .unwrap()
+}
+
+fn ctx(mode: &str) -> TaskContext {
+    TaskContext::new("2.0.0").with_params(json!({ "mode": mode }))
+}
+
+fn nodes() -> Vec<Node> {
+    (0..10)
+        .map(|i| Node::new(format!("n{i}"), "1.0.0"))
+        .collect()
+}
+
+/// The next call on the same policy behaves.
+fn still_works(p: &mut dyn Policy) {
+    let out = p
+        .select(&ctx("behave"), &nodes())
+        .expect("the next call must succeed");
+    assert_eq!(out.len(), 10);
+}
+
+#[test]
+fn wasm_infinite_loop_is_stopped_within_its_budget() {
+    let mut p = misbehave();
+    let t = Instant::now();
+    let err = p.select(&ctx("loop"), &nodes()).unwrap_err();
+    let took = t.elapsed();
+    assert!(matches!(err, PolicyError::Budget { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("hook select exceeded its CPU budget (100 ms)"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_millis(90) && took < Duration::from_millis(600),
+        "{took:?}"
+    );
+    still_works(&mut p);
+}
+
+#[test]
+fn wasm_unbounded_allocation_is_stopped_at_the_cap() {
+    let mut p = misbehave();
+    let err = p.select(&ctx("alloc"), &nodes()).unwrap_err();
+    assert!(matches!(err, PolicyError::Memory { .. }), "{err}");
+    assert!(err.to_string().contains("memory cap (32 MiB)"), "{err}");
+    still_works(&mut p);
+}
+
+#[test]
+fn wasm_panic_is_a_trap_that_carries_the_panic_message() {
+    let mut p = misbehave();
+    let err = p.select(&ctx("panic"), &nodes()).unwrap_err();
+    assert!(matches!(err, PolicyError::Trap { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("policy misbehave: hook select trapped"),
+        "{msg}"
+    );
+    assert!(msg.contains("misbehave was told to panic"), "{msg}");
+    still_works(&mut p);
+}
+
+#[test]
+fn wasm_invalid_output_gets_a_clear_error() {
+    let mut p = misbehave();
+    let cases = [
+        (
+            "unknown-node",
+            "names node \"ghost\", which is not among the selected nodes",
+        ),
+        ("empty-wave", "wave 1 (\"second\") is empty"),
+        ("duplicate", "node \"n0\" is in wave 0 and again in wave 1"),
+    ];
+    for (mode, want) in cases {
+        let err = p.plan(&ctx(mode), &nodes()).unwrap_err();
+        assert!(matches!(err, PolicyError::Invalid { .. }), "{mode}: {err}");
+        assert!(err.to_string().contains(want), "{mode}: {err}");
+    }
+    let err = p
+        .evaluate(&ctx("empty-reason"), &WaveReport::default())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("hook evaluate returned invalid output: `pause` must say why"),
+        "{err}"
+    );
+    let err = p.select(&ctx("short"), &nodes()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("returned 9 decisions for a chunk of 10 nodes"),
+        "{err}"
+    );
+    still_works(&mut p);
+}
+
+#[test]
+fn wasm_budget_applies_per_call_not_per_instance() {
+    // Many cheap calls on one instance add up to far more than one budget.
+    let mut p = misbehave();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(300) {
+        still_works(&mut p);
+    }
+}
+
+#[test]
+fn rhai_infinite_loop_and_hoarding_are_stopped_and_the_next_call_works() {
+    let src = r#"
+        fn select(ctx, nodes) {
+            if ctx.params.mode == "loop" { loop { } }
+            if ctx.params.mode == "alloc" { let s = "x"; loop { s += s; } }
+            nodes.map(|n| #{ decision: "include" })
+        }
+    "#;
+    let mut p = RhaiPolicy::load_str("rhai-misbehave", src, World::empty(), limits()).unwrap();
+    let t = Instant::now();
+    let err = p.select(&ctx("loop"), &nodes()).unwrap_err();
+    assert!(matches!(err, PolicyError::Budget { .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    still_works(&mut p);
+    let err = p.select(&ctx("alloc"), &nodes()).unwrap_err();
+    assert!(matches!(err, PolicyError::Memory { .. }), "{err}");
+    still_works(&mut p);
+}
+
+#[test]
+fn wasm_select_spread_over_instances_matches_one_instance_and_survives_a_trap() {
+    let rt = WasmRuntime::new(None).unwrap();
+    let compiled = rt.load_file(&component("version-gate")).unwrap();
+    let nodes = flotilla_tests::fleet(20_000, &["1.12", "v1.13", "1.9.0", "2.0.0", "junk"]);
+    let gate = TaskContext::new("1.13").with_params(json!({ "range": ">=1.10, <2" }));
+    let mut one = compiled
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    one.set_workers(1);
+    let mut many = compiled
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    many.set_workers(3);
+    assert_eq!(
+        one.select(&gate, &nodes).unwrap(),
+        many.select(&gate, &nodes).unwrap()
+    );
+
+    // A trap in one worker's chunk fails the call; the next call still works.
+    let mut p = misbehave();
+    p.set_workers(2);
+    let big: Vec<Node> = (0..10_000)
+        .map(|i| Node::new(format!("n{i}"), "1.0.0"))
+        .collect();
+    let err = p.select(&ctx("panic"), &big).unwrap_err();
+    assert!(
+        err.to_string().contains("misbehave was told to panic"),
+        "{err}"
+    );
+    assert_eq!(p.select(&ctx("behave"), &big).unwrap().len(), 10_000);
+}

@@ -1,0 +1,139 @@
+//! The shipped policies written twice — a Rust component and a Rhai script —
+//! decide identically on a shared table of inputs.
+
+use flotilla::model::{Node, TaskContext, WaveReport};
+use flotilla::policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
+use flotilla::world::World;
+use flotilla_tests::{component, fleet, script};
+use serde_json::json;
+
+fn twins(name: &str) -> (Box<dyn Policy>, Box<dyn Policy>) {
+    let rt = WasmRuntime::new(None).unwrap();
+    let wasm = rt
+        .load_file(&component(name))
+        .unwrap()
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let rhai = RhaiPolicy::load_file(&script(name), World::empty(), Limits::default()).unwrap();
+    assert_eq!(wasm.info().hooks, rhai.info().hooks, "{name}: same hooks");
+    (Box::new(wasm), Box::new(rhai))
+}
+
+#[test]
+fn version_gate_twins_agree() {
+    let (mut rust, mut rhai) = twins("version-gate");
+    let versions = [
+        "1.12",
+        "v1.13",
+        "1.9.0",
+        "2.0.0",
+        "garbage",
+        "1.13.0",
+        "1.14.2-rc.1",
+        "V1.12.7",
+        "",
+    ];
+    let nodes = fleet(200, &versions);
+    let mut compared = 0;
+    for target in ["1.13", "v1.14.0", "2"] {
+        for range in [">=1.10, <2", "*", "~1.12", "^1", "=1.9.0"] {
+            let ctx = TaskContext::new(target).with_params(json!({ "range": range }));
+            let a = rust.select(&ctx, &nodes).unwrap();
+            let b = rhai.select(&ctx, &nodes).unwrap();
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(x, y, "target {target}, range {range}, node {:?}", nodes[i]);
+            }
+            assert_eq!(a.len(), b.len());
+            compared += a.len();
+        }
+    }
+    assert_eq!(compared, 200 * 15);
+
+    // No range: everything in range. A bad range: both refuse, naming the param.
+    let ctx = TaskContext::new("1.13");
+    assert_eq!(
+        rust.select(&ctx, &nodes).unwrap(),
+        rhai.select(&ctx, &nodes).unwrap()
+    );
+    let bad = TaskContext::new("1.13").with_params(json!({ "range": "not a range" }));
+    for p in [&mut rust, &mut rhai] {
+        let err = p.select(&bad, &nodes).unwrap_err().to_string();
+        assert!(
+            err.contains("param range: invalid semver range 'not a range'"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn canary_plan_twins_agree() {
+    let (mut rust, mut rhai) = twins("canary");
+    for n in [0, 1, 2, 5, 9, 10, 11, 19, 20, 21, 99, 100, 101, 1000, 5000] {
+        let nodes: Vec<Node> = fleet(n, &["1.0.0"]);
+        for params in [
+            json!({}),
+            json!({ "soak_seconds": 600, "approval": true }),
+            json!({ "approval": false, "soak_seconds": 0 }),
+        ] {
+            let mut ctx = TaskContext::new("2.0.0").with_params(params.clone());
+            ctx.concurrency = 3;
+            let a = rust.plan(&ctx, &nodes).unwrap();
+            let b = rhai.plan(&ctx, &nodes).unwrap();
+            assert_eq!(a, b, "n = {n}, params {params}");
+            if n >= 10 {
+                let sizes: Vec<usize> = a.iter().map(|w| w.nodes.len()).collect();
+                assert_eq!(sizes[0], 1, "the canary is one node");
+                assert_eq!(sizes.iter().sum::<usize>(), n);
+            }
+        }
+    }
+}
+
+#[test]
+fn canary_evaluate_twins_agree() {
+    let (mut rust, mut rhai) = twins("canary");
+    let mut verdicts = std::collections::BTreeSet::new();
+    for (succeeded, rolled_back, rb_failed, timed_out, unknown) in [
+        (0, 0, 0, 0, 0),
+        (1, 0, 0, 0, 0),
+        (0, 1, 0, 0, 0),
+        (9, 1, 0, 0, 0),
+        (8, 1, 1, 0, 0),
+        (45, 2, 0, 2, 1),
+        (10, 0, 0, 0, 10),
+        (3, 0, 0, 1, 0),
+    ] {
+        for task_finished in [1, 4, 5, 50] {
+            for (threshold, min_finished) in [
+                (json!(0.1), 5),
+                (json!(0), 1),
+                (json!(0.5), 100),
+                (json!(1), 5),
+            ] {
+                let report = WaveReport {
+                    wave: 1,
+                    waves: 4,
+                    total: succeeded + rolled_back + rb_failed + timed_out + unknown,
+                    succeeded,
+                    failed_rolled_back: rolled_back,
+                    failed_rollback_failed: rb_failed,
+                    timed_out,
+                    unknown,
+                    task_finished,
+                    ..WaveReport::default()
+                };
+                let ctx = TaskContext::new("2.0.0")
+                    .with_params(json!({ "threshold": threshold, "min_finished": min_finished }));
+                let a = rust.evaluate(&ctx, &report).unwrap();
+                let b = rhai.evaluate(&ctx, &report).unwrap();
+                assert_eq!(a, b, "{report:?} threshold {threshold} min {min_finished}");
+                verdicts.insert(format!("{a:?}").split('(').next().unwrap().to_string());
+            }
+        }
+    }
+    // The table exercises every branch.
+    assert_eq!(
+        verdicts.into_iter().collect::<Vec<_>>(),
+        vec!["Abort", "Pause", "Proceed"]
+    );
+}

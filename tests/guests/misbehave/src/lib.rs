@@ -1,0 +1,61 @@
+//! A policy that misbehaves on request: the task param `mode` picks how.
+//! `loop` spins forever, `alloc` allocates until it is stopped, `panic` panics,
+//! `unknown-node` / `empty-wave` / `duplicate` return a bad plan,
+//! `empty-reason` pauses without a reason, `short` returns too few selections.
+//! Any other mode behaves (includes every node, one wave, proceeds).
+
+use flotilla_sdk::{Context, Node, Policy, Selection, Verdict, Wave, WaveReport};
+
+struct Misbehave;
+
+fn mode(ctx: &Context) -> String {
+    ctx.param_or("mode", String::new())
+}
+
+#[flotilla_sdk::policy(name = "misbehave")]
+impl Policy for Misbehave {
+    fn select(ctx: &Context, nodes: &[Node]) -> Vec<Selection> {
+        match mode(ctx).as_str() {
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "panic" => panic!("misbehave was told to panic"),
+            "short" => vec![Selection::Include; nodes.len().saturating_sub(1)],
+            _ => vec![Selection::Include; nodes.len()],
+        }
+    }
+
+    fn plan(ctx: &Context, nodes: &[Node]) -> Vec<Wave> {
+        let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        let wave = |name: &str, nodes: Vec<String>| Wave {
+            name: name.into(),
+            nodes,
+            concurrency: 0,
+            soak_seconds: 0,
+            needs_approval: false,
+        };
+        match mode(ctx).as_str() {
+            "unknown-node" => vec![wave("all", [ids, vec!["ghost".into()]].concat())],
+            "empty-wave" => vec![wave("first", ids), wave("second", Vec::new())],
+            "duplicate" => vec![wave("a", ids.clone()), wave("b", ids)],
+            _ => vec![wave("all", ids)],
+        }
+    }
+
+    fn evaluate(ctx: &Context, _report: &WaveReport) -> Verdict {
+        match mode(ctx).as_str() {
+            "empty-reason" => Verdict::Pause(String::new()),
+            _ => Verdict::Proceed,
+        }
+    }
+}
