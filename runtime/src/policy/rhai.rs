@@ -1890,7 +1890,10 @@ mod tests {
         let mut p = RhaiPolicy::load_file(
             &shipped("version-gate.rhai"),
             World::empty(),
-            Limits::default(),
+            Limits {
+                cpu: Duration::from_secs(10), // measure, don't trip
+                ..Limits::default()
+            },
         )
         .unwrap();
         let ctx = TaskContext::new("1.13").with_params(json!({"range": ">=1.10, <2"}));

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wasmtime::component::{
-    Component, ComponentExportIndex, ComponentType, HasSelf, Instance, Linker, Lower, ResourceTable,
+    Component, ComponentExportIndex, ComponentType, Func, HasSelf, Linker, Lower, ResourceTable,
+    TypedFunc,
 };
 use wasmtime::{Config, Engine, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -193,6 +194,19 @@ impl WasmRuntime {
             },
         };
         let mut probe = compiled.instantiate(World::empty(), Limits::default())?;
+        let live = probe.live(Hook::Select)?;
+        let typecheck = live
+            .select
+            .typed::<NodesParams<'_>, (Vec<wit::Selection>,)>(&live.store)
+            .and(
+                live.plan
+                    .typed::<NodesParams<'_>, (Vec<wit::Wave>,)>(&live.store),
+            );
+        if let Err(e) = typecheck {
+            return Err(load_err(format!(
+                "select/plan do not match the policy world: {e:#}"
+            )));
+        }
         let described = probe.describe()?;
         compiled.info = PolicyInfo {
             name: if described.name.is_empty() {
@@ -288,11 +302,13 @@ impl CompiledPolicy {
     }
 }
 
-/// A live instance: its store, its bindings and the raw instance for typed calls.
+/// A live instance: its store, its bindings, and `select`/`plan` as raw
+/// functions for calls over borrowed nodes.
 struct Live {
     store: Store<State>,
     bindings: PolicyWorld,
-    instance: Instance,
+    select: Func,
+    plan: Func,
 }
 
 /// A node lowered straight from the model, borrowing its strings.
@@ -384,20 +400,35 @@ impl WasmPolicy {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.ticks(0));
-        let made = self
-            .compiled
+        let compiled = &self.compiled;
+        let made = compiled
             .pre
             .instance_pre()
             .instantiate(&mut store)
             .and_then(|instance| {
-                let bindings = self.compiled.indices.load(&mut store, &instance)?;
-                Ok((instance, bindings))
+                let bindings = compiled.indices.load(&mut store, &instance)?;
+                let func = |store: &mut Store<State>, index| {
+                    instance
+                        .get_func(&mut *store, index)
+                        .ok_or_else(|| wasmtime::format_err!("export vanished"))
+                };
+                let select = func(&mut store, &compiled.select)?;
+                let plan = func(&mut store, &compiled.plan)?;
+                Ok(Live {
+                    store,
+                    bindings,
+                    select,
+                    plan,
+                })
             });
-        let (instance, bindings) = made.map_err(|e| self.classify(hook, 0, &store, e))?;
-        Ok(Live {
-            store,
-            bindings,
-            instance,
+        made.map_err(|e| {
+            // The store moved into the closure only on success; rebuild a
+            // minimal view for the message.
+            PolicyError::Trap {
+                policy: self.compiled.name.clone(),
+                hook,
+                message: format!("cannot instantiate: {e:#}"),
+            }
         })
     }
 
@@ -441,14 +472,8 @@ impl WasmPolicy {
         ctx: &model::TaskContext,
         nodes: &[model::Node],
     ) -> Result<R, PolicyError> {
-        let index = match hook {
-            Hook::Plan => self.compiled.plan,
-            _ => self.compiled.select,
-        };
         self.with_ctx(ctx, |this, ctx| {
-            this.call(hook, nodes.len(), |live| {
-                call_nodes(live, &index, ctx, nodes)
-            })
+            this.call(hook, nodes.len(), |live| call_nodes(live, hook, ctx, nodes))
         })
     }
 
@@ -519,7 +544,7 @@ impl Policy for WasmPolicy {
             lives.push(live);
         }
         let cached = self.take_ctx(ctx);
-        let (name, limits, index) = (&self.compiled.name, self.limits, self.compiled.select);
+        let (name, limits) = (&self.compiled.name, self.limits);
         let wit_ctx = &cached.1;
         let results: Vec<(
             Option<Live>,
@@ -534,7 +559,10 @@ impl Policy for WasmPolicy {
                         for chunk in group {
                             live.store.set_epoch_deadline(ticks(&limits, chunk.len()));
                             match call_nodes::<Vec<wit::Selection>>(
-                                &mut live, &index, wit_ctx, chunk,
+                                &mut live,
+                                Hook::Select,
+                                wit_ctx,
+                                chunk,
                             ) {
                                 Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
                                 Err(e) => {
@@ -727,17 +755,25 @@ fn classify(
     }
 }
 
+type NodesParams<'a> = (&'a wit::TaskContext, &'a [NodeRef<'a>]);
+
 /// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
 fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
     live: &mut Live,
-    index: &ComponentExportIndex,
+    hook: Hook,
     ctx: &wit::TaskContext,
     nodes: &[model::Node],
 ) -> wasmtime::Result<R> {
     let refs: Vec<NodeRef<'_>> = nodes.iter().map(NodeRef::from).collect();
-    let f = live
-        .instance
-        .get_typed_func::<(&wit::TaskContext, &[NodeRef<'_>]), (R,)>(&mut live.store, index)?;
+    let func = match hook {
+        Hook::Plan => live.plan,
+        _ => live.select,
+    };
+    // SAFETY: `load_bytes` type-checked `select` against
+    // `(ctx, list<node>) -> list<selection>` and `plan` against
+    // `(ctx, list<node>) -> list<wave>` for this component, and callers pass the
+    // matching `R`; skipping the check on every call saves microseconds.
+    let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(func) };
     Ok(f.call(&mut live.store, (ctx, &refs))?.0)
 }
 
