@@ -106,6 +106,19 @@ fn main() {
         base,
         Duration::from_millis(500),
     ));
+    // ... and with nodes that carry only an id and a version: what the labels,
+    // attributes and asset path cost to cross (one guest allocation per string).
+    let bare: Vec<Node> = nodes
+        .iter()
+        .map(|n| Node::new(n.id.clone(), n.version.clone()))
+        .collect();
+    let t = median(reps, || trivial.select(&ctx, &bare).unwrap().len());
+    rows.push(row(
+        "  same, bare nodes (id + version)",
+        t,
+        base,
+        Duration::from_millis(500),
+    ));
     let r = median(reps.min(3), || {
         rhai_policy.select(&ctx, &nodes).unwrap().len()
     });
@@ -131,6 +144,47 @@ fn main() {
         "warm hook call (select, 1 node)",
         w,
         base,
+        Duration::from_micros(2),
+    ));
+    // `evaluate` on the canary: context + wave report in, verdict out.
+    let canary = build_component(&root, "canary").expect("build canary");
+    let mut canary = rt
+        .load_file(&canary)
+        .unwrap()
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let report = flotilla::model::WaveReport {
+        wave: 1,
+        waves: 4,
+        total: 10,
+        succeeded: 9,
+        failed_rolled_back: 1,
+        task_finished: 11,
+        ..Default::default()
+    };
+    let proceed =
+        |v: flotilla::model::Verdict| matches!(v, flotilla::model::Verdict::Proceed) as usize;
+    let w = median(reps, || {
+        (0..calls)
+            .map(|_| proceed(canary.evaluate(&ctx, &report).unwrap()))
+            .sum()
+    }) / calls as u32;
+    let native_eval = |r: &flotilla::model::WaveReport| {
+        if r.failed() * 10 > r.finished() {
+            flotilla::model::Verdict::Pause(format!("{} failed", r.failed()))
+        } else {
+            flotilla::model::Verdict::Proceed
+        }
+    };
+    let base_eval = median(reps, || {
+        (0..calls)
+            .map(|_| proceed(native_eval(black_box(&report))))
+            .sum()
+    }) / calls as u32;
+    rows.push(row(
+        "warm hook call (evaluate)",
+        w,
+        base_eval,
         Duration::from_micros(2),
     ));
 

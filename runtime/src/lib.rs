@@ -3,7 +3,10 @@
 //! the `flotilla` binary in `main.rs` is a thin shell over it.
 
 pub mod cli;
+pub mod engine;
 pub mod model;
 pub mod policy;
+pub mod sim;
+pub mod store;
 pub mod window;
 pub mod world;

@@ -5,8 +5,8 @@
 pub mod run;
 pub mod task;
 
-pub use run::{IllegalTransition, RunEvent, RunState};
-pub use task::{Backup, Scope, SpecError, Target, TaskEvent, TaskSpec, TaskState};
+pub use run::{IllegalTransition, NodeRun, RunEvent, RunState};
+pub use task::{Backup, Event, Scope, SpecError, Target, Task, TaskEvent, TaskSpec, TaskState};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -203,7 +203,10 @@ impl RunState {
         use RunEvent as E;
         use RunState as S;
         let next = match (&self, event) {
-            (S::Pending, E::Skip { reason, detail }) => S::Skipped { reason, detail },
+            // A queued node can still be left out (`admit` says never).
+            (S::Pending | S::Queued { .. }, E::Skip { reason, detail }) => {
+                S::Skipped { reason, detail }
+            }
             (S::Pending, E::Queue { wave }) => S::Queued { wave },
             (S::Queued { wave }, E::Offer) => S::Offered { wave: *wave },
             // Agents report progress; a fast agent may skip a step, and the
@@ -389,5 +392,35 @@ mod tests {
         );
         // Success is not retried.
         assert!(S::Succeeded { wave: 0 }.next(E::Retry).is_err());
+    }
+}
+
+/// One node's run in one task, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRun {
+    pub node_id: String,
+    pub state: RunState,
+    /// The version the node had when targeted (what a rollback restores).
+    pub from_version: String,
+    /// Times the node was handed the release (1 + retries used).
+    pub attempts: u32,
+    /// When the current attempt was handed over (Unix ms), for the timeout.
+    pub started_at: Option<u64>,
+    /// Not before this time (Unix ms), when `admit` deferred it.
+    pub not_before: Option<u64>,
+    pub updated_at: u64,
+}
+
+impl NodeRun {
+    pub fn new(node_id: impl Into<String>, from_version: impl Into<String>, now: u64) -> Self {
+        NodeRun {
+            node_id: node_id.into(),
+            state: RunState::Pending,
+            from_version: from_version.into(),
+            attempts: 0,
+            started_at: None,
+            not_before: None,
+            updated_at: now,
+        }
     }
 }

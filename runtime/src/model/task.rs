@@ -362,3 +362,37 @@ mod tests {
         assert!(TaskState::Scheduled.next(E::Complete).is_err());
     }
 }
+
+/// A task as stored: the spec, where it stands, and the plan the policy made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    /// The version being rolled out, resolved at start (control-plane targets).
+    pub target_version: Option<String>,
+    /// The policy's plan, fixed when targeting finished (increment tasks append).
+    pub waves: Vec<super::Wave>,
+    /// Index of the wave being dispatched or evaluated.
+    pub current_wave: u32,
+    /// The current wave finished and soaks until then (Unix ms) before `evaluate`.
+    pub soak_until: Option<u64>,
+    /// The current wave needs a promote before it starts.
+    pub awaiting_approval: bool,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// One line of a task's audit trail: every transition and every policy decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the task's log, from 0.
+    pub seq: u64,
+    /// Unix ms.
+    pub at: u64,
+    /// The node concerned, if any.
+    pub node: Option<String>,
+    /// `task.start`, `node.skipped`, `policy.verdict`, ...
+    pub kind: String,
+    pub detail: String,
+}

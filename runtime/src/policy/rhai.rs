@@ -900,18 +900,27 @@ fn into_array(v: Dynamic, what: &str) -> Result<Array, String> {
     }
 }
 
-fn string_field(map: &mut Map, key: &str, what: &str) -> Result<String, String> {
-    match map.remove(key) {
+/// A string field, shared with the script's value (no copy).
+fn str_field(map: &Map, key: &str, what: &str) -> Result<ImmutableString, String> {
+    match map.get(key) {
         None => Err(format!("{what}: missing field `{key}`")),
         Some(v) => v
+            .clone()
             .flatten()
-            .into_string()
+            .into_immutable_string()
             .map_err(|t| format!("{what}: `{key}` must be a string, got {}", describe_type(t))),
     }
 }
 
-fn tag(map: &mut Map, key: &str, what: &str, allowed: &[&str]) -> Result<String, String> {
-    let t = string_field(map, key, what)?;
+fn string_field(map: &Map, key: &str, what: &str) -> Result<String, String> {
+    // Copy the text; `String::from(ImmutableString)` would first clone the
+    // shared string.
+    str_field(map, key, what).map(|s| s.as_str().to_owned())
+}
+
+/// The variant name in `key`, one of `allowed`.
+fn tag(map: &Map, key: &str, what: &str, allowed: &[&str]) -> Result<ImmutableString, String> {
+    let t = str_field(map, key, what)?;
     if allowed.contains(&t.as_str()) {
         Ok(t)
     } else {
@@ -950,16 +959,11 @@ fn selections(out: Dynamic) -> Result<Vec<Selection>, String> {
 }
 
 fn selection(item: Dynamic) -> Result<Selection, String> {
-    let mut m = into_map(item, "decision", "#{decision: \"include\"}")?;
-    // The common answer, without allocating.
-    if let Some(d) = m.get("decision")
-        && d.read_lock::<ImmutableString>()
-            .is_some_and(|d| d.as_str() == "include")
-    {
+    let m = into_map(item, "decision", "#{decision: \"include\"}")?;
+    if tag(&m, "decision", "decision", &["include", "skip"])? == "include" {
         return Ok(Selection::Include);
     }
-    tag(&mut m, "decision", "decision", &["include", "skip"])?;
-    let reason = string_field(&mut m, "reason", "skip")?;
+    let reason = str_field(&m, "reason", "skip")?;
     let reason = SkipReason::parse(&reason).ok_or_else(|| {
         format!(
             "skip: unknown reason \"{reason}\" (expected one of {})",
@@ -970,7 +974,7 @@ fn selection(item: Dynamic) -> Result<Selection, String> {
                 .join(", ")
         )
     })?;
-    let detail = string_field(&mut m, "detail", "skip")?;
+    let detail = string_field(&m, "detail", "skip")?;
     Ok(Selection::Skip { reason, detail })
 }
 
@@ -985,7 +989,8 @@ fn waves(out: Dynamic) -> Result<Vec<Wave>, String> {
 
 fn wave(item: Dynamic) -> Result<Wave, String> {
     let mut m = into_map(item, "wave", "#{name: \"canary\", nodes: [\"n1\"]}")?;
-    let name = string_field(&mut m, "name", "wave")?;
+    let name = string_field(&m, "name", "wave")?;
+    m.remove("name");
     let nodes = match m.remove("nodes") {
         None => return Err("missing field `nodes`".into()),
         Some(v) => into_array(v, "node ids in `nodes`")?

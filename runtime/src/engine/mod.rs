@@ -1,0 +1,999 @@
+//! The rollout engine: turns a task and its policy into waves of node upgrades.
+//!
+//! The engine is a synchronous state machine driven from outside: `tick`
+//! advances every active task at the clock's current time and returns the
+//! commands to send to agents; `report` applies what an agent said; `request`
+//! answers a device asking for work (pull). It takes its world as traits
+//! (store, fleet, delivery, clock, policies), so a test builds it in memory and
+//! the simulator drives it on a virtual clock. Every change is committed to the
+//! store before the command that depends on it is returned.
+
+use crate::model::{
+    Admission, Backup, Event, Hook, Method, Node, NodeRun, Offer, RunEvent, RunState, Scope,
+    Selection, Selector, SkipReason, Target, Task, TaskContext, TaskEvent, TaskSpec, TaskState,
+    Verdict, WaveReport,
+};
+use crate::policy::{Policy, PolicyError};
+use crate::store::{Store, StoreError};
+use crate::window::Schedule;
+use crate::world::{Clock, Delivery, Fleet, World};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Loads the policy a task names, bound to the task's world.
+pub trait PolicySource: Send + Sync {
+    fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError>;
+}
+
+/// Work for an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Install `version` of `package` (push mode; in pull mode the same data
+    /// is the answer to the device's request).
+    Deliver {
+        task: String,
+        node: String,
+        package: String,
+        version: String,
+        backup: Backup,
+        permanent: bool,
+    },
+    /// Put `version` back (a task rollback).
+    Restore {
+        task: String,
+        node: String,
+        package: String,
+        version: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Spec(#[from] crate::model::SpecError),
+    #[error("no task {0}")]
+    NoTask(String),
+    #[error("node {node} is in no active task")]
+    NotInTask { node: String },
+    #[error("task {task}: {reason}")]
+    Refused { task: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// An active task held in memory beside its stored copy.
+struct Live {
+    task: Task,
+    ctx: TaskContext,
+    schedule: Schedule,
+    policy: Option<Box<dyn Policy>>,
+    runs: BTreeMap<String, NodeRun>,
+    /// Runs changed since the last commit.
+    dirty: Vec<String>,
+    /// Events since the last commit.
+    events: Vec<Event>,
+    next_seq: u64,
+}
+
+impl Live {
+    fn event(&mut self, at: u64, node: Option<&str>, kind: &str, detail: impl Into<String>) {
+        self.events.push(Event {
+            seq: self.next_seq,
+            at,
+            node: node.map(str::to_string),
+            kind: kind.to_string(),
+            detail: detail.into(),
+        });
+        self.next_seq += 1;
+    }
+
+    /// Applies a node-run transition and records it.
+    fn transition(&mut self, node: &str, event: RunEvent, at: u64) -> Result<(), String> {
+        let run = self
+            .runs
+            .get_mut(node)
+            .ok_or_else(|| format!("node {node} is not in task {}", self.task.id))?;
+        let next = run
+            .state
+            .clone()
+            .next(event.clone())
+            .map_err(|e| e.to_string())?;
+        let detail = match &next {
+            RunState::Skipped { reason, detail } => format!("{}: {detail}", reason.as_str()),
+            RunState::FailedRolledBack { error, .. }
+            | RunState::FailedRollbackFailed { error, .. } => error.clone(),
+            RunState::Rejected { reason, .. } => reason.clone(),
+            other => other.name().to_string(),
+        };
+        if matches!(event, RunEvent::Offer) {
+            run.attempts += 1;
+            run.started_at = Some(at);
+        }
+        run.state = next;
+        run.updated_at = at;
+        let kind = format!("node.{}", run.state.name());
+        self.dirty.push(node.to_string());
+        self.event(at, Some(node), &kind, detail);
+        Ok(())
+    }
+
+    fn task_transition(&mut self, event: TaskEvent, at: u64) -> Result<(), EngineError> {
+        let next =
+            self.task
+                .state
+                .clone()
+                .next(event.clone())
+                .map_err(|e| EngineError::Refused {
+                    task: self.task.id.clone(),
+                    reason: e.to_string(),
+                })?;
+        let detail = match &next {
+            TaskState::Paused(r) | TaskState::Failed(r) => r.clone(),
+            other => other.name().to_string(),
+        };
+        self.task.state = next;
+        self.task.updated_at = at;
+        let kind = format!("task.{}", self.task.state.name());
+        self.event(at, None, &kind, detail);
+        Ok(())
+    }
+
+    fn wave_runs(&self, wave: u32) -> impl Iterator<Item = &NodeRun> {
+        self.task
+            .waves
+            .get(wave as usize)
+            .into_iter()
+            .flat_map(|w| w.nodes.iter())
+            .filter_map(|id| self.runs.get(id))
+    }
+
+    fn report(&self, wave: u32) -> WaveReport {
+        let mut r = WaveReport {
+            wave,
+            waves: self.task.waves.len() as u32,
+            ..Default::default()
+        };
+        for run in self.wave_runs(wave) {
+            r.total += 1;
+            match &run.state {
+                RunState::Succeeded { .. } => r.succeeded += 1,
+                RunState::FailedRolledBack { .. } => r.failed_rolled_back += 1,
+                RunState::FailedRollbackFailed { .. } => r.failed_rollback_failed += 1,
+                RunState::TimedOut { .. } => r.timed_out += 1,
+                RunState::Unknown { .. } => r.unknown += 1,
+                RunState::Rejected { .. } => r.rejected += 1,
+                _ => r.in_flight += 1,
+            }
+            if run.state.failed() {
+                r.failed_nodes.push(run.node_id.clone());
+            }
+        }
+        for run in self.runs.values() {
+            if run.state.wave().is_some() && run.state.finished() {
+                r.task_finished += 1;
+                if run.state.failed() {
+                    r.task_failed += 1;
+                }
+            }
+        }
+        r
+    }
+}
+
+/// The engine. See the module docs.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    fleet: Arc<dyn Fleet>,
+    delivery: Arc<dyn Delivery>,
+    clock: Arc<dyn Clock>,
+    policies: Arc<dyn PolicySource>,
+    live: BTreeMap<String, Live>,
+    /// node id → the active task that holds it (invariant 1).
+    busy: HashMap<String, String>,
+    next_id: u64,
+}
+
+impl Engine {
+    /// An engine over `store`, resuming every active task found there.
+    pub fn new(
+        store: Arc<dyn Store>,
+        fleet: Arc<dyn Fleet>,
+        delivery: Arc<dyn Delivery>,
+        clock: Arc<dyn Clock>,
+        policies: Arc<dyn PolicySource>,
+    ) -> Result<Self, EngineError> {
+        let mut engine = Engine {
+            store,
+            fleet,
+            delivery,
+            clock,
+            policies,
+            live: BTreeMap::new(),
+            busy: HashMap::new(),
+            next_id: 1,
+        };
+        for task in engine.store.tasks()? {
+            engine.next_id = engine.next_id.max(task_number(&task.id) + 1);
+            if task.state.active() {
+                let runs = engine.store.runs(&task.id)?;
+                let next_seq = last_seq(&*engine.store, &task.id)?;
+                engine.hold(task, runs, next_seq);
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Holds an active task in memory (and its nodes busy).
+    fn hold(&mut self, task: Task, runs: Vec<NodeRun>, next_seq: u64) {
+        let ctx = context(&task);
+        for run in &runs {
+            if run.state.wave().is_some() && !run.state.finished()
+                || matches!(run.state, RunState::Pending)
+            {
+                self.busy.insert(run.node_id.clone(), task.id.clone());
+            }
+        }
+        let schedule = schedule_of(&task.spec);
+        self.live.insert(
+            task.id.clone(),
+            Live {
+                ctx,
+                schedule,
+                policy: None,
+                runs: runs.into_iter().map(|r| (r.node_id.clone(), r)).collect(),
+                dirty: Vec::new(),
+                events: Vec::new(),
+                next_seq,
+                task,
+            },
+        );
+    }
+
+    /// Validates and stores a new task; it starts on the next tick.
+    pub fn create(&mut self, spec: TaskSpec) -> Result<Task, EngineError> {
+        spec.validate()?;
+        schedule_from_params(&spec).map_err(|reason| EngineError::Refused {
+            task: spec.name.clone(),
+            reason,
+        })?;
+        let now = self.clock.now();
+        let task = Task {
+            id: format!("t{:06}", self.next_id),
+            spec,
+            state: TaskState::Scheduled,
+            target_version: None,
+            waves: Vec::new(),
+            current_wave: 0,
+            soak_until: None,
+            awaiting_approval: false,
+            created_at: now,
+            updated_at: now,
+        };
+        self.next_id += 1;
+        self.hold(task.clone(), Vec::new(), 0);
+        let live = self.live.get_mut(&task.id).expect("just inserted");
+        live.event(
+            now,
+            None,
+            "task.created",
+            format!("policy {}", task.spec.policy),
+        );
+        self.commit(&task.id)?;
+        Ok(task)
+    }
+
+    pub fn task(&self, id: &str) -> Result<Task, EngineError> {
+        match self.live.get(id) {
+            Some(l) => Ok(l.task.clone()),
+            None => self
+                .store
+                .task(id)?
+                .ok_or_else(|| EngineError::NoTask(id.into())),
+        }
+    }
+
+    pub fn runs(&self, id: &str) -> Result<Vec<NodeRun>, EngineError> {
+        match self.live.get(id) {
+            Some(l) => Ok(l.runs.values().cloned().collect()),
+            None => Ok(self.store.runs(id)?),
+        }
+    }
+
+    /// True while any task is scheduled, running or paused.
+    pub fn has_active(&self) -> bool {
+        !self.live.is_empty()
+    }
+
+    fn commit(&mut self, id: &str) -> Result<(), EngineError> {
+        let Some(live) = self.live.get_mut(id) else {
+            return Ok(());
+        };
+        live.dirty.sort_unstable();
+        live.dirty.dedup();
+        let runs: Vec<NodeRun> = live
+            .dirty
+            .iter()
+            .filter_map(|n| live.runs.get(n).cloned())
+            .collect();
+        self.store.commit(&live.task, &runs, &live.events)?;
+        live.dirty.clear();
+        live.events.clear();
+        if !live.task.state.active() {
+            let done = self.live.remove(id).expect("present");
+            for node in done.runs.keys() {
+                if self.busy.get(node).map(String::as_str) == Some(id) {
+                    self.busy.remove(node);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances every active task; returns the commands to send, which are
+    /// already committed to the store.
+    pub fn tick(&mut self) -> Result<Vec<Command>, EngineError> {
+        let ids: Vec<String> = self.live.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Err(e) = self.advance(&id, &mut out) {
+                match e {
+                    // A policy failure pauses only its task (invariant 4).
+                    EngineError::Policy(err) => {
+                        let now = self.clock.now();
+                        if let Some(live) = self.live.get_mut(&id) {
+                            live.policy = None;
+                            live.event(now, None, "policy.error", err.to_string());
+                            let _ = live.task_transition(TaskEvent::Pause(err.to_string()), now);
+                        }
+                    }
+                    other => return Err(other),
+                }
+            }
+            self.commit(&id)?;
+        }
+        Ok(out)
+    }
+
+    fn policy<'a>(
+        live: &'a mut Live,
+        policies: &dyn PolicySource,
+        world: World,
+    ) -> Result<&'a mut Box<dyn Policy>, EngineError> {
+        if live.policy.is_none() {
+            live.policy = Some(policies.load(&live.task.spec.policy, world)?);
+        }
+        Ok(live.policy.as_mut().expect("just loaded"))
+    }
+
+    fn world(&self) -> World {
+        World {
+            fleet: self.fleet.clone(),
+            delivery: self.delivery.clone(),
+            status: Arc::new(crate::world::MemoryStatus::default()),
+            clock: self.clock.clone(),
+        }
+    }
+
+    fn advance(&mut self, id: &str, out: &mut Vec<Command>) -> Result<(), EngineError> {
+        let now = self.clock.now();
+        let state = self.live[id].task.state.clone();
+        match state {
+            TaskState::Scheduled => {
+                if !self.live[id].schedule.is_open(now) {
+                    return Ok(());
+                }
+                self.start(id, now)?;
+                self.dispatch(id, now, out)
+            }
+            TaskState::Running => self.dispatch(id, now, out),
+            // Paused: nothing new starts, but running nodes still time out.
+            TaskState::Paused(_) => {
+                self.expire(id, now);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Targeting and planning: who is upgraded and in which waves.
+    fn start(&mut self, id: &str, now: u64) -> Result<(), EngineError> {
+        let world = self.world();
+        let resolved = match &self.live[id].task.spec.target {
+            Target::Version(v) => Ok(v.clone()),
+            Target::ControlPlane(c) => self
+                .delivery
+                .control_plane_version(c)
+                .ok_or_else(|| format!("the control plane reports no version for {c}")),
+        };
+        let target = match resolved {
+            Ok(t) => t,
+            Err(reason) => {
+                let live = self.live.get_mut(id).expect("live");
+                return live.task_transition(TaskEvent::Fail(reason), now);
+            }
+        };
+        let selector = match &self.live[id].task.spec.scope {
+            Scope::All => Selector::default(),
+            Scope::Selector(s) => s.clone(),
+        };
+        let mut nodes = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let page = self.fleet.query(&selector, offset, 4096);
+            offset += page.len() as u64;
+            let last = page.len() < 4096;
+            nodes.extend(page);
+            if last {
+                break;
+            }
+        }
+
+        let live = self.live.get_mut(id).expect("live");
+        live.task.target_version = Some(target.clone());
+        live.ctx.target_version = target.clone();
+        live.task_transition(TaskEvent::Start, now)?;
+        live.event(
+            now,
+            None,
+            "task.targeting",
+            format!("{} nodes in scope, target {target}", nodes.len()),
+        );
+
+        // The runner's own skips come first; the policy sees the rest.
+        let sources = live.task.spec.source_versions.clone();
+        let mut candidates: Vec<Node> = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let skip = if let Some(other) = self.busy.get(&node.id).filter(|t| *t != id) {
+                Some((SkipReason::BusyInAnotherTask, format!("in task {other}")))
+            } else if flotilla_version::same(&node.version, &target) {
+                Some((SkipReason::SameVersion, format!("already at {target}")))
+            } else if !node.healthy {
+                Some((SkipReason::Unhealthy, "node is unhealthy".to_string()))
+            } else if !sources.is_empty()
+                && !sources
+                    .iter()
+                    .any(|s| flotilla_version::same(s, &node.version))
+            {
+                Some((
+                    SkipReason::OutOfRange,
+                    format!(
+                        "version {} is not one of {}",
+                        node.version,
+                        sources.join(", ")
+                    ),
+                ))
+            } else {
+                None
+            };
+            live.runs.insert(
+                node.id.clone(),
+                NodeRun::new(node.id.clone(), node.version.clone(), now),
+            );
+            live.dirty.push(node.id.clone());
+            match skip {
+                Some((reason, detail)) => {
+                    live.transition(&node.id, RunEvent::Skip { reason, detail }, now)
+                        .map_err(|r| EngineError::Refused {
+                            task: id.into(),
+                            reason: r,
+                        })?;
+                }
+                None => {
+                    self.busy.insert(node.id.clone(), id.to_string());
+                    candidates.push(node);
+                }
+            }
+        }
+
+        let ctx = live.ctx.clone();
+        let policy = Self::policy(live, &*self.policies, world)?;
+        let decisions = policy.select(&ctx, &candidates)?;
+        let mut selected = Vec::with_capacity(candidates.len());
+        let mut skipped = Vec::new();
+        for (node, decision) in candidates.into_iter().zip(decisions) {
+            match decision {
+                Selection::Include => selected.push(node),
+                Selection::Skip { reason, detail } => skipped.push((node.id, reason, detail)),
+            }
+        }
+        let waves = policy.plan(&ctx, &selected)?;
+        for (node, reason, detail) in skipped {
+            self.busy.remove(&node);
+            live.transition(&node, RunEvent::Skip { reason, detail }, now)
+                .map_err(|r| EngineError::Refused {
+                    task: id.into(),
+                    reason: r,
+                })?;
+        }
+        live.event(
+            now,
+            None,
+            "policy.plan",
+            format!(
+                "{} selected in {} waves: {}",
+                selected.len(),
+                waves.len(),
+                waves
+                    .iter()
+                    .map(|w| format!("{} ({})", w.name, w.nodes.len()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        for (i, wave) in waves.iter().enumerate() {
+            for node in &wave.nodes {
+                live.transition(node, RunEvent::Queue { wave: i as u32 }, now)
+                    .map_err(|r| EngineError::Refused {
+                        task: id.into(),
+                        reason: r,
+                    })?;
+            }
+        }
+        live.task.awaiting_approval = waves.first().is_some_and(|w| w.needs_approval);
+        live.task.waves = waves;
+        live.task.current_wave = 0;
+        Ok(())
+    }
+
+    /// Marks runs whose node timeout passed.
+    fn expire(&mut self, id: &str, now: u64) {
+        let live = self.live.get_mut(id).expect("live");
+        let timeout = live.task.spec.node_timeout_seconds * 1000;
+        let late: Vec<(String, RunEvent)> = live
+            .runs
+            .values()
+            .filter(|r| r.state.in_flight() && r.started_at.is_some_and(|t| now >= t + timeout))
+            .filter_map(|r| match r.state {
+                RunState::Offered { .. } => Some((r.node_id.clone(), RunEvent::NoReport)),
+                RunState::Downloading { .. }
+                | RunState::Upgrading { .. }
+                | RunState::Verifying { .. } => Some((r.node_id.clone(), RunEvent::Timeout)),
+                _ => None,
+            })
+            .collect();
+        for (node, event) in late {
+            let _ = live.transition(&node, event, now);
+        }
+    }
+
+    /// Starts queued nodes of the current wave within concurrency and windows;
+    /// evaluates a finished wave and acts on the verdict.
+    fn dispatch(&mut self, id: &str, now: u64, out: &mut Vec<Command>) -> Result<(), EngineError> {
+        self.expire(id, now);
+        let world = self.world();
+        let live = self.live.get_mut(id).expect("live");
+        if live.task.waves.is_empty() {
+            return live.task_transition(TaskEvent::Complete, now);
+        }
+        if live.task.awaiting_approval {
+            return Ok(());
+        }
+        let w = live.task.current_wave;
+        let wave = live.task.waves[w as usize].clone();
+        let limit = match (wave.concurrency, live.task.spec.concurrency) {
+            (0, 0) => usize::MAX,
+            (0, c) | (c, _) => c as usize,
+        };
+        let report = live.report(w);
+        if report.in_flight > 0 {
+            // Push mode hands nodes over here; pull mode waits for requests.
+            if live.task.spec.method == Method::Push && live.schedule.is_open(now) {
+                let mut running = live.wave_runs(w).filter(|r| r.state.in_flight()).count();
+                let ready: Vec<String> = live
+                    .wave_runs(w)
+                    .filter(|r| {
+                        matches!(r.state, RunState::Queued { .. })
+                            && r.not_before.is_none_or(|t| t <= now)
+                    })
+                    .map(|r| r.node_id.clone())
+                    .collect();
+                let ctx = live.ctx.clone();
+                for node_id in ready {
+                    if running >= limit {
+                        break;
+                    }
+                    let Some(node) = self.fleet.get(&node_id) else {
+                        live.transition(&node_id, RunEvent::Cancel, now).ok();
+                        continue;
+                    };
+                    let policy = Self::policy(live, &*self.policies, world.clone())?;
+                    let admission = if policy.info().implements(Hook::Admit) {
+                        policy.admit(&ctx, &node, now)?
+                    } else {
+                        Admission::Now
+                    };
+                    match admission {
+                        Admission::Now => {
+                            live.transition(&node_id, RunEvent::Offer, now)
+                                .map_err(|r| EngineError::Refused {
+                                    task: id.into(),
+                                    reason: r,
+                                })?;
+                            running += 1;
+                            out.push(deliver(&live.task, &node_id));
+                        }
+                        Admission::DeferUntil(t) => {
+                            if let Some(run) = live.runs.get_mut(&node_id) {
+                                run.not_before = Some(t);
+                            }
+                            live.dirty.push(node_id.clone());
+                            live.event(
+                                now,
+                                Some(&node_id),
+                                "policy.admit",
+                                format!("deferred until {t}"),
+                            );
+                        }
+                        Admission::Never(reason) => {
+                            live.transition(
+                                &node_id,
+                                RunEvent::Skip {
+                                    reason: SkipReason::Policy,
+                                    detail: reason,
+                                },
+                                now,
+                            )
+                            .map_err(|r| EngineError::Refused {
+                                task: id.into(),
+                                reason: r,
+                            })?;
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
+
+        // The wave is finished: soak, then ask the policy.
+        let soak = wave.soak_seconds * 1000;
+        match live.task.soak_until {
+            None if soak > 0 => {
+                live.task.soak_until = Some(now + soak);
+                live.event(
+                    now,
+                    None,
+                    "wave.soak",
+                    format!("wave {} soaks {}s", w + 1, wave.soak_seconds),
+                );
+                return Ok(());
+            }
+            Some(t) if now < t => return Ok(()),
+            _ => {}
+        }
+        let ctx = live.ctx.clone();
+        let policy = Self::policy(live, &*self.policies, world)?;
+        let verdict = policy.evaluate(&ctx, &report)?;
+        live.task.soak_until = None;
+        live.event(
+            now,
+            None,
+            "policy.verdict",
+            format!("wave {}: {verdict:?}", w + 1),
+        );
+        match verdict {
+            Verdict::Proceed => self.next_wave(id, now),
+            Verdict::Pause(reason) => {
+                let live = self.live.get_mut(id).expect("live");
+                // Resuming continues with the next wave.
+                live.task.current_wave += 1;
+                if live.task.current_wave as usize >= live.task.waves.len() {
+                    return live.task_transition(TaskEvent::Complete, now);
+                }
+                live.task_transition(TaskEvent::Pause(reason), now)
+            }
+            Verdict::RetryFailed => {
+                let live = self.live.get_mut(id).expect("live");
+                let retries = live.task.spec.retries;
+                let again: Vec<String> = live
+                    .wave_runs(w)
+                    .filter(|r| r.state.failed() && r.attempts <= retries)
+                    .map(|r| r.node_id.clone())
+                    .collect();
+                if again.is_empty() {
+                    return self.next_wave(id, now);
+                }
+                for node in again {
+                    live.transition(&node, RunEvent::Retry, now).ok();
+                }
+                Ok(())
+            }
+            Verdict::Rollback(reason) => self.rollback(id, reason, now, out),
+            Verdict::Abort(reason) => self.abort(id, reason, now),
+        }
+    }
+
+    fn next_wave(&mut self, id: &str, now: u64) -> Result<(), EngineError> {
+        let live = self.live.get_mut(id).expect("live");
+        live.task.current_wave += 1;
+        match live.task.waves.get(live.task.current_wave as usize) {
+            None => live.task_transition(TaskEvent::Complete, now),
+            Some(wave) => {
+                live.task.awaiting_approval = wave.needs_approval;
+                let detail = format!("wave {} ({})", live.task.current_wave + 1, wave.name);
+                live.event(now, None, "wave.start", detail);
+                Ok(())
+            }
+        }
+    }
+
+    fn abort(&mut self, id: &str, reason: String, now: u64) -> Result<(), EngineError> {
+        let live = self.live.get_mut(id).expect("live");
+        let waiting: Vec<String> = live
+            .runs
+            .values()
+            .filter(|r| matches!(r.state, RunState::Pending | RunState::Queued { .. }))
+            .map(|r| r.node_id.clone())
+            .collect();
+        for node in waiting {
+            live.transition(&node, RunEvent::Cancel, now).ok();
+        }
+        live.task_transition(TaskEvent::Fail(reason), now)
+    }
+
+    fn rollback(
+        &mut self,
+        id: &str,
+        reason: String,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        let live = self.live.get_mut(id).expect("live");
+        live.event(now, None, "task.rollback", reason);
+        let upgraded: Vec<(String, String)> = live
+            .runs
+            .values()
+            .filter(|r| matches!(r.state, RunState::Succeeded { .. }))
+            .map(|r| (r.node_id.clone(), r.from_version.clone()))
+            .collect();
+        let waiting: Vec<String> = live
+            .runs
+            .values()
+            .filter(|r| matches!(r.state, RunState::Pending | RunState::Queued { .. }))
+            .map(|r| r.node_id.clone())
+            .collect();
+        for node in waiting {
+            live.transition(&node, RunEvent::Cancel, now).ok();
+        }
+        for (node, version) in &upgraded {
+            live.transition(node, RunEvent::Rollback, now).ok();
+            out.push(Command::Restore {
+                task: id.into(),
+                node: node.clone(),
+                package: live.task.spec.package.clone(),
+                version: version.clone(),
+            });
+        }
+        // Stop dispatching; the task becomes rolled-back when the restores report.
+        live.task.current_wave = live.task.waves.len() as u32;
+        if upgraded.is_empty() {
+            live.task_transition(TaskEvent::RolledBack, now)?;
+        } else {
+            live.task_transition(TaskEvent::Pause("rolling back".into()), now)?;
+        }
+        Ok(())
+    }
+
+    /// What an agent reports about its node in the active task.
+    pub fn report(&mut self, node: &str, event: RunEvent) -> Result<(), EngineError> {
+        let id = self
+            .busy
+            .get(node)
+            .cloned()
+            .ok_or_else(|| EngineError::NotInTask { node: node.into() })?;
+        let now = self.clock.now();
+        let live = self
+            .live
+            .get_mut(&id)
+            .expect("busy nodes belong to live tasks");
+        live.transition(node, event, now)
+            .map_err(|reason| EngineError::Refused {
+                task: id.clone(),
+                reason,
+            })?;
+        // A finished rollback completes the task once every restore is back.
+        if live
+            .runs
+            .values()
+            .all(|r| !matches!(r.state, RunState::RollingBack { .. }))
+            && live.events.iter().any(|e| e.kind == "node.rolled-back")
+            && matches!(live.task.state, TaskState::Paused(ref r) if r == "rolling back")
+        {
+            live.task_transition(TaskEvent::RolledBack, now)?;
+        }
+        self.commit(&id)
+    }
+
+    /// Pull mode: a device asks for work. Returns the delivery if the policy
+    /// offers it now.
+    pub fn request(&mut self, node: &str) -> Result<Option<Command>, EngineError> {
+        let Some(id) = self.busy.get(node).cloned() else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        let world = self.world();
+        let live = self.live.get_mut(&id).expect("live");
+        let queued_now = matches!(live.runs.get(node).map(|r| &r.state), Some(RunState::Queued { wave }) if *wave == live.task.current_wave);
+        if live.task.spec.method != Method::Pull
+            || live.task.state != TaskState::Running
+            || !queued_now
+            || !live.schedule.is_open(now)
+        {
+            return Ok(None);
+        }
+        let Some(n) = self.fleet.get(node) else {
+            return Ok(None);
+        };
+        let ctx = live.ctx.clone();
+        let policy = Self::policy(live, &*self.policies, world)?;
+        let offer = policy.on_request(&ctx, &n)?;
+        let answer = match offer {
+            Offer::Offer => {
+                live.transition(node, RunEvent::Offer, now)
+                    .map_err(|reason| EngineError::Refused {
+                        task: id.clone(),
+                        reason,
+                    })?;
+                Some(deliver(&live.task, node))
+            }
+            Offer::DeferUntil(t) => {
+                live.event(
+                    now,
+                    Some(node),
+                    "policy.on-request",
+                    format!("ask again at {t}"),
+                );
+                None
+            }
+            Offer::Decline(reason) => {
+                live.event(
+                    now,
+                    Some(node),
+                    "policy.on-request",
+                    format!("declined: {reason}"),
+                );
+                None
+            }
+        };
+        self.commit(&id)?;
+        Ok(answer)
+    }
+
+    fn operate(
+        &mut self,
+        id: &str,
+        f: impl FnOnce(&mut Live, u64) -> Result<(), EngineError>,
+    ) -> Result<Task, EngineError> {
+        let now = self.clock.now();
+        let live = self.live.get_mut(id).ok_or_else(|| EngineError::Refused {
+            task: id.into(),
+            reason: "the task is not active".into(),
+        })?;
+        f(live, now)?;
+        let task = live.task.clone();
+        self.commit(id)?;
+        Ok(task)
+    }
+
+    pub fn pause(&mut self, id: &str, reason: &str) -> Result<Task, EngineError> {
+        let reason = if reason.trim().is_empty() {
+            "paused by an operator"
+        } else {
+            reason
+        };
+        self.operate(id, |l, now| {
+            l.task_transition(TaskEvent::Pause(reason.into()), now)
+        })
+    }
+
+    pub fn resume(&mut self, id: &str) -> Result<Task, EngineError> {
+        self.operate(id, |l, now| {
+            l.policy = None; // a policy that failed gets a fresh instance
+            l.task_transition(TaskEvent::Resume, now)
+        })
+    }
+
+    /// Lets a wave that waits for approval start.
+    pub fn promote(&mut self, id: &str) -> Result<Task, EngineError> {
+        self.operate(id, |l, now| {
+            if !l.task.awaiting_approval {
+                return Err(EngineError::Refused {
+                    task: l.task.id.clone(),
+                    reason: "no wave is waiting for approval".into(),
+                });
+            }
+            l.task.awaiting_approval = false;
+            l.event(
+                now,
+                None,
+                "wave.promoted",
+                format!("wave {}", l.task.current_wave + 1),
+            );
+            Ok(())
+        })
+    }
+
+    pub fn cancel(&mut self, id: &str) -> Result<Task, EngineError> {
+        self.operate(id, |l, now| {
+            let waiting: Vec<String> = l
+                .runs
+                .values()
+                .filter(|r| {
+                    matches!(
+                        r.state,
+                        RunState::Pending | RunState::Queued { .. } | RunState::Offered { .. }
+                    )
+                })
+                .map(|r| r.node_id.clone())
+                .collect();
+            for node in waiting {
+                l.transition(&node, RunEvent::Cancel, now).ok();
+            }
+            l.task_transition(TaskEvent::Cancel, now)
+        })
+    }
+
+    pub fn events(&self, id: &str, from: u64, limit: usize) -> Result<Vec<Event>, EngineError> {
+        Ok(self.store.events(id, from, limit)?)
+    }
+}
+
+fn deliver(task: &Task, node: &str) -> Command {
+    Command::Deliver {
+        task: task.id.clone(),
+        node: node.to_string(),
+        package: task.spec.package.clone(),
+        version: task.target_version.clone().unwrap_or_default(),
+        backup: task.spec.backup.clone(),
+        permanent: task.spec.permanent,
+    }
+}
+
+fn context(task: &Task) -> TaskContext {
+    TaskContext {
+        task_id: task.id.clone(),
+        name: task.spec.name.clone(),
+        package: task.spec.package.clone(),
+        target_version: task.target_version.clone().unwrap_or_default(),
+        source_versions: task.spec.source_versions.clone(),
+        strategy: task.spec.strategy,
+        method: task.spec.method,
+        concurrency: task.spec.concurrency,
+        params: task.spec.params.clone(),
+    }
+}
+
+/// A task's windows come from its `schedule` param (`{"windows": [...]}`);
+/// none means always open.
+fn schedule_from_params(spec: &TaskSpec) -> Result<Schedule, String> {
+    match spec.params.get("schedule") {
+        None => Ok(Schedule::always()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("params.schedule: {e}")),
+    }
+}
+
+fn schedule_of(spec: &TaskSpec) -> Schedule {
+    schedule_from_params(spec).unwrap_or_else(|_| Schedule::always())
+}
+
+fn task_number(id: &str) -> u64 {
+    id.trim_start_matches('t').parse().unwrap_or(0)
+}
+
+fn last_seq(store: &dyn Store, id: &str) -> Result<u64, StoreError> {
+    let mut from = 0;
+    loop {
+        let page = store.events(id, from, 4096)?;
+        match page.last() {
+            None => return Ok(from),
+            Some(e) => from = e.seq + 1,
+        }
+        if page.len() < 4096 {
+            return Ok(from);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

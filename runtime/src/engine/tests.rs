@@ -1,0 +1,381 @@
+//! Engine behaviour from the reference systems, on an in-memory world and a
+//! virtual clock, with Rhai policies.
+
+use super::*;
+use crate::model::{Method, Node, Release, Selector};
+use crate::policy::{Limits, RhaiPolicy};
+use crate::sim::{self, Agents, Outcome};
+use crate::store::MemoryStore;
+use crate::world::{ManualClock, MemoryDelivery, MemoryFleet};
+use serde_json::json;
+
+/// Policies by name, as Rhai source.
+struct Scripts(BTreeMap<String, String>);
+
+impl PolicySource for Scripts {
+    fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
+        let src = self.0.get(name).ok_or_else(|| PolicyError::Load {
+            policy: name.into(),
+            reason: "no such policy".into(),
+        })?;
+        Ok(Box::new(RhaiPolicy::load_str(
+            name,
+            src,
+            world,
+            Limits::default(),
+        )?))
+    }
+}
+
+const CANARY: &str = include_str!("../../../policies/canary.rhai");
+/// 2026-11-23 00:00 UTC, a Monday.
+const MONDAY: u64 = 1_795_392_000_000;
+
+struct World0 {
+    engine: Engine,
+    clock: Arc<ManualClock>,
+    store: Arc<MemoryStore>,
+}
+
+fn world(nodes: Vec<Node>, extra: &[(&str, &str)]) -> World0 {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let store = Arc::new(MemoryStore::new());
+    let mut scripts = BTreeMap::from([
+        ("default".to_string(), String::new()),
+        ("canary".to_string(), CANARY.to_string()),
+    ]);
+    for (k, v) in extra {
+        scripts.insert(k.to_string(), v.to_string());
+    }
+    let delivery = MemoryDelivery {
+        releases: vec![Release {
+            package: "edgecore".into(),
+            version: "1.13.0".into(),
+            kind: Default::default(),
+            size: 0,
+            sha256: String::new(),
+        }],
+        control_plane: BTreeMap::from([("cloudcore".to_string(), "v1.13".to_string())]),
+    };
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(MemoryFleet::new(nodes)),
+        Arc::new(delivery),
+        clock.clone(),
+        Arc::new(Scripts(scripts)),
+    )
+    .unwrap();
+    World0 {
+        engine,
+        clock,
+        store,
+    }
+}
+
+fn fleet(n: usize, version: &str) -> Vec<Node> {
+    (0..n)
+        .map(|i| Node::new(format!("n{i:03}"), version))
+        .collect()
+}
+
+fn spec(name: &str, policy: &str, params: serde_json::Value) -> TaskSpec {
+    serde_json::from_value(json!({
+        "name": name,
+        "package": "edgecore",
+        "target": { "control-plane": "cloudcore" },
+        "policy": policy,
+        "params": params,
+    }))
+    .unwrap()
+}
+
+fn drive(w: &mut World0, agents: &Agents) {
+    sim::run(&mut w.engine, &w.clock, agents, 1000, 48 * 3600 * 1000).unwrap();
+}
+
+#[test]
+fn kubeedge_targets_the_control_plane_version_and_skips_same_version_and_unhealthy() {
+    let mut nodes = fleet(6, "1.12");
+    nodes[1].version = "v1.13".into(); // already there
+    nodes[2].healthy = false;
+    nodes[3].schedulable = false; // cordoned but healthy: upgraded
+    let mut w = world(nodes, &[]);
+    let task = w.engine.create(spec("edge", "default", json!({}))).unwrap();
+    drive(&mut w, &Agents::default());
+    let t = w.engine.task(&task.id).unwrap();
+    assert_eq!(t.state, TaskState::Succeeded);
+    assert_eq!(t.target_version.as_deref(), Some("v1.13"));
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(states["n001"], "skipped");
+    assert_eq!(states["n002"], "skipped");
+    assert_eq!(states["n003"], "succeeded");
+    let c = sim::counts(&w.engine, &task.id).unwrap();
+    assert_eq!((c["succeeded"], c["skipped"]), (4, 2));
+    let events = w.engine.events(&task.id, 0, 1000).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node.skipped" && e.detail == "same-version: already at v1.13")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node.skipped" && e.detail == "unhealthy: node is unhealthy")
+    );
+}
+
+#[test]
+fn a_node_busy_in_another_task_is_skipped() {
+    let mut w = world(fleet(4, "1.12"), &[]);
+    // The first task holds every node (its agents never answer).
+    let a = w
+        .engine
+        .create(spec("first", "default", json!({})))
+        .unwrap();
+    w.engine.tick().unwrap();
+    let b = w
+        .engine
+        .create(spec("second", "default", json!({})))
+        .unwrap();
+    w.engine.tick().unwrap();
+    let states = sim::states(&w.engine, &b.id).unwrap();
+    assert!(states.values().all(|s| s == "skipped"), "{states:?}");
+    let events = w.engine.events(&b.id, 0, 100).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.detail == format!("busy-in-another-task: in task {}", a.id))
+    );
+}
+
+#[test]
+fn canary_pauses_below_the_minimum_then_resumes_and_aborts_above_it() {
+    let mut w = world(fleet(20, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec(
+            "canary",
+            "canary",
+            json!({ "threshold": 0.1, "min_finished": 5 }),
+        ))
+        .unwrap();
+    // The canary node fails: 1 finished < 5, so the task pauses for a person.
+    let mut agents = Agents::default();
+    agents.nodes.insert("n000".into(), Outcome::Fail);
+    drive(&mut w, &agents);
+    let t = w.engine.task(&task.id).unwrap();
+    assert!(
+        matches!(&t.state, TaskState::Paused(r) if r.contains("failure rate 100% in wave 1 exceeds 10%")),
+        "{:?}",
+        t.state
+    );
+    // Waves 2.. have not started.
+    assert_eq!(sim::counts(&w.engine, &task.id).unwrap()["queued"], 19);
+
+    // Resumed, wave "10%" (n001) runs; wave "50%" has two failures of 8 -> abort.
+    w.engine.resume(&task.id).unwrap();
+    agents.nodes.insert("n003".into(), Outcome::RollbackFails);
+    agents.nodes.insert("n004".into(), Outcome::Silent);
+    drive(&mut w, &agents);
+    let t = w.engine.task(&task.id).unwrap();
+    assert!(
+        matches!(&t.state, TaskState::Failed(r) if r.contains("exceeds 10% after")),
+        "{:?}",
+        t.state
+    );
+    let c = sim::counts(&w.engine, &task.id).unwrap();
+    assert_eq!(c["failed-rolled-back"], 1);
+    assert_eq!(c["failed-rollback-failed"], 1);
+    assert_eq!(c["unknown"], 1);
+    assert_eq!(c["cancelled"], 10, "the rest wave never starts: {c:?}");
+}
+
+#[test]
+fn rollback_puts_the_previous_version_back_on_upgraded_nodes() {
+    let policy = r#"
+        fn evaluate(ctx, report) {
+            if report.failed_rolled_back > 0 { #{ verdict: "rollback", reason: "a node failed" } }
+            else { #{ verdict: "proceed" } }
+        }
+        fn plan(ctx, nodes) {
+            [#{ name: "a", nodes: [nodes[0].id, nodes[1].id] }, #{ name: "b", nodes: [nodes[2].id, nodes[3].id] }]
+        }
+    "#;
+    let mut w = world(fleet(4, "1.12"), &[("rb", policy)]);
+    let task = w.engine.create(spec("rb", "rb", json!({}))).unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n003".into(), Outcome::Fail);
+    let timeline = sim::run(&mut w.engine, &w.clock, &agents, 1000, 3_600_000).unwrap();
+    let t = w.engine.task(&task.id).unwrap();
+    assert_eq!(t.state, TaskState::RolledBack);
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(states["n000"], "rolled-back");
+    assert_eq!(states["n002"], "rolled-back");
+    assert_eq!(states["n003"], "failed-rolled-back");
+    assert!(
+        timeline.iter().any(|s| s.what == "restore 1.12 on n000"),
+        "{timeline:?}"
+    );
+}
+
+#[test]
+fn nothing_starts_outside_the_window_monday_to_friday() {
+    // 02:00-03:00 UTC on weekdays; the clock starts Monday 00:00.
+    let params = json!({ "schedule": { "windows": [
+        { "cron": "0 2 * * 1-5", "duration_minutes": 60, "timezone": "UTC" } ] } });
+    let mut w = world(fleet(3, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec("windowed", "default", params))
+        .unwrap();
+    assert!(w.engine.tick().unwrap().is_empty(), "closed at 00:00");
+    drive(&mut w, &Agents::default());
+    let first = w
+        .store
+        .events(&task.id, 0, 100)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "node.offered")
+        .unwrap();
+    assert_eq!(
+        first.at,
+        MONDAY + 2 * 3600 * 1000,
+        "starts when the window opens"
+    );
+    assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+
+    // A bad window is refused at creation.
+    let bad = json!({ "schedule": { "windows": [
+        { "cron": "0 2 * * *", "duration_minutes": 10, "timezone": "UTC" } ] } });
+    let err = w
+        .engine
+        .create(spec("bad", "default", bad))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("below the 30 min minimum"), "{err}");
+}
+
+#[test]
+fn pull_is_offered_through_on_request_and_refused_for_filtered_scope() {
+    let mut w = world(fleet(2, "1.12"), &[]);
+    let mut s = spec("pull", "default", json!({}));
+    s.method = Method::Pull;
+    let task = w.engine.create(s.clone()).unwrap();
+    assert!(w.engine.tick().unwrap().is_empty(), "pull pushes nothing");
+    let offer = w.engine.request("n000").unwrap();
+    assert!(
+        matches!(offer, Some(Command::Deliver { ref version, .. }) if version == "v1.13"),
+        "{offer:?}"
+    );
+    assert!(w.engine.request("n000").unwrap().is_none(), "offered once");
+    assert!(w.engine.request("stranger").unwrap().is_none());
+    assert_eq!(sim::states(&w.engine, &task.id).unwrap()["n000"], "offered");
+
+    s.name = "filtered".into();
+    s.scope = Scope::Selector(Selector {
+        labels: vec![("tier".into(), "edge".into())],
+        ..Default::default()
+    });
+    let err = w.engine.create(s).unwrap_err().to_string();
+    assert!(
+        err.contains("pull (upon device request) needs scope `all`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failing_policy_pauses_only_its_task() {
+    let broken = r#"fn plan(ctx, nodes) { throw "boom"; }"#;
+    let mut nodes = fleet(2, "1.12");
+    nodes.extend((0..2).map(|i| {
+        let mut n = Node::new(format!("m{i}"), "1.12");
+        n.labels = vec![("tier".into(), "core".into())];
+        n
+    }));
+    let mut w = world(nodes, &[("broken", broken)]);
+    let mut bad = spec("bad", "broken", json!({}));
+    bad.scope = Scope::Selector(Selector {
+        ids: vec!["n000".into(), "n001".into()],
+        ..Default::default()
+    });
+    let bad = w.engine.create(bad).unwrap();
+    let mut good = spec("good", "default", json!({}));
+    good.scope = Scope::Selector(Selector {
+        labels: vec![("tier".into(), "core".into())],
+        ..Default::default()
+    });
+    let good = w.engine.create(good).unwrap();
+    drive(&mut w, &Agents::default());
+    let b = w.engine.task(&bad.id).unwrap();
+    assert!(
+        matches!(&b.state, TaskState::Paused(r) if r.contains("boom")),
+        "{:?}",
+        b.state
+    );
+    assert_eq!(w.engine.task(&good.id).unwrap().state, TaskState::Succeeded);
+}
+
+#[test]
+fn approval_waits_for_promote() {
+    let mut w = world(fleet(20, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec("gated", "canary", json!({ "approval": true })))
+        .unwrap();
+    drive(&mut w, &Agents::default());
+    let t = w.engine.task(&task.id).unwrap();
+    assert!(t.awaiting_approval && t.current_wave == 1, "{t:?}");
+    assert_eq!(sim::counts(&w.engine, &task.id).unwrap()["succeeded"], 1);
+    w.engine.promote(&task.id).unwrap();
+    assert!(
+        w.engine.promote(&task.id).is_err(),
+        "nothing left to promote right now"
+    );
+    drive(&mut w, &Agents::default()); // wave 2 runs, wave 3 waits again
+    assert_eq!(sim::counts(&w.engine, &task.id).unwrap()["succeeded"], 2);
+}
+
+#[test]
+fn an_engine_over_the_same_store_resumes_where_the_last_one_stopped() {
+    let mut w = world(fleet(5, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec("resume", "default", json!({})))
+        .unwrap();
+    // Hand the nodes over, finish two, then "crash" (drop the engine).
+    let commands = w.engine.tick().unwrap();
+    assert_eq!(commands.len(), 5);
+    w.engine.report("n000", RunEvent::Succeeded).unwrap();
+    w.engine.report("n001", RunEvent::Succeeded).unwrap();
+    let World0 { clock, store, .. } = w;
+    let mut again = Engine::new(
+        store.clone(),
+        Arc::new(MemoryFleet::new(fleet(5, "1.12"))),
+        Arc::new(MemoryDelivery::default()),
+        clock.clone(),
+        Arc::new(Scripts(BTreeMap::from([(
+            "default".to_string(),
+            String::new(),
+        )]))),
+    )
+    .unwrap();
+    // Nothing is handed over twice: the three in flight stay offered.
+    assert!(again.tick().unwrap().is_empty());
+    for n in ["n002", "n003", "n004"] {
+        again.report(n, RunEvent::Succeeded).unwrap();
+    }
+    again.tick().unwrap();
+    assert_eq!(again.task(&task.id).unwrap().state, TaskState::Succeeded);
+    let offered = store
+        .events(&task.id, 0, 1000)
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "node.offered")
+        .count();
+    assert_eq!(offered, 5, "each node handed over exactly once");
+    // A report for a node in no task is refused.
+    assert!(matches!(
+        again.report("n000", RunEvent::Succeeded),
+        Err(EngineError::NotInTask { .. })
+    ));
+}

@@ -1,0 +1,36 @@
+//! Persistence behind a trait: tasks, node runs and event logs. The engine
+//! writes every state change here before it acts on it or acknowledges it.
+//! `memory` is for tests and simulation without disk; `sled` is the only file
+//! that imports sled.
+
+pub mod memory;
+pub mod sled;
+
+use crate::model::{Event, NodeRun, Task};
+
+pub use self::memory::MemoryStore;
+pub use self::sled::SledStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Io(String),
+    #[error("storage: corrupt record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// Durable state of the runner. Writes of one call are atomic: a crash leaves
+/// either all of them or none.
+pub trait Store: Send + Sync {
+    /// Writes the task, its changed runs and new events in one atomic batch.
+    fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError>;
+    fn task(&self, id: &str) -> Result<Option<Task>, StoreError>;
+    /// Every task, oldest first.
+    fn tasks(&self) -> Result<Vec<Task>, StoreError>;
+    /// A task's runs, ordered by node id.
+    fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError>;
+    /// Events of a task from `from_seq`, at most `limit`.
+    fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// Makes everything committed so far durable on disk.
+    fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,356 @@
+//! The durable store on sled — the only file that imports sled.
+//!
+//! Trees and keys (values are serde_json):
+//! - `tasks`: task id → `Task`
+//! - `runs`: `task_id \0 node_id` → `NodeRun` (a prefix scan is in node-id order)
+//! - `events`: `task_id \0 seq as big-endian u64` → `Event` (a range scan is in
+//!   seq order)
+//!
+//! Task ids must not contain NUL (refused by `commit`), so `task_id \0` is a
+//! prefix of exactly one task's keys. A commit is one sled transaction over the
+//! three trees: after a crash either all of it is there or none. `commit` does
+//! not flush; `flush` makes everything committed so far durable.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use ::sled::transaction::{TransactionError, Transactional};
+use ::sled::{Db, IVec, Tree};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::memory::check_task_id;
+use super::{Store, StoreError};
+use crate::model::{Event, NodeRun, Task};
+
+const SEP: u8 = 0;
+
+pub struct SledStore {
+    dir: PathBuf,
+    db: Db,
+    tasks: Tree,
+    runs: Tree,
+    events: Tree,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").field("dir", &self.dir).finish()
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `dir`. Only one `SledStore` may
+    /// have a directory open at a time, in this process or any other.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = ::sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| open_error(dir, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
+        Ok(SledStore {
+            dir: dir.to_path_buf(),
+            tasks: tree("tasks")?,
+            runs: tree("runs")?,
+            events: tree("events")?,
+            db,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io(format!("{what} in {}: {e}", self.dir.display()))
+    }
+}
+
+fn open_error(dir: &Path, e: ::sled::Error) -> StoreError {
+    let text = e.to_string();
+    if text.contains("could not acquire lock") {
+        StoreError::Io(format!(
+            "store {} is locked: another process (or another open store in this process) is using it ({text})",
+            dir.display()
+        ))
+    } else {
+        StoreError::Io(format!("cannot open store {}: {text}", dir.display()))
+    }
+}
+
+thread_local! {
+    /// Reused buffer for keys and values, so a commit allocates only the sled
+    /// values themselves (`IVec`s; short keys are stored inline).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Builds a key into the scratch buffer and hands the bytes to `f`.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut buf = s.borrow_mut();
+        buf.clear();
+        let r = f(&mut buf);
+        // Do not keep a huge buffer alive forever after one big task.
+        if buf.capacity() > 4 << 20 {
+            *buf = Vec::new();
+        }
+        r
+    })
+}
+
+fn run_key(buf: &mut Vec<u8>, task_id: &str, node_id: &str) {
+    buf.extend_from_slice(task_id.as_bytes());
+    buf.push(SEP);
+    buf.extend_from_slice(node_id.as_bytes());
+}
+
+fn event_key(buf: &mut Vec<u8>, task_id: &str, seq: u64) {
+    buf.extend_from_slice(task_id.as_bytes());
+    buf.push(SEP);
+    buf.extend_from_slice(&seq.to_be_bytes());
+}
+
+fn key_of(f: impl FnOnce(&mut Vec<u8>)) -> IVec {
+    with_scratch(|buf| {
+        f(buf);
+        IVec::from(&buf[..])
+    })
+}
+
+fn encode<T: Serialize>(value: &T, what: impl FnOnce() -> String) -> Result<IVec, StoreError> {
+    with_scratch(|buf| {
+        serde_json::to_writer(&mut *buf, value)
+            .map_err(|e| StoreError::Io(format!("cannot encode {}: {e}", what())))?;
+        Ok(IVec::from(&buf[..]))
+    })
+}
+
+/// A key as a person reads it: `tasks/<id>`, `runs/<task>/<node>`,
+/// `events/<task>/<seq>`.
+fn describe(tree: &str, key: &[u8]) -> String {
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match key.iter().position(|&b| b == SEP) {
+        Some(i) if tree == "events" && key.len() == i + 9 => {
+            let seq = u64::from_be_bytes(key[i + 1..].try_into().expect("8 bytes"));
+            format!("events/{}/{seq}", lossy(&key[..i]))
+        }
+        Some(i) => format!("{tree}/{}/{}", lossy(&key[..i]), lossy(&key[i + 1..])),
+        None => format!("{tree}/{}", lossy(key)),
+    }
+}
+
+fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        key: describe(tree, key),
+        reason: e.to_string(),
+    })
+}
+
+impl Store for SledStore {
+    fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
+        check_task_id(&task.id)?;
+        // Encode everything before the transaction: its closure may run more
+        // than once, and cloning an `IVec` is a refcount bump (or a copy of an
+        // inline key).
+        let task_key = IVec::from(task.id.as_bytes());
+        let task_value = encode(task, || format!("tasks/{}", task.id))?;
+        let mut run_kvs = Vec::with_capacity(runs.len());
+        for run in runs {
+            let k = key_of(|b| run_key(b, &task.id, &run.node_id));
+            let v = encode(run, || format!("runs/{}/{}", task.id, run.node_id))?;
+            run_kvs.push((k, v));
+        }
+        let mut event_kvs = Vec::with_capacity(events.len());
+        for event in events {
+            let k = key_of(|b| event_key(b, &task.id, event.seq));
+            let v = encode(event, || format!("events/{}/{}", task.id, event.seq))?;
+            event_kvs.push((k, v));
+        }
+
+        (&self.tasks, &self.runs, &self.events)
+            .transaction(|(tasks, runs, events)| {
+                tasks.insert(task_key.clone(), task_value.clone())?;
+                for (k, v) in &run_kvs {
+                    runs.insert(k.clone(), v.clone())?;
+                }
+                for (k, v) in &event_kvs {
+                    events.insert(k.clone(), v.clone())?;
+                }
+                Ok::<_, ::sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(()) => self.io("commit aborted", "no reason"),
+                TransactionError::Storage(e) => self.io("commit failed", e),
+            })
+    }
+
+    fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        match self.tasks.get(id.as_bytes()) {
+            Ok(Some(v)) => decode("tasks", id.as_bytes(), &v).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.io(&format!("reading task {id}"), e)),
+        }
+    }
+
+    fn tasks(&self) -> Result<Vec<Task>, StoreError> {
+        let mut tasks = Vec::with_capacity(self.tasks.len());
+        for kv in self.tasks.iter() {
+            let (k, v) = kv.map_err(|e| self.io("reading tasks", e))?;
+            tasks.push(decode::<Task>("tasks", &k, &v)?);
+        }
+        // The scan is in id order: a stable sort by creation time gives (created_at, id).
+        tasks.sort_by_key(|t| t.created_at);
+        Ok(tasks)
+    }
+
+    fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError> {
+        if check_task_id(task_id).is_err() {
+            return Ok(Vec::new());
+        }
+        let prefix = key_of(|b| {
+            b.extend_from_slice(task_id.as_bytes());
+            b.push(SEP);
+        });
+        let mut runs = Vec::new();
+        for kv in self.runs.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(|e| self.io(&format!("reading runs of {task_id}"), e))?;
+            runs.push(decode("runs", &k, &v)?);
+        }
+        Ok(runs)
+    }
+
+    fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        if limit == 0 || check_task_id(task_id).is_err() {
+            return Ok(Vec::new());
+        }
+        let start = key_of(|b| event_key(b, task_id, from_seq));
+        let end = key_of(|b| event_key(b, task_id, u64::MAX));
+        let mut events = Vec::with_capacity(limit.min(1024));
+        for kv in self.events.range(start..=end).take(limit) {
+            let (k, v) = kv.map_err(|e| self.io(&format!("reading events of {task_id}"), e))?;
+            events.push(decode("events", &k, &v)?);
+        }
+        Ok(events)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(|e| self.io("flushing", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::memory::conformance as c;
+    use super::*;
+
+    fn fresh() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn round_trip() {
+        c::round_trip(&fresh().1);
+    }
+
+    #[test]
+    fn runs_ordered_and_isolated() {
+        c::runs_ordered_and_isolated(&fresh().1);
+    }
+
+    #[test]
+    fn events_paging() {
+        c::events_paging(&fresh().1);
+    }
+
+    #[test]
+    fn tasks_oldest_first() {
+        c::tasks_oldest_first(&fresh().1);
+    }
+
+    #[test]
+    fn nul_in_task_id_is_refused() {
+        c::nul_in_task_id_is_refused(&fresh().1);
+    }
+
+    #[test]
+    fn reopen_after_drop_sees_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let t1 = c::task("t1", 1);
+        let t2 = c::task("t2", 2);
+        let runs: Vec<NodeRun> = (0..50)
+            .map(|i| c::run(&format!("n{i:03}"), "1.12", 1))
+            .collect();
+        let events: Vec<Event> = (0..20).map(|s| c::event(s, "node.report")).collect();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.commit(&t1, &runs[..25], &events[..10]).unwrap();
+            store.commit(&t2, &runs[..5], &[]).unwrap();
+            store.commit(&t1, &runs[25..], &events[10..]).unwrap();
+            // No explicit flush: dropping the store must not lose commits.
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.tasks().unwrap(), vec![t1, t2]);
+        assert_eq!(store.runs("t1").unwrap(), runs);
+        assert_eq!(store.runs("t2").unwrap(), runs[..5]);
+        assert_eq!(store.events("t1", 0, 100).unwrap(), events);
+        assert!(store.events("t2", 0, 100).unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_values_name_their_key() {
+        let (_dir, store) = fresh();
+        store
+            .commit(
+                &c::task("t1", 1),
+                &[c::run("n1", "1", 1)],
+                &[c::event(7, "x")],
+            )
+            .unwrap();
+        // Test-only path: write garbage straight into the trees.
+        store.runs.insert(b"t1\0n1", &b"\xffgarbage"[..]).unwrap();
+        store
+            .events
+            .insert(b"t1\0\0\0\0\0\0\0\0\x07", &b"{\"seq\":"[..])
+            .unwrap();
+        store.tasks.insert(b"t1", &b"[]"[..]).unwrap();
+
+        let corrupt = |r: Result<_, StoreError>| match r {
+            Err(StoreError::Corrupt { key, reason }) => {
+                assert!(!reason.is_empty());
+                key
+            }
+            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+        };
+        assert_eq!(corrupt(store.runs("t1").map(drop)), "runs/t1/n1");
+        assert_eq!(corrupt(store.events("t1", 0, 10).map(drop)), "events/t1/7");
+        assert_eq!(corrupt(store.task("t1").map(drop)), "tasks/t1");
+        assert_eq!(corrupt(store.tasks().map(drop)), "tasks/t1");
+        let err = store.task("t1").unwrap_err().to_string();
+        assert!(
+            err.starts_with("storage: corrupt record tasks/t1: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_dir_is_a_clear_error() {
+        let (dir, _store) = fresh();
+        let err = SledStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is locked"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn an_unusable_dir_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = SledStore::open(&file).unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+    }
+}
