@@ -3,6 +3,7 @@
 //! sees clap.
 
 mod policy;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ pub enum Command {
     /// Load, inspect and run policies locally.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run a task against a fleet file with simulated agents on a virtual clock.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Parses the process arguments and runs the command.
@@ -30,6 +33,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(code) => code,

@@ -670,7 +670,7 @@ impl Engine {
             now,
             None,
             "policy.verdict",
-            format!("wave {}: {verdict:?}", w + 1),
+            format!("wave {}: {verdict}", w + 1),
         );
         match verdict {
             Verdict::Proceed => self.next_wave(id, now),

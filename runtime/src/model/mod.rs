@@ -271,6 +271,18 @@ pub enum Verdict {
     Abort(String),
 }
 
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Proceed => f.write_str("proceed"),
+            Verdict::RetryFailed => f.write_str("retry-failed"),
+            Verdict::Pause(r) => write!(f, "pause: {r}"),
+            Verdict::Rollback(r) => write!(f, "rollback: {r}"),
+            Verdict::Abort(r) => write!(f, "abort: {r}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "offer", content = "value")]
 pub enum Offer {

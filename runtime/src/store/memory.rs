@@ -45,13 +45,44 @@ pub(super) fn check_task_id(id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Overwrites `stored` with `new`, cloning the plan only when it changed: the
+/// engine commits the whole task on every tick, and a plan of 100,000 nodes
+/// costs far more to clone than to compare. Destructured exhaustively, so a new
+/// `Task` field does not compile until it is copied here.
+fn update_task(stored: &mut Task, new: &Task) {
+    let Task {
+        id,
+        spec,
+        state,
+        target_version,
+        waves,
+        current_wave,
+        soak_until,
+        awaiting_approval,
+        created_at,
+        updated_at,
+    } = new;
+    stored.id.clone_from(id);
+    stored.spec.clone_from(spec);
+    stored.state.clone_from(state);
+    stored.target_version.clone_from(target_version);
+    if stored.waves != *waves {
+        stored.waves.clone_from(waves);
+    }
+    stored.current_wave = *current_wave;
+    stored.soak_until = *soak_until;
+    stored.awaiting_approval = *awaiting_approval;
+    stored.created_at = *created_at;
+    stored.updated_at = *updated_at;
+}
+
 impl Store for MemoryStore {
     fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
         check_task_id(&task.id)?;
         let mut inner = self.lock();
         let inner = &mut *inner;
         match inner.tasks.get_mut(&task.id) {
-            Some(t) => t.clone_from(task),
+            Some(t) => update_task(t, task),
             None => {
                 inner.tasks.insert(task.id.clone(), task.clone());
             }
@@ -125,7 +156,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 pub(crate) mod conformance {
     use super::super::{Store, StoreError};
-    use crate::model::{Event, NodeRun, RunState, Task, TaskSpec, TaskState};
+    use crate::model::{Event, NodeRun, RunState, Task, TaskSpec, TaskState, Wave};
 
     pub fn task(id: &str, created_at: u64) -> Task {
         let spec: TaskSpec = serde_json::from_value(serde_json::json!({
@@ -261,6 +292,58 @@ pub(crate) mod conformance {
         assert_eq!(ids, ["d", "b", "c", "a"]);
     }
 
+    pub fn waves(names_and_nodes: &[(&str, &[&str])]) -> Vec<Wave> {
+        names_and_nodes
+            .iter()
+            .map(|(name, nodes)| Wave {
+                name: (*name).into(),
+                nodes: nodes.iter().map(|n| (*n).into()).collect(),
+                concurrency: 0,
+                soak_seconds: 0,
+                needs_approval: false,
+            })
+            .collect()
+    }
+
+    /// The plan is stored apart and rewritten only when it changed: every
+    /// change, including one back to an earlier plan, must still be kept.
+    pub fn plan_changes_are_kept(store: &dyn Store) {
+        let mut t = task("planned", 1);
+        let first = waves(&[("canary", &["n1"]), ("rest", &["n2", "n3"])]);
+        t.waves = first.clone();
+        store.commit(&t, &[], &[]).unwrap();
+        assert_eq!(store.task("planned").unwrap().unwrap().waves, first);
+
+        // Same plan, other fields change.
+        t.current_wave = 1;
+        t.updated_at = 2;
+        store.commit(&t, &[], &[]).unwrap();
+        assert_eq!(store.task("planned").unwrap().unwrap(), t);
+
+        // One node id changes inside a wave.
+        t.waves[1].nodes[1] = "n4".into();
+        store.commit(&t, &[], &[]).unwrap();
+        assert_eq!(
+            store.task("planned").unwrap().unwrap().waves[1].nodes,
+            ["n2", "n4"]
+        );
+
+        // Back to the first plan, then an appended wave (increment tasks).
+        t.waves = first.clone();
+        store.commit(&t, &[], &[]).unwrap();
+        assert_eq!(store.task("planned").unwrap().unwrap().waves, first);
+        t.waves.extend(waves(&[("late", &["n9"])]));
+        store.commit(&t, &[], &[]).unwrap();
+        assert_eq!(store.tasks().unwrap(), vec![t.clone()]);
+
+        // A finished task, then (unusually) committed again with a new plan.
+        t.state = TaskState::Succeeded;
+        store.commit(&t, &[], &[]).unwrap();
+        t.waves.clear();
+        store.commit(&t, &[], &[]).unwrap();
+        assert_eq!(store.task("planned").unwrap().unwrap(), t);
+    }
+
     pub fn nul_in_task_id_is_refused(store: &dyn Store) {
         let err = store
             .commit(&task("a\0b", 1), &[run("n", "1", 1)], &[])
@@ -296,6 +379,11 @@ mod tests {
     #[test]
     fn tasks_oldest_first() {
         c::tasks_oldest_first(&MemoryStore::new());
+    }
+
+    #[test]
+    fn plan_changes_are_kept() {
+        c::plan_changes_are_kept(&MemoryStore::new());
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! The durable store on sled — the only file that imports sled.
 //!
 //! Trees and keys (values are serde_json):
-//! - `tasks`: task id → `Task`
+//! - `tasks`: task id → `Task` without its plan (`waves` stored as `[]`)
+//! - `plans`: task id → the task's `waves`, written only when they changed
 //! - `runs`: `task_id \0 node_id` → `NodeRun` (a prefix scan is in node-id order)
 //! - `events`: `task_id \0 seq as big-endian u64` → `Event` (a range scan is in
 //!   seq order)
 //!
 //! Task ids must not contain NUL (refused by `commit`), so `task_id \0` is a
 //! prefix of exactly one task's keys. A commit is one sled transaction over the
-//! three trees: after a crash either all of it is there or none. `commit` does
+//! four trees: after a crash either all of it is there or none. `commit` does
 //! not flush; `flush` makes everything committed so far durable.
+//!
+//! Why `plans`: the engine commits the whole `Task` on every tick, and the plan
+//! of a 100,000-node rollout is ~1.5 MB of JSON. Rewriting it each time would
+//! dominate every commit, so the store remembers the plan it last wrote per
+//! active task and writes the plan again only when it differs.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use ::sled::transaction::{TransactionError, Transactional};
 use ::sled::{Db, IVec, Tree};
@@ -21,7 +29,7 @@ use serde::de::DeserializeOwned;
 
 use super::memory::check_task_id;
 use super::{Store, StoreError};
-use crate::model::{Event, NodeRun, Task};
+use crate::model::{Event, NodeRun, Task, TaskSpec, TaskState, Wave};
 
 const SEP: u8 = 0;
 
@@ -29,8 +37,13 @@ pub struct SledStore {
     dir: PathBuf,
     db: Db,
     tasks: Tree,
+    plans: Tree,
     runs: Tree,
     events: Tree,
+    /// The plan last written to `plans`, per active task. Locked for a whole
+    /// commit so it always matches what is on disk (sled serialises
+    /// transactions anyway).
+    written_plans: Mutex<HashMap<String, Vec<Wave>>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -51,8 +64,10 @@ impl SledStore {
         Ok(SledStore {
             dir: dir.to_path_buf(),
             tasks: tree("tasks")?,
+            plans: tree("plans")?,
             runs: tree("runs")?,
             events: tree("events")?,
+            written_plans: Mutex::new(HashMap::new()),
             db,
         })
     }
@@ -63,6 +78,78 @@ impl SledStore {
 
     fn io(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
         StoreError::Io(format!("{what} in {}: {e}", self.dir.display()))
+    }
+
+    fn written_plans(&self) -> MutexGuard<'_, HashMap<String, Vec<Wave>>> {
+        self.written_plans.lock().unwrap_or_else(|poisoned| {
+            // A panic mid-commit: forget what we think is on disk, so every
+            // plan is written again.
+            let mut plans = poisoned.into_inner();
+            plans.clear();
+            self.written_plans.clear_poison();
+            plans
+        })
+    }
+
+    /// A task head from `tasks` plus its plan from `plans`.
+    fn read_task(&self, key: &[u8], head: &[u8]) -> Result<Task, StoreError> {
+        let mut task: Task = decode("tasks", key, head)?;
+        let plan = self
+            .plans
+            .get(key)
+            .map_err(|e| self.io(&format!("reading the plan of {}", task.id), e))?
+            .ok_or_else(|| StoreError::Corrupt {
+                key: describe("plans", key),
+                reason: "missing (the task record has no plan)".into(),
+            })?;
+        task.waves = decode("plans", key, &plan)?;
+        Ok(task)
+    }
+}
+
+/// What `tasks` holds: a `Task` with its plan left out (`waves` is always
+/// empty), so it reads back as a `Task`. Built by destructuring `Task`
+/// exhaustively: a new field does not compile until it is stored here.
+#[derive(Serialize)]
+struct TaskHead<'a> {
+    id: &'a str,
+    spec: &'a TaskSpec,
+    state: &'a TaskState,
+    target_version: &'a Option<String>,
+    waves: &'a [Wave],
+    current_wave: u32,
+    soak_until: Option<u64>,
+    awaiting_approval: bool,
+    created_at: u64,
+    updated_at: u64,
+}
+
+impl<'a> TaskHead<'a> {
+    fn of(task: &'a Task) -> Self {
+        let Task {
+            id,
+            spec,
+            state,
+            target_version,
+            waves: _,
+            current_wave,
+            soak_until,
+            awaiting_approval,
+            created_at,
+            updated_at,
+        } = task;
+        TaskHead {
+            id,
+            spec,
+            state,
+            target_version,
+            waves: &[],
+            current_wave: *current_wave,
+            soak_until: *soak_until,
+            awaiting_approval: *awaiting_approval,
+            created_at: *created_at,
+            updated_at: *updated_at,
+        }
     }
 }
 
@@ -149,11 +236,10 @@ fn decode<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T
 impl Store for SledStore {
     fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
         check_task_id(&task.id)?;
-        // Encode everything before the transaction: its closure may run more
-        // than once, and cloning an `IVec` is a refcount bump (or a copy of an
-        // inline key).
+        // Encode before the transaction: its closure may run more than once,
+        // and cloning an `IVec` is a refcount bump (or a copy of an inline key).
         let task_key = IVec::from(task.id.as_bytes());
-        let task_value = encode(task, || format!("tasks/{}", task.id))?;
+        let head = encode(&TaskHead::of(task), || format!("tasks/{}", task.id))?;
         let mut run_kvs = Vec::with_capacity(runs.len());
         for run in runs {
             let k = key_of(|b| run_key(b, &task.id, &run.node_id));
@@ -167,9 +253,17 @@ impl Store for SledStore {
             event_kvs.push((k, v));
         }
 
-        (&self.tasks, &self.runs, &self.events)
-            .transaction(|(tasks, runs, events)| {
-                tasks.insert(task_key.clone(), task_value.clone())?;
+        let mut written = self.written_plans();
+        let plan = match written.get(task.id.as_str()) {
+            Some(w) if *w == task.waves => None,
+            _ => Some(encode(&task.waves, || format!("plans/{}", task.id))?),
+        };
+        (&self.tasks, &self.plans, &self.runs, &self.events)
+            .transaction(|(tasks, plans, runs, events)| {
+                tasks.insert(task_key.clone(), head.clone())?;
+                if let Some(plan) = &plan {
+                    plans.insert(task_key.clone(), plan.clone())?;
+                }
                 for (k, v) in &run_kvs {
                     runs.insert(k.clone(), v.clone())?;
                 }
@@ -181,12 +275,25 @@ impl Store for SledStore {
             .map_err(|e| match e {
                 TransactionError::Abort(()) => self.io("commit aborted", "no reason"),
                 TransactionError::Storage(e) => self.io("commit failed", e),
-            })
+            })?;
+        if !task.state.active() {
+            // Finished tasks are rarely committed again; a later commit just
+            // writes the plan once more.
+            written.remove(task.id.as_str());
+        } else if plan.is_some() {
+            match written.get_mut(task.id.as_str()) {
+                Some(w) => w.clone_from(&task.waves),
+                None => {
+                    written.insert(task.id.clone(), task.waves.clone());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
         match self.tasks.get(id.as_bytes()) {
-            Ok(Some(v)) => decode("tasks", id.as_bytes(), &v).map(Some),
+            Ok(Some(v)) => self.read_task(id.as_bytes(), &v).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(self.io(&format!("reading task {id}"), e)),
         }
@@ -196,7 +303,7 @@ impl Store for SledStore {
         let mut tasks = Vec::with_capacity(self.tasks.len());
         for kv in self.tasks.iter() {
             let (k, v) = kv.map_err(|e| self.io("reading tasks", e))?;
-            tasks.push(decode::<Task>("tasks", &k, &v)?);
+            tasks.push(self.read_task(&k, &v)?);
         }
         // The scan is in id order: a stable sort by creation time gives (created_at, id).
         tasks.sort_by_key(|t| t.created_at);
@@ -273,6 +380,11 @@ mod tests {
     }
 
     #[test]
+    fn plan_changes_are_kept() {
+        c::plan_changes_are_kept(&fresh().1);
+    }
+
+    #[test]
     fn nul_in_task_id_is_refused() {
         c::nul_in_task_id_is_refused(&fresh().1);
     }
@@ -280,7 +392,8 @@ mod tests {
     #[test]
     fn reopen_after_drop_sees_every_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let t1 = c::task("t1", 1);
+        let mut t1 = c::task("t1", 1);
+        t1.waves = c::waves(&[("canary", &["n000"]), ("rest", &["n001", "n002"])]);
         let t2 = c::task("t2", 2);
         let runs: Vec<NodeRun> = (0..50)
             .map(|i| c::run(&format!("n{i:03}"), "1.12", 1))
@@ -290,6 +403,8 @@ mod tests {
             let store = SledStore::open(dir.path()).unwrap();
             store.commit(&t1, &runs[..25], &events[..10]).unwrap();
             store.commit(&t2, &runs[..5], &[]).unwrap();
+            t1.waves[1].nodes.push("n003".into());
+            t1.updated_at = 3;
             store.commit(&t1, &runs[25..], &events[10..]).unwrap();
             // No explicit flush: dropping the store must not lose commits.
         }
@@ -335,6 +450,13 @@ mod tests {
             err.starts_with("storage: corrupt record tasks/t1: "),
             "{err}"
         );
+
+        // A task whose plan is garbage, then missing.
+        store.commit(&c::task("t2", 2), &[], &[]).unwrap();
+        store.plans.insert(b"t2", &b"{}"[..]).unwrap();
+        assert_eq!(corrupt(store.task("t2").map(drop)), "plans/t2");
+        store.plans.remove(b"t2").unwrap();
+        assert_eq!(corrupt(store.task("t2").map(drop)), "plans/t2");
     }
 
     #[test]
