@@ -116,9 +116,15 @@ pub fn run(
         let (due, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(t, _, _)| *t <= now);
         pending = later;
         let idle = due.is_empty();
-        for (_, node, events) in due {
-            for event in events {
-                engine.report(&node, event)?;
+        // Agents report in bursts: each step of every due node, in order.
+        let depth = due.iter().map(|(_, _, e)| e.len()).max().unwrap_or(0);
+        for step in 0..depth {
+            let batch: Vec<(String, RunEvent)> = due
+                .iter()
+                .filter_map(|(_, node, events)| events.get(step).map(|e| (node.clone(), e.clone())))
+                .collect();
+            for result in engine.report_many(batch) {
+                result?;
             }
         }
         if idle {

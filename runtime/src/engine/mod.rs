@@ -20,6 +20,9 @@ use crate::world::{Clock, Delivery, Fleet, World};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// The pause reason while restores are out; the task ends rolled back.
+const ROLLING_BACK: &str = "rolling back";
+
 /// Loads the policy a task names, bound to the task's world.
 pub trait PolicySource: Send + Sync {
     fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError>;
@@ -770,39 +773,72 @@ impl Engine {
         if upgraded.is_empty() {
             live.task_transition(TaskEvent::RolledBack, now)?;
         } else {
-            live.task_transition(TaskEvent::Pause("rolling back".into()), now)?;
+            live.task_transition(TaskEvent::Pause(ROLLING_BACK.into()), now)?;
         }
         Ok(())
     }
 
     /// What an agent reports about its node in the active task.
     pub fn report(&mut self, node: &str, event: RunEvent) -> Result<(), EngineError> {
-        let id = self
-            .busy
-            .get(node)
-            .cloned()
-            .ok_or_else(|| EngineError::NotInTask { node: node.into() })?;
+        self.report_many(vec![(node.to_string(), event)])
+            .pop()
+            .expect("one result per report")
+    }
+
+    /// Applies many reports and commits each touched task once: the cheap way
+    /// to take a burst of agent reports. Every report is persisted before its
+    /// result is returned; one result per report, in order.
+    pub fn report_many(
+        &mut self,
+        reports: Vec<(String, RunEvent)>,
+    ) -> Vec<Result<(), EngineError>> {
         let now = self.clock.now();
-        let live = self
-            .live
-            .get_mut(&id)
-            .expect("busy nodes belong to live tasks");
-        live.transition(node, event, now)
-            .map_err(|reason| EngineError::Refused {
-                task: id.clone(),
-                reason,
-            })?;
-        // A finished rollback completes the task once every restore is back.
-        if live
-            .runs
-            .values()
-            .all(|r| !matches!(r.state, RunState::RollingBack { .. }))
-            && live.events.iter().any(|e| e.kind == "node.rolled-back")
-            && matches!(live.task.state, TaskState::Paused(ref r) if r == "rolling back")
-        {
-            live.task_transition(TaskEvent::RolledBack, now)?;
+        let mut touched: Vec<String> = Vec::new();
+        let mut results: Vec<Result<(), EngineError>> = Vec::with_capacity(reports.len());
+        for (node, event) in reports {
+            let Some(id) = self.busy.get(&node).cloned() else {
+                results.push(Err(EngineError::NotInTask { node }));
+                continue;
+            };
+            let live = self
+                .live
+                .get_mut(&id)
+                .expect("busy nodes belong to live tasks");
+            let applied =
+                live.transition(&node, event, now)
+                    .map_err(|reason| EngineError::Refused {
+                        task: id.clone(),
+                        reason,
+                    });
+            results.push(applied);
+            if touched.last() != Some(&id) && !touched.contains(&id) {
+                touched.push(id);
+            }
         }
-        self.commit(&id)
+        for id in touched {
+            let live = self.live.get_mut(&id).expect("live");
+            // A finished rollback completes the task once every restore is back
+            // (checked only while rolling back).
+            if matches!(live.task.state, TaskState::Paused(ref r) if r == ROLLING_BACK)
+                && live
+                    .runs
+                    .values()
+                    .all(|r| !matches!(r.state, RunState::RollingBack { .. }))
+            {
+                let _ = live.task_transition(TaskEvent::RolledBack, now);
+            }
+            if let Err(e) = self.commit(&id) {
+                // Nothing of this task's batch is acknowledged if it is not stored.
+                let msg = e.to_string();
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(EngineError::Refused {
+                        task: id.clone(),
+                        reason: msg.clone(),
+                    });
+                }
+            }
+        }
+        results
     }
 
     /// Pull mode: a device asks for work. Returns the delivery if the policy

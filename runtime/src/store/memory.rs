@@ -188,7 +188,7 @@ pub(crate) mod conformance {
         Event {
             seq,
             at: 1000 + seq,
-            node: (seq % 2 == 0).then(|| format!("n{seq}")),
+            node: seq.is_multiple_of(2).then(|| format!("n{seq}")),
             kind: kind.into(),
             detail: format!("detail {seq}"),
         }

@@ -56,8 +56,11 @@ impl SledStore {
     /// Opens (creating if needed) the store in `dir`. Only one `SledStore` may
     /// have a directory open at a time, in this process or any other.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        // sled's page cache defaults to 1 GiB; the runner keeps its own working
+        // set in memory, so a small cache keeps RSS proportional to the fleet.
         let db = ::sled::Config::new()
             .path(dir)
+            .cache_capacity(32 << 20)
             .open()
             .map_err(|e| open_error(dir, e))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
