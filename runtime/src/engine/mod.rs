@@ -567,7 +567,7 @@ impl Engine {
         self.expire(id, now);
         let world = self.world();
         let live = self.live.get_mut(id).expect("live");
-        if live.task.waves.is_empty() {
+        if live.task.current_wave as usize >= live.task.waves.len() {
             return live.task_transition(TaskEvent::Complete, now);
         }
         if live.task.awaiting_approval {
@@ -679,11 +679,9 @@ impl Engine {
             Verdict::Proceed => self.next_wave(id, now),
             Verdict::Pause(reason) => {
                 let live = self.live.get_mut(id).expect("live");
-                // Resuming continues with the next wave.
+                // Resuming continues with the next wave (or completes the
+                // task when this was the last one): a person looks first.
                 live.task.current_wave += 1;
-                if live.task.current_wave as usize >= live.task.waves.len() {
-                    return live.task_transition(TaskEvent::Complete, now);
-                }
                 live.task_transition(TaskEvent::Pause(reason), now)
             }
             Verdict::RetryFailed => {

@@ -379,3 +379,59 @@ fn an_engine_over_the_same_store_resumes_where_the_last_one_stopped() {
         Err(EngineError::NotInTask { .. })
     ));
 }
+
+#[test]
+fn silent_and_hanging_nodes_run_into_the_node_timeout() {
+    let mut w = world(fleet(3, "1.12"), &[]);
+    let mut s = spec("timeouts", "default", json!({}));
+    s.node_timeout_seconds = 600;
+    let task = w.engine.create(s).unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n000".into(), Outcome::Silent);
+    agents.nodes.insert("n001".into(), Outcome::Hang);
+    drive(&mut w, &agents);
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(states["n000"], "unknown");
+    assert_eq!(states["n001"], "timed-out");
+    assert_eq!(states["n002"], "succeeded");
+    let late = w
+        .store
+        .events(&task.id, 0, 100)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "node.timed-out")
+        .unwrap();
+    assert!(
+        late.at >= MONDAY + 600_000,
+        "not before the timeout: {}",
+        late.at - MONDAY
+    );
+    // The default evaluate pauses on failures.
+    let t = w.engine.task(&task.id).unwrap();
+    assert!(
+        matches!(&t.state, TaskState::Paused(r) if r.contains("2 of 3 nodes failed")),
+        "{:?}",
+        t.state
+    );
+}
+
+#[test]
+fn retry_failed_runs_failed_nodes_again_within_the_retries() {
+    let retry = r#"
+        fn evaluate(ctx, report) {
+            if report.failed_rolled_back > 0 { #{ verdict: "retry-failed" } } else { #{ verdict: "proceed" } }
+        }
+    "#;
+    let mut w = world(fleet(2, "1.12"), &[("retry", retry)]);
+    let mut s = spec("retry", "retry", json!({}));
+    s.retries = 2;
+    let task = w.engine.create(s).unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n001".into(), Outcome::Fail);
+    drive(&mut w, &agents);
+    let runs = w.engine.runs(&task.id).unwrap();
+    let failing = runs.iter().find(|r| r.node_id == "n001").unwrap();
+    assert_eq!(failing.attempts, 3, "1 try + 2 retries");
+    assert_eq!(failing.state.name(), "failed-rolled-back");
+    assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+}
