@@ -2,6 +2,15 @@
 //! below, `run` calls the library and prints tables or `--json`. The core never
 //! sees clap.
 
+/// `println!` that treats a closed stdout (`flotilla ... | head`) as the end of
+/// output instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod policy;
 mod simulate;
 

@@ -79,13 +79,13 @@ fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         Ok(p) => {
             let info = p.info();
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "ok": true, "file": file, "kind": kind, "name": info.name,
                         "version": info.version, "hooks": info.hooks })
                 );
             } else {
-                println!("{} {} ({kind}) loads.", info.name, info.version);
+                outln!("{} {} ({kind}) loads.", info.name, info.version);
                 let mut t = Table::new();
                 t.load_preset(UTF8_FULL_CONDENSED)
                     .set_header(["hook", "implemented", "otherwise"]);
@@ -97,13 +97,13 @@ fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     };
                     t.add_row([h.as_str(), yes, otherwise]);
                 }
-                println!("{t}");
+                outln!("{t}");
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "ok": false, "file": file, "kind": kind, "error": e.to_string() })
                 );
@@ -169,6 +169,6 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let input = read_json(&args.input)?;
     let mut p = policy::load(&args.file, &runtime()?, world, limits)?;
     let out = p.eval_json(hook, &ctx, input)?;
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }

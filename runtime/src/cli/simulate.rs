@@ -111,7 +111,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let counts = sim::counts(&engine, &task.id)?;
 
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "task": task, "events": events, "counts": counts,
@@ -129,7 +129,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             .as_deref()
             .map(|n| format!(" {n}"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "+{:02}:{:02}:{:02}  {:<16}{node} {}",
             t / 3600,
             t / 60 % 60,
@@ -145,7 +145,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     for (state, n) in &counts {
         table.add_row([state.clone(), n.to_string()]);
     }
-    println!("\ntask {} ({}): {}", task.id, task.spec.name, task.state);
-    println!("{table}");
+    outln!("\ntask {} ({}): {}", task.id, task.spec.name, task.state);
+    outln!("{table}");
     Ok(ExitCode::SUCCESS)
 }

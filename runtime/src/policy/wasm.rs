@@ -154,7 +154,7 @@ impl WasmRuntime {
         if !missing.is_empty() {
             return Err(load_err(format!(
                 "does not implement world flotilla:policy/policy@0.1.0: missing export(s) {} \
-                 (it exports: {}); export a policy with `flotilla_sdk::export_policy!`",
+                 (it exports: {}); put `#[flotilla_sdk::policy]` on the `impl Policy` of a Rust policy",
                 missing.join(", "),
                 if exported.is_empty() {
                     "nothing".to_string()
