@@ -214,7 +214,7 @@ fn main() {
                 let ready: Box<dyn Fn(&Node) -> bool> = Box::new(move |n: &Node| {
                     flotilla_version::in_range(&n.version, &req.to_string()).unwrap_or(false)
                 });
-                black_box(ready);
+                drop(black_box(ready));
                 1
             })
             .sum()

@@ -369,7 +369,7 @@ pub struct Selector {
 
 impl Selector {
     pub fn matches(&self, node: &Node) -> bool {
-        (self.ids.is_empty() || self.ids.iter().any(|id| *id == node.id))
+        (self.ids.is_empty() || self.ids.contains(&node.id))
             && self
                 .labels
                 .iter()

@@ -1035,9 +1035,9 @@ fn wave(item: Dynamic) -> Result<Wave, String> {
 }
 
 fn verdict(out: Dynamic) -> Result<Verdict, String> {
-    let mut m = into_map(out, "verdict", "#{verdict: \"proceed\"}")?;
+    let m = into_map(out, "verdict", "#{verdict: \"proceed\"}")?;
     let kind = tag(
-        &mut m,
+        &m,
         "verdict",
         "verdict",
         &["proceed", "pause", "retry-failed", "rollback", "abort"],
@@ -1046,16 +1046,16 @@ fn verdict(out: Dynamic) -> Result<Verdict, String> {
     Ok(match kind.as_str() {
         "proceed" => Verdict::Proceed,
         "retry-failed" => Verdict::RetryFailed,
-        "pause" => Verdict::Pause(string_field(&mut m, "reason", &what)?),
-        "rollback" => Verdict::Rollback(string_field(&mut m, "reason", &what)?),
-        _ => Verdict::Abort(string_field(&mut m, "reason", &what)?),
+        "pause" => Verdict::Pause(string_field(&m, "reason", &what)?),
+        "rollback" => Verdict::Rollback(string_field(&m, "reason", &what)?),
+        _ => Verdict::Abort(string_field(&m, "reason", &what)?),
     })
 }
 
 fn admission(out: Dynamic) -> Result<Admission, String> {
     let mut m = into_map(out, "admission", "#{admission: \"now\"}")?;
     let kind = tag(
-        &mut m,
+        &m,
         "admission",
         "admission",
         &["now", "defer-until", "never"],
@@ -1063,22 +1063,17 @@ fn admission(out: Dynamic) -> Result<Admission, String> {
     Ok(match kind.as_str() {
         "now" => Admission::Now,
         "defer-until" => Admission::DeferUntil(defer_value(&mut m)?),
-        _ => Admission::Never(string_field(&mut m, "value", "`never`")?),
+        _ => Admission::Never(string_field(&m, "value", "`never`")?),
     })
 }
 
 fn offer(out: Dynamic) -> Result<Offer, String> {
     let mut m = into_map(out, "offer", "#{offer: \"offer\"}")?;
-    let kind = tag(
-        &mut m,
-        "offer",
-        "offer",
-        &["offer", "defer-until", "decline"],
-    )?;
+    let kind = tag(&m, "offer", "offer", &["offer", "defer-until", "decline"])?;
     Ok(match kind.as_str() {
         "offer" => Offer::Offer,
         "defer-until" => Offer::DeferUntil(defer_value(&mut m)?),
-        _ => Offer::Decline(string_field(&mut m, "value", "`decline`")?),
+        _ => Offer::Decline(string_field(&m, "value", "`decline`")?),
     })
 }
 

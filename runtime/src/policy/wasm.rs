@@ -546,10 +546,7 @@ impl Policy for WasmPolicy {
         let cached = self.take_ctx(ctx);
         let (name, limits) = (&self.compiled.name, self.limits);
         let wit_ctx = &cached.1;
-        let results: Vec<(
-            Option<Live>,
-            Result<Vec<Vec<model::Selection>>, PolicyError>,
-        )> = std::thread::scope(|scope| {
+        let results: Vec<WorkerResult> = std::thread::scope(|scope| {
             let handles: Vec<_> = lives
                 .into_iter()
                 .zip(groups)
@@ -754,6 +751,12 @@ fn classify(
         },
     }
 }
+
+/// What a `select` worker hands back: its instance (unless it failed) and its chunks' decisions.
+type WorkerResult = (
+    Option<Live>,
+    Result<Vec<Vec<model::Selection>>, PolicyError>,
+);
 
 type NodesParams<'a> = (&'a wit::TaskContext, &'a [NodeRef<'a>]);
 
