@@ -20,9 +20,6 @@ use crate::world::{Clock, Delivery, Fleet, World};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// The pause reason while restores are out; the task ends rolled back.
-const ROLLING_BACK: &str = "rolling back";
-
 /// Loads the policy a task names, bound to the task's world.
 pub trait PolicySource: Send + Sync {
     fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError>;
@@ -110,7 +107,7 @@ impl Live {
             RunState::Rejected { reason, .. } => reason.clone(),
             other => other.name().to_string(),
         };
-        if matches!(event, RunEvent::Offer) {
+        if matches!(event, RunEvent::Offer | RunEvent::Rollback) {
             run.attempts += 1;
             run.started_at = Some(at);
         }
@@ -133,7 +130,7 @@ impl Live {
                     reason: e.to_string(),
                 })?;
         let detail = match &next {
-            TaskState::Paused(r) | TaskState::Failed(r) => r.clone(),
+            TaskState::Paused(r) | TaskState::Failed(r) | TaskState::RollingBack(r) => r.clone(),
             other => other.name().to_string(),
         };
         self.task.state = next;
@@ -396,6 +393,12 @@ impl Engine {
                 self.expire(id, now);
                 Ok(())
             }
+            TaskState::RollingBack(_) => {
+                self.expire(id, now);
+                let live = self.live.get_mut(id).expect("live");
+                finish_rollback(live, now);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -553,6 +556,12 @@ impl Engine {
                 RunState::Downloading { .. }
                 | RunState::Upgrading { .. }
                 | RunState::Verifying { .. } => Some((r.node_id.clone(), RunEvent::Timeout)),
+                RunState::RollingBack { .. } => Some((
+                    r.node_id.clone(),
+                    RunEvent::FailedRollbackFailed {
+                        error: "no report of the restore within the node timeout".into(),
+                    },
+                )),
                 _ => None,
             })
             .collect();
@@ -741,7 +750,6 @@ impl Engine {
         out: &mut Vec<Command>,
     ) -> Result<(), EngineError> {
         let live = self.live.get_mut(id).expect("live");
-        live.event(now, None, "task.rollback", reason);
         let upgraded: Vec<(String, String)> = live
             .runs
             .values()
@@ -768,10 +776,9 @@ impl Engine {
         }
         // Stop dispatching; the task becomes rolled-back when the restores report.
         live.task.current_wave = live.task.waves.len() as u32;
+        live.task_transition(TaskEvent::Rollback(reason), now)?;
         if upgraded.is_empty() {
             live.task_transition(TaskEvent::RolledBack, now)?;
-        } else {
-            live.task_transition(TaskEvent::Pause(ROLLING_BACK.into()), now)?;
         }
         Ok(())
     }
@@ -815,16 +822,7 @@ impl Engine {
         }
         for id in touched {
             let live = self.live.get_mut(&id).expect("live");
-            // A finished rollback completes the task once every restore is back
-            // (checked only while rolling back).
-            if matches!(live.task.state, TaskState::Paused(ref r) if r == ROLLING_BACK)
-                && live
-                    .runs
-                    .values()
-                    .all(|r| !matches!(r.state, RunState::RollingBack { .. }))
-            {
-                let _ = live.task_transition(TaskEvent::RolledBack, now);
-            }
+            finish_rollback(live, now);
             if let Err(e) = self.commit(&id) {
                 // Nothing of this task's batch is acknowledged if it is not stored.
                 let msg = e.to_string();
@@ -970,6 +968,19 @@ impl Engine {
 
     pub fn events(&self, id: &str, from: u64, limit: usize) -> Result<Vec<Event>, EngineError> {
         Ok(self.store.events(id, from, limit)?)
+    }
+}
+
+/// A rolling-back task is rolled back once no restore is out any more
+/// (checked only in that state: this runs once per burst of reports).
+fn finish_rollback(live: &mut Live, now: u64) {
+    if matches!(live.task.state, TaskState::RollingBack(_))
+        && live
+            .runs
+            .values()
+            .all(|r| !matches!(r.state, RunState::RollingBack { .. }))
+    {
+        let _ = live.task_transition(TaskEvent::RolledBack, now);
     }
 }
 

@@ -171,6 +171,8 @@ pub enum TaskState {
     Succeeded,
     Failed(String),
     Cancelled,
+    /// A rollback verdict: restores are out to the nodes this task upgraded.
+    RollingBack(String),
     RolledBack,
 }
 
@@ -185,6 +187,8 @@ pub enum TaskEvent {
     /// Aborted by a verdict or an operator, or failed for good.
     Fail(String),
     Cancel,
+    /// Start putting the previous release back.
+    Rollback(String),
     /// The rollback of every upgraded node finished.
     RolledBack,
 }
@@ -205,15 +209,20 @@ impl TaskState {
             TaskState::Succeeded => "succeeded",
             TaskState::Failed(_) => "failed",
             TaskState::Cancelled => "cancelled",
+            TaskState::RollingBack(_) => "rolling-back",
             TaskState::RolledBack => "rolled-back",
         }
     }
 
-    /// Scheduled, running or paused: its nodes are busy for other tasks.
+    /// Scheduled, running, paused or rolling back: its nodes are busy for
+    /// other tasks.
     pub fn active(&self) -> bool {
         matches!(
             self,
-            TaskState::Scheduled | TaskState::Running | TaskState::Paused(_)
+            TaskState::Scheduled
+                | TaskState::Running
+                | TaskState::Paused(_)
+                | TaskState::RollingBack(_)
         )
     }
 
@@ -229,7 +238,8 @@ impl TaskState {
             (S::Running, E::Complete) => S::Succeeded,
             (S::Scheduled | S::Running | S::Paused(_), E::Fail(r)) => S::Failed(r),
             (S::Scheduled | S::Running | S::Paused(_), E::Cancel) => S::Cancelled,
-            (S::Running | S::Paused(_), E::RolledBack) => S::RolledBack,
+            (S::Running | S::Paused(_), E::Rollback(r)) => S::RollingBack(r),
+            (S::RollingBack(_), E::RolledBack) => S::RolledBack,
             (_, event) => {
                 return Err(IllegalTaskTransition {
                     state: self.name().into(),
@@ -249,6 +259,7 @@ impl TaskEvent {
             TaskEvent::Complete => "complete",
             TaskEvent::Fail(_) => "fail",
             TaskEvent::Cancel => "cancel",
+            TaskEvent::Rollback(_) => "rollback",
             TaskEvent::RolledBack => "rolled-back",
         }
     }
@@ -360,6 +371,13 @@ mod tests {
         );
         assert!(TaskState::Cancelled.next(E::Start).is_err());
         assert!(TaskState::Scheduled.next(E::Complete).is_err());
+        // A rollback cannot be resumed half-way; it ends rolled back.
+        let rb = TaskState::Running
+            .next(E::Rollback("bad wave".into()))
+            .unwrap();
+        assert!(rb.active());
+        assert!(rb.clone().next(E::Resume).is_err());
+        assert_eq!(rb.next(E::RolledBack).unwrap(), TaskState::RolledBack);
     }
 }
 
