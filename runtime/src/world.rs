@@ -63,23 +63,38 @@ impl Default for World {
     }
 }
 
-/// An inventory held in memory, ordered by node id.
-#[derive(Debug, Default, Clone)]
+/// An inventory held in memory, ordered by node id. Nodes can be added or
+/// changed while it is shared (a node registers, goes offline, comes back).
+#[derive(Debug, Default)]
 pub struct MemoryFleet {
-    nodes: BTreeMap<String, Node>,
+    nodes: std::sync::RwLock<BTreeMap<String, Node>>,
 }
 
 impl MemoryFleet {
     pub fn new(nodes: impl IntoIterator<Item = Node>) -> Self {
         MemoryFleet {
-            nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
+            nodes: std::sync::RwLock::new(nodes.into_iter().map(|n| (n.id.clone(), n)).collect()),
         }
+    }
+
+    /// Adds or replaces a node.
+    pub fn upsert(&self, node: Node) {
+        self.write().insert(node.id.clone(), node);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Node>> {
+        // The map is never left half-written, so a poisoned lock is still usable.
+        self.nodes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Node>> {
+        self.nodes.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Fleet for MemoryFleet {
     fn query(&self, selector: &Selector, offset: u64, limit: u32) -> Vec<Node> {
-        self.nodes
+        self.read()
             .values()
             .filter(|n| selector.matches(n))
             .skip(usize::try_from(offset).unwrap_or(usize::MAX))
@@ -89,11 +104,11 @@ impl Fleet for MemoryFleet {
     }
 
     fn get(&self, id: &str) -> Option<Node> {
-        self.nodes.get(id).cloned()
+        self.read().get(id).cloned()
     }
 
     fn count(&self, selector: &Selector) -> u64 {
-        self.nodes.values().filter(|n| selector.matches(n)).count() as u64
+        self.read().values().filter(|n| selector.matches(n)).count() as u64
     }
 }
 

@@ -610,6 +610,11 @@ impl Engine {
                         live.transition(&node_id, RunEvent::Cancel, now).ok();
                         continue;
                     };
+                    // Push to an offline node waits until it is back (EnOS
+                    // "cloud push": it gets the request on reconnect).
+                    if !node.online {
+                        continue;
+                    }
                     let policy = Self::policy(live, &*self.policies, world.clone())?;
                     let admission = if policy.info().implements(Hook::Admit) {
                         policy.admit(&ctx, &node, now)?

@@ -435,3 +435,39 @@ fn retry_failed_runs_failed_nodes_again_within_the_retries() {
     assert_eq!(failing.state.name(), "failed-rolled-back");
     assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Succeeded);
 }
+
+#[test]
+fn an_offline_node_gets_its_push_when_it_comes_back() {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let mut nodes = fleet(3, "1.12");
+    nodes[1].online = false;
+    let inventory = Arc::new(MemoryFleet::new(nodes.clone()));
+    let mut engine = Engine::new(
+        Arc::new(MemoryStore::new()),
+        inventory.clone(),
+        Arc::new(MemoryDelivery::default()),
+        clock.clone(),
+        Arc::new(Scripts(BTreeMap::from([(
+            "default".to_string(),
+            String::new(),
+        )]))),
+    )
+    .unwrap();
+    let mut s = spec("offline", "default", json!({}));
+    s.target = Target::Version("1.13".into());
+    let task = engine.create(s).unwrap();
+    sim::run(&mut engine, &clock, &Agents::default(), 60_000, 3_600_000).unwrap();
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert_eq!(states["n001"], "queued", "{states:?}");
+    assert_eq!(states["n000"], "succeeded");
+    assert!(
+        engine.task(&task.id).unwrap().state.active(),
+        "waits for the offline node"
+    );
+
+    nodes[1].online = true;
+    inventory.upsert(nodes[1].clone());
+    sim::run(&mut engine, &clock, &Agents::default(), 60_000, 3_600_000).unwrap();
+    assert_eq!(sim::states(&engine, &task.id).unwrap()["n001"], "succeeded");
+    assert_eq!(engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+}
