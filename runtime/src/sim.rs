@@ -123,8 +123,18 @@ pub fn run(
                 .iter()
                 .filter_map(|(_, node, events)| events.get(step).map(|e| (node.clone(), e.clone())))
                 .collect();
-            for result in engine.report_many(batch) {
-                result?;
+            let nodes: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
+            for (node, result) in nodes.into_iter().zip(engine.report_many(batch)) {
+                match result {
+                    Ok(()) => {}
+                    // A report after the node's timeout, or after a cancel, is
+                    // refused by the engine; a real agent would see a 4xx.
+                    Err(EngineError::Refused { reason, .. }) => timeline.push(Step {
+                        at: now,
+                        what: format!("report from {node} refused: {reason}"),
+                    }),
+                    Err(e) => return Err(e),
+                }
             }
         }
         if idle {

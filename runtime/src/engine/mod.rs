@@ -20,6 +20,9 @@ use crate::world::{Clock, Delivery, Fleet, World};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// How often an increment task looks for nodes that registered later.
+const SCAN_EVERY_MS: u64 = 60_000;
+
 /// Loads the policy a task names, bound to the task's world.
 pub trait PolicySource: Send + Sync {
     fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError>;
@@ -75,6 +78,8 @@ struct Live {
     /// Events since the last commit.
     events: Vec<Event>,
     next_seq: u64,
+    /// Last look for new nodes (increment tasks).
+    last_scan: Option<u64>,
 }
 
 impl Live {
@@ -246,6 +251,7 @@ impl Engine {
                 dirty: Vec::new(),
                 events: Vec::new(),
                 next_seq,
+                last_scan: None,
                 task,
             },
         );
@@ -387,7 +393,10 @@ impl Engine {
                 self.start(id, now)?;
                 self.dispatch(id, now, out)
             }
-            TaskState::Running => self.dispatch(id, now, out),
+            TaskState::Running => {
+                self.scan(id, now)?;
+                self.dispatch(id, now, out)
+            }
             // Paused: nothing new starts, but running nodes still time out.
             TaskState::Paused(_) => {
                 self.expire(id, now);
@@ -424,17 +433,7 @@ impl Engine {
             Scope::All => Selector::default(),
             Scope::Selector(s) => s.clone(),
         };
-        let mut nodes = Vec::new();
-        let mut offset = 0u64;
-        loop {
-            let page = self.fleet.query(&selector, offset, 4096);
-            offset += page.len() as u64;
-            let last = page.len() < 4096;
-            nodes.extend(page);
-            if last {
-                break;
-            }
-        }
+        let nodes = self.query_all(&selector);
 
         let live = self.live.get_mut(id).expect("live");
         live.task.target_version = Some(target.clone());
@@ -447,6 +446,53 @@ impl Engine {
             format!("{} nodes in scope, target {target}", nodes.len()),
         );
 
+        let selected = self.target(id, nodes, &target, now, world.clone())?;
+        let live = self.live.get_mut(id).expect("live");
+        let ctx = live.ctx.clone();
+        let policy = Self::policy(live, &*self.policies, world)?;
+        let waves = policy.plan(&ctx, &selected)?;
+        live.event(
+            now,
+            None,
+            "policy.plan",
+            format!(
+                "{} selected in {} waves: {}",
+                selected.len(),
+                waves.len(),
+                waves
+                    .iter()
+                    .map(|w| format!("{} ({})", w.name, w.nodes.len()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        for (i, wave) in waves.iter().enumerate() {
+            for node in &wave.nodes {
+                live.transition(node, RunEvent::Queue { wave: i as u32 }, now)
+                    .map_err(|r| EngineError::Refused {
+                        task: id.into(),
+                        reason: r,
+                    })?;
+            }
+        }
+        live.task.awaiting_approval = waves.first().is_some_and(|w| w.needs_approval);
+        live.task.waves = waves;
+        live.task.current_wave = 0;
+        Ok(())
+    }
+
+    /// Targeting: the runner's own skips (busy, same version, unhealthy, not
+    /// a source version) first, then the policy's `select`. Creates a run for
+    /// every node, records every skip, and returns the selected nodes.
+    fn target(
+        &mut self,
+        id: &str,
+        nodes: Vec<Node>,
+        target: &str,
+        now: u64,
+        world: World,
+    ) -> Result<Vec<Node>, EngineError> {
+        let live = self.live.get_mut(id).expect("live");
         // The runner's own skips come first; the policy sees the rest.
         let sources = live.task.spec.source_versions.clone();
         let mut candidates: Vec<Node> = Vec::with_capacity(nodes.len());
@@ -504,7 +550,6 @@ impl Engine {
                 Selection::Skip { reason, detail } => skipped.push((node.id, reason, detail)),
             }
         }
-        let waves = policy.plan(&ctx, &selected)?;
         for (node, reason, detail) in skipped {
             self.busy.remove(&node);
             live.transition(&node, RunEvent::Skip { reason, detail }, now)
@@ -513,34 +558,66 @@ impl Engine {
                     reason: r,
                 })?;
         }
-        live.event(
-            now,
-            None,
-            "policy.plan",
-            format!(
-                "{} selected in {} waves: {}",
-                selected.len(),
-                waves.len(),
-                waves
-                    .iter()
-                    .map(|w| format!("{} ({})", w.name, w.nodes.len()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
-        for (i, wave) in waves.iter().enumerate() {
-            for node in &wave.nodes {
-                live.transition(node, RunEvent::Queue { wave: i as u32 }, now)
-                    .map_err(|r| EngineError::Refused {
-                        task: id.into(),
-                        reason: r,
-                    })?;
+        Ok(selected)
+    }
+
+    /// Increment tasks: nodes that registered since the last scan and match
+    /// join the current wave.
+    fn scan(&mut self, id: &str, now: u64) -> Result<(), EngineError> {
+        let live = self.live.get_mut(id).expect("live");
+        if live.task.spec.strategy != crate::model::Strategy::Increment
+            || live.last_scan.is_some_and(|t| now < t + SCAN_EVERY_MS)
+            || live.task.current_wave as usize >= live.task.waves.len()
+        {
+            return Ok(());
+        }
+        live.last_scan = Some(now);
+        let target = live.task.target_version.clone().unwrap_or_default();
+        let selector = match &live.task.spec.scope {
+            Scope::All => Selector::default(),
+            Scope::Selector(s) => s.clone(),
+        };
+        let known: Vec<Node> = self
+            .query_all(&selector)
+            .into_iter()
+            .filter(|n| !self.live[id].runs.contains_key(&n.id))
+            .collect();
+        if known.is_empty() {
+            return Ok(());
+        }
+        let world = self.world();
+        let selected = self.target(id, known, &target, now, world)?;
+        let live = self.live.get_mut(id).expect("live");
+        let wave = live.task.current_wave;
+        for node in &selected {
+            live.task.waves[wave as usize].nodes.push(node.id.clone());
+            live.transition(&node.id, RunEvent::Queue { wave }, now)
+                .map_err(|r| EngineError::Refused {
+                    task: id.into(),
+                    reason: r,
+                })?;
+        }
+        if !selected.is_empty() {
+            live.event(
+                now,
+                None,
+                "task.increment",
+                format!("{} new nodes join wave {}", selected.len(), wave + 1),
+            );
+        }
+        Ok(())
+    }
+
+    fn query_all(&self, selector: &Selector) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        loop {
+            let page = self.fleet.query(selector, nodes.len() as u64, 4096);
+            let last = page.len() < 4096;
+            nodes.extend(page);
+            if last {
+                return nodes;
             }
         }
-        live.task.awaiting_approval = waves.first().is_some_and(|w| w.needs_approval);
-        live.task.waves = waves;
-        live.task.current_wave = 0;
-        Ok(())
     }
 
     /// Marks runs whose node timeout passed.

@@ -471,3 +471,48 @@ fn an_offline_node_gets_its_push_when_it_comes_back() {
     assert_eq!(sim::states(&engine, &task.id).unwrap()["n001"], "succeeded");
     assert_eq!(engine.task(&task.id).unwrap().state, TaskState::Succeeded);
 }
+
+#[test]
+fn increment_adds_nodes_that_register_later_snapshot_does_not() {
+    for (strategy, late_joins) in [("increment", true), ("snapshot", false)] {
+        let clock = Arc::new(ManualClock::new(MONDAY));
+        let inventory = Arc::new(MemoryFleet::new(fleet(2, "1.12")));
+        let mut engine = Engine::new(
+            Arc::new(MemoryStore::new()),
+            inventory.clone(),
+            Arc::new(MemoryDelivery::default()),
+            clock.clone(),
+            Arc::new(Scripts(BTreeMap::from([(
+                "default".to_string(),
+                String::new(),
+            )]))),
+        )
+        .unwrap();
+        let mut s = spec("inc", "default", json!({}));
+        s.target = Target::Version("1.13".into());
+        s.strategy = serde_json::from_value(json!(strategy)).unwrap();
+        let task = engine.create(s).unwrap();
+        // Two nodes hang so the task is still running when the newcomer registers.
+        let mut agents = Agents::default();
+        agents.latency_ms = 2 * 60_000;
+        clock.advance(0);
+        engine.tick().unwrap();
+        inventory.upsert(Node::new("late", "1.12"));
+        inventory.upsert(Node::new("late-but-current", "1.13"));
+        sim::run(&mut engine, &clock, &agents, 60_000, 3_600_000).unwrap();
+        let states = sim::states(&engine, &task.id).unwrap();
+        if late_joins {
+            assert_eq!(
+                states.get("late").map(String::as_str),
+                Some("succeeded"),
+                "{states:?}"
+            );
+            assert_eq!(
+                states.get("late-but-current").map(String::as_str),
+                Some("skipped")
+            );
+        } else {
+            assert!(!states.contains_key("late"), "{states:?}");
+        }
+    }
+}
