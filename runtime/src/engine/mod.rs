@@ -499,7 +499,7 @@ impl Engine {
         for node in nodes {
             let skip = if let Some(other) = self.busy.get(&node.id).filter(|t| *t != id) {
                 Some((SkipReason::BusyInAnotherTask, format!("in task {other}")))
-            } else if flotilla_version::same(&node.version, &target) {
+            } else if flotilla_version::same(&node.version, target) {
                 Some((SkipReason::SameVersion, format!("already at {target}")))
             } else if !node.healthy {
                 Some((SkipReason::Unhealthy, "node is unhealthy".to_string()))

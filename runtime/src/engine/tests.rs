@@ -493,8 +493,10 @@ fn increment_adds_nodes_that_register_later_snapshot_does_not() {
         s.strategy = serde_json::from_value(json!(strategy)).unwrap();
         let task = engine.create(s).unwrap();
         // Two nodes hang so the task is still running when the newcomer registers.
-        let mut agents = Agents::default();
-        agents.latency_ms = 2 * 60_000;
+        let agents = Agents {
+            latency_ms: 2 * 60_000,
+            ..Default::default()
+        };
         clock.advance(0);
         engine.tick().unwrap();
         inventory.upsert(Node::new("late", "1.12"));
