@@ -124,6 +124,25 @@ impl Live {
         Ok(())
     }
 
+    /// Cancels runs that have not started: pending and queued, and offered
+    /// ones too when `offered` (an agent may already be working on those).
+    fn cancel_waiting(&mut self, at: u64, offered: bool) {
+        let waiting: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| match r.state {
+                RunState::Pending | RunState::Queued { .. } => true,
+                RunState::Offered { .. } => offered,
+                _ => false,
+            })
+            .map(|r| r.node_id.clone())
+            .collect();
+        for node in waiting {
+            // Every state selected above accepts `cancel`.
+            let _ = self.transition(&node, RunEvent::Cancel, at);
+        }
+    }
+
     fn task_transition(&mut self, event: TaskEvent, at: u64) -> Result<(), EngineError> {
         let next =
             self.task
@@ -812,15 +831,7 @@ impl Engine {
 
     fn abort(&mut self, id: &str, reason: String, now: u64) -> Result<(), EngineError> {
         let live = self.live.get_mut(id).expect("live");
-        let waiting: Vec<String> = live
-            .runs
-            .values()
-            .filter(|r| matches!(r.state, RunState::Pending | RunState::Queued { .. }))
-            .map(|r| r.node_id.clone())
-            .collect();
-        for node in waiting {
-            live.transition(&node, RunEvent::Cancel, now).ok();
-        }
+        live.cancel_waiting(now, false);
         live.task_transition(TaskEvent::Fail(reason), now)
     }
 
@@ -838,15 +849,7 @@ impl Engine {
             .filter(|r| matches!(r.state, RunState::Succeeded { .. }))
             .map(|r| (r.node_id.clone(), r.from_version.clone()))
             .collect();
-        let waiting: Vec<String> = live
-            .runs
-            .values()
-            .filter(|r| matches!(r.state, RunState::Pending | RunState::Queued { .. }))
-            .map(|r| r.node_id.clone())
-            .collect();
-        for node in waiting {
-            live.transition(&node, RunEvent::Cancel, now).ok();
-        }
+        live.cancel_waiting(now, false);
         for (node, version) in &upgraded {
             live.transition(node, RunEvent::Rollback, now).ok();
             out.push(Command::Restore {
@@ -1030,20 +1033,8 @@ impl Engine {
 
     pub fn cancel(&mut self, id: &str) -> Result<Task, EngineError> {
         self.operate(id, |l, now| {
-            let waiting: Vec<String> = l
-                .runs
-                .values()
-                .filter(|r| {
-                    matches!(
-                        r.state,
-                        RunState::Pending | RunState::Queued { .. } | RunState::Offered { .. }
-                    )
-                })
-                .map(|r| r.node_id.clone())
-                .collect();
-            for node in waiting {
-                l.transition(&node, RunEvent::Cancel, now).ok();
-            }
+            // An operator's cancel also withdraws offers no agent has taken up.
+            l.cancel_waiting(now, true);
             l.task_transition(TaskEvent::Cancel, now)
         })
     }

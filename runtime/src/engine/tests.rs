@@ -518,3 +518,30 @@ fn increment_adds_nodes_that_register_later_snapshot_does_not() {
         }
     }
 }
+
+#[test]
+fn cancel_withdraws_waiting_work_and_frees_the_nodes() {
+    let mut w = world(fleet(4, "1.12"), &[]);
+    let mut s = spec("cancel-me", "default", json!({}));
+    s.concurrency = 1;
+    let task = w.engine.create(s).unwrap();
+    assert_eq!(w.engine.tick().unwrap().len(), 1, "one node at a time");
+    w.engine.report("n000", RunEvent::Downloading).unwrap();
+    let t = w.engine.cancel(&task.id).unwrap();
+    assert_eq!(t.state, TaskState::Cancelled);
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(
+        states["n000"], "downloading",
+        "work in progress is not cancelled"
+    );
+    assert_eq!(states["n001"], "cancelled");
+    assert!(w.engine.cancel(&task.id).is_err(), "cancelled once");
+    // The nodes are free for the next task.
+    let next = w
+        .engine
+        .create(spec("again", "default", json!({})))
+        .unwrap();
+    w.engine.tick().unwrap();
+    let states = sim::states(&w.engine, &next.id).unwrap();
+    assert!(states.values().all(|s| s == "offered"), "{states:?}");
+}
