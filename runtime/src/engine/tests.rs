@@ -72,6 +72,23 @@ fn world(nodes: Vec<Node>, extra: &[(&str, &str)]) -> World0 {
     }
 }
 
+/// An engine whose only policy is `default` (an empty script), with no releases.
+fn engine_with_default_policy(
+    store: Arc<MemoryStore>,
+    fleet: Arc<MemoryFleet>,
+    clock: &Arc<ManualClock>,
+) -> Engine {
+    let scripts = BTreeMap::from([("default".to_string(), String::new())]);
+    Engine::new(
+        store,
+        fleet,
+        Arc::new(MemoryDelivery::default()),
+        clock.clone(),
+        Arc::new(Scripts(scripts)),
+    )
+    .unwrap()
+}
+
 fn fleet(n: usize, version: &str) -> Vec<Node> {
     (0..n)
         .map(|i| Node::new(format!("n{i:03}"), version))
@@ -348,17 +365,11 @@ fn an_engine_over_the_same_store_resumes_where_the_last_one_stopped() {
     w.engine.report("n000", RunEvent::Succeeded).unwrap();
     w.engine.report("n001", RunEvent::Succeeded).unwrap();
     let World0 { clock, store, .. } = w;
-    let mut again = Engine::new(
+    let mut again = engine_with_default_policy(
         store.clone(),
         Arc::new(MemoryFleet::new(fleet(5, "1.12"))),
-        Arc::new(MemoryDelivery::default()),
-        clock.clone(),
-        Arc::new(Scripts(BTreeMap::from([(
-            "default".to_string(),
-            String::new(),
-        )]))),
-    )
-    .unwrap();
+        &clock,
+    );
     // Nothing is handed over twice: the three in flight stay offered.
     assert!(again.tick().unwrap().is_empty());
     for n in ["n002", "n003", "n004"] {
@@ -442,17 +453,8 @@ fn an_offline_node_gets_its_push_when_it_comes_back() {
     let mut nodes = fleet(3, "1.12");
     nodes[1].online = false;
     let inventory = Arc::new(MemoryFleet::new(nodes.clone()));
-    let mut engine = Engine::new(
-        Arc::new(MemoryStore::new()),
-        inventory.clone(),
-        Arc::new(MemoryDelivery::default()),
-        clock.clone(),
-        Arc::new(Scripts(BTreeMap::from([(
-            "default".to_string(),
-            String::new(),
-        )]))),
-    )
-    .unwrap();
+    let mut engine =
+        engine_with_default_policy(Arc::new(MemoryStore::new()), inventory.clone(), &clock);
     let mut s = spec("offline", "default", json!({}));
     s.target = Target::Version("1.13".into());
     let task = engine.create(s).unwrap();
@@ -477,17 +479,8 @@ fn increment_adds_nodes_that_register_later_snapshot_does_not() {
     for (strategy, late_joins) in [("increment", true), ("snapshot", false)] {
         let clock = Arc::new(ManualClock::new(MONDAY));
         let inventory = Arc::new(MemoryFleet::new(fleet(2, "1.12")));
-        let mut engine = Engine::new(
-            Arc::new(MemoryStore::new()),
-            inventory.clone(),
-            Arc::new(MemoryDelivery::default()),
-            clock.clone(),
-            Arc::new(Scripts(BTreeMap::from([(
-                "default".to_string(),
-                String::new(),
-            )]))),
-        )
-        .unwrap();
+        let mut engine =
+            engine_with_default_policy(Arc::new(MemoryStore::new()), inventory.clone(), &clock);
         let mut s = spec("inc", "default", json!({}));
         s.target = Target::Version("1.13".into());
         s.strategy = serde_json::from_value(json!(strategy)).unwrap();
