@@ -6,6 +6,7 @@ pub mod cli;
 pub mod engine;
 pub mod model;
 pub mod policy;
+pub mod protocol;
 pub mod sim;
 pub mod store;
 pub mod window;
