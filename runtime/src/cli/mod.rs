@@ -12,6 +12,7 @@ macro_rules! outln {
 }
 
 mod policy;
+mod serve;
 mod simulate;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// Run a task against a fleet file with simulated agents on a virtual clock.
     Simulate(simulate::SimulateArgs),
+    /// Run the runner: the HTTP API, webhooks and the agents' endpoints.
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the process arguments and runs the command.
@@ -43,6 +46,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Simulate(args) => simulate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(code) => code,

@@ -810,7 +810,7 @@ impl Engine {
                 }
                 Ok(())
             }
-            Verdict::Rollback(reason) => self.rollback(id, reason, now, out),
+            Verdict::Rollback(reason) => self.rollback_at(id, reason, now, out),
             Verdict::Abort(reason) => self.abort(id, reason, now),
         }
     }
@@ -835,7 +835,7 @@ impl Engine {
         live.task_transition(TaskEvent::Fail(reason), now)
     }
 
-    fn rollback(
+    fn rollback_at(
         &mut self,
         id: &str,
         reason: String,
@@ -1037,6 +1037,110 @@ impl Engine {
             l.cancel_waiting(now, true);
             l.task_transition(TaskEvent::Cancel, now)
         })
+    }
+
+    /// An operator's rollback: puts the previous release back on every node
+    /// the task upgraded. Works on an active task and on one that succeeded
+    /// (a release found bad later), as long as none of its nodes is busy in
+    /// another task. Returns the restores to send.
+    pub fn rollback(
+        &mut self,
+        id: &str,
+        reason: &str,
+    ) -> Result<(Task, Vec<Command>), EngineError> {
+        let reason = if reason.trim().is_empty() {
+            "rolled back by an operator".to_string()
+        } else {
+            reason.to_string()
+        };
+        if !self.live.contains_key(id) {
+            let task = self
+                .store
+                .task(id)?
+                .ok_or_else(|| EngineError::NoTask(id.into()))?;
+            if task.state != TaskState::Succeeded {
+                return Err(EngineError::Refused {
+                    task: id.into(),
+                    reason: format!("a {} task cannot be rolled back", task.state.name()),
+                });
+            }
+            let runs = self.store.runs(id)?;
+            let upgraded: Vec<&str> = runs
+                .iter()
+                .filter(|r| matches!(r.state, RunState::Succeeded { .. }))
+                .map(|r| r.node_id.as_str())
+                .collect();
+            if let Some((node, other)) = upgraded
+                .iter()
+                .find_map(|n| self.busy.get(*n).map(|t| (*n, t)))
+            {
+                return Err(EngineError::Refused {
+                    task: id.into(),
+                    reason: format!(
+                        "node {node} is busy in task {other}; finish or cancel that first"
+                    ),
+                });
+            }
+            let upgraded: Vec<String> = upgraded.into_iter().map(str::to_string).collect();
+            let next_seq = last_seq(&*self.store, id)?;
+            self.hold(task, runs, next_seq);
+            for node in upgraded {
+                self.busy.insert(node, id.to_string());
+            }
+        }
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        let result = self.rollback_at(id, reason, now, &mut out);
+        if result.is_err()
+            && self
+                .live
+                .get(id)
+                .is_some_and(|l| l.task.state == TaskState::Succeeded)
+        {
+            // Put a finished task we loaded back where it was.
+            let live = self.live.remove(id).expect("live");
+            for node in live.runs.keys() {
+                if self.busy.get(node).map(String::as_str) == Some(id) {
+                    self.busy.remove(node);
+                }
+            }
+        }
+        result?;
+        self.commit(id)?;
+        Ok((self.task(id)?, out))
+    }
+
+    /// Work that is out with agents now: deliveries not yet finished and
+    /// restores not yet reported. A server rebuilds its agents' queues from
+    /// this after a restart, so nothing handed over is lost.
+    pub fn open_work(&self) -> Vec<Command> {
+        let mut out = Vec::new();
+        for live in self.live.values() {
+            for run in live.runs.values() {
+                match run.state {
+                    RunState::Offered { .. }
+                    | RunState::Downloading { .. }
+                    | RunState::Upgrading { .. }
+                    | RunState::Verifying { .. } => out.push(deliver(&live.task, &run.node_id)),
+                    RunState::RollingBack { .. } => out.push(Command::Restore {
+                        task: live.task.id.clone(),
+                        node: run.node_id.clone(),
+                        package: live.task.spec.package.clone(),
+                        version: run.from_version.clone(),
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `node`'s run in `task` is still open (its work not finished).
+    pub fn is_open(&self, task: &str, node: &str) -> bool {
+        self.live
+            .get(task)
+            .and_then(|l| l.runs.get(node))
+            .is_some_and(|r| !r.state.finished() && r.state.wave().is_some())
     }
 
     pub fn events(&self, id: &str, from: u64, limit: usize) -> Result<Vec<Event>, EngineError> {

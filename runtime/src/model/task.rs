@@ -238,7 +238,7 @@ impl TaskState {
             (S::Running, E::Complete) => S::Succeeded,
             (S::Scheduled | S::Running | S::Paused(_), E::Fail(r)) => S::Failed(r),
             (S::Scheduled | S::Running | S::Paused(_), E::Cancel) => S::Cancelled,
-            (S::Running | S::Paused(_), E::Rollback(r)) => S::RollingBack(r),
+            (S::Running | S::Paused(_) | S::Succeeded, E::Rollback(r)) => S::RollingBack(r),
             (S::RollingBack(_), E::RolledBack) => S::RolledBack,
             (_, event) => {
                 return Err(IllegalTaskTransition {

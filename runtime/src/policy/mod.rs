@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use self::rhai::RhaiPolicy;
-pub use self::wasm::{WasmPolicy, WasmRuntime};
+pub use self::wasm::{CompiledPolicy, WasmPolicy, WasmRuntime};
 
 /// Why a policy call (or load) failed. Every variant names the policy; call
 /// failures name the hook. The engine pauses the task with this message.

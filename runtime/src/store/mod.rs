@@ -9,7 +9,7 @@ pub mod sled;
 use crate::model::{Event, NodeRun, Task};
 
 pub use self::memory::MemoryStore;
-pub use self::sled::SledStore;
+pub use self::sled::{Kv, SledStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -110,6 +110,93 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// A named tree of JSON records beside the engine's own (inventory,
+    /// releases, agent tokens, webhook deliveries). Same database, same
+    /// durability: `flush` covers it.
+    pub fn kv(&self, name: &str) -> Result<Kv, StoreError> {
+        let tree = self
+            .db
+            .open_tree(name)
+            .map_err(|e| self.io(&format!("opening tree {name}"), e))?;
+        Ok(Kv {
+            name: name.to_string(),
+            tree,
+        })
+    }
+}
+
+/// A tree of JSON values by string key. See [`SledStore::kv`].
+#[derive(Clone)]
+pub struct Kv {
+    name: String,
+    tree: Tree,
+}
+
+impl std::fmt::Debug for Kv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kv").field("name", &self.name).finish()
+    }
+}
+
+impl Kv {
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io(format!("tree {}: {e}", self.name))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.tree.get(key.as_bytes()).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => decode(&self.name, key.as_bytes(), &v).map(Some),
+        }
+    }
+
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let v = encode(value, || format!("{}/{key}", self.name))?;
+        self.tree
+            .insert(key.as_bytes(), v)
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Stores `value` only if `key` is absent; returns the value already
+    /// there otherwise (atomic: two racing callers cannot both insert).
+    pub fn put_new<T: Serialize + DeserializeOwned>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<Option<T>, StoreError> {
+        let v = encode(value, || format!("{}/{key}", self.name))?;
+        match self
+            .tree
+            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(v))
+            .map_err(|e| self.err(e))?
+        {
+            Ok(()) => Ok(None),
+            Err(cas) => match cas.current {
+                Some(cur) => decode(&self.name, key.as_bytes(), &cur).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.tree.remove(key.as_bytes()).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every record, in key order.
+    pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            out.push((key, decode(&self.name, &k, &v)?));
+        }
+        Ok(out)
+    }
+}
+
 /// What `tasks` holds: a `Task` with its plan left out (`waves` is always
 /// empty), so it reads back as a `Task`. Built by destructuring `Task`
 /// exhaustively: a new field does not compile until it is stored here.
