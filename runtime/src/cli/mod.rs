@@ -11,6 +11,7 @@ macro_rules! outln {
     }};
 }
 
+mod agent;
 mod policy;
 mod simulate;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// Run a task against a fleet file with simulated agents on a virtual clock.
     Simulate(simulate::SimulateArgs),
+    /// Run the node agent, or manage this node's releases.
+    Agent(Box<agent::AgentArgs>),
 }
 
 /// Parses the process arguments and runs the command.
@@ -43,6 +46,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Simulate(args) => simulate::run(args),
+        Command::Agent(args) => agent::run(*args),
     };
     match result {
         Ok(code) => code,
