@@ -9,6 +9,9 @@ pub mod journal;
 pub mod releases;
 pub mod upgrade;
 
+#[cfg(test)]
+mod testserver;
+
 use crate::protocol::{Enroll, Heartbeat, MAX_WAIT_SECONDS, Report, Work};
 use client::{Client, ClientError};
 use releases::{ReleaseError, ReleaseStore};
@@ -205,6 +208,10 @@ impl Agent {
 
     async fn heartbeat_loop(&self) {
         while !self.stopped() {
+            // The first beat goes out as soon as the node is enrolled.
+            if self.ensure_enrolled().await.is_err() {
+                return;
+            }
             if self.client.token().is_some() {
                 let hb = Heartbeat {
                     version: self.current(),
@@ -353,3 +360,234 @@ fn write_token(dir: &std::path::Path, token: &str) {
 
 /// The default long poll: the protocol's limit.
 pub const DEFAULT_WAIT_SECONDS: u64 = MAX_WAIT_SECONDS;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Backup;
+    use crate::protocol::{Artifact, Enrolled, ReportState};
+    use releases::tests::{store_with, targz};
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use testserver::{Request, Response, TestServer};
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    const TOKEN: &str = "tok-n1";
+
+    /// A runner that holds one piece of work for node `n1` until a final
+    /// report on it arrives, as the real one does.
+    struct FakeRunner {
+        server: TestServer,
+        reports: UnboundedReceiver<Report>,
+        heartbeats: UnboundedReceiver<Heartbeat>,
+        done: Arc<AtomicBool>,
+    }
+
+    impl FakeRunner {
+        fn start(permanent: bool) -> Self {
+            let bytes = targz(&[("VERSION", b"2.0.0")]);
+            let work = Work::Install {
+                task: "t1".into(),
+                package: "edge".into(),
+                version: "2.0.0".into(),
+                artifact: Artifact {
+                    url: "/v1/releases/edge/2.0.0/artifact".into(),
+                    sha256: hex::encode(Sha256::digest(&bytes)),
+                    size: bytes.len() as u64,
+                    kind: Default::default(),
+                },
+                backup: Backup::Default,
+                permanent,
+            };
+            let (report_tx, reports) = unbounded_channel();
+            let (beat_tx, heartbeats) = unbounded_channel();
+            let done = Arc::new(AtomicBool::new(false));
+            let finished = done.clone();
+            let server = TestServer::start(move |req: &Request| {
+                let authed =
+                    req.headers.get("authorization").map(String::as_str) == Some("Bearer tok-n1");
+                match (req.method.as_str(), req.path()) {
+                    ("POST", "/v1/agents/enroll") => {
+                        let e: Enroll = serde_json::from_slice(&req.body).unwrap();
+                        if e.secret != "s3cret" || e.node_id != "n1" {
+                            return Response::status(401);
+                        }
+                        Response::json(&Enrolled {
+                            token: TOKEN.into(),
+                        })
+                    }
+                    _ if !authed => Response::status(401),
+                    ("POST", "/v1/agents/n1/heartbeat") => {
+                        let _ = beat_tx.send(serde_json::from_slice(&req.body).unwrap());
+                        Response::status(204)
+                    }
+                    ("GET", "/v1/agents/n1/work") | ("POST", "/v1/agents/n1/request") => {
+                        if finished.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(50));
+                            Response::status(204)
+                        } else {
+                            Response::json(&work)
+                        }
+                    }
+                    ("POST", "/v1/agents/n1/report") => {
+                        let r: Report = serde_json::from_slice(&req.body).unwrap();
+                        if !matches!(
+                            r.state,
+                            ReportState::Downloading
+                                | ReportState::Upgrading
+                                | ReportState::Verifying
+                        ) {
+                            finished.store(true, Ordering::SeqCst);
+                        }
+                        let _ = report_tx.send(r);
+                        Response::status(204)
+                    }
+                    ("GET", "/v1/releases/edge/2.0.0/artifact") => Response::ranged(req, &bytes),
+                    _ => Response::status(404),
+                }
+            });
+            Self {
+                server,
+                reports,
+                heartbeats,
+                done,
+            }
+        }
+
+        fn config(&self, dir: &std::path::Path, pull: bool) -> AgentConfig {
+            AgentConfig {
+                server: self.server.url(),
+                node_id: "n1".into(),
+                state_dir: dir.to_path_buf(),
+                enroll_secret: Some("s3cret".into()),
+                labels: vec![("tier".into(), "edge".into())],
+                attributes: Vec::new(),
+                asset_path: String::new(),
+                schedulable: true,
+                steps: Steps {
+                    node_id: "n1".into(),
+                    install_command: Some("test -f VERSION".into()),
+                    retry_backoff: Duration::from_millis(10),
+                    ..Steps::default()
+                },
+                heartbeat: Duration::from_millis(100),
+                pull: pull.then_some(Duration::from_millis(100)),
+                wait_seconds: 1,
+            }
+        }
+
+        /// Runs the agent until a final report arrives (at most 20 s);
+        /// returns every report of the run.
+        async fn run_until_final(&mut self, config: AgentConfig) -> Vec<Report> {
+            let mut seen = Vec::new();
+            let reports = &mut self.reports;
+            let stop = async {
+                let wait = async {
+                    while let Some(r) = reports.recv().await {
+                        let last = !matches!(
+                            r.state,
+                            ReportState::Downloading
+                                | ReportState::Upgrading
+                                | ReportState::Verifying
+                        );
+                        seen.push(r);
+                        if last {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(20), wait).await;
+            };
+            run(config, stop).await.unwrap();
+            seen
+        }
+
+        fn paths(&self) -> Vec<String> {
+            self.server
+                .seen()
+                .iter()
+                .map(|r| r.path().to_string())
+                .collect()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_enrolls_takes_pushed_work_and_reports_each_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        store_with(tmp.path(), &["1.0.0"]);
+        let mut runner = FakeRunner::start(true);
+        let reports = runner
+            .run_until_final(runner.config(tmp.path(), false))
+            .await;
+        let states: Vec<_> = reports.iter().map(|r| r.state).collect();
+        use ReportState::*;
+        assert_eq!(
+            states,
+            [Downloading, Upgrading, Verifying, Succeeded],
+            "{reports:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("token")).unwrap(),
+            TOKEN
+        );
+        let paths = runner.paths();
+        assert!(paths.contains(&"/v1/releases/edge/2.0.0/artifact".to_string()));
+        assert_eq!(paths.iter().filter(|p| p.ends_with("enroll")).count(), 1);
+        assert!(
+            runner.heartbeats.try_recv().is_ok(),
+            "no heartbeat in {paths:?}"
+        );
+
+        // A restart before the runner saw the outcome: the work comes again,
+        // the token is reused and the outcome re-reported without a download.
+        runner.done.store(false, Ordering::SeqCst);
+        let before = runner.server.seen().len();
+        let again = runner
+            .run_until_final(runner.config(tmp.path(), false))
+            .await;
+        assert_eq!(
+            again.iter().map(|r| r.state).collect::<Vec<_>>(),
+            [Succeeded]
+        );
+        let later = &runner.paths()[before..];
+        assert!(
+            !later
+                .iter()
+                .any(|p| p.ends_with("enroll") || p.ends_with("artifact")),
+            "{later:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pulled_trial_reverts_when_the_agent_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        store_with(tmp.path(), &["1.0.0"]);
+        let mut runner = FakeRunner::start(false);
+        let reports = runner
+            .run_until_final(runner.config(tmp.path(), true))
+            .await;
+        assert_eq!(
+            reports.last().unwrap().state,
+            ReportState::Succeeded,
+            "{reports:?}"
+        );
+        assert!(runner.paths().iter().any(|p| p.ends_with("/request")));
+        let store = ReleaseStore::open(tmp.path()).unwrap();
+        assert_eq!(store.current().unwrap().as_deref(), Some("2.0.0"));
+
+        // Restarted: back on the permanent release, and the heartbeat says so.
+        while runner.heartbeats.try_recv().is_ok() {}
+        let config = runner.config(tmp.path(), true);
+        let beats = &mut runner.heartbeats;
+        let mut first = None;
+        let first_beat = async {
+            first = tokio::time::timeout(Duration::from_secs(20), beats.recv())
+                .await
+                .ok()
+                .flatten();
+        };
+        run(config, first_beat).await.unwrap();
+        assert_eq!(store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(first.expect("a heartbeat").version, "1.0.0");
+    }
+}

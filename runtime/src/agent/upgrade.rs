@@ -718,3 +718,380 @@ pub async fn run_command(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::releases::tests::{store_with, targz};
+    use crate::agent::testserver::{Response, TestServer};
+    use std::fs;
+
+    const LOG: &str = r#"echo "$FLOTILLA_ACTION $FLOTILLA_VERSION" >> "$FLOTILLA_STATE_DIR/log""#;
+
+    fn release(version: &str) -> Vec<u8> {
+        targz(&[
+            ("bin/app", version.as_bytes()),
+            ("VERSION", version.as_bytes()),
+        ])
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    fn artifact_server(bytes: Vec<u8>) -> TestServer {
+        TestServer::start(move |req| Response::ranged(req, &bytes))
+    }
+
+    fn install(server: &TestServer, bytes: &[u8], permanent: bool, backup: Backup) -> Work {
+        Work::Install {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "2.0.0".into(),
+            artifact: Artifact {
+                url: format!("{}/edge-2.0.0.tar.gz", server.url()),
+                sha256: sha(bytes),
+                size: bytes.len() as u64,
+                kind: Default::default(),
+            },
+            backup,
+            permanent,
+        }
+    }
+
+    /// A node on 1.0.0 (current and permanent) with these commands.
+    fn node(dir: &Path, install: Option<&str>, restore: Option<&str>) -> Upgrader {
+        let store = store_with(dir, &["1.0.0"]);
+        let steps = Steps {
+            node_id: "n1".into(),
+            install_command: install.map(str::to_string),
+            health_command: Some(format!("test -f VERSION && {LOG}")),
+            restore_command: restore.map(str::to_string),
+            command_timeout: Duration::from_secs(10),
+            download_retries: 3,
+            retry_backoff: Duration::from_millis(10),
+        };
+        Upgrader::new(store, steps).unwrap()
+    }
+
+    /// Runs `work`; returns the progress states and the final report.
+    async fn run(up: &Upgrader, server: &TestServer, work: &Work) -> (Vec<ReportState>, Report) {
+        let client = Client::new(&server.url(), "n1").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let outcome = up.execute(&client, work, &tx).await;
+        drop(tx);
+        let mut steps = Vec::new();
+        while let Some(r) = rx.recv().await {
+            steps.push(r.state);
+        }
+        (steps, outcome)
+    }
+
+    fn log(dir: &Path) -> String {
+        fs::read_to_string(dir.join("log")).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_install_backs_up_unpacks_installs_verifies_and_makes_permanent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        use ReportState::*;
+        assert_eq!(steps, [Downloading, Upgrading, Verifying]);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(log(tmp.path()), "install 2.0.0\nhealth 2.0.0\n");
+        let backup = up.store.default_backup("1.0.0").join("bin/app");
+        assert_eq!(fs::read_to_string(backup).unwrap(), "1.0.0");
+        // The downloaded artifact is not kept once unpacked.
+        assert_eq!(fs::read_dir(up.store.downloads_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_partial_download_left_by_a_killed_agent_is_resumed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let half = bytes.len() / 2;
+        let part = up
+            .store
+            .downloads_dir()
+            .join(format!("{}.part", sha(&bytes)));
+        fs::write(&part, &bytes[..half]).unwrap();
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].headers.get("range"),
+            Some(&format!("bytes={half}-"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_download_is_retried_from_where_it_stopped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let served = bytes.clone();
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let server = TestServer::start(move |req| {
+            let mut r = Response::ranged(req, &served);
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                r.cut_after = Some(100);
+            }
+            r
+        });
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].headers.get("range"), None);
+        assert_eq!(
+            seen[1].headers.get("range").map(String::as_str),
+            Some("bytes=100-")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sha256_mismatch_is_refused_and_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let mut corrupt = bytes.clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        let server = artifact_server(corrupt);
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack);
+        assert!(
+            outcome.detail.contains("sha256 mismatch"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(steps, [ReportState::Downloading]);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert!(!up.store.is_installed("2.0.0"));
+        assert_eq!(log(tmp.path()), "");
+        // Refused at once, not retried, and the bad bytes are gone.
+        assert_eq!(server.seen().len(), 1);
+        assert_eq!(fs::read_dir(up.store.downloads_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn more_bytes_than_the_release_size_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let mut bigger = bytes.clone();
+        bigger.extend_from_slice(&[0; 64]);
+        let server = artifact_server(bigger);
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack);
+        assert!(
+            outcome.detail.contains("more than the release's size"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_install_restores_the_previous_release_from_backup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let install_cmd = format!(r#"{LOG}; test "$FLOTILLA_VERSION" != 2.0.0"#);
+        let up = node(tmp.path(), Some(&install_cmd), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRolledBack,
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("install failed"),
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("restored 1.0.0"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(steps, [ReportState::Downloading, ReportState::Upgrading]);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(log(tmp.path()), "install 2.0.0\nrestore 1.0.0\n");
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_reports_rollback_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(
+            tmp.path(),
+            Some("exit 3"),
+            Some("echo cannot start >&2; exit 4"),
+        );
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRollbackFailed,
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("cannot start"),
+            "{}",
+            outcome.detail
+        );
+
+        // Without a backup there is nothing to restore from.
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some("exit 3"), None);
+        let (_, outcome) = run(&up, &server, &install(&server, &bytes, true, Backup::None)).await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRollbackFailed,
+            "{}",
+            outcome.detail
+        );
+        assert!(outcome.detail.contains("no backup"), "{}", outcome.detail);
+        assert!(!up.store.default_backup("1.0.0").exists());
+    }
+
+    #[tokio::test]
+    async fn a_trial_stays_current_until_a_restart_reverts_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, false, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        let restarted = ReleaseStore::open(tmp.path()).unwrap();
+        assert!(restarted.revert_trial().unwrap().is_some());
+        assert_eq!(restarted.current().unwrap().as_deref(), Some("1.0.0"));
+    }
+
+    #[tokio::test]
+    async fn finished_work_sent_again_is_reported_again_not_redone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let work = install(&server, &bytes, true, Backup::Default);
+        let (_, first) = run(&up, &server, &work).await;
+        let (steps, again) = run(&up, &server, &work).await;
+        assert_eq!(first.state, ReportState::Succeeded);
+        assert_eq!(again, first);
+        assert!(steps.is_empty());
+        assert_eq!(server.seen().len(), 1);
+        assert_eq!(log(tmp.path()), "install 2.0.0\nhealth 2.0.0\n");
+    }
+
+    #[tokio::test]
+    async fn a_restore_puts_the_named_release_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (_, done) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(done.state, ReportState::Succeeded, "{}", done.detail);
+        // An operator removed 1.0.0 meanwhile: the backup brings it back.
+        fs::remove_dir_all(up.store.release_dir("1.0.0")).unwrap();
+        let restore = Work::Restore {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "1.0.0".into(),
+        };
+        let (_, outcome) = run(&up, &server, &restore).await;
+        assert_eq!(outcome.state, ReportState::RolledBack, "{}", outcome.detail);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        assert!(log(tmp.path()).ends_with("restore 1.0.0\n"));
+
+        let missing = Work::Restore {
+            task: "t2".into(),
+            package: "edge".into(),
+            version: "0.9.0".into(),
+        };
+        let (_, outcome) = run(&up, &server, &missing).await;
+        assert_eq!(outcome.state, ReportState::FailedRollbackFailed);
+        assert!(
+            outcome.detail.contains("no backup of it"),
+            "{}",
+            outcome.detail
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_timeout_is_killed_with_its_children() {
+        let tmp = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let err = run_command(
+            "sleep 30 & sleep 30",
+            "install",
+            &[],
+            tmp.path(),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("was killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
