@@ -11,8 +11,8 @@ use std::time::Duration;
 pub enum ClientError {
     #[error("`{0}` is not a usable server URL: give one like http://127.0.0.1:7878")]
     BadUrl(String),
-    #[error("cannot reach the runner ({0}); retrying")]
-    Unreachable(#[source] reqwest::Error),
+    #[error("cannot reach the runner: {}", chain(.0))]
+    Unreachable(reqwest::Error),
     #[error("the runner does not accept this node's token (401); enrolling again")]
     Unauthorized,
     #[error("the runner refused the report (409): {0}")]
@@ -23,6 +23,18 @@ pub enum ClientError {
         status: StatusCode,
         body: String,
     },
+}
+
+/// reqwest's own message hides the cause ("connection refused") in its sources.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl ClientError {

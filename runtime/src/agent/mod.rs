@@ -66,6 +66,15 @@ impl Backoff {
     }
 }
 
+/// What became of a final report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    Taken,
+    Refused,
+    /// The agent is stopping; the journal re-reports it after a restart.
+    Stopped,
+}
+
 struct Agent {
     config: AgentConfig,
     client: Client,
@@ -166,7 +175,7 @@ impl Agent {
     async fn ensure_enrolled(&self) -> Result<(), AgentError> {
         let _guard = self.enrolling.lock().await;
         let mut backoff = Backoff(0);
-        while self.client.token().is_none() {
+        while self.client.token().is_none() && !self.stopped() {
             let Some(secret) = self.config.enroll_secret.clone() else {
                 return Err(AgentError::NoSecret);
             };
@@ -209,7 +218,7 @@ impl Agent {
     async fn heartbeat_loop(&self) {
         while !self.stopped() {
             // The first beat goes out as soon as the node is enrolled.
-            if self.ensure_enrolled().await.is_err() {
+            if self.ensure_enrolled().await.is_err() || self.stopped() {
                 return;
             }
             if self.client.token().is_some() {
@@ -256,6 +265,9 @@ impl Agent {
         let mut backoff = Backoff(0);
         while !self.stopped() {
             self.ensure_enrolled().await?;
+            if self.stopped() {
+                break;
+            }
             let next = match self.config.pull {
                 Some(_) => self.client.request().await,
                 None => self.client.work(self.config.wait_seconds).await,
@@ -263,7 +275,13 @@ impl Agent {
             match next {
                 Ok(Some(work)) => {
                     backoff = Backoff(0);
-                    self.handle(work).await;
+                    // A runner that refuses the report but keeps the work
+                    // open would otherwise get it back at once, forever.
+                    if self.handle(work).await == Delivery::Refused
+                        && !self.pause(Duration::from_secs(5)).await
+                    {
+                        break;
+                    }
                 }
                 Ok(None) => {
                     backoff = Backoff(0);
@@ -287,7 +305,7 @@ impl Agent {
 
     /// Carries out one piece of work, streaming progress, then delivers the
     /// final report (retrying until the runner takes or refuses it).
-    async fn handle(&self, work: Work) {
+    async fn handle(&self, work: Work) -> Delivery {
         let task = work.task().to_string();
         tracing::info!(task, ?work, "work received");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
@@ -309,30 +327,31 @@ impl Agent {
             forward
         );
         tracing::info!(task, state = ?outcome.state, detail = outcome.detail, "work finished");
-        self.deliver(&outcome).await;
+        self.deliver(&outcome).await
     }
 
-    async fn deliver(&self, report: &Report) {
+    async fn deliver(&self, report: &Report) -> Delivery {
         let mut backoff = Backoff(0);
         while !self.stopped() {
             if self.ensure_enrolled().await.is_err() {
-                return;
+                break;
             }
             match self.client.report(report).await {
-                Ok(()) => return,
+                Ok(()) => return Delivery::Taken,
                 Err(ClientError::Refused(why)) => {
                     tracing::warn!(task = report.task, why, "the runner refused the report");
-                    return;
+                    return Delivery::Refused;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "final report failed; retrying");
                     self.on_error(&e);
                     if !self.pause(backoff.next()).await {
-                        return;
+                        break;
                     }
                 }
             }
         }
+        Delivery::Stopped
     }
 }
 

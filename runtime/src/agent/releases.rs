@@ -270,17 +270,26 @@ impl ReleaseStore {
     }
 
     /// Unpacks a `.tar.gz` into `releases/<version>/`, replacing a previous
-    /// unpack of the same version. Entries that would land outside the
-    /// release (absolute paths, `..`, links pointing out, devices) refuse the
-    /// whole archive before anything is written to the release directory.
-    pub fn unpack(&self, version: &str, archive: &Path) -> Result<PathBuf> {
+    /// unpack of the same version. With `base`, the archive is a patch laid
+    /// over a copy of that installed release. Entries that would land outside
+    /// the release (absolute paths, `..`, links pointing out, devices) refuse
+    /// the whole archive before anything is written to the release directory.
+    pub fn unpack(&self, version: &str, archive: &Path, base: Option<&str>) -> Result<PathBuf> {
         check_version(version)?;
         check_archive(archive)?;
         let staging = self.releases_dir().join(format!(".{version}.unpack"));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io_err("cannot clear", &staging))?;
         }
-        fs::create_dir_all(&staging).map_err(io_err("cannot create", &staging))?;
+        match base {
+            Some(base) => {
+                if !self.is_installed(base) {
+                    return Err(ReleaseError::NotInstalled(base.to_string()));
+                }
+                copy_tree(&self.release_dir(base), &staging)?;
+            }
+            None => fs::create_dir_all(&staging).map_err(io_err("cannot create", &staging))?,
+        }
         let file = fs::File::open(archive).map_err(io_err("cannot open", archive))?;
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
         tar.set_preserve_permissions(true);
@@ -470,7 +479,7 @@ pub(crate) mod tests {
         for v in versions {
             let archive = dir.join(format!("{v}.tar.gz"));
             fs::write(&archive, targz(&[("bin/app", v.as_bytes())])).unwrap();
-            store.unpack(v, &archive).unwrap();
+            store.unpack(v, &archive, None).unwrap();
         }
         if let Some(first) = versions.first() {
             store.install(first).unwrap();
@@ -557,7 +566,7 @@ pub(crate) mod tests {
         let archive = tmp.path().join("evil.tar.gz");
         fs::write(&archive, bytes).unwrap();
 
-        let err = store.unpack("2.0.0", &archive).unwrap_err();
+        let err = store.unpack("2.0.0", &archive, None).unwrap_err();
         assert!(matches!(err, ReleaseError::UnsafeArchive(..)), "{err}");
         assert!(!tmp.path().join("state/releases/escaped.sh").exists());
         assert!(!tmp.path().join("state/escaped.sh").exists());
@@ -573,7 +582,7 @@ pub(crate) mod tests {
         b.append_link(&mut h, "etc", "../../../etc").unwrap();
         fs::write(&archive, b.into_inner().unwrap().finish().unwrap()).unwrap();
         assert!(matches!(
-            store.unpack("2.0.0", &archive),
+            store.unpack("2.0.0", &archive, None),
             Err(ReleaseError::UnsafeArchive(..))
         ));
 
@@ -583,6 +592,22 @@ pub(crate) mod tests {
                 Err(ReleaseError::BadVersion(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_patch_is_laid_over_a_copy_of_its_base() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = store_with(tmp.path(), &["1.0.0"]);
+        let patch = tmp.path().join("patch.tar.gz");
+        fs::write(&patch, targz(&[("lib/fix.so", b"fixed")])).unwrap();
+        let dir = store.unpack("1.0.1", &patch, Some("1.0.0")).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("bin/app")).unwrap(), "1.0.0");
+        assert_eq!(fs::read_to_string(dir.join("lib/fix.so")).unwrap(), "fixed");
+        assert!(!store.release_dir("1.0.0").join("lib").exists());
+        assert!(matches!(
+            store.unpack("1.0.2", &patch, Some("0.1.0")),
+            Err(ReleaseError::NotInstalled(_))
+        ));
     }
 
     #[test]

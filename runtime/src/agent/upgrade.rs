@@ -7,7 +7,7 @@
 use super::client::{Client, ClientError};
 use super::journal::{Action, Entry, Journal};
 use super::releases::{ReleaseStore, check_version};
-use crate::model::Backup;
+use crate::model::{Backup, ReleaseKind};
 use crate::protocol::{Artifact, Report, ReportState, Work};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
@@ -257,9 +257,28 @@ impl Upgrader {
             }
         }
 
+        // A patch is laid over the release it patches; a full release stands alone.
+        let base = match artifact.kind {
+            ReleaseKind::Patch => match &previous {
+                Some(p) => Some(p.clone()),
+                None => {
+                    return report(
+                        &task,
+                        ReportState::FailedRolledBack,
+                        "a patch needs a release to patch, and none is installed; nothing on the node was changed",
+                    );
+                }
+            },
+            ReleaseKind::Full => None,
+        };
         let store = self.store.clone();
         let (v, f) = (version.clone(), file.clone());
-        let unpacked = blocking(move || store.unpack(&v, &f).map_err(|e| e.to_string())).await;
+        let unpacked = blocking(move || {
+            store
+                .unpack(&v, &f, base.as_deref())
+                .map_err(|e| e.to_string())
+        })
+        .await;
         let _ = tokio::fs::remove_file(&file).await;
         let dir = match unpacked {
             Ok(dir) => dir,
