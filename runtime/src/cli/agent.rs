@@ -364,4 +364,45 @@ labels = { tier = "edge", zone = "a" }
         let err = config(RunArgs::default(), None).unwrap_err();
         assert!(err.to_string().contains("--server is required"), "{err}");
     }
+
+    #[test]
+    fn install_downgrade_and_uninstall_on_the_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let store = crate::agent::releases::tests::store_with(&dir, &["1.0.0", "1.0.1"]);
+        let state_dir = || dir.clone();
+        manage(AgentCommand::Install {
+            version: "1.0.1".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap();
+        assert_eq!(store.permanent().unwrap().as_deref(), Some("1.0.1"));
+        assert_eq!(store.current().unwrap().as_deref(), Some("1.0.1"));
+
+        manage(AgentCommand::Downgrade {
+            version: "1.0.0".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap();
+        assert_eq!(store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(store.current().unwrap().as_deref(), Some("1.0.0"));
+
+        let err = manage(AgentCommand::Uninstall {
+            version: "1.0.0".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("is the current release"), "{err}");
+        manage(AgentCommand::Uninstall {
+            version: "1.0.1".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap();
+        assert_eq!(store.installed().unwrap(), ["1.0.0"]);
+        manage(AgentCommand::Versions {
+            state_dir: state_dir(),
+            json: true,
+        })
+        .unwrap();
+    }
 }
