@@ -392,6 +392,7 @@ mod tests {
     use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
     const TOKEN: &str = "tok-n1";
+    const CUT: usize = 20_000;
 
     /// A runner that holds one piece of work for node `n1` until a final
     /// report on it arrives, as the real one does.
@@ -403,8 +404,21 @@ mod tests {
     }
 
     impl FakeRunner {
-        fn start(permanent: bool) -> Self {
-            let bytes = targz(&[("VERSION", b"2.0.0")]);
+        /// `cut_first`: the first artifact download breaks off after
+        /// [`CUT`] bytes (an agent that dies mid-download).
+        fn start(permanent: bool, cut_first: bool) -> Self {
+            // Incompressible filler so the artifact is big enough to cut.
+            let mut x = 0x2545_f491_u32;
+            let filler: Vec<u8> = (0..64 * 1024)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let bytes = targz(&[("VERSION", b"2.0.0"), ("blob", &filler)]);
+            let cut = AtomicBool::new(cut_first);
             let work = Work::Install {
                 task: "t1".into(),
                 package: "edge".into(),
@@ -461,7 +475,13 @@ mod tests {
                         let _ = report_tx.send(r);
                         Response::status(204)
                     }
-                    ("GET", "/v1/releases/edge/2.0.0/artifact") => Response::ranged(req, &bytes),
+                    ("GET", "/v1/releases/edge/2.0.0/artifact") => {
+                        let mut r = Response::ranged(req, &bytes);
+                        if cut.swap(false, Ordering::SeqCst) {
+                            r.cut_after = Some(CUT);
+                        }
+                        r
+                    }
                     _ => Response::status(404),
                 }
             });
@@ -534,7 +554,7 @@ mod tests {
     async fn the_agent_enrolls_takes_pushed_work_and_reports_each_step() {
         let tmp = tempfile::tempdir().unwrap();
         store_with(tmp.path(), &["1.0.0"]);
-        let mut runner = FakeRunner::start(true);
+        let mut runner = FakeRunner::start(true, false);
         let reports = runner
             .run_until_final(runner.config(tmp.path(), false))
             .await;
@@ -581,7 +601,7 @@ mod tests {
     async fn a_pulled_trial_reverts_when_the_agent_restarts() {
         let tmp = tempfile::tempdir().unwrap();
         store_with(tmp.path(), &["1.0.0"]);
-        let mut runner = FakeRunner::start(false);
+        let mut runner = FakeRunner::start(false, false);
         let reports = runner
             .run_until_final(runner.config(tmp.path(), true))
             .await;
@@ -608,5 +628,56 @@ mod tests {
         run(config, first_beat).await.unwrap();
         assert_eq!(store.current().unwrap().as_deref(), Some("1.0.0"));
         assert_eq!(first.expect("a heartbeat").version, "1.0.0");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_stopped_mid_download_resumes_after_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        store_with(tmp.path(), &["1.0.0"]);
+        let mut runner = FakeRunner::start(true, true);
+        // First life: the download breaks off, and the agent is stopped while
+        // it waits to retry, with the partial file on disk.
+        let mut config = runner.config(tmp.path(), false);
+        config.steps.retry_backoff = Duration::from_secs(60);
+        let downloads = tmp.path().join("downloads");
+        let partial = async {
+            for _ in 0..400 {
+                let len = std::fs::read_dir(&downloads)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>();
+                if len >= CUT as u64 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        run(config, partial).await.unwrap();
+        let reports: Vec<_> = std::iter::from_fn(|| runner.reports.try_recv().ok()).collect();
+        assert_eq!(
+            reports.iter().map(|r| r.state).collect::<Vec<_>>(),
+            [ReportState::Downloading]
+        );
+
+        // Second life: the runner re-sends the open work; the download goes on
+        // from the partial file.
+        let reports = runner
+            .run_until_final(runner.config(tmp.path(), false))
+            .await;
+        assert_eq!(
+            reports.last().unwrap().state,
+            ReportState::Succeeded,
+            "{reports:?}"
+        );
+        let ranges: Vec<_> = runner
+            .server
+            .seen()
+            .iter()
+            .filter(|r| r.path().ends_with("/artifact"))
+            .map(|r| r.headers.get("range").cloned())
+            .collect();
+        assert_eq!(ranges, [None, Some(format!("bytes={CUT}-"))]);
     }
 }
