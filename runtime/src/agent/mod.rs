@@ -137,7 +137,10 @@ pub async fn run(
             tracing::info!("shutting down");
             Ok(())
         }
-        r = &mut work => r.unwrap_or(Ok(())),
+        r = &mut work => r.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the work loop failed");
+            Ok(())
+        }),
     };
     let _ = stop_tx.send(true);
     // Loops stop at their next await; a running command is killed with its

@@ -704,17 +704,15 @@ pub async fn run_command(
         Ok(Ok(out)) if out.status.success() => Ok(()),
         Ok(Ok(out)) => {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr
-                .trim()
-                .chars()
-                .rev()
-                .take(300)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            // The end of stderr is where a failing script says why.
+            let trimmed = stderr.trim();
+            let start = trimmed.len().saturating_sub(300);
+            let start = (start..=trimmed.len())
+                .find(|&i| trimmed.is_char_boundary(i))
+                .unwrap_or(trimmed.len());
+            let tail = &trimmed[start..];
             Err(format!(
-                "the {action} command `{cmd}` {}{}",
+                "the {action} command `{cmd}` failed ({}){}",
                 out.status,
                 if tail.is_empty() {
                     String::new()
