@@ -345,6 +345,11 @@ impl Agent {
                     tracing::warn!(task = report.task, why, "the runner refused the report");
                     return Delivery::Refused;
                 }
+                // A 4xx other than 401 will not change by sending it again.
+                Err(e) if !e.is_transient() && !matches!(e, ClientError::Unauthorized) => {
+                    tracing::error!(task = report.task, error = %e, "the runner rejected the report");
+                    return Delivery::Refused;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "final report failed; retrying");
                     self.on_error(&e);
