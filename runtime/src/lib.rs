@@ -2,6 +2,7 @@
 //! WebAssembly component or a Rhai script. This crate is the runner's library;
 //! the `flotilla` binary in `main.rs` is a thin shell over it.
 
+pub mod agent;
 pub mod cli;
 pub mod engine;
 pub mod model;

@@ -11,6 +11,7 @@ macro_rules! outln {
     }};
 }
 
+mod agent;
 mod policy;
 mod serve;
 mod simulate;
@@ -38,6 +39,8 @@ pub enum Command {
     Simulate(simulate::SimulateArgs),
     /// Run the runner: the HTTP API, webhooks and the agents' endpoints.
     Serve(serve::ServeArgs),
+    /// Run the node agent, or manage this node's releases.
+    Agent(Box<agent::AgentArgs>),
 }
 
 /// Parses the process arguments and runs the command.
@@ -47,6 +50,7 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Simulate(args) => simulate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Agent(args) => agent::run(*args),
     };
     match result {
         Ok(code) => code,
