@@ -7,6 +7,7 @@ pub mod engine;
 pub mod model;
 pub mod policy;
 pub mod protocol;
+pub mod scenario;
 pub mod sim;
 pub mod store;
 pub mod window;

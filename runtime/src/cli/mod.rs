@@ -13,6 +13,7 @@ macro_rules! outln {
 
 mod policy;
 mod simulate;
+pub mod test;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
