@@ -211,8 +211,9 @@ enum Operator {
 }
 
 /// An event that must (or must not) be in the task's log: the kind exactly,
-/// the node exactly if given, and the detail containing `detail` if given.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// the node exactly if given, the detail containing `detail` if given, and
+/// exactly `at` after the start if given.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EventMatch {
     pub kind: String,
@@ -220,11 +221,14 @@ pub struct EventMatch {
     pub node: Option<String>,
     #[serde(default)]
     pub detail: Option<String>,
+    #[serde(default)]
+    pub at: Option<Span>,
 }
 
 impl EventMatch {
-    fn matches(&self, e: &Event) -> bool {
-        e.kind == self.kind
+    fn matches(&self, e: &Event, start: u64) -> bool {
+        self.at.is_none_or(|t| e.at == start + t.ms())
+            && e.kind == self.kind
             && self
                 .node
                 .as_ref()
@@ -241,6 +245,9 @@ impl std::fmt::Display for EventMatch {
         }
         if let Some(d) = &self.detail {
             write!(f, " {d:?}")?;
+        }
+        if let Some(t) = self.at {
+            write!(f, " at +{}", clock_text(t.ms()))?;
         }
         Ok(())
     }
@@ -666,14 +673,14 @@ impl Scenario {
             }
         }
         for m in &e.events {
-            let got = match actual.events.iter().find(|ev| m.matches(ev)) {
+            let got = match actual.events.iter().find(|ev| m.matches(ev, actual.start)) {
                 Some(_) => "occurs".to_string(),
                 None => "missing".to_string(),
             };
             lines.exact(&format!("event {m}"), "occurs", &got);
         }
         for m in &e.no_events {
-            let got = match actual.events.iter().find(|ev| m.matches(ev)) {
+            let got = match actual.events.iter().find(|ev| m.matches(ev, actual.start)) {
                 Some(ev) => format!(
                     "occurs at +{}: {}",
                     clock_text(ev.at - actual.start),
