@@ -8,6 +8,7 @@ pub mod engine;
 pub mod model;
 pub mod policy;
 pub mod protocol;
+pub mod scenario;
 pub mod server;
 pub mod sim;
 pub mod store;

@@ -47,6 +47,9 @@ pub use serde_json;
 
 use std::cell::RefCell;
 
+#[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
+pub mod testing;
+
 /// Largest number of nodes the runner hands to `select` in one call.
 pub const CHUNK: usize = 4096;
 

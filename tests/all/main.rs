@@ -3,3 +3,4 @@
 mod policy_load;
 mod policy_safety;
 mod policy_twins;
+mod scenarios;

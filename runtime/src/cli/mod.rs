@@ -15,6 +15,7 @@ mod agent;
 mod policy;
 mod serve;
 mod simulate;
+pub mod test;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

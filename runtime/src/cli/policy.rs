@@ -24,6 +24,9 @@ pub enum PolicyCommand {
     },
     /// Run one hook on JSON input and print its JSON output.
     Eval(EvalArgs),
+    /// Run scenario files (YAML) against their policies on a virtual clock;
+    /// pass/fail per scenario with a diff of what differed.
+    Test(super::test::TestArgs),
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +64,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Check { file, json } => check(&file, json),
         PolicyCommand::Eval(args) => eval(args),
+        PolicyCommand::Test(args) => super::test::run(args),
     }
 }
 
