@@ -335,6 +335,141 @@ async fn tasks_releases_and_nodes_through_the_cli() {
     served.stop().await;
 }
 
+/// Agents for `nodes` that enroll, then take work and report success, until
+/// `stop` is set or 30 s pass.
+async fn succeeding_agents(
+    url: String,
+    nodes: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use flotilla::agent::client::Client as AgentClient;
+    use flotilla::protocol::{Enroll, Report, ReportState, Work};
+    let mut agents = Vec::new();
+    for id in &nodes {
+        let a = AgentClient::new(&url, id).unwrap();
+        let enrolled = a
+            .enroll(&Enroll {
+                node_id: id.clone(),
+                secret: String::new(),
+                version: "1.12".into(),
+                labels: vec![("tier".into(), "edge".into())],
+                attributes: Vec::new(),
+                asset_path: String::new(),
+                healthy: true,
+                schedulable: true,
+            })
+            .await
+            .unwrap();
+        a.set_token(Some(enrolled.token));
+        agents.push(a);
+    }
+    let mut done = std::collections::HashSet::new();
+    for _ in 0..600 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        for (id, a) in nodes.iter().zip(&agents) {
+            if let Ok(Some(Work::Install { task, .. })) = a.work(0).await
+                && done.insert((id.clone(), task.clone()))
+            {
+                for state in [
+                    ReportState::Downloading,
+                    ReportState::Upgrading,
+                    ReportState::Verifying,
+                    ReportState::Succeeded,
+                ] {
+                    a.report(&Report {
+                        task: task.clone(),
+                        state,
+                        detail: String::new(),
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_a_rollout_to_success_then_rollback() {
+    let served = serve().await;
+    let c = served.client();
+    let tmp = tempfile::tempdir().unwrap();
+    add_release(&c, tmp.path(), "1.13").await;
+    let nodes: Vec<String> = (1..=5).map(|i| format!("edge-{i:02}")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agents = tokio::spawn(succeeding_agents(
+        served.url.clone(),
+        nodes.clone(),
+        stop.clone(),
+    ));
+    // Enrolled before the task targets them.
+    for _ in 0..100 {
+        if c.nodes(&NodeFilter::default()).await.unwrap().total == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spec = parse_spec(SPEC).unwrap();
+    let task = c.create_task(&spec).await.unwrap();
+
+    let mut lines = Vec::new();
+    let opts = WatchOptions {
+        interval: Duration::from_millis(100),
+        bars: false,
+        timeout: Some(Duration::from_secs(30)),
+    };
+    let end = remote::watch(&c, &task.id, &opts, &mut |l| lines.push(l))
+        .await
+        .unwrap();
+    let text = lines.join("\n");
+    assert_eq!(end.task.state, TaskState::Succeeded, "{text}");
+    assert_eq!(end.counts.get("succeeded"), Some(&5), "{text}");
+    assert!(text.contains("task.succeeded"), "{text}");
+    let waves = end.task.waves.len();
+    let last = &end.task.waves[waves - 1];
+    let done = format!(
+        "wave {waves} {}: {n}/{n} done, 0 failed",
+        last.name,
+        n = last.nodes.len()
+    );
+    assert!(text.contains(&done), "{done} in {text}");
+    let show = remote::task_show(&c, &task.id, false).await.unwrap();
+    assert!(show.contains(": succeeded"), "{show}");
+    assert!(!show.contains("◀ current"), "{show}");
+    let ok = remote::task_runs(&c, &task.id, Some("succeeded"), false)
+        .await
+        .unwrap();
+    assert!(ok.contains("5 node runs"), "{ok}");
+    let failed = remote::task_runs(&c, &task.id, Some("failed"), false)
+        .await
+        .unwrap();
+    assert_eq!(failed, format!("no failed node runs in task {}", task.id));
+
+    // An operator rollback of the succeeded task.
+    let rb = remote::control(
+        &c,
+        Action::Rollback,
+        &ControlArgs {
+            id: task.id.clone(),
+            reason: Some("bad release".into()),
+        },
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(rb.contains("rolling-back (bad release)"), "{rb}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(10), agents)
+        .await
+        .unwrap()
+        .unwrap();
+    served.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_and_tokens() {
     let served = serve().await;
