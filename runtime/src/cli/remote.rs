@@ -829,11 +829,18 @@ pub async fn watch(
             let bar = &bars[i];
             bar.set_length(p.total as u64);
             bar.set_position(p.done as u64);
-            bar.set_message(if p.failed > 0 {
-                format!("{} failed", p.failed)
-            } else {
-                String::new()
-            });
+            let mut msg = Vec::new();
+            if p.failed > 0 {
+                msg.push(format!("{} failed", p.failed));
+            }
+            if i as u32 == view.task.current_wave && view.task.state.active() {
+                msg.push(match &view.task.state {
+                    TaskState::Paused(_) => "paused".to_string(),
+                    _ if view.task.awaiting_approval => "awaiting promote".to_string(),
+                    _ => "◀".to_string(),
+                });
+            }
+            bar.set_message(msg.join(", "));
             if !opts.bars && last.get(i) != Some(p) {
                 out(format!(
                     "wave {} {}: {}/{} done, {} failed",
