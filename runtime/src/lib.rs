@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod engine;
 pub mod model;
 pub mod policy;

@@ -1,6 +1,7 @@
 //! Flotilla's end-to-end tests, one binary (one link of wasmtime), a module per topic.
 
 mod api;
+mod cli_remote;
 mod policy_load;
 mod policy_safety;
 mod policy_twins;

@@ -13,6 +13,7 @@ macro_rules! outln {
 
 mod agent;
 mod policy;
+pub mod remote;
 mod serve;
 mod simulate;
 pub mod test;
@@ -42,6 +43,12 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run the node agent, or manage this node's releases.
     Agent(Box<agent::AgentArgs>),
+    /// Create, inspect and steer tasks on a runner (`flotilla serve`).
+    Task(remote::TaskArgs),
+    /// List the nodes a runner knows.
+    Node(remote::NodeArgs),
+    /// Add and list releases on a runner.
+    Release(remote::ReleaseArgs),
 }
 
 /// Parses the process arguments and runs the command.
@@ -52,6 +59,9 @@ pub fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(*args),
+        Command::Task(args) => remote::run_task(args),
+        Command::Node(args) => remote::run_node(args),
+        Command::Release(args) => remote::run_release(args),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! `flotilla policy check|eval`: load a `.wasm` or `.rhai` policy and report on
-//! it, or run one hook on JSON input.
+//! it, or run one hook on JSON input. (`upload` and `list` talk to a runner;
+//! they live in `remote.rs`.)
 
 use crate::model::{Hook, Node, TaskContext};
 use crate::policy::{self, Limits, WasmRuntime};
@@ -27,6 +28,10 @@ pub enum PolicyCommand {
     /// Run scenario files (YAML) against their policies on a virtual clock;
     /// pass/fail per scenario with a diff of what differed.
     Test(super::test::TestArgs),
+    /// Upload a policy to a runner under NAME (it must load there).
+    Upload(super::remote::PolicyUpload),
+    /// List the policies a runner has.
+    List(super::remote::PolicyList),
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +70,8 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Check { file, json } => check(&file, json),
         PolicyCommand::Eval(args) => eval(args),
         PolicyCommand::Test(args) => super::test::run(args),
+        PolicyCommand::Upload(args) => super::remote::run_policy_upload(args),
+        PolicyCommand::List(args) => super::remote::run_policy_list(args),
     }
 }
 

@@ -265,6 +265,8 @@ impl Runner {
         .with_graceful_shutdown(shutdown)
         .await?;
         sweeper.abort();
+        // The sweeper holds the state (and so the store): wait until it is gone.
+        let _ = sweeper.await;
         self.shutdown();
         Ok(())
     }
