@@ -1,5 +1,6 @@
 //! Flotilla's end-to-end tests, one binary (one link of wasmtime), a module per topic.
 
+mod e2e;
 mod policy_load;
 mod policy_safety;
 mod policy_twins;
