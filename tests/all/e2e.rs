@@ -268,6 +268,8 @@ struct AgentSpec {
     extra: Vec<String>,
     /// The release the node is on before the test.
     seed: Option<&'static str>,
+    /// Pass the enrollment secret.
+    secret: bool,
 }
 
 impl Default for AgentSpec {
@@ -276,6 +278,7 @@ impl Default for AgentSpec {
             install: LOG_INSTALL.to_string(),
             extra: Vec::new(),
             seed: Some("1.0.0"),
+            secret: true,
         }
     }
 }
@@ -299,6 +302,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&format!("enroll_secret = {SECRET:?}\n"))
+    }
+
+    /// A runner with `extra` TOML in its config.
+    fn start_with(extra: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-e2e")
             .tempdir()
@@ -306,7 +314,7 @@ impl Cluster {
         fs::write(
             dir.path().join("runner.toml"),
             format!(
-                "listen = \"127.0.0.1:0\"\ndata = {:?}\ntick_ms = 50\noffline_after_seconds = 5\nenroll_secret = {SECRET:?}\n",
+                "listen = \"127.0.0.1:0\"\ndata = {:?}\ntick_ms = 50\noffline_after_seconds = 5\n{extra}",
                 dir.path().join("runner-data")
             ),
         )
@@ -388,8 +396,6 @@ impl Cluster {
             &id,
             "--state-dir",
             &dir.display().to_string(),
-            "--enroll-secret",
-            SECRET,
             "--heartbeat",
             "1",
             "--wait",
@@ -405,6 +411,9 @@ impl Cluster {
         ]
         .map(String::from)
         .to_vec();
+        if spec.secret {
+            args.extend(["--enroll-secret".to_string(), SECRET.to_string()]);
+        }
         args.extend(spec.extra);
         self.agents.push(Agent {
             id,
@@ -958,4 +967,77 @@ fn an_agent_killed_mid_download_resumes_and_finishes_after_restart() {
     assert_eq!(current(&dir).as_deref(), Some("1.1.0"));
     assert_eq!(installs(&dir), ["install 1.1.0"]);
     assert!(!part.exists(), "the download is cleaned up");
+}
+
+#[test]
+fn pull_agents_ask_and_get_the_release_through_the_policy() {
+    let mut c = Cluster::start();
+    for _ in 0..3 {
+        c.add_agent(AgentSpec {
+            extra: vec!["--pull".into(), "--pull-interval".into(), "1".into()],
+            ..AgentSpec::default()
+        });
+    }
+    c.wait_enrolled();
+    c.release("1.1.0", 0);
+    let task = c.task("pull-e2e", "1.1.0", json!({"method": "pull"}));
+    let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(30));
+    assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 3)]));
+    for a in &c.agents {
+        assert_eq!(installs(&a.dir), ["install 1.1.0"], "{}", a.id);
+    }
+}
+
+#[test]
+fn an_operator_rollback_puts_the_previous_release_back_on_every_node() {
+    let mut c = Cluster::start();
+    for _ in 0..3 {
+        c.add_agent(AgentSpec::default());
+    }
+    c.wait_enrolled();
+    c.release("1.1.0", 0);
+    let task = c.task("rollback-e2e", "1.1.0", json!({}));
+    c.wait_task(&task, &["succeeded"], Duration::from_secs(30));
+    c.api.post(
+        &format!("/v1/tasks/{task}/rollback"),
+        json!({"reason": "customers complain"}),
+    );
+    let view = c.wait_task(&task, &["rolled-back"], Duration::from_secs(30));
+    assert_eq!(counts(&view), BTreeMap::from([("rolled-back".into(), 3)]));
+    for a in &c.agents {
+        assert_eq!(
+            installs(&a.dir),
+            ["install 1.1.0", "restore 1.0.0"],
+            "{}",
+            a.id
+        );
+        assert_eq!(current(&a.dir).as_deref(), Some("1.0.0"), "{}", a.id);
+        assert_eq!(permanent(&a.dir).as_deref(), Some("1.0.0"), "{}", a.id);
+    }
+}
+
+#[test]
+fn an_agent_without_a_secret_enrolls_where_none_is_asked_and_stops_where_one_is() {
+    let mut open = Cluster::start_with("");
+    open.add_agent(AgentSpec {
+        secret: false,
+        ..AgentSpec::default()
+    });
+    open.wait_enrolled();
+
+    let mut closed = Cluster::start();
+    let n = closed.add_agent(AgentSpec {
+        secret: false,
+        ..AgentSpec::default()
+    });
+    let status = wait_for("the agent to give up", Duration::from_secs(20), || {
+        let p = closed.agents[n].proc.as_mut().unwrap();
+        p.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(!status.success());
+    let log = fs::read_to_string(closed.path().join("node-00.log")).unwrap();
+    assert!(
+        log.contains("the runner wants an enrollment secret and the node has none"),
+        "{log}"
+    );
 }

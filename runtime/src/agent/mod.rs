@@ -48,7 +48,7 @@ pub enum AgentError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error(
-        "the node has no token and no enrollment secret: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
+        "the runner wants an enrollment secret and the node has none: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
     )]
     NoSecret,
     #[error("enrollment refused: {0}; check the enrollment secret")]
@@ -179,9 +179,9 @@ impl Agent {
         let _guard = self.enrolling.lock().await;
         let mut backoff = Backoff(0);
         while self.client.token().is_none() && !self.stopped() {
-            let Some(secret) = self.config.enroll_secret.clone() else {
-                return Err(AgentError::NoSecret);
-            };
+            // A runner on loopback may ask for no secret; one that does
+            // refuses the empty one, and the error says where to set it.
+            let secret = self.config.enroll_secret.clone().unwrap_or_default();
             let enroll = Enroll {
                 node_id: self.config.node_id.clone(),
                 secret,
@@ -203,6 +203,9 @@ impl Agent {
                     if !self.pause(backoff.next()).await {
                         break;
                     }
+                }
+                Err(_) if self.config.enroll_secret.is_none() => {
+                    return Err(AgentError::NoSecret);
                 }
                 Err(e) => return Err(AgentError::EnrollRefused(e.to_string())),
             }
