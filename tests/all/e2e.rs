@@ -265,6 +265,7 @@ fn installs(state_dir: &Path) -> Vec<String> {
 
 struct AgentSpec {
     install: String,
+    health: String,
     extra: Vec<String>,
     /// The release the node is on before the test.
     seed: Option<&'static str>,
@@ -276,6 +277,7 @@ impl Default for AgentSpec {
     fn default() -> Self {
         AgentSpec {
             install: LOG_INSTALL.to_string(),
+            health: HEALTH.to_string(),
             extra: Vec::new(),
             seed: Some("1.0.0"),
             secret: true,
@@ -405,7 +407,7 @@ impl Cluster {
             "--install-command",
             &spec.install,
             "--health-command",
-            HEALTH,
+            &spec.health,
             "--label",
             "e2e=yes",
         ]
@@ -1040,4 +1042,34 @@ fn an_agent_without_a_secret_enrolls_where_none_is_asked_and_stops_where_one_is(
         log.contains("the runner wants an enrollment secret and the node has none"),
         "{log}"
     );
+}
+
+#[test]
+fn a_node_is_not_reported_unhealthy_while_its_upgrade_is_under_way() {
+    let mut c = Cluster::start();
+    // Healthy only once the install command has left its mark, which takes
+    // it two heartbeats.
+    let n = c.add_agent(AgentSpec {
+        install: format!("sleep 2; touch installed; {LOG_INSTALL}"),
+        health: "test -f installed".into(),
+        seed: None,
+        ..AgentSpec::default()
+    });
+    c.wait_enrolled();
+    c.release("1.1.0", 0);
+    let task = c.task("healthy-meanwhile", "1.1.0", json!({}));
+    let id = c.agents[n].id.clone();
+    let mut samples = 0;
+    let run = wait_for("the upgrade", Duration::from_secs(30), || {
+        let node = c.node(n);
+        assert_eq!(
+            node["healthy"], true,
+            "reported unhealthy mid-upgrade: {node}"
+        );
+        samples += 1;
+        let run = c.runs(&task).remove(&id)?;
+        run.state.finished().then_some(run)
+    });
+    assert_eq!(run.state.name(), "succeeded", "{:?}", run.state);
+    assert!(samples > 20, "sampled the node's health {samples} times");
 }

@@ -12,6 +12,7 @@ macro_rules! outln {
 }
 
 mod agent;
+mod demo;
 mod policy;
 mod serve;
 mod simulate;
@@ -42,6 +43,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run the node agent, or manage this node's releases.
     Agent(Box<agent::AgentArgs>),
+    /// Start a runner and N agents on loopback and watch a canary rollout.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses the process arguments and runs the command.
@@ -52,6 +55,7 @@ pub fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(*args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,
