@@ -1073,3 +1073,71 @@ fn a_node_is_not_reported_unhealthy_while_its_upgrade_is_under_way() {
     assert_eq!(run.state.name(), "succeeded", "{:?}", run.state);
     assert!(samples > 20, "sampled the node's health {samples} times");
 }
+
+#[test]
+fn flotilla_demo_rolls_out_and_stops_its_children_also_on_ctrl_c() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = Command::new(BIN)
+        .args(["demo", "--agents", "4", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("succeeded after"), "{stdout}");
+    assert!(stdout.contains("  succeeded                4"), "{stdout}");
+    assert!(
+        stdout.contains("Stopped the runner and 4 agents"),
+        "{stdout}"
+    );
+    for i in 1..=4 {
+        let node = dir.join(format!("agents/node-{i:02}"));
+        assert_eq!(current(&node).as_deref(), Some("1.1.0"));
+        let log = fs::read_to_string(node.join("installs.log")).unwrap();
+        assert_eq!(log, "install 1.1.0\n");
+    }
+    let url = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let api = Api::new(url);
+    assert!(api.try_get("/healthz").is_none(), "the runner still runs");
+
+    // --keep: everything stays up until SIGINT, then stops.
+    let dir = tmp.path().join("kept");
+    let stdout_path = tmp.path().join("kept.out");
+    let mut demo = Proc::spawn(
+        "the demo",
+        Command::new(BIN)
+            .args(["demo", "--agents", "2", "--keep", "--dir"])
+            .arg(&dir)
+            .stdout(log_file(&stdout_path))
+            .stderr(log_file(&tmp.path().join("kept.err"))),
+    );
+    let url = wait_for(
+        "the demo to finish its rollout",
+        Duration::from_secs(60),
+        || {
+            let text = fs::read_to_string(&stdout_path).ok()?;
+            text.contains("--keep:").then_some(())?;
+            text.split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .map(str::to_string)
+        },
+    );
+    let api = Api::new(url);
+    assert!(api.try_get("/healthz").is_some(), "the runner is kept");
+    demo.signal(nix::sys::signal::Signal::SIGINT);
+    wait_for("the demo to stop", Duration::from_secs(20), || {
+        demo.child.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(api.try_get("/healthz").is_none(), "the runner was stopped");
+    let text = fs::read_to_string(&stdout_path).unwrap();
+    assert!(text.contains("Interrupted; stopping"), "{text}");
+}

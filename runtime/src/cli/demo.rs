@@ -358,7 +358,7 @@ async fn demo(args: &DemoArgs, dir: &Path, children: &mut Children) -> anyhow::R
     let (view, runs) = watch(&api, &id, n, children).await?;
 
     outln!(
-        "\nTask {id} is {} after {:.1}s.",
+        "\nTask {id}: {} after {:.1}s.",
         view["state"]["state"].as_str().unwrap_or("?"),
         rollout.elapsed().as_secs_f64()
     );
