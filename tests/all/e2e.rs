@@ -951,10 +951,11 @@ fn an_agent_killed_mid_download_resumes_and_finishes_after_restart() {
                 .map(drop)
         },
     );
-    assert_eq!(
-        c.runs(&task)[&c.agents[n].id].state.name(),
-        "downloading",
-        "the runner hears of the download"
+    let id = c.agents[n].id.clone();
+    wait_for(
+        "the runner to hear of the download",
+        Duration::from_secs(10),
+        || (c.runs(&task)[&id].state.name() == "downloading").then_some(()),
     );
     // SIGKILL: no goodbye, the partial file stays.
     c.agents[n].proc.take().unwrap().kill();
