@@ -2,6 +2,7 @@
 
 mod api;
 mod cli_remote;
+mod e2e;
 mod policy_load;
 mod policy_safety;
 mod policy_twins;

@@ -18,6 +18,7 @@ use releases::{ReleaseError, ReleaseStore};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use upgrade::{Steps, Upgrader};
@@ -48,7 +49,7 @@ pub enum AgentError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error(
-        "the node has no token and no enrollment secret: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
+        "the runner wants an enrollment secret and the node has none: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
     )]
     NoSecret,
     #[error("enrollment refused: {0}; check the enrollment secret")]
@@ -81,6 +82,19 @@ struct Agent {
     upgrader: Upgrader,
     enrolling: tokio::sync::Mutex<()>,
     stop: watch::Receiver<bool>,
+    /// Work is under way: the current release may be half-installed, so
+    /// heartbeats repeat the last health seen instead of checking it.
+    busy: AtomicBool,
+    last_health: AtomicBool,
+}
+
+/// Clears [`Agent::busy`] however the work ends.
+struct Busy<'a>(&'a AtomicBool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Runs the agent until `shutdown` completes (SIGTERM / Ctrl-C in the CLI).
@@ -121,6 +135,8 @@ pub async fn run(
         upgrader,
         enrolling: tokio::sync::Mutex::new(()),
         stop,
+        busy: AtomicBool::new(false),
+        last_health: AtomicBool::new(true),
     });
 
     let work = {
@@ -179,9 +195,9 @@ impl Agent {
         let _guard = self.enrolling.lock().await;
         let mut backoff = Backoff(0);
         while self.client.token().is_none() && !self.stopped() {
-            let Some(secret) = self.config.enroll_secret.clone() else {
-                return Err(AgentError::NoSecret);
-            };
+            // A runner on loopback may ask for no secret; one that does
+            // refuses the empty one, and the error says where to set it.
+            let secret = self.config.enroll_secret.clone().unwrap_or_default();
             let enroll = Enroll {
                 node_id: self.config.node_id.clone(),
                 secret,
@@ -204,6 +220,9 @@ impl Agent {
                         break;
                     }
                 }
+                Err(_) if self.config.enroll_secret.is_none() => {
+                    return Err(AgentError::NoSecret);
+                }
                 Err(e) => return Err(AgentError::EnrollRefused(e.to_string())),
             }
         }
@@ -225,9 +244,16 @@ impl Agent {
                 return;
             }
             if self.client.token().is_some() {
+                let healthy = if self.busy.load(Ordering::SeqCst) {
+                    self.last_health.load(Ordering::SeqCst)
+                } else {
+                    let h = self.healthy().await;
+                    self.last_health.store(h, Ordering::SeqCst);
+                    h
+                };
                 let hb = Heartbeat {
                     version: self.current(),
-                    healthy: self.healthy().await,
+                    healthy,
                     schedulable: self.config.schedulable,
                 };
                 match self.client.heartbeat(&hb).await {
@@ -311,6 +337,8 @@ impl Agent {
     async fn handle(&self, work: Work) -> Delivery {
         let task = work.task().to_string();
         tracing::info!(task, ?work, "work received");
+        self.busy.store(true, Ordering::SeqCst);
+        let _busy = Busy(&self.busy);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
         let forward = async {
             while let Some(r) = rx.recv().await {

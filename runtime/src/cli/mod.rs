@@ -12,6 +12,7 @@ macro_rules! outln {
 }
 
 mod agent;
+mod demo;
 mod policy;
 pub mod remote;
 mod serve;
@@ -49,6 +50,8 @@ pub enum Command {
     Node(remote::NodeArgs),
     /// Add and list releases on a runner.
     Release(remote::ReleaseArgs),
+    /// Start a runner and N agents on loopback and watch a canary rollout.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses the process arguments and runs the command.
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Task(args) => remote::run_task(args),
         Command::Node(args) => remote::run_node(args),
         Command::Release(args) => remote::run_release(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,
