@@ -77,7 +77,6 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let runner = Runner::open(Config {
             data: dir.path().join("data"),
-            tick_ms: 50,
             enroll_secret: Some("bench".into()),
             ..Config::default()
         })

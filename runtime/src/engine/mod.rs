@@ -290,6 +290,7 @@ impl Engine {
             state: TaskState::Scheduled,
             target_version: None,
             waves: Vec::new(),
+            plan_rev: 0,
             current_wave: 0,
             soak_until: None,
             awaiting_approval: false,
@@ -496,6 +497,7 @@ impl Engine {
         }
         live.task.awaiting_approval = waves.first().is_some_and(|w| w.needs_approval);
         live.task.waves = waves;
+        live.task.plan_rev += 1;
         live.task.current_wave = 0;
         Ok(())
     }
@@ -610,6 +612,7 @@ impl Engine {
         let wave = live.task.current_wave;
         for node in &selected {
             live.task.waves[wave as usize].nodes.push(node.id.clone());
+            live.task.plan_rev += 1;
             live.transition(&node.id, RunEvent::Queue { wave }, now)
                 .map_err(|r| EngineError::Refused {
                     task: id.into(),

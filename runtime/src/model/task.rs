@@ -391,6 +391,10 @@ pub struct Task {
     pub target_version: Option<String>,
     /// The policy's plan, fixed when targeting finished (increment tasks append).
     pub waves: Vec<super::Wave>,
+    /// Bumped whenever `waves` changes, so a store can tell a changed plan
+    /// from an unchanged one without comparing every node id.
+    #[serde(default)]
+    pub plan_rev: u64,
     /// Index of the wave being dispatched or evaluated.
     pub current_wave: u32,
     /// The current wave finished and soaks until then (Unix ms) before `evaluate`.

@@ -15,7 +15,9 @@
 //! Why `plans`: the engine commits the whole `Task` on every tick, and the plan
 //! of a 100,000-node rollout is ~1.5 MB of JSON. Rewriting it each time would
 //! dominate every commit, so the store remembers the plan it last wrote per
-//! active task and writes the plan again only when it differs.
+//! active task (its `plan_rev`, which the engine bumps on every change) and
+//! writes the plan again only when that moved: comparing the plans themselves
+//! cost ~200 µs per commit at 10,000 nodes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,10 +42,10 @@ pub struct SledStore {
     plans: Tree,
     runs: Tree,
     events: Tree,
-    /// The plan last written to `plans`, per active task. Locked for a whole
+    /// The `plan_rev` last written to `plans`, per active task. Locked for a whole
     /// commit so it always matches what is on disk (sled serialises
     /// transactions anyway).
-    written_plans: Mutex<HashMap<String, Vec<Wave>>>,
+    written_plans: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -83,7 +85,7 @@ impl SledStore {
         StoreError::Io(format!("{what} in {}: {e}", self.dir.display()))
     }
 
-    fn written_plans(&self) -> MutexGuard<'_, HashMap<String, Vec<Wave>>> {
+    fn written_plans(&self) -> MutexGuard<'_, HashMap<String, u64>> {
         self.written_plans.lock().unwrap_or_else(|poisoned| {
             // A panic mid-commit: forget what we think is on disk, so every
             // plan is written again.
@@ -207,6 +209,7 @@ struct TaskHead<'a> {
     state: &'a TaskState,
     target_version: &'a Option<String>,
     waves: &'a [Wave],
+    plan_rev: u64,
     current_wave: u32,
     soak_until: Option<u64>,
     awaiting_approval: bool,
@@ -222,6 +225,7 @@ impl<'a> TaskHead<'a> {
             state,
             target_version,
             waves: _,
+            plan_rev,
             current_wave,
             soak_until,
             awaiting_approval,
@@ -234,6 +238,7 @@ impl<'a> TaskHead<'a> {
             state,
             target_version,
             waves: &[],
+            plan_rev: *plan_rev,
             current_wave: *current_wave,
             soak_until: *soak_until,
             awaiting_approval: *awaiting_approval,
@@ -345,7 +350,7 @@ impl Store for SledStore {
 
         let mut written = self.written_plans();
         let plan = match written.get(task.id.as_str()) {
-            Some(w) if *w == task.waves => None,
+            Some(rev) if *rev == task.plan_rev => None,
             _ => Some(encode(&task.waves, || format!("plans/{}", task.id))?),
         };
         (&self.tasks, &self.plans, &self.runs, &self.events)
@@ -372,9 +377,9 @@ impl Store for SledStore {
             written.remove(task.id.as_str());
         } else if plan.is_some() {
             match written.get_mut(task.id.as_str()) {
-                Some(w) => w.clone_from(&task.waves),
+                Some(rev) => *rev = task.plan_rev,
                 None => {
-                    written.insert(task.id.clone(), task.waves.clone());
+                    written.insert(task.id.clone(), task.plan_rev);
                 }
             }
         }
@@ -494,6 +499,7 @@ mod tests {
             store.commit(&t1, &runs[..25], &events[..10]).unwrap();
             store.commit(&t2, &runs[..5], &[]).unwrap();
             t1.waves[1].nodes.push("n003".into());
+            t1.plan_rev += 1;
             t1.updated_at = 3;
             store.commit(&t1, &runs[25..], &events[10..]).unwrap();
             // No explicit flush: dropping the store must not lose commits.
