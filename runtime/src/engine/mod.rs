@@ -83,6 +83,14 @@ struct Live {
 }
 
 impl Live {
+    /// Runs whose work is out with an agent (handed over, not yet reported
+    /// finished). A task that ended keeps its nodes while it has any: a
+    /// cancelled or aborted task drains, so no other task touches a node
+    /// an agent is still upgrading.
+    fn in_flight(&self) -> bool {
+        self.runs.values().any(|r| out_with_agent(&r.state))
+    }
+
     fn event(&mut self, at: u64, node: Option<&str>, kind: &str, detail: impl Into<String>) {
         self.events.push(Event {
             seq: self.next_seq,
@@ -240,8 +248,16 @@ impl Engine {
         };
         for task in engine.store.tasks()? {
             engine.next_id = engine.next_id.max(task_number(&task.id) + 1);
-            if task.state.active() {
-                let runs = engine.store.runs(&task.id)?;
+            let runs = if task.state.active() {
+                Some(engine.store.runs(&task.id)?)
+            } else if task.state == TaskState::Succeeded {
+                None // every run of a succeeded task finished
+            } else {
+                // An ended task still draining work out with agents is held too.
+                let r = engine.store.runs(&task.id)?;
+                r.iter().any(|r| out_with_agent(&r.state)).then_some(r)
+            };
+            if let Some(runs) = runs {
                 let next_seq = last_seq(&*engine.store, &task.id)?;
                 engine.hold(task, runs, next_seq);
             }
@@ -347,11 +363,17 @@ impl Engine {
         live.dirty.clear();
         live.events.clear();
         if !live.task.state.active() {
-            let done = self.live.remove(id).expect("present");
-            for node in done.runs.keys() {
-                if self.busy.get(node).map(String::as_str) == Some(id) {
-                    self.busy.remove(node);
+            // Ended: every node whose work is done is free; one still out
+            // with an agent stays held until the agent reports or times out.
+            for run in live.runs.values() {
+                if !out_with_agent(&run.state)
+                    && self.busy.get(&run.node_id).map(String::as_str) == Some(id)
+                {
+                    self.busy.remove(&run.node_id);
                 }
+            }
+            if !live.in_flight() {
+                self.live.remove(id);
             }
         }
         Ok(())
@@ -428,7 +450,11 @@ impl Engine {
                 finish_rollback(live, now);
                 Ok(())
             }
-            _ => Ok(()),
+            // Ended but draining: work still out with agents times out.
+            _ => {
+                self.expire(id, now);
+                Ok(())
+            }
         }
     }
 
@@ -1162,6 +1188,18 @@ fn finish_rollback(live: &mut Live, now: u64) {
     {
         let _ = live.task_transition(TaskEvent::RolledBack, now);
     }
+}
+
+/// Handed to an agent and not reported finished.
+fn out_with_agent(state: &RunState) -> bool {
+    matches!(
+        state,
+        RunState::Offered { .. }
+            | RunState::Downloading { .. }
+            | RunState::Upgrading { .. }
+            | RunState::Verifying { .. }
+            | RunState::RollingBack { .. }
+    )
 }
 
 fn deliver(task: &Task, node: &str) -> Command {

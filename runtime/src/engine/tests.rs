@@ -529,12 +529,43 @@ fn cancel_withdraws_waiting_work_and_frees_the_nodes() {
     );
     assert_eq!(states["n001"], "cancelled");
     assert!(w.engine.cancel(&task.id).is_err(), "cancelled once");
-    // The nodes are free for the next task.
+    // The waiting nodes are free for the next task; the one an agent is still
+    // upgrading is not, until its agent reports.
     let next = w
         .engine
         .create(spec("again", "default", json!({})))
         .unwrap();
     w.engine.tick().unwrap();
     let states = sim::states(&w.engine, &next.id).unwrap();
-    assert!(states.values().all(|s| s == "offered"), "{states:?}");
+    assert_eq!(states["n000"], "skipped", "{states:?}");
+    assert!(
+        ["n001", "n002", "n003"]
+            .iter()
+            .all(|n| states[*n] == "offered"),
+        "{states:?}"
+    );
+    // The cancelled task still takes its agent's reports, then lets go.
+    w.engine.report("n000", RunEvent::Upgrading).unwrap();
+    w.engine.report("n000", RunEvent::Verifying).unwrap();
+    w.engine.report("n000", RunEvent::Succeeded).unwrap();
+    assert_eq!(
+        sim::states(&w.engine, &task.id).unwrap()["n000"],
+        "succeeded"
+    );
+    assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Cancelled);
+    assert!(
+        w.engine
+            .open_work()
+            .iter()
+            .all(|c| !matches!(c, Command::Deliver { task: t, .. } if *t == task.id)),
+        "the cancelled task has nothing out any more"
+    );
+    w.engine.cancel(&next.id).unwrap();
+    let third = w
+        .engine
+        .create(spec("third", "default", json!({})))
+        .unwrap();
+    w.engine.tick().unwrap();
+    let states = sim::states(&w.engine, &third.id).unwrap();
+    assert_eq!(states["n000"], "offered", "n000 is free again: {states:?}");
 }
