@@ -859,3 +859,37 @@ async fn a_restarted_runner_hands_out_open_work_again() {
     assert_eq!(again, first);
     h.stop().await;
 }
+
+/// `examples/github-release/`: the shipped config and payload start a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_github_release_example_starts_a_rollout() {
+    let dir = flotilla_tests::workspace().join("examples/github-release");
+    let example = Config::from_file(&dir.join("runner.toml")).unwrap();
+    example.check().unwrap();
+    let h = Harness::start(|c| c.hooks = example.hooks.clone()).await;
+    h.release("edge-agent", "1.4.0", b"edge-agent 1.4.0").await;
+    let payload = std::fs::read(dir.join("payload.json")).unwrap();
+    let send = || {
+        h.http
+            .post(h.url("/v1/hooks/github-release"))
+            .header("X-GitHub-Event", "release")
+            .header("X-GitHub-Delivery", "example-1")
+            .header("X-Hub-Signature-256", sign(b"change-me", &payload))
+            .body(payload.clone())
+            .send()
+    };
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let task: Value = r.json().await.unwrap();
+    assert_eq!(task["spec"]["name"], "github-release-v1-4-0");
+    assert_eq!(task["spec"]["package"], "edge-agent");
+    assert_eq!(task["spec"]["policy"], "canary");
+    assert_eq!(task["spec"]["params"]["threshold"], 0.1);
+    let r = send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "GitHub redelivers: the same task"
+    );
+    h.stop().await;
+}
