@@ -123,8 +123,17 @@ struct Compiled {
 #[serde(deny_unknown_fields)]
 struct WindowSpec {
     cron: String,
+    /// Default: a whole day, as the EnOS OTA reference has it.
+    #[serde(default = "default_duration")]
     duration_minutes: u32,
     timezone: String,
+}
+
+/// A window's length when none is given: 24 hours.
+pub const DEFAULT_DURATION_MINUTES: u32 = 24 * 60;
+
+fn default_duration() -> u32 {
+    DEFAULT_DURATION_MINUTES
 }
 
 impl TryFrom<WindowSpec> for Window {
@@ -888,11 +897,16 @@ mod tests {
                 r#"{"cron":"0 2 * * *","duration_minutes":60,"timezone":"UTC","tz":"UTC"}"#,
                 "unknown field `tz`",
             ),
-            (
-                r#"{"cron":"0 2 * * *","timezone":"UTC"}"#,
-                "missing field `duration_minutes`",
-            ),
         ];
+        let day: Window = serde_json::from_str(r#"{"cron":"0 2 * * 1","timezone":"UTC"}"#).unwrap();
+        assert_eq!(
+            day.duration_minutes(),
+            DEFAULT_DURATION_MINUTES,
+            "no duration: a whole day"
+        );
+        let monday = utc(2026, 11, 23, 2, 0, 0);
+        assert!(day.is_open(monday) && day.is_open(monday + 86_399_000));
+        assert!(!day.is_open(monday - 1000) && !day.is_open(monday + 86_400_000));
         for (json, message) in cases {
             let err = serde_json::from_str::<Window>(json).unwrap_err();
             assert!(err.to_string().contains(message), "{json}: {err}");
