@@ -82,12 +82,22 @@ pub enum Work {
         package: String,
         version: String,
     },
+    /// Make the trial release `version` permanent: its wave proved healthy
+    /// (EMQX `install` after `upgrade --no-permanent`). Answered with
+    /// `made_permanent`.
+    MakePermanent {
+        task: String,
+        package: String,
+        version: String,
+    },
 }
 
 impl Work {
     pub fn task(&self) -> &str {
         match self {
-            Work::Install { task, .. } | Work::Restore { task, .. } => task,
+            Work::Install { task, .. }
+            | Work::Restore { task, .. }
+            | Work::MakePermanent { task, .. } => task,
         }
     }
 }
@@ -129,6 +139,8 @@ pub enum ReportState {
     Rejected,
     /// A `restore` finished.
     RolledBack,
+    /// A `make-permanent` finished.
+    MadePermanent,
 }
 
 impl Report {
@@ -150,6 +162,7 @@ impl Report {
             ReportState::FailedRollbackFailed => RunEvent::FailedRollbackFailed { error: detail() },
             ReportState::Rejected => RunEvent::Rejected { reason: detail() },
             ReportState::RolledBack => RunEvent::RolledBack,
+            ReportState::MadePermanent => RunEvent::MadePermanent,
         }
     }
 }

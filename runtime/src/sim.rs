@@ -343,6 +343,17 @@ impl Sim {
                     vec![RunEvent::RolledBack],
                 ));
             }
+            Command::MakePermanent { node, version, .. } => {
+                self.timeline.push(Step {
+                    at: now,
+                    what: format!("make {version} permanent on {node}"),
+                });
+                self.pending.push((
+                    now + self.agents.latency_ms,
+                    node,
+                    vec![RunEvent::MadePermanent],
+                ));
+            }
         }
     }
 

@@ -725,9 +725,15 @@ fn a_trial_release_reverts_on_agent_restart_until_made_permanent() {
     let n = c.add_agent(AgentSpec::default());
     c.wait_enrolled();
     c.release("1.1.0", 0);
-    let task = c.task("trial", "1.1.0", json!({"permanent": false}));
-    let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(30));
-    assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 1)]));
+    // The wave soaks an hour before it is judged (and its release made
+    // permanent by the runner): until then the node is on a trial.
+    let task = c.task(
+        "trial",
+        "1.1.0",
+        json!({"permanent": false, "params": {"soak_seconds": 3600}}),
+    );
+    let run = c.wait_run(&task, n, Duration::from_secs(30));
+    assert_eq!(run.state.name(), "succeeded");
     let dir = c.agents[n].dir.clone();
     assert_eq!(current(&dir).as_deref(), Some("1.1.0"));
     assert_eq!(permanent(&dir).as_deref(), Some("1.0.0"));
@@ -759,6 +765,43 @@ fn a_trial_release_reverts_on_agent_restart_until_made_permanent() {
     wait_for("the node to say 1.1.0", Duration::from_secs(20), || {
         (c.node(n)["version"] == "1.1.0").then_some(())
     });
+    assert_eq!(current(&dir).as_deref(), Some("1.1.0"));
+}
+
+#[test]
+fn the_runner_makes_a_healthy_trial_wave_permanent() {
+    let mut c = Cluster::start();
+    let n = c.add_agent(AgentSpec::default());
+    c.wait_enrolled();
+    c.release("1.1.0", 0);
+    let task = c.task("trial-ok", "1.1.0", json!({"permanent": false}));
+    c.wait_task(&task, &["succeeded"], Duration::from_secs(30));
+    let dir = c.agents[n].dir.clone();
+    wait_for(
+        "the release to be made permanent",
+        Duration::from_secs(20),
+        || (permanent(&dir).as_deref() == Some("1.1.0")).then_some(()),
+    );
+    wait_for(
+        "node.permanent in the task's events",
+        Duration::from_secs(10),
+        || {
+            let events = c.api.get(&format!("/v1/tasks/{task}/events?limit=1000"));
+            events["events"]
+                .as_array()?
+                .iter()
+                .any(|e| e["kind"] == "node.permanent")
+                .then_some(())
+        },
+    );
+    // A restart stays on it.
+    c.agents[n].proc.take().unwrap().stop();
+    c.start_agent(n);
+    wait_for(
+        "the node to report 1.1.0 after a restart",
+        Duration::from_secs(20),
+        || (c.node(n)["version"] == "1.1.0").then_some(()),
+    );
     assert_eq!(current(&dir).as_deref(), Some("1.1.0"));
 }
 

@@ -113,6 +113,7 @@ impl Upgrader {
                 .await
             }
             Work::Restore { task, version, .. } => self.restore(task, version).await,
+            Work::MakePermanent { task, version, .. } => self.make_permanent(task, version),
         }
     }
 
@@ -395,6 +396,37 @@ impl Upgrader {
             self.run(cmd, "restore", &env, &dir).await?;
         }
         Ok(())
+    }
+
+    /// `Work::MakePermanent`: the trial release `version` (current) becomes
+    /// the one a restart comes back on. Idempotent: asked again, it answers
+    /// the same.
+    fn make_permanent(&self, task: &str, version: &str) -> Report {
+        if let Err(e) = check_version(version) {
+            return report(task, ReportState::Rejected, e.to_string());
+        }
+        match self.store.current() {
+            Ok(Some(current)) if current == version => {}
+            Ok(current) => {
+                return report(
+                    task,
+                    ReportState::Rejected,
+                    format!(
+                        "{version} is not the current release ({}); nothing made permanent",
+                        current.as_deref().unwrap_or("none")
+                    ),
+                );
+            }
+            Err(e) => return report(task, ReportState::Rejected, e.to_string()),
+        }
+        match self.store.make_permanent(version) {
+            Ok(()) => report(
+                task,
+                ReportState::MadePermanent,
+                format!("{version} is permanent"),
+            ),
+            Err(e) => report(task, ReportState::Rejected, e.to_string()),
+        }
     }
 
     /// `Work::Restore`: put `version` back as current and permanent.
@@ -1037,6 +1069,39 @@ mod tests {
         let restarted = ReleaseStore::open(tmp.path()).unwrap();
         assert!(restarted.revert_trial().unwrap().is_some());
         assert_eq!(restarted.current().unwrap().as_deref(), Some("1.0.0"));
+    }
+
+    #[tokio::test]
+    async fn a_trial_made_permanent_survives_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        run(
+            &up,
+            &server,
+            &install(&server, &bytes, false, Backup::Default),
+        )
+        .await;
+        let commit = |version: &str| Work::MakePermanent {
+            task: "t1".into(),
+            package: "app".into(),
+            version: version.into(),
+        };
+        let (_, wrong) = run(&up, &server, &commit("3.0.0")).await;
+        assert_eq!(wrong.state, ReportState::Rejected, "{}", wrong.detail);
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        let (_, done) = run(&up, &server, &commit("2.0.0")).await;
+        assert_eq!(done.state, ReportState::MadePermanent, "{}", done.detail);
+        let (_, again) = run(&up, &server, &commit("2.0.0")).await;
+        assert_eq!(
+            again.state,
+            ReportState::MadePermanent,
+            "asked again, same answer"
+        );
+        let restarted = ReleaseStore::open(tmp.path()).unwrap();
+        assert!(restarted.revert_trial().unwrap().is_none());
+        assert_eq!(restarted.current().unwrap().as_deref(), Some("2.0.0"));
     }
 
     #[tokio::test]

@@ -48,6 +48,14 @@ pub enum Command {
         package: String,
         version: String,
     },
+    /// Make the trial release `version` permanent (a trial task's wave was
+    /// judged healthy).
+    MakePermanent {
+        task: String,
+        node: String,
+        package: String,
+        version: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +96,7 @@ impl Live {
     /// cancelled or aborted task drains, so no other task touches a node
     /// an agent is still upgrading.
     fn in_flight(&self) -> bool {
-        self.runs.values().any(|r| out_with_agent(&r.state))
+        self.runs.values().any(out_with_agent)
     }
 
     fn event(&mut self, at: u64, node: Option<&str>, kind: &str, detail: impl Into<String>) {
@@ -108,6 +116,16 @@ impl Live {
             .runs
             .get_mut(node)
             .ok_or_else(|| format!("node {node} is not in task {}", self.task.id))?;
+        if let (true, RunEvent::Rejected { reason }) = (run.committing, &event) {
+            // The agent could not make the trial release permanent: the node
+            // stays upgraded (a restart reverts it); a person decides.
+            run.committing = false;
+            run.updated_at = at;
+            let detail = format!("not made permanent: {reason}");
+            self.dirty.push(node.to_string());
+            self.event(at, Some(node), "node.not-permanent", detail);
+            return Ok(());
+        }
         let next = run
             .state
             .clone()
@@ -124,9 +142,21 @@ impl Live {
             run.attempts += 1;
             run.started_at = Some(at);
         }
+        if matches!(event, RunEvent::MadePermanent) {
+            if !run.committing {
+                return Err(format!(
+                    "node {node} was not asked to make a release permanent"
+                ));
+            }
+            run.committing = false;
+        }
         run.state = next;
         run.updated_at = at;
-        let kind = format!("node.{}", run.state.name());
+        let kind = if matches!(event, RunEvent::MadePermanent) {
+            "node.permanent".to_string()
+        } else {
+            format!("node.{}", run.state.name())
+        };
         self.dirty.push(node.to_string());
         self.event(at, Some(node), &kind, detail);
         Ok(())
@@ -255,7 +285,7 @@ impl Engine {
             } else {
                 // An ended task still draining work out with agents is held too.
                 let r = engine.store.runs(&task.id)?;
-                r.iter().any(|r| out_with_agent(&r.state)).then_some(r)
+                r.iter().any(out_with_agent).then_some(r)
             };
             if let Some(runs) = runs {
                 let next_seq = last_seq(&*engine.store, &task.id)?;
@@ -271,6 +301,7 @@ impl Engine {
         for run in &runs {
             if run.state.wave().is_some() && !run.state.finished()
                 || matches!(run.state, RunState::Pending)
+                || run.committing
             {
                 self.busy.insert(run.node_id.clone(), task.id.clone());
             }
@@ -366,7 +397,7 @@ impl Engine {
             // Ended: every node whose work is done is free; one still out
             // with an agent stays held until the agent reports or times out.
             for run in live.runs.values() {
-                if !out_with_agent(&run.state)
+                if !out_with_agent(run)
                     && self.busy.get(&run.node_id).map(String::as_str) == Some(id)
                 {
                     self.busy.remove(&run.node_id);
@@ -815,7 +846,13 @@ impl Engine {
             format!("wave {}: {verdict}", w + 1),
         );
         match verdict {
-            Verdict::Proceed => self.next_wave(id, now),
+            Verdict::Proceed => {
+                let live = self.live.get_mut(id).expect("live");
+                if !live.task.spec.permanent {
+                    commit_wave(live, w, now, out);
+                }
+                self.next_wave(id, now)
+            }
             Verdict::Pause(reason) => {
                 let live = self.live.get_mut(id).expect("live");
                 // Resuming continues with the next wave (or completes the
@@ -1157,6 +1194,9 @@ impl Engine {
                         package: live.task.spec.package.clone(),
                         version: run.from_version.clone(),
                     }),
+                    RunState::Succeeded { .. } if run.committing => {
+                        out.push(make_permanent(&live.task, &run.node_id))
+                    }
                     _ => {}
                 }
             }
@@ -1190,16 +1230,45 @@ fn finish_rollback(live: &mut Live, now: u64) {
     }
 }
 
-/// Handed to an agent and not reported finished.
-fn out_with_agent(state: &RunState) -> bool {
-    matches!(
-        state,
-        RunState::Offered { .. }
-            | RunState::Downloading { .. }
-            | RunState::Upgrading { .. }
-            | RunState::Verifying { .. }
-            | RunState::RollingBack { .. }
-    )
+/// Handed to an agent and not reported finished (a trial release being made
+/// permanent included).
+fn out_with_agent(run: &NodeRun) -> bool {
+    run.committing
+        || matches!(
+            run.state,
+            RunState::Offered { .. }
+                | RunState::Downloading { .. }
+                | RunState::Upgrading { .. }
+                | RunState::Verifying { .. }
+                | RunState::RollingBack { .. }
+        )
+}
+
+/// A trial task's wave was judged healthy: its upgraded nodes make the
+/// release permanent.
+fn commit_wave(live: &mut Live, wave: u32, now: u64, out: &mut Vec<Command>) {
+    let nodes: Vec<String> = live
+        .wave_runs(wave)
+        .filter(|r| matches!(r.state, RunState::Succeeded { .. }))
+        .map(|r| r.node_id.clone())
+        .collect();
+    for node in nodes {
+        if let Some(run) = live.runs.get_mut(&node) {
+            run.committing = true;
+            run.updated_at = now;
+        }
+        live.dirty.push(node.clone());
+        out.push(make_permanent(&live.task, &node));
+    }
+}
+
+fn make_permanent(task: &Task, node: &str) -> Command {
+    Command::MakePermanent {
+        task: task.id.clone(),
+        node: node.to_string(),
+        package: task.spec.package.clone(),
+        version: task.target_version.clone().unwrap_or_default(),
+    }
 }
 
 fn deliver(task: &Task, node: &str) -> Command {

@@ -569,3 +569,80 @@ fn cancel_withdraws_waiting_work_and_frees_the_nodes() {
     let states = sim::states(&w.engine, &third.id).unwrap();
     assert_eq!(states["n000"], "offered", "n000 is free again: {states:?}");
 }
+
+#[test]
+fn a_trial_wave_judged_healthy_is_made_permanent() {
+    let mut w = world(fleet(3, "1.12"), &[]);
+    let mut s = spec("trial", "default", json!({}));
+    s.permanent = false;
+    let task = w.engine.create(s).unwrap();
+    let delivered = w.engine.tick().unwrap();
+    assert_eq!(delivered.len(), 3);
+    assert!(delivered.iter().all(|c| matches!(
+        c,
+        Command::Deliver {
+            permanent: false,
+            ..
+        }
+    )));
+    // Not before its wave is judged.
+    assert!(
+        w.engine.report("n000", RunEvent::MadePermanent).is_err(),
+        "a node not asked to make its release permanent"
+    );
+    for n in ["n000", "n001", "n002"] {
+        for e in [
+            RunEvent::Downloading,
+            RunEvent::Upgrading,
+            RunEvent::Verifying,
+            RunEvent::Succeeded,
+        ] {
+            w.engine.report(n, e).unwrap();
+        }
+    }
+    let commits = w.engine.tick().unwrap();
+    let nodes: Vec<&str> = commits
+        .iter()
+        .filter_map(|c| match c {
+            Command::MakePermanent { node, version, .. } if version == "v1.13" => {
+                Some(node.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(nodes, ["n000", "n001", "n002"]);
+    assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+    // The task holds its nodes until every agent confirmed (or a restart
+    // would find the work still open).
+    assert_eq!(w.engine.open_work().len(), 3);
+    w.engine.report("n000", RunEvent::MadePermanent).unwrap();
+    w.engine.report("n001", RunEvent::MadePermanent).unwrap();
+    w.engine
+        .report(
+            "n002",
+            RunEvent::Rejected {
+                reason: "disk full".into(),
+            },
+        )
+        .unwrap();
+    assert!(w.engine.open_work().is_empty());
+    assert!(!w.engine.has_active(), "the task let go of its nodes");
+    let events = w.engine.events(&task.id, 0, 1000).unwrap();
+    let permanent = events.iter().filter(|e| e.kind == "node.permanent").count();
+    assert_eq!(permanent, 2);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node.not-permanent" && e.detail.contains("disk full"))
+    );
+}
+
+#[test]
+fn a_permanent_task_sends_no_make_permanent() {
+    let mut w = world(fleet(2, "1.12"), &[]);
+    let task = w.engine.create(spec("perm", "default", json!({}))).unwrap();
+    drive(&mut w, &Agents::default());
+    assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+    let events = w.engine.events(&task.id, 0, 1000).unwrap();
+    assert!(!events.iter().any(|e| e.kind == "node.permanent"));
+}

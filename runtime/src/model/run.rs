@@ -109,6 +109,8 @@ pub enum RunEvent {
     Rollback,
     RolledBack,
     Cancel,
+    /// The agent made a trial release permanent (its wave proved healthy).
+    MadePermanent,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -264,6 +266,7 @@ impl RunState {
                 E::Retry,
             ) => S::Queued { wave: *wave },
             (S::Succeeded { wave }, E::Rollback) => S::RollingBack { wave: *wave },
+            (S::Succeeded { wave }, E::MadePermanent) => S::Succeeded { wave: *wave },
             (S::RollingBack { wave }, E::RolledBack) => S::RolledBack { wave: *wave },
             (S::Pending | S::Queued { .. } | S::Offered { .. }, E::Cancel) => S::Cancelled,
             (_, event) => {
@@ -296,6 +299,7 @@ impl RunEvent {
             RunEvent::Rollback => "rollback",
             RunEvent::RolledBack => "rolled-back",
             RunEvent::Cancel => "cancel",
+            RunEvent::MadePermanent => "made-permanent",
         }
     }
 }
@@ -409,6 +413,10 @@ pub struct NodeRun {
     /// Not before this time (Unix ms), when `admit` deferred it.
     pub not_before: Option<u64>,
     pub updated_at: u64,
+    /// A trial release on this node is being made permanent (the agent was
+    /// told; its report is awaited).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub committing: bool,
 }
 
 impl NodeRun {
@@ -421,6 +429,7 @@ impl NodeRun {
             started_at: None,
             not_before: None,
             updated_at: now,
+            committing: false,
         }
     }
 }

@@ -311,6 +311,19 @@ impl Inventory {
                     version: version.clone(),
                 },
             ),
+            Command::MakePermanent {
+                task,
+                node,
+                package,
+                version,
+            } => (
+                node.clone(),
+                Work::MakePermanent {
+                    task: task.clone(),
+                    package: package.clone(),
+                    version: version.clone(),
+                },
+            ),
         }
     }
 }
