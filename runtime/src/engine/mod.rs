@@ -857,7 +857,14 @@ impl Engine {
                 let live = self.live.get_mut(id).expect("live");
                 // Resuming continues with the next wave (or completes the
                 // task when this was the last one): a person looks first.
+                // A next wave that needs approval still waits for a promote
+                // after the resume.
                 live.task.current_wave += 1;
+                live.task.awaiting_approval = live
+                    .task
+                    .waves
+                    .get(live.task.current_wave as usize)
+                    .is_some_and(|w| w.needs_approval);
                 live.task_transition(TaskEvent::Pause(reason), now)
             }
             Verdict::RetryFailed => {

@@ -646,3 +646,32 @@ fn a_permanent_task_sends_no_make_permanent() {
     let events = w.engine.events(&task.id, 0, 1000).unwrap();
     assert!(!events.iter().any(|e| e.kind == "node.permanent"));
 }
+
+#[test]
+fn a_resume_after_a_pause_verdict_still_waits_for_the_next_waves_approval() {
+    let mut w = world(fleet(20, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec(
+            "gated",
+            "canary",
+            json!({ "threshold": 0.1, "min_finished": 5, "approval": true }),
+        ))
+        .unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n000".into(), Outcome::Fail);
+    drive(&mut w, &agents);
+    assert!(matches!(
+        w.engine.task(&task.id).unwrap().state,
+        TaskState::Paused(_)
+    ));
+    w.engine.resume(&task.id).unwrap();
+    drive(&mut w, &agents);
+    // Wave 2 needs a promote: nothing of it starts on the resume alone.
+    let t = w.engine.task(&task.id).unwrap();
+    assert!(t.awaiting_approval, "{t:?}");
+    assert_eq!(sim::counts(&w.engine, &task.id).unwrap()["queued"], 19);
+    w.engine.promote(&task.id).unwrap();
+    w.engine.tick().unwrap();
+    assert_eq!(sim::counts(&w.engine, &task.id).unwrap()["offered"], 1);
+}
