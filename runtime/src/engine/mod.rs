@@ -278,16 +278,9 @@ impl Engine {
         };
         for task in engine.store.tasks()? {
             engine.next_id = engine.next_id.max(task_number(&task.id) + 1);
-            let runs = if task.state.active() {
-                Some(engine.store.runs(&task.id)?)
-            } else if task.state == TaskState::Succeeded {
-                None // every run of a succeeded task finished
-            } else {
-                // An ended task still draining work out with agents is held too.
-                let r = engine.store.runs(&task.id)?;
-                r.iter().any(out_with_agent).then_some(r)
-            };
-            if let Some(runs) = runs {
+            // An ended task still draining work out with agents is held too.
+            if task.state.active() || task.draining {
+                let runs = engine.store.runs(&task.id)?;
                 let next_seq = last_seq(&*engine.store, &task.id)?;
                 engine.hold(task, runs, next_seq);
             }
@@ -341,6 +334,7 @@ impl Engine {
             current_wave: 0,
             soak_until: None,
             awaiting_approval: false,
+            draining: false,
             created_at: now,
             updated_at: now,
         };
@@ -390,6 +384,7 @@ impl Engine {
             .iter()
             .filter_map(|n| live.runs.get(n).cloned())
             .collect();
+        live.task.draining = !live.task.state.active() && live.in_flight();
         self.store.commit(&live.task, &runs, &live.events)?;
         live.dirty.clear();
         live.events.clear();
@@ -403,7 +398,7 @@ impl Engine {
                     self.busy.remove(&run.node_id);
                 }
             }
-            if !live.in_flight() {
+            if !live.task.draining {
                 self.live.remove(id);
             }
         }

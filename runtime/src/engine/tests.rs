@@ -544,6 +544,21 @@ fn cancel_withdraws_waiting_work_and_frees_the_nodes() {
             .all(|n| states[*n] == "offered"),
         "{states:?}"
     );
+    // An engine started over the same store finds the draining task: n000's
+    // work is still out and its report is still taken.
+    let restarted = engine_with_default_policy(
+        w.store.clone(),
+        Arc::new(MemoryFleet::new(fleet(4, "1.12"))),
+        &w.clock,
+    );
+    assert!(
+        restarted
+            .open_work()
+            .iter()
+            .any(|c| matches!(c, Command::Deliver { task: t, node, .. } if *t == task.id && node == "n000")),
+        "a restart forgot the draining task"
+    );
+    drop(restarted);
     // The cancelled task still takes its agent's reports, then lets go.
     w.engine.report("n000", RunEvent::Upgrading).unwrap();
     w.engine.report("n000", RunEvent::Verifying).unwrap();

@@ -401,6 +401,12 @@ pub struct Task {
     pub soak_until: Option<u64>,
     /// The current wave needs a promote before it starts.
     pub awaiting_approval: bool,
+    /// Ended (cancelled, failed, succeeded) but work is still out with
+    /// agents: the task holds those nodes until they report. Kept on the
+    /// task so a restarted engine finds draining tasks without reading the
+    /// runs of every task that ever ended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     pub created_at: u64,
     pub updated_at: u64,
 }

@@ -152,11 +152,9 @@ pub fn spawn(
                             report,
                             reply,
                         } => {
-                            if is_final(report.state) {
-                                finals.push((node.clone(), report.task.clone()));
-                            } else {
-                                finals.push((String::new(), String::new()));
-                            }
+                            finals.push(
+                                is_final(report.state).then(|| (node.clone(), report.task.clone())),
+                            );
                             reports.push((node, report.event()));
                             report_replies.push(reply);
                         }
@@ -199,8 +197,8 @@ pub fn spawn(
                     }
                     continue;
                 }
-                for ((node, task), result) in finals.iter().zip(&results) {
-                    if result.is_ok() && !node.is_empty() {
+                for (done, result) in finals.iter().zip(&results) {
+                    if let (Some((node, task)), Ok(())) = (done, result) {
                         outbox.finish(node, task);
                     }
                 }

@@ -57,6 +57,25 @@ struct AgentRecord {
     enrolled_at: u64,
 }
 
+/// Token hashes both ways: a node's own (to check a node's call) and the
+/// node of a hash (to tell "another node's token" from "no token", and to
+/// let any enrolled node download artifacts) — each one lookup, however
+/// many nodes are enrolled.
+#[derive(Default)]
+struct Tokens {
+    by_node: HashMap<String, [u8; 32]>,
+    by_hash: HashMap<[u8; 32], String>,
+}
+
+impl Tokens {
+    fn set(&mut self, node: String, hash: [u8; 32]) {
+        if let Some(old) = self.by_node.insert(node.clone(), hash) {
+            self.by_hash.remove(&old);
+        }
+        self.by_hash.insert(hash, node);
+    }
+}
+
 pub struct Inventory {
     fleet: Arc<MemoryFleet>,
     nodes: Kv,
@@ -65,7 +84,7 @@ pub struct Inventory {
     control_plane: Kv,
     control_plane_cache: RwLock<BTreeMap<String, String>>,
     agents: Kv,
-    tokens: RwLock<HashMap<String, [u8; 32]>>,
+    tokens: RwLock<Tokens>,
     pub deliveries: Kv,
     artifacts: PathBuf,
 }
@@ -99,11 +118,11 @@ impl Inventory {
                 slot.insert(v);
             }
         }
-        let mut tokens = HashMap::new();
+        let mut tokens = Tokens::default();
         for (node, rec) in agents.all::<AgentRecord>()? {
             let mut h = [0u8; 32];
             if hex::decode_to_slice(&rec.token_sha256, &mut h).is_ok() {
-                tokens.insert(node, h);
+                tokens.set(node, h);
             }
         }
         let artifacts = data.join("artifacts");
@@ -236,7 +255,7 @@ impl Inventory {
         self.tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(node.to_string(), hash);
+            .set(node.to_string(), hash);
         Ok(token)
     }
 
@@ -246,16 +265,16 @@ impl Inventory {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
         tokens
+            .by_node
             .get(node)
             .is_some_and(|want| bool::from(want.ct_eq(&hash)))
     }
 
     /// Whether `token` belongs to any enrolled node (artifact downloads).
     pub fn any_token(&self, token: &str) -> bool {
-        use subtle::ConstantTimeEq;
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        tokens.values().any(|want| bool::from(want.ct_eq(&hash)))
+        tokens.by_hash.contains_key(&hash)
     }
 
     /// The agent-facing form of an engine command.

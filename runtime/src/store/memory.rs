@@ -60,6 +60,7 @@ fn update_task(stored: &mut Task, new: &Task) {
         current_wave,
         soak_until,
         awaiting_approval,
+        draining,
         created_at,
         updated_at,
     } = new;
@@ -74,6 +75,7 @@ fn update_task(stored: &mut Task, new: &Task) {
     stored.current_wave = *current_wave;
     stored.soak_until = *soak_until;
     stored.awaiting_approval = *awaiting_approval;
+    stored.draining = *draining;
     stored.created_at = *created_at;
     stored.updated_at = *updated_at;
 }
@@ -178,6 +180,7 @@ pub(crate) mod conformance {
             current_wave: 0,
             soak_until: None,
             awaiting_approval: false,
+            draining: false,
             created_at,
             updated_at: created_at,
         }

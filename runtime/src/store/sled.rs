@@ -213,6 +213,7 @@ struct TaskHead<'a> {
     current_wave: u32,
     soak_until: Option<u64>,
     awaiting_approval: bool,
+    draining: bool,
     created_at: u64,
     updated_at: u64,
 }
@@ -229,6 +230,7 @@ impl<'a> TaskHead<'a> {
             current_wave,
             soak_until,
             awaiting_approval,
+            draining,
             created_at,
             updated_at,
         } = task;
@@ -242,6 +244,7 @@ impl<'a> TaskHead<'a> {
             current_wave: *current_wave,
             soak_until: *soak_until,
             awaiting_approval: *awaiting_approval,
+            draining: *draining,
             created_at: *created_at,
             updated_at: *updated_at,
         }
