@@ -1206,14 +1206,6 @@ impl Engine {
         out
     }
 
-    /// Whether `node`'s run in `task` is still open (its work not finished).
-    pub fn is_open(&self, task: &str, node: &str) -> bool {
-        self.live
-            .get(task)
-            .and_then(|l| l.runs.get(node))
-            .is_some_and(|r| !r.state.finished() && r.state.wave().is_some())
-    }
-
     pub fn events(&self, id: &str, from: u64, limit: usize) -> Result<Vec<Event>, EngineError> {
         Ok(self.store.events(id, from, limit)?)
     }

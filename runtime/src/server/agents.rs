@@ -106,14 +106,6 @@ impl Outbox {
             }
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().values().filter(|s| s.work.is_some()).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub fn routes(state: Arc<AppState>) -> Router {
