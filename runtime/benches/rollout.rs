@@ -45,6 +45,9 @@ impl Store for Counting {
     fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError> {
         self.inner.runs(task_id)
     }
+    fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
+        self.inner.run(task_id, node_id)
+    }
     fn events(&self, task_id: &str, from: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.inner.events(task_id, from, limit)
     }

@@ -17,8 +17,11 @@ use crate::policy::{Policy, PolicyError};
 use crate::store::{Store, StoreError};
 use crate::window::Schedule;
 use crate::world::{Clock, Delivery, Fleet, World};
+use status::TaskView;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+mod status;
 
 /// How often an increment task looks for nodes that registered later.
 const SCAN_EVERY_MS: u64 = 60_000;
@@ -88,6 +91,8 @@ struct Live {
     next_seq: u64,
     /// Last look for new nodes (increment tasks).
     last_scan: Option<u64>,
+    /// What the policy reads through `status` (the runs, lent per call).
+    status: Arc<TaskView>,
 }
 
 impl Live {
@@ -311,6 +316,7 @@ impl Engine {
                 events: Vec::new(),
                 next_seq,
                 last_scan: None,
+                status: Arc::new(TaskView::new(&task.id, self.store.clone())),
                 task,
             },
         );
@@ -430,17 +436,26 @@ impl Engine {
         Ok(out)
     }
 
-    fn policy<'a>(
-        live: &'a mut Live,
+    /// Calls the task's policy (loading it on first use), with the task's
+    /// runs lent to its `status` view for the length of the call.
+    fn call_policy<R>(
+        live: &mut Live,
         policies: &dyn PolicySource,
-        world: World,
-    ) -> Result<&'a mut Box<dyn Policy>, EngineError> {
+        world: &World,
+        f: impl FnOnce(&mut dyn Policy) -> Result<R, PolicyError>,
+    ) -> Result<R, EngineError> {
         if live.policy.is_none() {
+            let world = World {
+                status: live.status.clone(),
+                ..world.clone()
+            };
             live.policy = Some(policies.load(&live.task.spec.policy, world)?);
         }
-        Ok(live.policy.as_mut().expect("just loaded"))
+        let policy = live.policy.as_mut().expect("just loaded");
+        Ok(live.status.lend(&mut live.runs, || f(policy.as_mut()))?)
     }
 
+    /// The world of every task; `call_policy` adds the task's own `status`.
     fn world(&self) -> World {
         World {
             fleet: self.fleet.clone(),
@@ -521,8 +536,7 @@ impl Engine {
         let selected = self.target(id, nodes, &target, now, world.clone())?;
         let live = self.live.get_mut(id).expect("live");
         let ctx = live.ctx.clone();
-        let policy = Self::policy(live, &*self.policies, world)?;
-        let waves = policy.plan(&ctx, &selected)?;
+        let waves = Self::call_policy(live, &*self.policies, &world, |p| p.plan(&ctx, &selected))?;
         live.event(
             now,
             None,
@@ -613,8 +627,9 @@ impl Engine {
         }
 
         let ctx = live.ctx.clone();
-        let policy = Self::policy(live, &*self.policies, world)?;
-        let decisions = policy.select(&ctx, &candidates)?;
+        let decisions = Self::call_policy(live, &*self.policies, &world, |p| {
+            p.select(&ctx, &candidates)
+        })?;
         let mut selected = Vec::with_capacity(candidates.len());
         let mut skipped = Vec::new();
         for (node, decision) in candidates.into_iter().zip(decisions) {
@@ -766,12 +781,13 @@ impl Engine {
                     if !node.online {
                         continue;
                     }
-                    let policy = Self::policy(live, &*self.policies, world.clone())?;
-                    let admission = if policy.info().implements(Hook::Admit) {
-                        policy.admit(&ctx, &node, now)?
-                    } else {
-                        Admission::Now
-                    };
+                    let admission = Self::call_policy(live, &*self.policies, &world, |p| {
+                        if p.info().implements(Hook::Admit) {
+                            p.admit(&ctx, &node, now)
+                        } else {
+                            Ok(Admission::Now)
+                        }
+                    })?;
                     match admission {
                         Admission::Now => {
                             live.transition(&node_id, RunEvent::Offer, now)
@@ -831,8 +847,8 @@ impl Engine {
             _ => {}
         }
         let ctx = live.ctx.clone();
-        let policy = Self::policy(live, &*self.policies, world)?;
-        let verdict = policy.evaluate(&ctx, &report)?;
+        let verdict =
+            Self::call_policy(live, &*self.policies, &world, |p| p.evaluate(&ctx, &report))?;
         live.task.soak_until = None;
         live.event(
             now,
@@ -1011,8 +1027,7 @@ impl Engine {
             return Ok(None);
         };
         let ctx = live.ctx.clone();
-        let policy = Self::policy(live, &*self.policies, world)?;
-        let offer = policy.on_request(&ctx, &n)?;
+        let offer = Self::call_policy(live, &*self.policies, &world, |p| p.on_request(&ctx, &n))?;
         let answer = match offer {
             Offer::Offer => {
                 live.transition(node, RunEvent::Offer, now)

@@ -690,3 +690,75 @@ fn a_resume_after_a_pause_verdict_still_waits_for_the_next_waves_approval() {
     w.engine.tick().unwrap();
     assert_eq!(sim::counts(&w.engine, &task.id).unwrap()["offered"], 1);
 }
+
+/// A policy reading `status`: the task's runs and counts while it decides,
+/// and a node's outcome in an earlier task.
+const STATUS_READER: &str = r#"
+fn plan(ctx, nodes) {
+    [#{ name: "first", nodes: [nodes[0].id] }, #{ name: "rest", nodes: nodes.extract(1).map(|n| n.id) }]
+}
+fn admit(ctx, node, now) {
+    let h = node_history(node.id, 5);
+    if h.len() > 0 && h[0].state == "failed-rolled-back" {
+        return #{ admission: "never", value: `failed in ${h[0].task_id} (${h[0].version})` };
+    }
+    #{ admission: "now" }
+}
+fn evaluate(ctx, report) {
+    let s = task_summary();
+    let r = node_run("n000");
+    if report.wave == 0 {
+        return #{ verdict: "pause", reason: `total ${s.total} succeeded ${s.succeeded} failed ${s.failed} failed_rolled_back ${s.failed_rolled_back} pending ${s.pending}; n000 ${r.state} in wave ${r.wave}` };
+    }
+    #{ verdict: "proceed" }
+}
+"#;
+
+#[test]
+fn policies_read_the_task_status_and_earlier_outcomes() {
+    let mut w = world(fleet(4, "1.12"), &[("status", STATUS_READER)]);
+    // An earlier task in which n002 failed.
+    let mut agents = Agents::default();
+    agents.nodes.insert("n002".into(), Outcome::Fail);
+    let first = w
+        .engine
+        .create(spec("first", "default", json!({})))
+        .unwrap();
+    drive(&mut w, &agents);
+    assert_eq!(
+        sim::states(&w.engine, &first.id).unwrap()["n002"],
+        "failed-rolled-back"
+    );
+    // The default policy paused on the failure; the operator ends the task.
+    w.engine.cancel(&first.id).unwrap();
+    assert!(!w.engine.task(&first.id).unwrap().state.active());
+    // The simulated fleet still reports 1.12 everywhere, so all four are candidates.
+
+    let task = w
+        .engine
+        .create(spec("second", "status", json!({})))
+        .unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n000".into(), Outcome::Fail);
+    drive(&mut w, &agents);
+    let t = w.engine.task(&task.id).unwrap();
+    assert_eq!(
+        t.state,
+        TaskState::Paused(
+            "total 4 succeeded 0 failed 1 failed_rolled_back 1 pending 3; n000 failed-rolled-back in wave 0"
+                .into()
+        ),
+    );
+    w.engine.resume(&task.id).unwrap();
+    drive(&mut w, &Agents::default());
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(states["n002"], "skipped", "{states:?}");
+    let events = w.engine.events(&task.id, 0, 1000).unwrap();
+    assert!(
+        events.iter().any(|e| e.node.as_deref() == Some("n002")
+            && e.detail
+                .contains(&format!("failed in {} (v1.13)", first.id))),
+        "{events:#?}"
+    );
+    assert_eq!(states["n001"], "succeeded");
+}

@@ -403,7 +403,10 @@ pub struct NodeRunInfo {
     pub wave: Option<u32>,
 }
 
+/// Counts over every run of a task, as the `status.summary` host function
+/// reports them. `failed` is the sum of the five failure kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct TaskSummary {
     pub total: u32,
     pub skipped: u32,
@@ -411,6 +414,50 @@ pub struct TaskSummary {
     pub in_flight: u32,
     pub succeeded: u32,
     pub failed: u32,
+    pub failed_rolled_back: u32,
+    pub failed_rollback_failed: u32,
+    pub timed_out: u32,
+    pub unknown: u32,
+    pub rejected: u32,
+    pub rolled_back: u32,
+    pub cancelled: u32,
+}
+
+impl TaskSummary {
+    /// Adds one run in `state` to the counts.
+    pub fn add(&mut self, state: &RunState) {
+        self.total += 1;
+        let field = match state {
+            RunState::Pending | RunState::Queued { .. } => &mut self.pending,
+            RunState::Skipped { .. } => &mut self.skipped,
+            RunState::Offered { .. }
+            | RunState::Downloading { .. }
+            | RunState::Upgrading { .. }
+            | RunState::Verifying { .. }
+            | RunState::RollingBack { .. } => &mut self.in_flight,
+            RunState::Succeeded { .. } => &mut self.succeeded,
+            RunState::FailedRolledBack { .. } => &mut self.failed_rolled_back,
+            RunState::FailedRollbackFailed { .. } => &mut self.failed_rollback_failed,
+            RunState::TimedOut { .. } => &mut self.timed_out,
+            RunState::Unknown { .. } => &mut self.unknown,
+            RunState::Rejected { .. } => &mut self.rejected,
+            RunState::RolledBack { .. } => &mut self.rolled_back,
+            RunState::Cancelled => &mut self.cancelled,
+        };
+        *field += 1;
+        if state.failed() {
+            self.failed += 1;
+        }
+    }
+
+    /// The counts of `states`.
+    pub fn of<'a>(states: impl IntoIterator<Item = &'a RunState>) -> Self {
+        let mut s = TaskSummary::default();
+        for state in states {
+            s.add(state);
+        }
+        s
+    }
 }
 
 /// A past outcome of a node in an earlier task.

@@ -924,6 +924,13 @@ impl status::Host for State {
             in_flight: s.in_flight,
             succeeded: s.succeeded,
             failed: s.failed,
+            failed_rolled_back: s.failed_rolled_back,
+            failed_rollback_failed: s.failed_rollback_failed,
+            timed_out: s.timed_out,
+            unknown: s.unknown,
+            rejected: s.rejected,
+            rolled_back: s.rolled_back,
+            cancelled: s.cancelled,
         }
     }
 

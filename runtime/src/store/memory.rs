@@ -137,6 +137,14 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
+    fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
+        Ok(self
+            .lock()
+            .runs
+            .get(task_id)
+            .and_then(|m| m.get(node_id).cloned()))
+    }
+
     fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         Ok(self
             .lock()

@@ -29,6 +29,8 @@ pub trait Store: Send + Sync {
     fn tasks(&self) -> Result<Vec<Task>, StoreError>;
     /// A task's runs, ordered by node id.
     fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError>;
+    /// One node's run in a task.
+    fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError>;
     /// Events of a task from `from_seq`, at most `limit`.
     fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
     /// Makes everything committed so far durable on disk.

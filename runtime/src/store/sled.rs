@@ -424,6 +424,18 @@ impl Store for SledStore {
         Ok(runs)
     }
 
+    fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
+        if check_task_id(task_id).is_err() {
+            return Ok(None);
+        }
+        let key = key_of(|b| run_key(b, task_id, node_id));
+        match self.runs.get(&key) {
+            Ok(Some(v)) => decode("runs", &key, &v).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.io(&format!("reading run {task_id}/{node_id}"), e)),
+        }
+    }
+
     fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         if limit == 0 || check_task_id(task_id).is_err() {
             return Ok(Vec::new());
