@@ -649,8 +649,9 @@ impl Engine {
         Ok(selected)
     }
 
-    /// Increment tasks: nodes that registered since the last scan and match
-    /// join the current wave.
+    /// Increment tasks: nodes that registered since the last scan and match,
+    /// and skipped nodes whose reason went away (see [`worth_another_look`]),
+    /// go through targeting again and join the current wave when selected.
     fn scan(&mut self, id: &str, now: u64) -> Result<(), EngineError> {
         let live = self.live.get_mut(id).expect("live");
         if live.task.spec.strategy != crate::model::Strategy::Increment
@@ -665,16 +666,37 @@ impl Engine {
             Scope::All => Selector::default(),
             Scope::Selector(s) => s.clone(),
         };
-        let known: Vec<Node> = self
+        let runs = &self.live[id].runs;
+        let mut again = 0;
+        let fresh: Vec<Node> = self
             .query_all(&selector)
             .into_iter()
-            .filter(|n| !self.live[id].runs.contains_key(&n.id))
+            .filter(|n| match runs.get(&n.id) {
+                None => true,
+                Some(run) => {
+                    let look = worth_another_look(run, n, self.busy.get(&n.id), id);
+                    again += usize::from(look);
+                    look
+                }
+            })
             .collect();
-        if known.is_empty() {
+        if fresh.is_empty() {
             return Ok(());
         }
         let world = self.world();
-        let selected = self.target(id, known, &target, now, world)?;
+        let live = self.live.get_mut(id).expect("live");
+        if again > 0 {
+            live.event(
+                now,
+                None,
+                "task.increment",
+                match again {
+                    1 => "1 skipped node changed and is targeted again".to_string(),
+                    n => format!("{n} skipped nodes changed and are targeted again"),
+                },
+            );
+        }
+        let selected = self.target(id, fresh, &target, now, world)?;
         let live = self.live.get_mut(id).expect("live");
         let wave = live.task.current_wave;
         for node in &selected {
@@ -691,7 +713,10 @@ impl Engine {
                 now,
                 None,
                 "task.increment",
-                format!("{} new nodes join wave {}", selected.len(), wave + 1),
+                match selected.len() {
+                    1 => format!("1 node joins wave {}", wave + 1),
+                    n => format!("{n} nodes join wave {}", wave + 1),
+                },
             );
         }
         Ok(())
@@ -1255,6 +1280,26 @@ fn out_with_agent(run: &NodeRun) -> bool {
 
 /// A trial task's wave was judged healthy: its upgraded nodes make the
 /// release permanent.
+/// Increment tasks: is a skipped node worth targeting again? Only when what
+/// it was skipped for changed, so a node that stays unhealthy (or stays out
+/// of range) is not re-skipped, with a new event, on every scan:
+/// - busy in another task: that task let go of it;
+/// - unhealthy: its health check passes now;
+/// - same version, out of range, or the policy's own skip: its version changed
+///   (a policy skip for labels or attributes is not revisited).
+fn worth_another_look(run: &NodeRun, node: &Node, busy_in: Option<&String>, task: &str) -> bool {
+    let RunState::Skipped { reason, .. } = &run.state else {
+        return false;
+    };
+    match reason {
+        SkipReason::BusyInAnotherTask => busy_in.is_none_or(|t| t == task),
+        SkipReason::Unhealthy => node.healthy,
+        SkipReason::SameVersion | SkipReason::OutOfRange | SkipReason::Policy => {
+            node.version != run.from_version
+        }
+    }
+}
+
 fn commit_wave(live: &mut Live, wave: u32, now: u64, out: &mut Vec<Command>) {
     let nodes: Vec<String> = live
         .wave_runs(wave)

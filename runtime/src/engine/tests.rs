@@ -762,3 +762,125 @@ fn policies_read_the_task_status_and_earlier_outcomes() {
     );
     assert_eq!(states["n001"], "succeeded");
 }
+
+#[test]
+fn increment_targets_a_skipped_node_again_only_when_its_reason_went_away() {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let mut nodes = fleet(4, "1.12");
+    nodes[1].healthy = false; // recovers later: joins
+    nodes[2].healthy = false; // stays unhealthy: skipped once, not again and again
+    nodes[3].version = "1.13".into(); // downgraded by hand later: joins
+    let inventory = Arc::new(MemoryFleet::new(nodes.clone()));
+    let mut engine =
+        engine_with_default_policy(Arc::new(MemoryStore::new()), inventory.clone(), &clock);
+    let mut s = spec("inc", "default", json!({}));
+    s.target = Target::Version("1.13".into());
+    s.strategy = serde_json::from_value(json!("increment")).unwrap();
+    s.node_timeout_seconds = 3600;
+    let task = engine.create(s).unwrap();
+    // Slow agents keep the task running across many scans.
+    let agents = Agents {
+        latency_ms: 30 * 60_000,
+        ..Default::default()
+    };
+    let mut sim = sim::Sim::new(clock.clone(), agents);
+    sim.step(&mut engine).unwrap();
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert_eq!(
+        (&*states["n001"], &*states["n002"], &*states["n003"]),
+        ("skipped", "skipped", "skipped")
+    );
+    let changes_at = clock.now() + 5 * 60_000;
+    for _ in 0..1000 {
+        if !engine.has_active() {
+            break;
+        }
+        if clock.now() == changes_at {
+            nodes[1].healthy = true;
+            inventory.upsert(nodes[1].clone());
+            nodes[3].version = "1.12.0".into();
+            inventory.upsert(nodes[3].clone());
+        }
+        if sim.step(&mut engine).unwrap() {
+            clock.advance(60_000);
+        }
+    }
+
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert_eq!(states["n000"], "succeeded");
+    assert_eq!(states["n001"], "succeeded", "{states:?}");
+    assert_eq!(states["n002"], "skipped");
+    assert_eq!(states["n003"], "succeeded", "{states:?}");
+    let events = engine.events(&task.id, 0, 10_000).unwrap();
+    let skips = |node: &str| {
+        events
+            .iter()
+            .filter(|e| e.node.as_deref() == Some(node) && e.kind == "node.skipped")
+            .count()
+    };
+    assert_eq!(skips("n002"), 1, "a node still unhealthy is not re-skipped");
+    assert_eq!(skips("n001"), 1);
+    assert!(
+        events.iter().any(|e| e.kind == "task.increment"
+            && e.detail == "2 skipped nodes changed and are targeted again"),
+        "{events:#?}"
+    );
+    // The rollback target of a node that joined later is what it had then.
+    let runs = engine.runs(&task.id).unwrap();
+    let n003 = runs.iter().find(|r| r.node_id == "n003").unwrap();
+    assert_eq!(n003.from_version, "1.12.0");
+}
+
+#[test]
+fn increment_takes_a_node_once_another_task_lets_go_of_it() {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let inventory = Arc::new(MemoryFleet::new(fleet(3, "1.12")));
+    let mut engine =
+        engine_with_default_policy(Arc::new(MemoryStore::new()), inventory.clone(), &clock);
+    // The first task holds n000 and n001; its agents do not answer yet.
+    let mut first = spec("first", "default", json!({}));
+    first.target = Target::Version("1.13".into());
+    first.scope = serde_json::from_value(json!({"selector": {"ids": ["n000", "n001"]}})).unwrap();
+    let first = engine.create(first).unwrap();
+    engine.tick().unwrap();
+    // The increment task gets n002 (slow, so the task keeps running) and
+    // skips the two busy ones.
+    let mut s = spec("inc", "default", json!({}));
+    s.target = Target::Version("1.14".into());
+    s.strategy = serde_json::from_value(json!("increment")).unwrap();
+    s.node_timeout_seconds = 3600;
+    let task = engine.create(s).unwrap();
+    let agents = Agents {
+        latency_ms: 10 * 60_000,
+        ..Default::default()
+    };
+    let mut sim = sim::Sim::new(clock.clone(), agents);
+    sim.step(&mut engine).unwrap();
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert_eq!(
+        (&*states["n000"], &*states["n001"], &*states["n002"]),
+        ("skipped", "skipped", "offered"),
+    );
+    // The first task's work comes back failed; cancelled, it lets go.
+    for n in ["n000", "n001"] {
+        engine
+            .report(
+                n,
+                RunEvent::FailedRolledBack {
+                    error: "disk full".into(),
+                },
+            )
+            .unwrap();
+    }
+    engine.cancel(&first.id).unwrap();
+    for _ in 0..1000 {
+        if !engine.has_active() {
+            break;
+        }
+        if sim.step(&mut engine).unwrap() {
+            clock.advance(60_000);
+        }
+    }
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert!(states.values().all(|s| s == "succeeded"), "{states:?}");
+}

@@ -109,13 +109,13 @@ pub fn spawn(
     tick: Duration,
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, ActorThread) {
+    // Work handed out before a restart is handed out again, from the first
+    // request on (filled before the server listens, not racing it).
+    outbox.replace(engine.open_work().iter().map(|c| inventory.work(c)));
     let (tx, rx) = mpsc::channel::<Job>();
     let thread = std::thread::Builder::new()
         .name("flotilla-engine".into())
         .spawn(move || {
-            // Work handed out before a restart is handed out again.
-            let open = engine.open_work();
-            outbox.replace(open.iter().map(|c| inventory.work(c)));
             let mut last_tick = Instant::now() - tick;
             let mut last_reconcile = Instant::now();
             let mut reports_since_tick = false;
