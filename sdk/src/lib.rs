@@ -36,9 +36,9 @@ pub mod bindings {
 }
 
 pub use bindings::flotilla::policy::types::{
-    Admission, DeliveryMethod, Hook, Level, Node, NodeRun, Offer, Outcome, PolicyInfo, Release,
-    ReleaseKind, Selection, Selector, Skip, SkipReason, Strategy, TaskContext, TaskSummary,
-    Verdict, Wave, WaveReport,
+    Admission, Backup, DeliveryMethod, Hook, Level, Node, NodeRun, Offer, Outcome, PolicyInfo,
+    Release, ReleaseKind, Selection, Selector, Skip, SkipReason, Strategy, TaskContext,
+    TaskSummary, Verdict, Wave, WaveReport,
 };
 pub use flotilla_sdk_macros::policy;
 pub use flotilla_version as version;

@@ -1346,6 +1346,8 @@ fn context(task: &Task) -> TaskContext {
         strategy: task.spec.strategy,
         method: task.spec.method,
         concurrency: task.spec.concurrency,
+        backup: task.spec.backup.clone(),
+        permanent: task.spec.permanent,
         params: task.spec.params.clone(),
     }
 }

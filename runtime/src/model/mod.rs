@@ -131,6 +131,12 @@ pub struct TaskContext {
     /// 0 = unbounded.
     #[serde(default)]
     pub concurrency: u32,
+    /// The task's backup choice (`"default"`, `"none"` or `{"location": "..."}`).
+    #[serde(default)]
+    pub backup: Backup,
+    /// `false` for a trial release, made permanent when its wave is healthy.
+    #[serde(default = "yes")]
+    pub permanent: bool,
     /// Policy parameters, a JSON object.
     #[serde(default = "empty_object")]
     pub params: serde_json::Value,
@@ -151,6 +157,8 @@ impl TaskContext {
             strategy: Strategy::Snapshot,
             method: Method::Push,
             concurrency: 0,
+            backup: Backup::Default,
+            permanent: true,
             params: empty_object(),
         }
     }

@@ -1002,6 +1002,12 @@ fn wit_ctx(c: &model::TaskContext) -> wit::TaskContext {
             model::Method::Pull => wit::DeliveryMethod::Pull,
         },
         concurrency: c.concurrency,
+        backup: match &c.backup {
+            model::Backup::Default => wit::Backup::AgentDefault,
+            model::Backup::Location(l) => wit::Backup::Location(l.clone()),
+            model::Backup::None => wit::Backup::None,
+        },
+        permanent: c.permanent,
         params: c.params.to_string(),
     }
 }
