@@ -18,6 +18,7 @@
 
 use crate::model::{Backup, ReleaseKind, RunEvent};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The longest a `work` long poll is held open.
 pub const MAX_WAIT_SECONDS: u64 = 60;
@@ -50,7 +51,7 @@ pub struct Enrolled {
 }
 
 /// What the agent says about its node every few seconds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// The version the node runs now (its current release).
@@ -59,6 +60,43 @@ pub struct Heartbeat {
     pub healthy: bool,
     #[serde(default = "yes")]
     pub schedulable: bool,
+    /// Metrics of the node now (`load1`, `mem_available_ratio`, or anything
+    /// a policy reads through `status.metric`); each heartbeat replaces the
+    /// last set. See [`Heartbeat::check`] for the limits.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// At most this many metrics in one heartbeat.
+pub const MAX_METRICS: usize = 64;
+
+impl Heartbeat {
+    /// Names are 1–64 characters of `[a-z0-9_.-]`, values finite, at most
+    /// [`MAX_METRICS`] of them.
+    pub fn check(&self) -> Result<(), String> {
+        if self.metrics.len() > MAX_METRICS {
+            return Err(format!(
+                "metrics: {} given, at most {MAX_METRICS}",
+                self.metrics.len()
+            ));
+        }
+        for (name, value) in &self.metrics {
+            let ok_name = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+            if !ok_name {
+                return Err(format!(
+                    "metrics: name {name:?} must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
+                ));
+            }
+            if !value.is_finite() {
+                return Err(format!("metrics.{name}: {value} is not a finite number"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Work for one node.
@@ -174,6 +212,35 @@ fn yes() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_metrics_are_checked() {
+        let hb = |m: &[(&str, f64)]| Heartbeat {
+            version: "1".into(),
+            healthy: true,
+            schedulable: true,
+            metrics: m.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        assert!(
+            hb(&[("load1", 0.3), ("disk.free_ratio", 0.5)])
+                .check()
+                .is_ok()
+        );
+        assert!(hb(&[("", 1.0)]).check().unwrap_err().contains("1-64"));
+        assert!(hb(&[("CPU", 1.0)]).check().unwrap_err().contains("\"CPU\""));
+        assert!(
+            hb(&[("cpu", f64::NAN)])
+                .check()
+                .unwrap_err()
+                .contains("finite")
+        );
+        let many: Vec<(String, f64)> = (0..65).map(|i| (format!("m{i}"), 1.0)).collect();
+        let many: Vec<(&str, f64)> = many.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert!(hb(&many).check().unwrap_err().contains("at most 64"));
+        // Old agents send none: still a heartbeat.
+        let old: Heartbeat = serde_json::from_str(r#"{"version": "1"}"#).unwrap();
+        assert!(old.metrics.is_empty() && old.check().is_ok());
+    }
 
     #[test]
     fn work_is_tagged_by_action() {

@@ -168,6 +168,8 @@ pub struct NodeSet {
     pub healthy: Option<bool>,
     pub schedulable: Option<bool>,
     pub online: Option<bool>,
+    /// What the node's agent reports now (`status.metric`), replacing the last set.
+    pub metrics: Option<BTreeMap<String, f64>>,
 }
 
 /// Something that happens at a point of virtual time (from the start):
@@ -472,6 +474,7 @@ impl Scenario {
                         healthy: s.healthy,
                         schedulable: s.schedulable,
                         online: s.online,
+                        metrics: s.metrics.clone(),
                     },
                 ));
             } else if a.promote {
@@ -727,6 +730,7 @@ fn set_online(node: &str, online: bool) -> Change {
         healthy: None,
         schedulable: None,
         online: Some(online),
+        metrics: None,
     }
 }
 
@@ -1035,6 +1039,44 @@ expect:
         assert_eq!(s.policy_path(), Path::new("/tmp/s/../p.rhai"));
         assert_eq!(s.file.task.node_timeout_seconds, 300);
         assert_eq!(s.file.agents.default, Outcome::Succeed);
+    }
+
+    #[test]
+    fn a_timeline_sets_the_metrics_a_policy_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("guard.rhai"),
+            r#"
+            fn plan(ctx, nodes) { nodes.map(|n| #{ name: n.id, nodes: [n.id] }) }
+            fn evaluate(ctx, report) {
+                let load = metric("n1", "load1") ?? 0.0;
+                if load > 4.0 { return #{ verdict: "pause", reason: `n1 load1 ${load}` }; }
+                #{ verdict: "proceed" }
+            }
+            "#,
+        )
+        .unwrap();
+        let path = dir.path().join("metrics.yaml");
+        std::fs::write(
+            &path,
+            "fleet:\n  - {id: n1, version: \"1.0\"}\n  - {id: n2, version: \"1.0\"}\n\
+             task: {name: t, package: p, target: {version: \"2.0\"}, policy: guard.rhai}\n\
+             agents: {latency: 2m}\n\
+             timeline:\n  - {at: 1m, node: n1, set: {metrics: {load1: 9.5}}}\n\
+             expect:\n  task: \"paused: n1 load1 9.5\"\n  nodes: {n1: succeeded, n2: queued}\n",
+        )
+        .unwrap();
+        let scenario = Scenario::load(&path).unwrap();
+        let report = scenario.run(&WasmRuntime::new(None).unwrap(), None);
+        assert!(report.passed, "{}\n{:?}", report.diff, report.error);
+        assert!(
+            report
+                .timeline
+                .iter()
+                .any(|l| l.ends_with("node n1: metrics load1=9.5")),
+            "{:?}",
+            report.timeline
+        );
     }
 
     #[test]

@@ -157,6 +157,8 @@ pub enum Change {
         healthy: Option<bool>,
         schedulable: Option<bool>,
         online: Option<bool>,
+        /// Replaces the metrics the node's agent reports.
+        metrics: Option<crate::world::Metrics>,
     },
 }
 
@@ -173,6 +175,7 @@ impl Change {
                 healthy,
                 schedulable,
                 online,
+                metrics,
             } => {
                 let mut n = fleet
                     .get(node)
@@ -195,6 +198,11 @@ impl Change {
                     what.push(if *o { "online" } else { "offline" }.to_string());
                 }
                 fleet.upsert(n);
+                if let Some(m) = metrics {
+                    fleet.set_metrics(node, m.clone());
+                    let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    what.push(format!("metrics {}", shown.join(" ")));
+                }
                 Ok(format!("node {node}: {}", what.join(", ")))
             }
         }

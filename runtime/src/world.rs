@@ -3,7 +3,7 @@
 //! engine, the simulator and tests plug in their own. In-memory versions live here.
 
 use crate::model::{Node, NodeRunInfo, Outcome, Release, Selector, TaskSummary};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +13,10 @@ pub trait Fleet: Send + Sync {
     fn query(&self, selector: &Selector, offset: u64, limit: u32) -> Vec<Node>;
     fn get(&self, id: &str) -> Option<Node>;
     fn count(&self, selector: &Selector) -> u64;
+    /// The latest value of a metric the node's agent reported.
+    fn metric(&self, _node_id: &str, _name: &str) -> Option<f64> {
+        None
+    }
 }
 
 /// Packages the runner can deliver.
@@ -68,18 +72,35 @@ impl Default for World {
 #[derive(Debug, Default)]
 pub struct MemoryFleet {
     nodes: std::sync::RwLock<BTreeMap<String, Node>>,
+    /// The latest metrics each agent reported (not persisted: a restarted
+    /// runner waits for the next heartbeat).
+    metrics: std::sync::RwLock<HashMap<String, Metrics>>,
 }
+
+/// Metric name → latest value, as an agent reports them.
+pub type Metrics = BTreeMap<String, f64>;
 
 impl MemoryFleet {
     pub fn new(nodes: impl IntoIterator<Item = Node>) -> Self {
         MemoryFleet {
             nodes: std::sync::RwLock::new(nodes.into_iter().map(|n| (n.id.clone(), n)).collect()),
+            metrics: Default::default(),
         }
     }
 
     /// Adds or replaces a node.
     pub fn upsert(&self, node: Node) {
         self.write().insert(node.id.clone(), node);
+    }
+
+    /// Replaces what a node's agent last reported (empty clears it).
+    pub fn set_metrics(&self, node_id: &str, metrics: Metrics) {
+        let mut all = self.metrics.write().unwrap_or_else(|e| e.into_inner());
+        if metrics.is_empty() {
+            all.remove(node_id);
+        } else {
+            all.insert(node_id.to_string(), metrics);
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Node>> {
@@ -109,6 +130,11 @@ impl Fleet for MemoryFleet {
 
     fn count(&self, selector: &Selector) -> u64 {
         self.read().values().filter(|n| selector.matches(n)).count() as u64
+    }
+
+    fn metric(&self, node_id: &str, name: &str) -> Option<f64> {
+        let all = self.metrics.read().unwrap_or_else(|e| e.into_inner());
+        all.get(node_id)?.get(name).copied()
     }
 }
 

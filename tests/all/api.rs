@@ -573,6 +573,47 @@ async fn tokens_guard_management_and_agents() {
     );
     let (_, n) = h.send("GET", "/v1/nodes/a1", None, Some("mgmt")).await;
     assert_eq!(n["version"], "1.0.1");
+    // metrics: bad ones are refused whole, and the node is left as it was
+    for (bad, why) in [
+        (
+            json!({"version": "9.9.9", "metrics": {"Load": 1.0}}),
+            "name \"Load\"",
+        ),
+        (
+            json!({"version": "9.9.9", "metrics": {"load1": "high"}}),
+            "metrics.load1",
+        ),
+        (
+            json!({"version": "9.9.9", "metrics": (0..65).map(|i| (format!("m{i}"), json!(1.0))).collect::<serde_json::Map<_, _>>()}),
+            "at most 64",
+        ),
+    ] {
+        let (s, e) = h
+            .send(
+                "POST",
+                "/v1/agents/a1/heartbeat",
+                Some(bad.to_string().into_bytes()),
+                Some(&t1),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(why), "{bad}: {e}");
+    }
+    let (_, n) = h.send("GET", "/v1/nodes/a1", None, Some("mgmt")).await;
+    assert_eq!(
+        n["version"], "1.0.1",
+        "a refused heartbeat changed the node"
+    );
+    let good = json!({"version": "1.0.1", "metrics": {"load1": 0.5, "mem_available_ratio": 0.8}});
+    let (s, e) = h
+        .send(
+            "POST",
+            "/v1/agents/a1/heartbeat",
+            Some(good.to_string().into_bytes()),
+            Some(&t1),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{e}");
     // a report for a node in no task, and malformed reports
     let r = json!({"task": "t000001", "state": "succeeded"})
         .to_string()

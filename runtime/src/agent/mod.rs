@@ -255,6 +255,7 @@ impl Agent {
                     version: self.current(),
                     healthy,
                     schedulable: self.config.schedulable,
+                    metrics: system_metrics(),
                 };
                 match self.client.heartbeat(&hb).await {
                     Ok(()) => tracing::debug!(version = hb.version, "heartbeat"),
@@ -416,6 +417,39 @@ fn write_token(dir: &std::path::Path, token: &str) {
 /// The default long poll: the protocol's limit.
 pub const DEFAULT_WAIT_SECONDS: u64 = MAX_WAIT_SECONDS;
 
+/// What the agent reports of its machine with every heartbeat, for policies
+/// (`status.metric`): `load1` (the 1-minute load average) and
+/// `mem_available_ratio` (available / total memory), where the system tells
+/// (Linux `/proc`); nothing elsewhere.
+fn system_metrics() -> std::collections::BTreeMap<String, f64> {
+    let mut m = std::collections::BTreeMap::new();
+    if let Some(load1) = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+    {
+        m.insert("load1".to_string(), load1);
+    }
+    if let Ok(info) = std::fs::read_to_string("/proc/meminfo") {
+        let kb = |key: &str| {
+            info.lines().find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+        };
+        if let (Some(total), Some(avail)) = (kb("MemTotal:"), kb("MemAvailable:"))
+            && total > 0.0
+        {
+            m.insert("mem_available_ratio".to_string(), avail / total);
+        }
+    }
+    m.retain(|_, v| v.is_finite());
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,6 +463,23 @@ mod tests {
 
     const TOKEN: &str = "tok-n1";
     const CUT: usize = 20_000;
+
+    #[test]
+    fn the_agent_reports_load_and_memory_where_proc_tells() {
+        let m = system_metrics();
+        if std::path::Path::new("/proc/loadavg").exists() {
+            assert!(m["load1"] >= 0.0, "{m:?}");
+            let mem = m["mem_available_ratio"];
+            assert!(mem > 0.0 && mem <= 1.0, "{m:?}");
+        }
+        let hb = Heartbeat {
+            version: "1".into(),
+            healthy: true,
+            schedulable: true,
+            metrics: m,
+        };
+        assert!(hb.check().is_ok(), "the runner would refuse {hb:?}");
+    }
 
     /// A runner that holds one piece of work for node `n1` until a final
     /// report on it arrives, as the real one does.

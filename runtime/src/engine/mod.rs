@@ -316,7 +316,11 @@ impl Engine {
                 events: Vec::new(),
                 next_seq,
                 last_scan: None,
-                status: Arc::new(TaskView::new(&task.id, self.store.clone())),
+                status: Arc::new(TaskView::new(
+                    &task.id,
+                    self.store.clone(),
+                    self.fleet.clone(),
+                )),
                 task,
             },
         );

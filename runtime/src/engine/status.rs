@@ -1,6 +1,7 @@
 //! What a policy sees through the `status` host functions while the engine
 //! runs its task: the task's own runs (live, not a copy) and the node's
-//! outcomes in earlier tasks (read from the store).
+//! outcomes in earlier tasks (read from the store), and the metrics agents
+//! report (from the fleet).
 //!
 //! The engine owns a task's runs. Around every policy call it lends them to
 //! the task's [`TaskView`] (a move of the map, not a copy) and takes them back
@@ -9,7 +10,7 @@
 
 use crate::model::{NodeRun, NodeRunInfo, Outcome, Task, TaskSummary};
 use crate::store::Store;
-use crate::world::TaskStatus;
+use crate::world::{Fleet, TaskStatus};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -18,17 +19,19 @@ pub(crate) struct TaskView {
     task_id: String,
     runs: Mutex<BTreeMap<String, NodeRun>>,
     store: Arc<dyn Store>,
+    fleet: Arc<dyn Fleet>,
     /// Ended tasks, newest first, read once on the first history question
     /// (a task that ends while this one runs is not seen by it).
     earlier: OnceLock<Vec<(String, String)>>,
 }
 
 impl TaskView {
-    pub(crate) fn new(task_id: &str, store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(task_id: &str, store: Arc<dyn Store>, fleet: Arc<dyn Fleet>) -> Self {
         TaskView {
             task_id: task_id.to_string(),
             runs: Mutex::new(BTreeMap::new()),
             store,
+            fleet,
             earlier: OnceLock::new(),
         }
     }
@@ -111,8 +114,7 @@ impl TaskStatus for TaskView {
         out
     }
 
-    fn metric(&self, _node_id: &str, _name: &str) -> Option<f64> {
-        // Agents do not report metrics yet (protocol v1 has none).
-        None
+    fn metric(&self, node_id: &str, name: &str) -> Option<f64> {
+        self.fleet.metric(node_id, name)
     }
 }

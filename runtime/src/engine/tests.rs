@@ -884,3 +884,51 @@ fn increment_takes_a_node_once_another_task_lets_go_of_it() {
     let states = sim::states(&engine, &task.id).unwrap();
     assert!(states.values().all(|s| s == "succeeded"), "{states:?}");
 }
+
+#[test]
+fn policies_read_the_metrics_agents_report() {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let fleet = Arc::new(MemoryFleet::new(fleet(2, "1.12")));
+    let guard = r#"
+        fn evaluate(ctx, report) {
+            let load = metric("n000", "load1");
+            if load == () { return #{ verdict: "pause", reason: "no load1 from n000" }; }
+            if load > 4.0 { return #{ verdict: "rollback", reason: `n000 load1 ${load} after the upgrade` }; }
+            #{ verdict: "proceed" }
+        }
+        fn plan(ctx, nodes) { nodes.map(|n| #{ name: n.id, nodes: [n.id] }) }
+    "#;
+    let scripts = BTreeMap::from([("guard".to_string(), guard.to_string())]);
+    let mut engine = Engine::new(
+        Arc::new(MemoryStore::new()),
+        fleet.clone(),
+        Arc::new(MemoryDelivery::default()),
+        clock.clone(),
+        Arc::new(Scripts(scripts)),
+    )
+    .unwrap();
+    let mut s = spec("guarded", "guard", json!({}));
+    s.target = Target::Version("1.13".into());
+    let task = engine.create(s).unwrap();
+    fleet.set_metrics("n000", BTreeMap::from([("load1".to_string(), 7.5)]));
+    sim::run(&mut engine, &clock, &Agents::default(), 1000, 3_600_000).unwrap();
+    let t = engine.task(&task.id).unwrap();
+    assert_eq!(t.state, TaskState::RolledBack);
+    let events = engine.events(&task.id, 0, 1000).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.detail.contains("n000 load1 7.5 after the upgrade")),
+        "{events:#?}"
+    );
+    // Cleared: the policy sees nothing.
+    fleet.set_metrics("n000", BTreeMap::new());
+    let mut s = spec("guarded-again", "guard", json!({}));
+    s.target = Target::Version("1.14".into());
+    let task = engine.create(s).unwrap();
+    sim::run(&mut engine, &clock, &Agents::default(), 1000, 3_600_000).unwrap();
+    assert_eq!(
+        engine.task(&task.id).unwrap().state,
+        TaskState::Paused("no load1 from n000".into())
+    );
+}

@@ -209,6 +209,7 @@ async fn heartbeat(
 ) -> Result<StatusCode, ApiError> {
     node_auth(&state, &headers, &node)?;
     let hb: Heartbeat = json(&body)?;
+    hb.check().map_err(ApiError::unprocessable)?;
     let now = state.clock.now();
     let found = state.inventory.update_node(&node, |n| {
         n.version = hb.version;
@@ -218,7 +219,10 @@ async fn heartbeat(
         n.last_seen = now;
     })?;
     match found {
-        Some(_) => Ok(StatusCode::NO_CONTENT),
+        Some(_) => {
+            state.inventory.fleet().set_metrics(&node, hb.metrics);
+            Ok(StatusCode::NO_CONTENT)
+        }
         None => Err(ApiError::not_found(format!("no node {node}")).hint("enroll again")),
     }
 }
