@@ -93,6 +93,16 @@ impl MemoryFleet {
         self.write().insert(node.id.clone(), node);
     }
 
+    /// Ids of the nodes marked online whose agent was last seen before
+    /// `before` (Unix ms), without copying the nodes.
+    pub fn silent_since(&self, before: u64) -> Vec<String> {
+        self.read()
+            .values()
+            .filter(|n| n.online && n.last_seen != 0 && n.last_seen < before)
+            .map(|n| n.id.clone())
+            .collect()
+    }
+
     /// Replaces what a node's agent last reported (empty clears it).
     pub fn set_metrics(&self, node_id: &str, metrics: Metrics) {
         let mut all = self.metrics.write().unwrap_or_else(|e| e.into_inner());

@@ -934,3 +934,39 @@ async fn the_github_release_example_starts_a_rollout() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_marked_offline_and_back_online_by_its_next_heartbeat() {
+    let h = Harness::start(|c| c.offline_after_seconds = 1).await;
+    let token = h.enroll("quiet", "1.0.0").await;
+    let beat = || async {
+        let (s, e) = h
+            .send(
+                "POST",
+                "/v1/agents/quiet/heartbeat",
+                Some(json!({"version": "1.0.0"}).to_string().into_bytes()),
+                Some(&token),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{e}");
+    };
+    beat().await;
+    let online = || async {
+        let (_, n) = h.send("GET", "/v1/nodes/quiet", None, Some("mgmt")).await;
+        n["online"].as_bool().unwrap()
+    };
+    assert!(online().await);
+    // The sweep runs every half of `offline_after`; give it a few rounds.
+    let mut offline = false;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if !online().await {
+            offline = true;
+            break;
+        }
+    }
+    assert!(offline, "silent for 4 s with offline_after_seconds = 1");
+    beat().await;
+    assert!(online().await, "a heartbeat brings the node back");
+    h.stop().await;
+}

@@ -346,14 +346,20 @@ pub async fn sweep_offline(state: Arc<AppState>) {
         tokio::time::interval(Duration::from_secs(5).min(Duration::from_millis(after / 2)));
     loop {
         every.tick().await;
-        let now = state.clock.now();
-        for n in state.inventory.all_nodes() {
-            if n.online && n.last_seen != 0 && now.saturating_sub(n.last_seen) > after {
-                let r = state.inventory.update_node(&n.id, |n| n.online = false);
-                match r {
-                    Ok(_) => tracing::info!(node = %n.id, "node went offline"),
-                    Err(e) => tracing::error!("marking {} offline: {e}", n.id),
+        let before = state.clock.now().saturating_sub(after);
+        for id in state.inventory.fleet().silent_since(before) {
+            // Checked again under the write: a heartbeat may have come since.
+            let mut went = false;
+            let r = state.inventory.update_node(&id, |n| {
+                if n.last_seen < before {
+                    n.online = false;
+                    went = true;
                 }
+            });
+            match r {
+                Ok(_) if went => tracing::info!(node = %id, "node went offline"),
+                Ok(_) => {}
+                Err(e) => tracing::error!("marking {id} offline: {e}"),
             }
         }
     }
