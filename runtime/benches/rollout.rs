@@ -4,36 +4,43 @@
 //! the baseline: the same number of records written to sled in a tight loop,
 //! so the ratio is the engine's own overhead.
 //!
+//! Memory is RSS growth from just before the engine starts (the fleet is
+//! built before) divided by the nodes: at the end of the run (the budget
+//! line), the largest seen between simulation steps (while the task is
+//! live), and the kernel's peak (`VmHWM`, which also catches what a single
+//! step allocates and frees, e.g. targeting all nodes at once).
+//! `ROLLOUT_STAGES=1` prints the time and RSS after every step.
+//!
+//! The baseline writes as many records as the store wrote (sled keys, from
+//! `SledStore::records_written`: node runs, packs of events, task heads and
+//! plans), so the ratio is the engine's own overhead per record.
+//!
 //! Run: `cargo bench -p flotilla --bench rollout` (`-- --nodes N` to change the size).
 
 use flotilla::engine::{Engine, PolicySource};
 use flotilla::model::{Event, Node, NodeRun, Task, TaskSpec};
 use flotilla::policy::{Limits, Policy, PolicyError, RhaiPolicy};
-use flotilla::sim::{self, Agents};
+use flotilla::sim::{self, Agents, Sim};
 use flotilla::store::{SledStore, Store, StoreError};
-use flotilla::world::{ManualClock, MemoryDelivery, MemoryFleet, World};
+use flotilla::world::{Clock, ManualClock, MemoryDelivery, MemoryFleet, World};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Counts the records the engine writes, to size the baseline.
+/// Counts what the engine hands the store (the sled records it became are
+/// counted by the store itself), to size the baseline.
 struct Counting {
     inner: SledStore,
-    records: AtomicU64,
-    bytes: AtomicU64,
+    runs: AtomicU64,
+    events: AtomicU64,
 }
 
 impl Store for Counting {
     fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
-        self.records.fetch_add(
-            1 + runs.len() as u64 + events.len() as u64,
-            Ordering::Relaxed,
-        );
-        let approx = runs
-            .first()
-            .map_or(0, |r| serde_json::to_vec(r).map_or(0, |v| v.len()));
-        self.bytes.fetch_add(approx as u64, Ordering::Relaxed);
+        self.runs.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        self.events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         self.inner.commit(task, runs, events)
     }
     fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
@@ -80,6 +87,17 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
+/// Peak RSS of the process so far (`VmHWM`).
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args
@@ -103,29 +121,61 @@ fn main() {
 
     let store = Arc::new(Counting {
         inner: SledStore::open(&dir.join("engine")).unwrap(),
-        records: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
+        runs: AtomicU64::new(0),
+        events: AtomicU64::new(0),
     });
     let clock = Arc::new(ManualClock::new(1_767_571_200_000));
+    // The inventory exists before any task: what a rollout costs is measured
+    // from here.
+    let fleet = Arc::new(MemoryFleet::new(nodes));
+    let verbose = std::env::var_os("ROLLOUT_STAGES").is_some();
     let rss_before = rss_bytes();
     let t = Instant::now();
     let mut engine = Engine::new(
         store.clone(),
-        Arc::new(MemoryFleet::new(nodes)),
+        fleet,
         Arc::new(MemoryDelivery::default()),
         clock.clone(),
         Arc::new(Canary),
     )
     .unwrap();
     let task = engine.create(spec).unwrap();
-    sim::run(&mut engine, &clock, &Agents::default(), 1000, 86_400_000).unwrap();
+    // `sim::run`, with the RSS sampled after every step: the most the
+    // engine holds while it tracks the nodes, not only what is left after.
+    let mut sim = Sim::new(clock.clone(), Agents::default());
+    let mut live_rss = 0;
+    let mut steps = 0;
+    let start = clock.now();
+    while engine.has_active() && clock.now() - start <= 86_400_000 {
+        if sim.step(&mut engine).unwrap() {
+            clock.advance(1000);
+        }
+        steps += 1;
+        let rss = rss_bytes();
+        live_rss = live_rss.max(rss);
+        if verbose {
+            eprintln!(
+                "step {steps:>3} at {:>7.3} s: RSS +{:>6.1} MB",
+                t.elapsed().as_secs_f64(),
+                rss.saturating_sub(rss_before) as f64 / 1e6
+            );
+        }
+    }
+    drop(sim);
     store.flush().unwrap();
     let took = t.elapsed();
     let rss_after = rss_bytes();
+    let peak = peak_rss_bytes();
     let counts = sim::counts(&engine, &task.id).unwrap();
     assert_eq!(counts.get("succeeded"), Some(&n), "{counts:?}");
-    let records = store.records.load(Ordering::Relaxed);
+    let records = store.inner.records_written();
+    let (runs, events) = (
+        store.runs.load(Ordering::Relaxed),
+        store.events.load(Ordering::Relaxed),
+    );
     let per_node_rss = rss_after.saturating_sub(rss_before) as f64 / n as f64;
+    let per_node_live = live_rss.saturating_sub(rss_before) as f64 / n as f64;
+    let per_node_peak = peak.saturating_sub(rss_before) as f64 / n as f64;
 
     // Baseline: the same number of records, of the size of a node run, into
     // sled in a tight loop, then one flush.
@@ -148,6 +198,11 @@ fn main() {
         "10 s"
     );
     println!(
+        "{:<44} {:>12}",
+        "run writes / events the engine committed",
+        format!("{runs} / {events}")
+    );
+    println!(
         "{:<44} {:>10.3} s",
         format!("baseline: {records} sled inserts, tight loop"),
         base.as_secs_f64()
@@ -159,7 +214,17 @@ fn main() {
     );
     println!(
         "{:<44} {:>8.0} B {:>10}",
-        "RSS growth per tracked node", per_node_rss, "1024 B"
+        "RSS growth per tracked node, end of run", per_node_rss, "1024 B"
     );
+    println!(
+        "{:<44} {:>8.0} B {:>10}",
+        "  largest between steps (task live)", per_node_live, "1024 B"
+    );
+    println!(
+        "{:<44} {:>8.0} B",
+        "  peak within a step (VmHWM)", per_node_peak
+    );
+    // sled flushes on drop: close both databases before removing their files.
+    drop((engine, store, tree, db));
     let _ = std::fs::remove_dir_all(&dir);
 }

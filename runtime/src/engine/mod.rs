@@ -778,24 +778,36 @@ impl Engine {
             return Ok(());
         }
         let w = live.task.current_wave;
-        let wave = live.task.waves[w as usize].clone();
-        let limit = match (wave.concurrency, live.task.spec.concurrency) {
+        let (concurrency, soak_seconds) = {
+            let wave = &live.task.waves[w as usize];
+            (wave.concurrency, wave.soak_seconds)
+        };
+        let limit = match (concurrency, live.task.spec.concurrency) {
             (0, 0) => usize::MAX,
             (0, c) | (c, _) => c as usize,
         };
-        let report = live.report(w);
-        if report.in_flight > 0 {
+        // One walk of the wave on every tick (the full report, which also
+        // walks every run of the task, only once the wave is finished).
+        let push = live.task.spec.method == Method::Push && live.schedule.is_open(now);
+        let (mut unfinished, mut running) = (0, 0);
+        let mut ready: Vec<String> = Vec::new();
+        for r in live.wave_runs(w) {
+            if !reported_done(&r.state) {
+                unfinished += 1;
+            }
+            if push {
+                if r.state.in_flight() {
+                    running += 1;
+                } else if matches!(r.state, RunState::Queued { .. })
+                    && r.not_before.is_none_or(|t| t <= now)
+                {
+                    ready.push(r.node_id.clone());
+                }
+            }
+        }
+        if unfinished > 0 {
             // Push mode hands nodes over here; pull mode waits for requests.
-            if live.task.spec.method == Method::Push && live.schedule.is_open(now) {
-                let mut running = live.wave_runs(w).filter(|r| r.state.in_flight()).count();
-                let ready: Vec<String> = live
-                    .wave_runs(w)
-                    .filter(|r| {
-                        matches!(r.state, RunState::Queued { .. })
-                            && r.not_before.is_none_or(|t| t <= now)
-                    })
-                    .map(|r| r.node_id.clone())
-                    .collect();
+            if push {
                 let ctx = live.ctx.clone();
                 for node_id in ready {
                     if running >= limit {
@@ -860,7 +872,8 @@ impl Engine {
         }
 
         // The wave is finished: soak, then ask the policy.
-        let soak = wave.soak_seconds * 1000;
+        let report = live.report(w);
+        let soak = soak_seconds * 1000;
         match live.task.soak_until {
             None if soak > 0 => {
                 live.task.soak_until = Some(now + soak);
@@ -868,7 +881,7 @@ impl Engine {
                     now,
                     None,
                     "wave.soak",
-                    format!("wave {} soaks {}s", w + 1, wave.soak_seconds),
+                    format!("wave {} soaks {}s", w + 1, soak_seconds),
                 );
                 return Ok(());
             }
@@ -1266,6 +1279,12 @@ fn finish_rollback(live: &mut Live, now: u64) {
     {
         let _ = live.task_transition(TaskEvent::RolledBack, now);
     }
+}
+
+/// A run `Live::report` counts as done (every other one is `in_flight`
+/// there, and keeps its wave open).
+fn reported_done(state: &RunState) -> bool {
+    matches!(state, RunState::Succeeded { .. }) || state.failed()
 }
 
 /// Handed to an agent and not reported finished (a trial release being made

@@ -1,5 +1,6 @@
 //! The engine's own thread. Handlers send jobs; the thread takes every job
-//! that is waiting as one batch, applies it (agent reports through
+//! that is waiting as one batch (held open while more follow closely, see
+//! `LINGER_GAP`), applies it (agent reports through
 //! `Engine::report_many`, operator calls in order, then a tick when one is
 //! due), flushes the store once, and only then answers the callers and hands
 //! new work to the agents. One fsync covers a whole burst of reports (group
@@ -24,6 +25,15 @@ const BATCH: usize = 8192;
 /// wave, ~6 ms at 10,000 nodes, so ticking every 20 ms under a stream of
 /// reports cost a third of the engine thread).
 const TICK_AFTER_REPORTS: Duration = Duration::from_millis(100);
+/// Group commit: after a job arrives, the batch stays open while more
+/// follow within `LINGER_GAP`, for at most `LINGER_MAX`. Measured on the api
+/// bench (10,000 nodes, 64 reports in flight): without it a batch averaged
+/// ~13 reports and each paid a flush (~380 µs) plus the wake-ups of the
+/// engine and sled's I/O threads, 15.4–17.9k reports/s; with it
+/// 20.6–23.3k/s on the same machine. It adds at most `LINGER_MAX` to the
+/// answer of a lone request.
+const LINGER_GAP: Duration = Duration::from_micros(200);
+const LINGER_MAX: Duration = Duration::from_millis(1);
 /// How often the agents' queues are rebuilt from the engine's open work.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
@@ -133,10 +143,20 @@ pub fn spawn(
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => stopping = true,
                 }
-                while batch.len() < BATCH {
+                // Group commit: once one job is here, take what follows it
+                // closely too (agents' reports come in bursts), so one flush
+                // covers more of them.
+                let linger_until = Instant::now() + LINGER_MAX;
+                while !batch.is_empty() && batch.len() < BATCH {
                     match rx.try_recv() {
                         Ok(job) => batch.push(job),
-                        Err(_) => break,
+                        Err(_) => {
+                            let left = linger_until.saturating_duration_since(Instant::now());
+                            match rx.recv_timeout(LINGER_GAP.min(left)) {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
+                        }
                     }
                 }
                 let mut reports = Vec::new();
