@@ -108,7 +108,7 @@ impl RhaiPolicy {
         deadline.arm(limits.cpu);
         let mut scope = Scope::new();
         engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
-            load_err(match classify(&e, &limits) {
+            load_err(match classify(&e, &limits, limits.cpu) {
                 Failure::Budget(b) => {
                     format!("top-level statements exceeded the CPU budget ({b})")
                 }
@@ -174,14 +174,18 @@ impl RhaiPolicy {
     }
 
     /// Runs one hook on already converted arguments, mapping failures.
+    /// `nodes` is how many nodes the call is handed: the CPU budget grows with
+    /// it ([`Limits::budget`]), as for a Wasm policy.
     fn call(
         &mut self,
         hook: Hook,
         args: Vec<Dynamic>,
         input: Sizes,
+        nodes: usize,
     ) -> Result<Dynamic, PolicyError> {
         set_allowance(&mut self.engine, &self.limits, input);
-        self.deadline.arm(self.limits.cpu);
+        let budget = self.limits.budget(nodes);
+        self.deadline.arm(budget);
         let mut scope = Scope::new();
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
         let result = self.engine.call_fn_with_options::<Dynamic>(
@@ -193,7 +197,7 @@ impl RhaiPolicy {
         );
         result.map(Dynamic::flatten).map_err(|e| {
             let policy = self.info.name.clone();
-            match classify(&e, &self.limits) {
+            match classify(&e, &self.limits, budget) {
                 Failure::Budget(budget) => PolicyError::Budget {
                     policy,
                     hook,
@@ -227,10 +231,11 @@ impl RhaiPolicy {
         ctx: &TaskContext,
         mut args: Vec<Dynamic>,
         sizes: Sizes,
+        nodes: usize,
     ) -> Result<Dynamic, PolicyError> {
         let (ctx, ctx_sizes) = self.ctx_value(ctx).map_err(|m| self.input_error(hook, m))?;
         args.insert(0, ctx);
-        self.call(hook, args, ctx_sizes + sizes)
+        self.call(hook, args, ctx_sizes + sizes, nodes)
     }
 }
 
@@ -244,14 +249,16 @@ impl Policy for RhaiPolicy {
         ctx: &TaskContext,
         nodes: &[Node],
     ) -> Result<Vec<Selection>, PolicyError> {
+        let n = nodes.len();
         let (nodes, sizes) = nodes_to_dynamic(nodes);
-        let out = self.call_with_ctx(Hook::Select, ctx, vec![nodes], sizes)?;
+        let out = self.call_with_ctx(Hook::Select, ctx, vec![nodes], sizes, n)?;
         selections(out).map_err(|r| self.invalid(Hook::Select, r))
     }
 
     fn call_plan(&mut self, ctx: &TaskContext, nodes: &[Node]) -> Result<Vec<Wave>, PolicyError> {
+        let n = nodes.len();
         let (nodes, sizes) = nodes_to_dynamic(nodes);
-        let out = self.call_with_ctx(Hook::Plan, ctx, vec![nodes], sizes)?;
+        let out = self.call_with_ctx(Hook::Plan, ctx, vec![nodes], sizes, n)?;
         waves(out).map_err(|r| self.invalid(Hook::Plan, r))
     }
 
@@ -263,7 +270,7 @@ impl Policy for RhaiPolicy {
     ) -> Result<Admission, PolicyError> {
         let args = vec![node_to_dynamic(node), Dynamic::from_int(to_int(now))];
         let sizes = node_sizes(node);
-        let out = self.call_with_ctx(Hook::Admit, ctx, args, sizes)?;
+        let out = self.call_with_ctx(Hook::Admit, ctx, args, sizes, 1)?;
         admission(out).map_err(|r| self.invalid(Hook::Admit, r))
     }
 
@@ -275,13 +282,14 @@ impl Policy for RhaiPolicy {
         let report = rhai::serde::to_dynamic(report)
             .map_err(|e| self.input_error(Hook::Evaluate, format!("wave report: {e}")))?;
         let sizes = Sizes::of(&report);
-        let out = self.call_with_ctx(Hook::Evaluate, ctx, vec![report], sizes)?;
+        let out = self.call_with_ctx(Hook::Evaluate, ctx, vec![report], sizes, 0)?;
         verdict(out).map_err(|r| self.invalid(Hook::Evaluate, r))
     }
 
     fn call_on_request(&mut self, ctx: &TaskContext, node: &Node) -> Result<Offer, PolicyError> {
         let sizes = node_sizes(node);
-        let out = self.call_with_ctx(Hook::OnRequest, ctx, vec![node_to_dynamic(node)], sizes)?;
+        let out =
+            self.call_with_ctx(Hook::OnRequest, ctx, vec![node_to_dynamic(node)], sizes, 1)?;
         offer(out).map_err(|r| self.invalid(Hook::OnRequest, r))
     }
 }
@@ -667,12 +675,12 @@ enum Failure {
     Trap(String),
 }
 
-fn classify(err: &EvalAltResult, limits: &Limits) -> Failure {
+fn classify(err: &EvalAltResult, limits: &Limits, budget: Duration) -> Failure {
     match err.unwrap_inner() {
         EvalAltResult::ErrorTooManyOperations(..) => {
             Failure::Budget(format!("{} operations", limits.max_operations))
         }
-        EvalAltResult::ErrorTerminated(..) => Failure::Budget(duration_text(limits.cpu)),
+        EvalAltResult::ErrorTerminated(..) => Failure::Budget(duration_text(budget)),
         EvalAltResult::ErrorDataTooLarge(what, pos) => Failure::Memory(format!(
             "{} elements or bytes per string, array or map; {} too large{}",
             limits.max_collection,
