@@ -396,17 +396,10 @@ impl CompiledPolicy {
             limits,
             live: None,
             spare: Vec::new(),
-            workers: default_workers(),
+            workers: super::default_threads(),
             ctx_cache: None,
         })
     }
-}
-
-/// The number of cores, at most 4. Asked once: `available_parallelism` reads
-/// cgroup files, which costs more than the rest of an instantiation.
-fn default_workers() -> usize {
-    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *WORKERS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 /// A live instance: its store, its bindings, and `select`/`plan` as raw
