@@ -10,7 +10,8 @@
 //! Instances come from wasmtime's pooling allocator (slots reserved once, reused
 //! without `mmap`/`munmap`, memories initialised copy-on-write), which is what
 //! makes instantiation cheap. The pool has a fixed number of slots
-//! ([`POOL_INSTANCES`] component instances); when it is exhausted an instance is
+//! ([`POOL_INSTANCES`] component instances); when it is exhausted (or a
+//! component needs more memories or tables than a slot has) an instance is
 //! made by a second engine with the on-demand allocator instead, so a runner
 //! holding many policies at once never fails for want of a slot. The memory cap
 //! ([`Limits::memory_bytes`]) is enforced by the store's limiter either way; pool
@@ -62,11 +63,17 @@ const EXPORTS: [&str; 6] = [
 
 /// Component instances the pooling allocator has slots for. A policy instance
 /// takes one (and `select` up to 4 while it spreads chunks over cores); past
-/// this, instances are allocated on demand by the fallback engine.
-pub const POOL_INSTANCES: u32 = 256;
-/// Core instances, memories and tables per policy component are few (the
-/// module, the WASI adapter, shims); the pool allows this many of each per slot.
+/// this, instances are allocated on demand by the fallback engine. Each
+/// memory slot reserves (not commits) wasmtime's default 4 GiB of address
+/// space plus guards, so the pool stays modest: 64 instances are about
+/// 0.5 TiB of reservation per runtime.
+pub const POOL_INSTANCES: u32 = 64;
+/// Per policy component in a pool slot: core instances (the module, the WASI
+/// adapter, shims), linear memories and tables. A component that needs more
+/// is instantiated by the fallback engine.
 const POOL_CORE_PER_COMPONENT: u32 = 8;
+const POOL_MEMORIES_PER_COMPONENT: u32 = 2;
+const POOL_TABLES_PER_COMPONENT: u32 = 4;
 
 /// The engines, linkers and compile cache shared by every Wasm policy of a runner.
 #[derive(Clone)]
@@ -108,14 +115,13 @@ impl WasmRuntime {
         config.wasm_component_model(true).epoch_interruption(true);
         let fallback = Engine::new(&config).map_err(err)?;
         let mut pool = PoolingAllocationConfig::new();
-        let core = instances * POOL_CORE_PER_COMPONENT;
         pool.total_component_instances(instances)
-            .total_core_instances(core)
-            .total_memories(core)
-            .total_tables(core)
+            .total_core_instances(instances * POOL_CORE_PER_COMPONENT)
+            .total_memories(instances * POOL_MEMORIES_PER_COMPONENT)
+            .total_tables(instances * POOL_TABLES_PER_COMPONENT)
             .max_core_instances_per_component(POOL_CORE_PER_COMPONENT)
-            .max_memories_per_component(POOL_CORE_PER_COMPONENT)
-            .max_tables_per_component(POOL_CORE_PER_COMPONENT);
+            .max_memories_per_component(POOL_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(POOL_TABLES_PER_COMPONENT);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(err)?;
 
@@ -673,13 +679,19 @@ impl WasmPolicy {
             message: format!("cannot instantiate: {message}"),
         };
         match self.instantiate_in(&self.compiled.pooled) {
-            Err(e) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
-                tracing::debug!(policy = %self.compiled.name, "instance pool exhausted: {e:#}");
+            Ok(live) => Ok(live),
+            // The pool is full, or the component needs more than a slot has
+            // (any other failure happens again below and is reported from there).
+            Err(e) => {
+                if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                    tracing::debug!(policy = %self.compiled.name, "instance pool exhausted");
+                } else {
+                    tracing::debug!(policy = %self.compiled.name, "not instantiable from the pool: {e:#}");
+                }
                 let linked = self.compiled.fallback.get().map_err(err)?;
                 self.instantiate_in(linked)
                     .map_err(|e| err(format!("{e:#}")))
             }
-            made => made.map_err(|e| err(format!("{e:#}"))),
         }
     }
 
