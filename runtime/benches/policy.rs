@@ -4,7 +4,8 @@
 //! - a hook call on a warm Wasm instance ≤ 2 µs
 //! - instantiating from the cached compiled component ≤ 50 µs
 //!
-//! Run: `cargo bench -p flotilla --bench policy` (add `-- --quick` for fewer reps).
+//! Run: `cargo bench -p flotilla --bench policy` (add `-- --quick` for fewer reps,
+//! `-- --only wasm|rhai|warm|instantiate` for one part, e.g. under `perf`).
 
 use flotilla::model::{Node, Selection, SkipReason, TaskContext};
 use flotilla::policy::build::{build_component, workspace_root};
@@ -19,12 +20,23 @@ const FLEET: usize = 1_000_000;
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 7 };
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let root = workspace_root(Path::new(env!("CARGO_MANIFEST_DIR")));
     eprintln!("building the version-gate component ...");
     let wasm = build_component(&root, "version-gate").expect("build version-gate");
     let cache = std::env::temp_dir().join(format!("flotilla-bench-cache-{}", std::process::id()));
 
-    let nodes = fleet(FLEET);
+    // The million-node fleet only for the parts that use it (it takes a while to build).
+    let nodes = fleet(if part("wasm") || part("rhai") {
+        FLEET
+    } else {
+        5000
+    });
     let range = ">=1.10, <2";
     let ctx = TaskContext::new("1.13").with_params(serde_json::json!({ "range": range }));
 
@@ -84,147 +96,158 @@ fn main() {
 
     let mut rows = Vec::new();
 
-    let base = median(reps, || black_box(native(&ctx, &nodes)).len());
-    let w = median(reps, || wasm_policy.select(&ctx, &nodes).unwrap().len());
-    rows.push(row(
-        "select 1M nodes, wasm",
-        w,
-        base,
-        Duration::from_millis(500),
-    ));
-    // The boundary alone: a component that includes every node without looking.
-    let trivial = build_component(&root, "misbehave").expect("build misbehave");
-    let mut trivial = rt
-        .load_file(&trivial)
-        .unwrap()
-        .instantiate(World::empty(), Limits::default())
-        .unwrap();
-    let t = median(reps, || trivial.select(&ctx, &nodes).unwrap().len());
-    rows.push(row(
-        "select 1M nodes, wasm, include-all",
-        t,
-        base,
-        Duration::from_millis(500),
-    ));
-    // ... and with nodes that carry only an id and a version: what the labels,
-    // attributes and asset path cost to cross (one guest allocation per string).
-    let bare: Vec<Node> = nodes
-        .iter()
-        .map(|n| Node::new(n.id.clone(), n.version.clone()))
-        .collect();
-    let t = median(reps, || trivial.select(&ctx, &bare).unwrap().len());
-    rows.push(row(
-        "  same, bare nodes (id + version)",
-        t,
-        base,
-        Duration::from_millis(500),
-    ));
-    let r = median(reps.min(3), || {
-        rhai_policy.select(&ctx, &nodes).unwrap().len()
-    });
-    rows.push(row(
-        "select 1M nodes, rhai",
-        r,
-        base,
-        Duration::from_millis(1500),
-    ));
-
-    // A warm call: one node through `select` (lowering ctx and node, lifting the decision).
-    let one = &nodes[..1];
-    let calls = 100_000;
-    let base = median(reps, || {
-        (0..calls).map(|_| black_box(native(&ctx, one)).len()).sum()
-    }) / calls as u32;
-    let w = median(reps, || {
-        (0..calls)
-            .map(|_| wasm_policy.select(&ctx, one).unwrap().len())
-            .sum()
-    }) / calls as u32;
-    rows.push(row(
-        "warm hook call (select, 1 node)",
-        w,
-        base,
-        Duration::from_micros(2),
-    ));
-    // `evaluate` on the canary: context + wave report in, verdict out.
-    let canary = build_component(&root, "canary").expect("build canary");
-    let mut canary = rt
-        .load_file(&canary)
-        .unwrap()
-        .instantiate(World::empty(), Limits::default())
-        .unwrap();
-    let report = flotilla::model::WaveReport {
-        wave: 1,
-        waves: 4,
-        total: 10,
-        succeeded: 9,
-        failed_rolled_back: 1,
-        task_finished: 11,
-        ..Default::default()
+    let base = if part("wasm") || part("rhai") {
+        median(reps, || black_box(native(&ctx, &nodes)).len())
+    } else {
+        Duration::ZERO
     };
-    let proceed =
-        |v: flotilla::model::Verdict| matches!(v, flotilla::model::Verdict::Proceed) as usize;
-    let w = median(reps, || {
-        (0..calls)
-            .map(|_| proceed(canary.evaluate(&ctx, &report).unwrap()))
-            .sum()
-    }) / calls as u32;
-    let native_eval = |r: &flotilla::model::WaveReport| {
-        if r.failed() * 10 > r.finished() {
-            flotilla::model::Verdict::Pause(format!("{} failed", r.failed()))
-        } else {
-            flotilla::model::Verdict::Proceed
-        }
-    };
-    let base_eval = median(reps, || {
-        (0..calls)
-            .map(|_| proceed(native_eval(black_box(&report))))
-            .sum()
-    }) / calls as u32;
-    rows.push(row(
-        "warm hook call (evaluate)",
-        w,
-        base_eval,
-        Duration::from_micros(2),
-    ));
-
-    // Instantiate from the on-disk cache: a new runtime (as after a restart) loads
-    // the compiled artifact, then each instantiation makes a store and an instance.
-    let rt2 = WasmRuntime::new(Some(cache.clone())).unwrap();
-    let t = Instant::now();
-    let cached = rt2.load_file(&wasm).unwrap();
-    let load_from_cache = t.elapsed();
-    let n_inst = 2000;
-    let inst = median(reps, || {
-        (0..n_inst)
-            .map(|_| {
-                let mut p = cached
-                    .instantiate(World::empty(), Limits::default())
-                    .unwrap();
-                p.warm().unwrap();
-                1
-            })
-            .sum()
-    }) / n_inst as u32;
-    // The native counterpart of "get a ready policy": parse the params, box the closure.
-    let base_inst = median(reps, || {
-        (0..n_inst)
-            .map(|_| {
-                let req = flotilla_version::parse_range(black_box(range)).unwrap();
-                let ready: Box<dyn Fn(&Node) -> bool> = Box::new(move |n: &Node| {
-                    flotilla_version::in_range(&n.version, &req.to_string()).unwrap_or(false)
-                });
-                drop(black_box(ready));
-                1
-            })
-            .sum()
-    }) / n_inst as u32;
-    rows.push(row(
-        "instantiate from cached component",
-        inst,
-        base_inst,
-        Duration::from_micros(50),
-    ));
+    if part("wasm") {
+        let w = median(reps, || wasm_policy.select(&ctx, &nodes).unwrap().len());
+        rows.push(row(
+            "select 1M nodes, wasm",
+            w,
+            base,
+            Duration::from_millis(500),
+        ));
+        // The boundary alone: a component that includes every node without looking.
+        let trivial = build_component(&root, "misbehave").expect("build misbehave");
+        let mut trivial = rt
+            .load_file(&trivial)
+            .unwrap()
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let t = median(reps, || trivial.select(&ctx, &nodes).unwrap().len());
+        rows.push(row(
+            "select 1M nodes, wasm, include-all",
+            t,
+            base,
+            Duration::from_millis(500),
+        ));
+        // ... and with nodes that carry only an id and a version: what the labels,
+        // attributes and asset path cost to cross (one guest allocation per string).
+        let bare: Vec<Node> = nodes
+            .iter()
+            .map(|n| Node::new(n.id.clone(), n.version.clone()))
+            .collect();
+        let t = median(reps, || trivial.select(&ctx, &bare).unwrap().len());
+        rows.push(row(
+            "  same, bare nodes (id + version)",
+            t,
+            base,
+            Duration::from_millis(500),
+        ));
+    }
+    if part("rhai") {
+        let r = median(reps.min(3), || {
+            rhai_policy.select(&ctx, &nodes).unwrap().len()
+        });
+        rows.push(row(
+            "select 1M nodes, rhai",
+            r,
+            base,
+            Duration::from_millis(1500),
+        ));
+    }
+    if part("warm") {
+        // A warm call: one node through `select` (lowering ctx and node, lifting the decision).
+        let one = &nodes[..1];
+        let calls = 100_000;
+        let base = median(reps, || {
+            (0..calls).map(|_| black_box(native(&ctx, one)).len()).sum()
+        }) / calls as u32;
+        let w = median(reps, || {
+            (0..calls)
+                .map(|_| wasm_policy.select(&ctx, one).unwrap().len())
+                .sum()
+        }) / calls as u32;
+        rows.push(row(
+            "warm hook call (select, 1 node)",
+            w,
+            base,
+            Duration::from_micros(2),
+        ));
+        // `evaluate` on the canary: context + wave report in, verdict out.
+        let canary = build_component(&root, "canary").expect("build canary");
+        let mut canary = rt
+            .load_file(&canary)
+            .unwrap()
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let report = flotilla::model::WaveReport {
+            wave: 1,
+            waves: 4,
+            total: 10,
+            succeeded: 9,
+            failed_rolled_back: 1,
+            task_finished: 11,
+            ..Default::default()
+        };
+        let proceed =
+            |v: flotilla::model::Verdict| matches!(v, flotilla::model::Verdict::Proceed) as usize;
+        let w = median(reps, || {
+            (0..calls)
+                .map(|_| proceed(canary.evaluate(&ctx, &report).unwrap()))
+                .sum()
+        }) / calls as u32;
+        let native_eval = |r: &flotilla::model::WaveReport| {
+            if r.failed() * 10 > r.finished() {
+                flotilla::model::Verdict::Pause(format!("{} failed", r.failed()))
+            } else {
+                flotilla::model::Verdict::Proceed
+            }
+        };
+        let base_eval = median(reps, || {
+            (0..calls)
+                .map(|_| proceed(native_eval(black_box(&report))))
+                .sum()
+        }) / calls as u32;
+        rows.push(row(
+            "warm hook call (evaluate)",
+            w,
+            base_eval,
+            Duration::from_micros(2),
+        ));
+    }
+    let mut load_from_cache = Duration::ZERO;
+    if part("instantiate") {
+        // Instantiate from the on-disk cache: a new runtime (as after a restart) loads
+        // the compiled artifact, then each instantiation makes a store and an instance.
+        let rt2 = WasmRuntime::new(Some(cache.clone())).unwrap();
+        let t = Instant::now();
+        let cached = rt2.load_file(&wasm).unwrap();
+        load_from_cache = t.elapsed();
+        let n_inst = 2000;
+        let inst = median(reps, || {
+            (0..n_inst)
+                .map(|_| {
+                    let mut p = cached
+                        .instantiate(World::empty(), Limits::default())
+                        .unwrap();
+                    p.warm().unwrap();
+                    1
+                })
+                .sum()
+        }) / n_inst as u32;
+        // The native counterpart of "get a ready policy": parse the params, box the closure.
+        let base_inst = median(reps, || {
+            (0..n_inst)
+                .map(|_| {
+                    let req = flotilla_version::parse_range(black_box(range)).unwrap();
+                    let ready: Box<dyn Fn(&Node) -> bool> = Box::new(move |n: &Node| {
+                        flotilla_version::in_range(&n.version, &req.to_string()).unwrap_or(false)
+                    });
+                    drop(black_box(ready));
+                    1
+                })
+                .sum()
+        }) / n_inst as u32;
+        rows.push(row(
+            "instantiate from cached component",
+            inst,
+            base_inst,
+            Duration::from_micros(50),
+        ));
+    }
 
     println!();
     println!(

@@ -45,7 +45,10 @@ pub use flotilla_version as version;
 pub use semver;
 pub use serde_json;
 
+use std::any::{Any, TypeId};
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 pub mod testing;
@@ -56,7 +59,7 @@ pub const CHUNK: usize = 4096;
 /// The task a hook runs for, with its parameters parsed.
 pub struct Context {
     pub task: TaskContext,
-    params: serde_json::Value,
+    params: Rc<serde_json::Value>,
 }
 
 impl Context {
@@ -64,21 +67,51 @@ impl Context {
     pub fn new(task: TaskContext) -> Self {
         thread_local! {
             // Hooks are called many times with the same task: parse its params once.
-            static LAST: RefCell<Option<(String, serde_json::Value)>> = const { RefCell::new(None) };
+            static LAST: RefCell<Option<(String, Rc<serde_json::Value>)>> = const { RefCell::new(None) };
         }
         let params = LAST.with(|last| {
             let mut last = last.borrow_mut();
             match &*last {
                 Some((raw, parsed)) if *raw == task.params => parsed.clone(),
                 _ => {
-                    let parsed = serde_json::from_str(&task.params)
-                        .unwrap_or(serde_json::Value::Object(Default::default()));
+                    let parsed = Rc::new(
+                        serde_json::from_str(&task.params)
+                            .unwrap_or(serde_json::Value::Object(Default::default())),
+                    );
                     *last = Some((task.params.clone(), parsed.clone()));
                     parsed
                 }
             }
         });
         Context { task, params }
+    }
+
+    /// `derive(ctx)`, computed once per task context and remembered: for what
+    /// a hook works out from the context alone (a parsed range, a threshold)
+    /// before looking at any node. `derive` must be a pure function of the
+    /// context; its result is reused while the context stays the same, keyed
+    /// by the closure's type (one memo per call site), so no state from
+    /// earlier calls leaks into a decision. A panic in `derive` remembers
+    /// nothing.
+    pub fn derive<T: 'static, F: FnOnce(&Context) -> T + 'static>(&self, derive: F) -> Rc<T> {
+        type Memo = HashMap<TypeId, (TaskContext, Rc<dyn Any>)>;
+        thread_local! {
+            static MEMO: RefCell<Memo> = RefCell::new(HashMap::new());
+        }
+        let key = TypeId::of::<F>();
+        let hit = MEMO.with(|m| {
+            m.borrow()
+                .get(&key)
+                .filter(|(task, _)| *task == self.task)
+                .and_then(|(_, v)| v.clone().downcast::<T>().ok())
+        });
+        if let Some(hit) = hit {
+            return hit;
+        }
+        let value = Rc::new(derive(self));
+        let stored: Rc<dyn Any> = value.clone();
+        MEMO.with(|m| m.borrow_mut().insert(key, (self.task.clone(), stored)));
+        value
     }
 
     /// All parameters.

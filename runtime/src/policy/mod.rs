@@ -328,6 +328,14 @@ pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), String> {
     Ok(())
 }
 
+/// How many threads a host spreads `select` chunks over by default: the
+/// number of cores, at most 4. Asked once: `available_parallelism` reads
+/// cgroup files, which costs more than instantiating a Wasm policy.
+pub(crate) fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+}
+
 /// Loads a `.wasm` component or a `.rhai` script, by extension.
 pub fn load(
     path: &Path,

@@ -56,6 +56,13 @@ pub struct RhaiPolicy {
     ast: AST,
     limits: Limits,
     deadline: Arc<Deadline>,
+    world: World,
+    /// The script's top-level constants, for the engines of `workers`.
+    constants: Option<Shared<Module>>,
+    /// Engines for spreading `select` chunks over cores (made on first use).
+    workers: Vec<Worker>,
+    /// How many threads `select` may use (the calling one included).
+    threads: usize,
     /// The last task context and its Rhai form: `select` is called once per chunk
     /// with the same context.
     ctx_cache: Option<(TaskContext, Dynamic, Sizes)>,
@@ -108,7 +115,7 @@ impl RhaiPolicy {
         deadline.arm(limits.cpu);
         let mut scope = Scope::new();
         engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
-            load_err(match classify(&e, &limits) {
+            load_err(match classify(&e, &limits, limits.cpu) {
                 Failure::Budget(b) => {
                     format!("top-level statements exceeded the CPU budget ({b})")
                 }
@@ -138,12 +145,13 @@ impl RhaiPolicy {
                 constants.set_var(var, value);
             }
         }
-        if constants.iter_var().next().is_some() {
+        let any = constants.iter_var().next().is_some();
+        let constants = any.then(|| {
             constants.build_index();
             let constants: Shared<Module> = constants.into();
-            engine.register_static_module("global", constants.clone());
-            engine.register_global_module(constants);
-        }
+            add_constants(&mut engine, &constants);
+            constants
+        });
         ast.clear_statements();
 
         Ok(RhaiPolicy {
@@ -156,6 +164,10 @@ impl RhaiPolicy {
             ast,
             limits,
             deadline,
+            world,
+            constants,
+            workers: Vec::new(),
+            threads: super::default_threads(),
             ctx_cache: None,
         })
     }
@@ -174,39 +186,28 @@ impl RhaiPolicy {
     }
 
     /// Runs one hook on already converted arguments, mapping failures.
+    /// `nodes` is how many nodes the call is handed: the CPU budget grows with
+    /// it ([`Limits::budget`]), as for a Wasm policy.
     fn call(
         &mut self,
         hook: Hook,
         args: Vec<Dynamic>,
         input: Sizes,
+        nodes: usize,
     ) -> Result<Dynamic, PolicyError> {
-        set_allowance(&mut self.engine, &self.limits, input);
-        self.deadline.arm(self.limits.cpu);
-        let mut scope = Scope::new();
-        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        let result = self.engine.call_fn_with_options::<Dynamic>(
-            options,
-            &mut scope,
-            &self.ast,
-            hook.fn_name(),
-            args,
-        );
-        result.map(Dynamic::flatten).map_err(|e| {
-            let policy = self.info.name.clone();
-            match classify(&e, &self.limits) {
-                Failure::Budget(budget) => PolicyError::Budget {
-                    policy,
-                    hook,
-                    budget,
-                },
-                Failure::Memory(cap) => PolicyError::Memory { policy, hook, cap },
-                Failure::Trap(message) => PolicyError::Trap {
-                    policy,
-                    hook,
-                    message,
-                },
-            }
-        })
+        let run = Run {
+            ast: &self.ast,
+            limits: &self.limits,
+            policy: &self.info.name,
+        };
+        run.call(&mut self.engine, &self.deadline, hook, args, input, nodes)
+    }
+
+    /// How many threads `select` may spread chunks over (default: the number
+    /// of cores, at most 4). 1 keeps everything on the calling thread.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+        self.workers.truncate(self.threads - 1);
     }
 
     fn input_error(&self, hook: Hook, message: String) -> PolicyError {
@@ -227,10 +228,95 @@ impl RhaiPolicy {
         ctx: &TaskContext,
         mut args: Vec<Dynamic>,
         sizes: Sizes,
+        nodes: usize,
     ) -> Result<Dynamic, PolicyError> {
         let (ctx, ctx_sizes) = self.ctx_value(ctx).map_err(|m| self.input_error(hook, m))?;
         args.insert(0, ctx);
-        self.call(hook, args, ctx_sizes + sizes)
+        self.call(hook, args, ctx_sizes + sizes, nodes)
+    }
+}
+
+/// An engine of its own (limits and deadline are per engine) for a thread
+/// that runs `select` chunks.
+struct Worker {
+    engine: Engine,
+    deadline: Arc<Deadline>,
+}
+
+/// What a hook call needs besides an engine: shared by the threads of a
+/// `select` spread over cores.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    ast: &'a AST,
+    limits: &'a Limits,
+    policy: &'a str,
+}
+
+impl Run<'_> {
+    /// Runs one hook on already converted arguments in `engine`, mapping failures.
+    fn call(
+        &self,
+        engine: &mut Engine,
+        deadline: &Deadline,
+        hook: Hook,
+        args: Vec<Dynamic>,
+        input: Sizes,
+        nodes: usize,
+    ) -> Result<Dynamic, PolicyError> {
+        set_allowance(engine, self.limits, input);
+        let budget = self.limits.budget(nodes);
+        deadline.arm(budget);
+        let mut scope = Scope::new();
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        let result = engine.call_fn_with_options::<Dynamic>(
+            options,
+            &mut scope,
+            self.ast,
+            hook.fn_name(),
+            args,
+        );
+        result.map(Dynamic::flatten).map_err(|e| {
+            let policy = self.policy.to_string();
+            match classify(&e, self.limits, budget) {
+                Failure::Budget(budget) => PolicyError::Budget {
+                    policy,
+                    hook,
+                    budget,
+                },
+                Failure::Memory(cap) => PolicyError::Memory { policy, hook, cap },
+                Failure::Trap(message) => PolicyError::Trap {
+                    policy,
+                    hook,
+                    message,
+                },
+            }
+        })
+    }
+
+    /// `select` on each of `chunks` in turn.
+    fn select(
+        &self,
+        engine: &mut Engine,
+        deadline: &Deadline,
+        ctx: &(Dynamic, Sizes),
+        chunks: &[&[Node]],
+    ) -> Result<Vec<Vec<Selection>>, PolicyError> {
+        chunks
+            .iter()
+            .map(|chunk| {
+                let (nodes, sizes) = nodes_to_dynamic(chunk);
+                let args = vec![ctx.0.clone(), nodes];
+                let out = self.call(
+                    engine,
+                    deadline,
+                    Hook::Select,
+                    args,
+                    ctx.1 + sizes,
+                    chunk.len(),
+                )?;
+                selections(out).map_err(|r| PolicyError::invalid(self.policy, Hook::Select, r))
+            })
+            .collect()
     }
 }
 
@@ -239,19 +325,78 @@ impl Policy for RhaiPolicy {
         &self.info
     }
 
+    /// Chunks are spread over up to `threads` threads, each with an engine of
+    /// its own and the same AST (the contract says `select` keeps no state
+    /// between calls). Each chunk has its own budget; the first error in
+    /// chunk order is returned.
+    fn call_select_chunks(
+        &mut self,
+        ctx: &TaskContext,
+        chunks: &[&[Node]],
+    ) -> Result<Vec<Vec<Selection>>, PolicyError> {
+        let per = chunks.len().div_ceil(self.threads).max(1);
+        let groups: Vec<&[&[Node]]> = chunks.chunks(per).collect();
+        if groups.len() <= 1 {
+            return chunks.iter().map(|c| self.call_select(ctx, c)).collect();
+        }
+        let ctx = self
+            .ctx_value(ctx)
+            .map_err(|m| self.input_error(Hook::Select, m))?;
+        while self.workers.len() < groups.len() - 1 {
+            let deadline = Arc::new(Deadline::new());
+            let mut engine =
+                new_engine(&self.info.name, &self.world, &self.limits, deadline.clone());
+            if let Some(constants) = &self.constants {
+                add_constants(&mut engine, constants);
+            }
+            self.workers.push(Worker { engine, deadline });
+        }
+        let run = Run {
+            ast: &self.ast,
+            limits: &self.limits,
+            policy: &self.info.name,
+        };
+        let (engine, deadline) = (&mut self.engine, &self.deadline);
+        let results = std::thread::scope(|scope| {
+            let ctx = &ctx;
+            let handles: Vec<_> = self
+                .workers
+                .iter_mut()
+                .zip(&groups[1..])
+                .map(|(w, group)| {
+                    scope.spawn(move || run.select(&mut w.engine, &w.deadline, ctx, group))
+                })
+                .collect();
+            let mut results = vec![run.select(engine, deadline, ctx, groups[0])];
+            results.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a select worker thread panicked")),
+            );
+            results
+        });
+        let mut all = Vec::with_capacity(chunks.len());
+        for r in results {
+            all.extend(r?);
+        }
+        Ok(all)
+    }
+
     fn call_select(
         &mut self,
         ctx: &TaskContext,
         nodes: &[Node],
     ) -> Result<Vec<Selection>, PolicyError> {
+        let n = nodes.len();
         let (nodes, sizes) = nodes_to_dynamic(nodes);
-        let out = self.call_with_ctx(Hook::Select, ctx, vec![nodes], sizes)?;
+        let out = self.call_with_ctx(Hook::Select, ctx, vec![nodes], sizes, n)?;
         selections(out).map_err(|r| self.invalid(Hook::Select, r))
     }
 
     fn call_plan(&mut self, ctx: &TaskContext, nodes: &[Node]) -> Result<Vec<Wave>, PolicyError> {
+        let n = nodes.len();
         let (nodes, sizes) = nodes_to_dynamic(nodes);
-        let out = self.call_with_ctx(Hook::Plan, ctx, vec![nodes], sizes)?;
+        let out = self.call_with_ctx(Hook::Plan, ctx, vec![nodes], sizes, n)?;
         waves(out).map_err(|r| self.invalid(Hook::Plan, r))
     }
 
@@ -263,7 +408,7 @@ impl Policy for RhaiPolicy {
     ) -> Result<Admission, PolicyError> {
         let args = vec![node_to_dynamic(node), Dynamic::from_int(to_int(now))];
         let sizes = node_sizes(node);
-        let out = self.call_with_ctx(Hook::Admit, ctx, args, sizes)?;
+        let out = self.call_with_ctx(Hook::Admit, ctx, args, sizes, 1)?;
         admission(out).map_err(|r| self.invalid(Hook::Admit, r))
     }
 
@@ -275,13 +420,14 @@ impl Policy for RhaiPolicy {
         let report = rhai::serde::to_dynamic(report)
             .map_err(|e| self.input_error(Hook::Evaluate, format!("wave report: {e}")))?;
         let sizes = Sizes::of(&report);
-        let out = self.call_with_ctx(Hook::Evaluate, ctx, vec![report], sizes)?;
+        let out = self.call_with_ctx(Hook::Evaluate, ctx, vec![report], sizes, 0)?;
         verdict(out).map_err(|r| self.invalid(Hook::Evaluate, r))
     }
 
     fn call_on_request(&mut self, ctx: &TaskContext, node: &Node) -> Result<Offer, PolicyError> {
         let sizes = node_sizes(node);
-        let out = self.call_with_ctx(Hook::OnRequest, ctx, vec![node_to_dynamic(node)], sizes)?;
+        let out =
+            self.call_with_ctx(Hook::OnRequest, ctx, vec![node_to_dynamic(node)], sizes, 1)?;
         offer(out).map_err(|r| self.invalid(Hook::OnRequest, r))
     }
 }
@@ -357,6 +503,12 @@ fn new_engine(name: &str, world: &World, limits: &Limits, deadline: Arc<Deadline
     register_host(&mut engine, world, policy);
     register_version_helpers(&mut engine);
     engine
+}
+
+/// Makes a script's top-level constants visible by name and as `global::NAME`.
+fn add_constants(engine: &mut Engine, constants: &Shared<Module>) {
+    engine.register_static_module("global", constants.clone());
+    engine.register_global_module(constants.clone());
 }
 
 /// Caps strings, arrays and maps at `max_collection` on top of what the host
@@ -667,12 +819,12 @@ enum Failure {
     Trap(String),
 }
 
-fn classify(err: &EvalAltResult, limits: &Limits) -> Failure {
+fn classify(err: &EvalAltResult, limits: &Limits, budget: Duration) -> Failure {
     match err.unwrap_inner() {
         EvalAltResult::ErrorTooManyOperations(..) => {
             Failure::Budget(format!("{} operations", limits.max_operations))
         }
-        EvalAltResult::ErrorTerminated(..) => Failure::Budget(duration_text(limits.cpu)),
+        EvalAltResult::ErrorTerminated(..) => Failure::Budget(duration_text(budget)),
         EvalAltResult::ErrorDataTooLarge(what, pos) => Failure::Memory(format!(
             "{} elements or bytes per string, array or map; {} too large{}",
             limits.max_collection,
@@ -1881,6 +2033,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn select_spread_over_threads_matches_one_thread_and_reports_the_first_error() {
+        let src = r#"
+            const SKIP = "odd";
+            fn select(ctx, nodes) {
+                let out = [];
+                for n in nodes {
+                    if n.id == ctx.params.boom { throw `boom at ${n.id}`; }
+                    out.push(if n.version == SKIP {
+                        #{decision: "skip", reason: "policy", detail: global::SKIP}
+                    } else {
+                        #{decision: "include"}
+                    });
+                }
+                out
+            }
+        "#;
+        let nodes: Vec<Node> = (0..crate::model::CHUNK * 3 + 7)
+            .map(|i| node(&format!("n{i}"), if i % 2 == 1 { "odd" } else { "1.0" }))
+            .collect();
+        let ctx = TaskContext::new("2.0").with_params(json!({"boom": ""}));
+        // About equivalence, not budgets: a busy machine must not make it a timing test.
+        let roomy = Limits {
+            cpu: Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let mut one = load_with(src, World::empty(), roomy);
+        one.set_threads(1);
+        let want = one.select(&ctx, &nodes).unwrap();
+        assert_eq!(want[1], skip(SkipReason::Policy, "odd"));
+        let mut many = load_with(src, World::empty(), roomy);
+        many.set_threads(3);
+        assert_eq!(many.select(&ctx, &nodes).unwrap(), want);
+        // An error in the last chunk (on another thread) is reported.
+        let last = format!("n{}", nodes.len() - 1);
+        let boom = TaskContext::new("2.0").with_params(json!({"boom": last}));
+        match many.select(&boom, &nodes) {
+            Err(PolicyError::Trap { message, .. }) => assert!(message.contains(&last), "{message}"),
+            other => panic!("expected a trap, got {other:?}"),
+        }
+        // ... and the policy still works.
+        assert_eq!(many.select(&ctx, &nodes).unwrap(), want);
     }
 
     /// `cargo test --release -p flotilla --lib policy::rhai::tests::select_a_million -- --ignored --nocapture`

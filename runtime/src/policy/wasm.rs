@@ -6,6 +6,16 @@
 //! cache) and pre-links a component once; [`CompiledPolicy::instantiate`] makes a
 //! cheap [`WasmPolicy`] bound to a task's world and limits. A trap, blown budget
 //! or memory cap discards the instance; the next call instantiates a fresh one.
+//!
+//! Instances come from wasmtime's pooling allocator (slots reserved once, reused
+//! without `mmap`/`munmap`, memories initialised copy-on-write), which is what
+//! makes instantiation cheap. The pool has a fixed number of slots
+//! ([`POOL_INSTANCES`] component instances); when it is exhausted (or a
+//! component needs more memories or tables than a slot has) an instance is
+//! made by a second engine with the on-demand allocator instead, so a runner
+//! holding many policies at once never fails for want of a slot. The memory cap
+//! ([`Limits::memory_bytes`]) is enforced by the store's limiter either way; pool
+//! slots keep wasmtime's default maximum so any cap a user sets fits.
 
 use super::{Limits, Policy, PolicyError};
 use crate::model::{self, Hook, PolicyInfo};
@@ -20,7 +30,10 @@ use wasmtime::component::{
     Component, ComponentExportIndex, ComponentType, Func, HasSelf, Linker, Lower, ResourceTable,
     TypedFunc,
 };
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store, Trap,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -48,11 +61,29 @@ const EXPORTS: [&str; 6] = [
     "on-request",
 ];
 
-/// The engine, linker and compile cache shared by every Wasm policy of a runner.
+/// Component instances the pooling allocator has slots for. A policy instance
+/// takes one (and `select` up to 4 while it spreads chunks over cores); past
+/// this, instances are allocated on demand by the fallback engine. Each
+/// memory slot reserves (not commits) wasmtime's default 4 GiB of address
+/// space plus guards, so the pool stays modest: 64 instances are about
+/// 0.5 TiB of reservation per runtime.
+pub const POOL_INSTANCES: u32 = 64;
+/// Per policy component in a pool slot: core instances (the module, the WASI
+/// adapter, shims), linear memories and tables. A component that needs more
+/// is instantiated by the fallback engine.
+const POOL_CORE_PER_COMPONENT: u32 = 8;
+const POOL_MEMORIES_PER_COMPONENT: u32 = 2;
+const POOL_TABLES_PER_COMPONENT: u32 = 4;
+
+/// The engines, linkers and compile cache shared by every Wasm policy of a runner.
 #[derive(Clone)]
 pub struct WasmRuntime {
+    /// Pooling allocator: where instances normally come from.
     engine: Engine,
     linker: Arc<Linker<State>>,
+    /// On-demand allocator, same compilation settings: used when the pool is full.
+    fallback: Engine,
+    fallback_linker: Arc<Linker<State>>,
     cache_dir: Option<PathBuf>,
     ticker: Arc<Ticker>,
 }
@@ -69,26 +100,49 @@ impl Drop for Ticker {
 impl WasmRuntime {
     /// A runtime caching compiled components in `cache_dir` (`None`: no cache).
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PolicyError> {
+        Self::with_pool(cache_dir, POOL_INSTANCES)
+    }
+
+    /// Like [`WasmRuntime::new`], with room for `instances` policy instances in
+    /// the pool (at least 1) before instances are allocated on demand.
+    pub fn with_pool(cache_dir: Option<PathBuf>, instances: u32) -> Result<Self, PolicyError> {
+        let instances = instances.max(1);
         let err = |e: wasmtime::Error| PolicyError::Load {
             policy: "<runtime>".into(),
             reason: format!("cannot set up the Wasm engine: {e:#}"),
         };
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true);
+        let fallback = Engine::new(&config).map_err(err)?;
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * POOL_CORE_PER_COMPONENT)
+            .total_memories(instances * POOL_MEMORIES_PER_COMPONENT)
+            .total_tables(instances * POOL_TABLES_PER_COMPONENT)
+            .max_core_instances_per_component(POOL_CORE_PER_COMPONENT)
+            .max_memories_per_component(POOL_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(POOL_TABLES_PER_COMPONENT);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(err)?;
 
-        let mut linker = Linker::<State>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;
-        PolicyWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(err)?;
+        let linker = |engine: &Engine| -> Result<Arc<Linker<State>>, PolicyError> {
+            let mut linker = Linker::<State>::new(engine);
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;
+            PolicyWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(err)?;
+            Ok(Arc::new(linker))
+        };
+        let (pooled_linker, fallback_linker) = (linker(&engine)?, linker(&fallback)?);
 
         let stop = Arc::new(AtomicBool::new(false));
-        let (ticking, flag) = (engine.clone(), stop.clone());
+        let (ticking, flag) = ([engine.clone(), fallback.clone()], stop.clone());
         std::thread::Builder::new()
             .name("flotilla-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
-                    ticking.increment_epoch();
+                    for engine in &ticking {
+                        engine.increment_epoch();
+                    }
                 }
             })
             .map_err(|e| PolicyError::Load {
@@ -98,7 +152,9 @@ impl WasmRuntime {
 
         Ok(WasmRuntime {
             engine,
-            linker: Arc::new(linker),
+            linker: pooled_linker,
+            fallback,
+            fallback_linker,
             cache_dir,
             ticker: Arc::new(Ticker(stop)),
         })
@@ -164,29 +220,17 @@ impl WasmRuntime {
             )));
         }
 
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            load_err(format!(
-                "cannot link (imports outside the policy world?): {e:#}"
-            ))
-        })?;
-        let pre = PolicyPre::new(pre)
-            .map_err(|e| load_err(format!("exports do not match the policy world: {e:#}")))?;
-
-        let export = |name: &str| {
-            component
-                .get_export_index(None, name)
-                .ok_or_else(|| load_err(format!("missing export {name}")))
-        };
-        let (select, plan) = (export("select")?, export("plan")?);
-        let indices = PolicyIndices::new(pre.instance_pre())
-            .map_err(|e| load_err(format!("exports do not match the policy world: {e:#}")))?;
+        let pooled = link(&self.linker, &component).map_err(load_err)?;
         let mut compiled = CompiledPolicy {
             name: name.to_string(),
             _ticker: self.ticker.clone(),
-            pre,
-            indices,
-            select,
-            plan,
+            pooled,
+            fallback: Arc::new(Fallback {
+                engine: self.fallback.clone(),
+                linker: self.fallback_linker.clone(),
+                component,
+                linked: std::sync::OnceLock::new(),
+            }),
             info: PolicyInfo {
                 name: name.to_string(),
                 version: String::new(),
@@ -259,6 +303,29 @@ impl WasmRuntime {
     }
 }
 
+/// Pre-links `component` and finds its exports.
+fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("cannot link (imports outside the policy world?): {e:#}"))?;
+    let pre =
+        PolicyPre::new(pre).map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
+    let export = |name: &str| {
+        component
+            .get_export_index(None, name)
+            .ok_or_else(|| format!("missing export {name}"))
+    };
+    let (select, plan) = (export("select")?, export("plan")?);
+    let indices = PolicyIndices::new(pre.instance_pre())
+        .map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
+    Ok(Linked {
+        pre,
+        indices,
+        select,
+        plan,
+    })
+}
+
 fn write_atomic(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -273,13 +340,52 @@ pub struct CompiledPolicy {
     /// Keeps the epoch ticker (and so every CPU budget) alive while a policy
     /// outlives the runtime handle it was loaded from.
     _ticker: Arc<Ticker>,
+    /// Linked in the pooling engine.
+    pooled: Linked,
+    /// Linked in the on-demand engine on first need (pool exhausted).
+    fallback: Arc<Fallback>,
+    info: PolicyInfo,
+}
+
+/// A component pre-linked in one engine.
+#[derive(Clone)]
+struct Linked {
     pre: PolicyPre<State>,
     indices: PolicyIndices,
     /// `select` and `plan` are called through typed functions over borrowed
     /// nodes ([`NodeRef`]), so a million nodes cross without being cloned.
     select: ComponentExportIndex,
     plan: ComponentExportIndex,
-    info: PolicyInfo,
+}
+
+/// The component in the on-demand engine, made when the pool first runs out
+/// (the compiled code is copied over, not recompiled: both engines have the
+/// same compilation settings).
+struct Fallback {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    /// The component in the pooling engine.
+    component: Component,
+    linked: std::sync::OnceLock<Result<Linked, String>>,
+}
+
+impl Fallback {
+    fn get(&self) -> Result<&Linked, String> {
+        self.linked
+            .get_or_init(|| {
+                let bytes = self
+                    .component
+                    .serialize()
+                    .map_err(|e| format!("cannot copy the component: {e:#}"))?;
+                // SAFETY: the bytes were serialized just now by an engine with
+                // the same compilation settings.
+                let component = unsafe { Component::deserialize(&self.engine, &bytes) }
+                    .map_err(|e| format!("cannot copy the component: {e:#}"))?;
+                link(&self.linker, &component)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 impl CompiledPolicy {
@@ -296,7 +402,7 @@ impl CompiledPolicy {
             limits,
             live: None,
             spare: Vec::new(),
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            workers: super::default_threads(),
             ctx_cache: None,
         })
     }
@@ -344,6 +450,188 @@ impl<'a> From<&'a model::Node> for NodeRef<'a> {
     }
 }
 
+/// `list<node>` lowered by hand, straight from the model.
+///
+/// Wasmtime's generic lowering of a record list looks up the guest memory for
+/// every field it writes (two lookups per string on top of its allocation),
+/// which made lowering most of what a million-node `select` cost. This writes
+/// each chunk's records into a local buffer and copies it in once; strings and
+/// lists are still allocated one by one through the guest's `cabi_realloc`,
+/// as the canonical ABI requires (the guest owns and frees each). The type is
+/// checked as `list<NodeRef>` (the derived record), and the field layout is
+/// the canonical ABI's for the same fields (tested against the derived one).
+/// Guests that want strings in another encoding than UTF-8 get the generic
+/// lowering.
+struct NodeList<'a>(&'a [model::Node]);
+
+mod lower {
+    use super::{NodeList, NodeRef};
+    use std::mem::MaybeUninit;
+    use wasmtime::ValRaw;
+    use wasmtime::component::__internal::wasmtime_environ::component::StringEncoding;
+    use wasmtime::component::__internal::{
+        CanonicalAbiInfo, InstanceType, InterfaceType, LowerContext,
+    };
+    use wasmtime::component::{ComponentType, Lower};
+
+    /// The fields of `node`, in order: id, version, labels, attributes,
+    /// asset-path, healthy, schedulable, online, last-seen.
+    pub(super) const NODE_FIELDS: [CanonicalAbiInfo; 9] = [
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::SCALAR1,
+        CanonicalAbiInfo::SCALAR1,
+        CanonicalAbiInfo::SCALAR1,
+        CanonicalAbiInfo::SCALAR8,
+    ];
+    pub(super) const NODE: CanonicalAbiInfo = CanonicalAbiInfo::record_static(&NODE_FIELDS);
+    /// `tuple<string, string>`.
+    const PAIR: CanonicalAbiInfo = CanonicalAbiInfo::record_static(&[
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+    ]);
+    const MAX_STRING: usize = (1 << 31) - 1;
+
+    type Generic<'a> = [NodeRef<'a>];
+
+    // SAFETY: the same type, ABI and flat representation as `[NodeRef]`
+    // (a `list<node>`); `typecheck` is that type's.
+    unsafe impl ComponentType for NodeList<'_> {
+        type Lower = <Generic<'static> as ComponentType>::Lower;
+        const ABI: CanonicalAbiInfo = <Generic<'static> as ComponentType>::ABI;
+
+        fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+            <Generic<'static> as ComponentType>::typecheck(ty, types)
+        }
+    }
+
+    // SAFETY: writes a pointer pair to a list of `NODE` records laid out by
+    // the canonical ABI, every pointer returned by the guest's realloc.
+    unsafe impl Lower for NodeList<'_> {
+        fn linear_lower_to_flat<T>(
+            &self,
+            cx: &mut LowerContext<'_, T>,
+            ty: InterfaceType,
+            dst: &mut MaybeUninit<Self::Lower>,
+        ) -> wasmtime::Result<()> {
+            if cx.options().string_encoding != StringEncoding::Utf8 {
+                let refs: Vec<NodeRef<'_>> = self.0.iter().map(NodeRef::from).collect();
+                return refs.as_slice().linear_lower_to_flat(cx, ty, dst);
+            }
+            let (ptr, len) = lower_nodes(cx, self.0)?;
+            // Both as 64-bit values, as wasmtime lowers every pointer pair.
+            let pair = [ValRaw::i64(ptr as i64), ValRaw::i64(len as i64)];
+            dst.write(pair);
+            Ok(())
+        }
+
+        fn linear_lower_to_memory<T>(
+            &self,
+            cx: &mut LowerContext<'_, T>,
+            ty: InterfaceType,
+            offset: usize,
+        ) -> wasmtime::Result<()> {
+            if cx.options().string_encoding != StringEncoding::Utf8 {
+                let refs: Vec<NodeRef<'_>> = self.0.iter().map(NodeRef::from).collect();
+                return refs.as_slice().linear_lower_to_memory(cx, ty, offset);
+            }
+            let (ptr, len) = lower_nodes(cx, self.0)?;
+            *cx.get::<8>(offset) = pointer_pair(ptr, len)?;
+            Ok(())
+        }
+    }
+
+    fn pointer_pair(ptr: usize, len: usize) -> wasmtime::Result<[u8; 8]> {
+        let mut out = [0; 8];
+        out[..4].copy_from_slice(&u32::try_from(ptr)?.to_le_bytes());
+        out[4..].copy_from_slice(&u32::try_from(len)?.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Copies `bytes` into a fresh guest allocation; its pointer pair.
+    fn string<T>(cx: &mut LowerContext<'_, T>, s: &str) -> wasmtime::Result<[u8; 8]> {
+        if s.len() > MAX_STRING {
+            wasmtime::bail!("string length of {} too large to copy into wasm", s.len());
+        }
+        let ptr = cx.realloc(0, 0, 1, s.len())?;
+        cx.as_slice_mut()
+            .get_mut(ptr..ptr + s.len())
+            .ok_or_else(|| wasmtime::format_err!("realloc return: beyond end of memory"))?
+            .copy_from_slice(s.as_bytes());
+        pointer_pair(ptr, s.len())
+    }
+
+    /// A `list<tuple<string, string>>`; its pointer pair.
+    fn pairs<T>(
+        cx: &mut LowerContext<'_, T>,
+        pairs: &[(String, String)],
+    ) -> wasmtime::Result<[u8; 8]> {
+        let size = PAIR.size32 as usize;
+        let ptr = cx.realloc(0, 0, PAIR.align32, pairs.len() * size)?;
+        let mut buf = vec![0u8; pairs.len() * size];
+        for (slot, (k, v)) in buf.chunks_exact_mut(size).zip(pairs) {
+            slot[..8].copy_from_slice(&string(cx, k)?);
+            slot[8..16].copy_from_slice(&string(cx, v)?);
+        }
+        copy_in(cx, ptr, &buf)?;
+        pointer_pair(ptr, pairs.len())
+    }
+
+    fn copy_in<T>(cx: &mut LowerContext<'_, T>, ptr: usize, buf: &[u8]) -> wasmtime::Result<()> {
+        cx.as_slice_mut()
+            .get_mut(ptr..ptr + buf.len())
+            .ok_or_else(|| wasmtime::format_err!("realloc return: beyond end of memory"))?
+            .copy_from_slice(buf);
+        Ok(())
+    }
+
+    /// The records of `nodes` in guest memory; their pointer and count.
+    fn lower_nodes<T>(
+        cx: &mut LowerContext<'_, T>,
+        nodes: &[crate::model::Node],
+    ) -> wasmtime::Result<(usize, usize)> {
+        let mut offsets = [0usize; 9];
+        let mut at = 0usize;
+        for (o, f) in offsets.iter_mut().zip(&NODE_FIELDS) {
+            *o = f.next_field32_size(&mut at);
+        }
+        let size = NODE.size32 as usize;
+        let total = nodes
+            .len()
+            .checked_mul(size)
+            .ok_or_else(|| wasmtime::format_err!("size overflow copying a list"))?;
+        let base = cx.realloc(0, 0, NODE.align32, total)?;
+        let mut buf = vec![0u8; total];
+        let [
+            id,
+            version,
+            labels,
+            attrs,
+            asset,
+            healthy,
+            schedulable,
+            online,
+            seen,
+        ] = offsets;
+        for (rec, n) in buf.chunks_exact_mut(size).zip(nodes) {
+            rec[id..id + 8].copy_from_slice(&string(cx, &n.id)?);
+            rec[version..version + 8].copy_from_slice(&string(cx, &n.version)?);
+            rec[labels..labels + 8].copy_from_slice(&pairs(cx, &n.labels)?);
+            rec[attrs..attrs + 8].copy_from_slice(&pairs(cx, &n.attributes)?);
+            rec[asset..asset + 8].copy_from_slice(&string(cx, &n.asset_path)?);
+            rec[healthy] = u8::from(n.healthy);
+            rec[schedulable] = u8::from(n.schedulable);
+            rec[online] = u8::from(n.online);
+            rec[seen..seen + 8].copy_from_slice(&n.last_seen.to_le_bytes());
+        }
+        copy_in(cx, base, &buf)?;
+        Ok((base, nodes.len()))
+    }
+}
+
 /// A Wasm policy bound to one task's world.
 pub struct WasmPolicy {
     compiled: CompiledPolicy,
@@ -382,11 +670,35 @@ impl WasmPolicy {
         Ok(self.live.as_mut().expect("instance was just created"))
     }
 
+    /// A new instance from the pool, or from the on-demand engine when the
+    /// pool has no free slot.
     fn new_live(&self, hook: Hook) -> Result<Live, PolicyError> {
-        let engine = self.compiled.pre.engine();
+        let err = |message: String| PolicyError::Trap {
+            policy: self.compiled.name.clone(),
+            hook,
+            message: format!("cannot instantiate: {message}"),
+        };
+        match self.instantiate_in(&self.compiled.pooled) {
+            Ok(live) => Ok(live),
+            // The pool is full, or the component needs more than a slot has
+            // (any other failure happens again below and is reported from there).
+            Err(e) => {
+                if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                    tracing::debug!(policy = %self.compiled.name, "instance pool exhausted");
+                } else {
+                    tracing::debug!(policy = %self.compiled.name, "not instantiable from the pool: {e:#}");
+                }
+                let linked = self.compiled.fallback.get().map_err(err)?;
+                self.instantiate_in(linked)
+                    .map_err(|e| err(format!("{e:#}")))
+            }
+        }
+    }
+
+    fn instantiate_in(&self, linked: &Linked) -> wasmtime::Result<Live> {
         let stderr = MemoryOutputPipe::new(STDERR_CAP);
         let state = State {
-            wasi: locked_down_wasi(stderr.clone()),
+            wasi: None,
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_cap: self.limits.memory_bytes,
@@ -396,39 +708,23 @@ impl WasmPolicy {
             policy: self.compiled.name.clone(),
             stderr,
         };
-        let mut store = Store::new(engine, state);
+        let mut store = Store::new(linked.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.ticks(0));
-        let compiled = &self.compiled;
-        let made = compiled
-            .pre
-            .instance_pre()
-            .instantiate(&mut store)
-            .and_then(|instance| {
-                let bindings = compiled.indices.load(&mut store, &instance)?;
-                let func = |store: &mut Store<State>, index| {
-                    instance
-                        .get_func(&mut *store, index)
-                        .ok_or_else(|| wasmtime::format_err!("export vanished"))
-                };
-                let select = func(&mut store, &compiled.select)?;
-                let plan = func(&mut store, &compiled.plan)?;
-                Ok(Live {
-                    store,
-                    bindings,
-                    select,
-                    plan,
-                })
-            });
-        made.map_err(|e| {
-            // The store moved into the closure only on success; rebuild a
-            // minimal view for the message.
-            PolicyError::Trap {
-                policy: self.compiled.name.clone(),
-                hook,
-                message: format!("cannot instantiate: {e:#}"),
-            }
+        let instance = linked.pre.instance_pre().instantiate(&mut store)?;
+        let bindings = linked.indices.load(&mut store, &instance)?;
+        let mut func = |index| {
+            instance
+                .get_func(&mut store, index)
+                .ok_or_else(|| wasmtime::format_err!("export vanished"))
+        };
+        let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
+        Ok(Live {
+            store,
+            bindings,
+            select,
+            plan,
         })
     }
 
@@ -758,7 +1054,7 @@ type WorkerResult = (
     Result<Vec<Vec<model::Selection>>, PolicyError>,
 );
 
-type NodesParams<'a> = (&'a wit::TaskContext, &'a [NodeRef<'a>]);
+type NodesParams<'a> = (&'a wit::TaskContext, NodeList<'a>);
 
 /// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
 fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
@@ -767,7 +1063,6 @@ fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift 
     ctx: &wit::TaskContext,
     nodes: &[model::Node],
 ) -> wasmtime::Result<R> {
-    let refs: Vec<NodeRef<'_>> = nodes.iter().map(NodeRef::from).collect();
     let func = match hook {
         Hook::Plan => live.plan,
         _ => live.select,
@@ -777,7 +1072,7 @@ fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift 
     // `(ctx, list<node>) -> list<wave>` for this component, and callers pass the
     // matching `R`; skipping the check on every call saves microseconds.
     let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(func) };
-    Ok(f.call(&mut live.store, (ctx, &refs))?.0)
+    Ok(f.call(&mut live.store, (ctx, NodeList(nodes)))?.0)
 }
 
 /// No files, no network, no env or args, clocks stuck at zero, deterministic
@@ -815,7 +1110,9 @@ fn locked_down_wasi(stderr: MemoryOutputPipe) -> WasiCtx {
 
 /// Host state of one instance.
 struct State {
-    wasi: WasiCtx,
+    /// Built on the first WASI call: most policies make none, and building it
+    /// is a good part of what an instantiation costs.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     limiter: Limiter,
     world: World,
@@ -852,8 +1149,11 @@ impl wasmtime::ResourceLimiter for Limiter {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let stderr = &self.stderr;
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| locked_down_wasi(stderr.clone())),
             table: &mut self.table,
         }
     }
@@ -1044,5 +1344,58 @@ fn hook_from(h: wit::Hook) -> Hook {
         wit::Hook::Admit => Hook::Admit,
         wit::Hook::Evaluate => Hook::Evaluate,
         wit::Hook::OnRequest => Hook::OnRequest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_lowered_nodes_have_the_derived_layout() {
+        let derived = <NodeRef<'static> as ComponentType>::ABI;
+        assert_eq!(lower::NODE.size32, derived.size32);
+        assert_eq!(lower::NODE.align32, derived.align32);
+        assert_eq!(lower::NODE.size32, 56);
+    }
+    use crate::model::{Node, Selection, TaskContext};
+    use crate::policy::build::{build_component, workspace_root};
+
+    #[test]
+    fn a_full_pool_falls_back_to_on_demand_instances() {
+        let root = workspace_root(Path::new(env!("CARGO_MANIFEST_DIR")));
+        let wasm = build_component(&root, "version-gate").expect("build version-gate");
+        let rt = WasmRuntime::with_pool(None, 2).unwrap();
+        let compiled = rt.load_file(&wasm).unwrap();
+        let ctx = TaskContext::new("2.0.0");
+        let nodes = [Node::new("a", "1.0.0"), Node::new("b", "2.0.0")];
+        // Twice the pool's slots held at once: the rest come from the fallback engine.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut p = compiled
+                .instantiate(World::empty(), Limits::default())
+                .unwrap();
+            p.warm().unwrap();
+            let out = p.select(&ctx, &nodes).unwrap();
+            assert_eq!(out[0], Selection::Include);
+            assert!(matches!(out[1], Selection::Skip { .. }));
+            held.push(p);
+        }
+        // Fallback instances keep the memory cap and the CPU budget.
+        let limits = Limits {
+            memory_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let mut small = compiled.instantiate(World::empty(), limits).unwrap();
+        assert!(matches!(
+            small.warm().unwrap_err(),
+            PolicyError::Trap { .. } | PolicyError::Memory { .. }
+        ));
+        drop(held);
+        // Slots are returned: pooled instances again.
+        let mut p = compiled
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        assert_eq!(p.select(&ctx, &nodes).unwrap().len(), 2);
     }
 }
