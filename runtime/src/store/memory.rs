@@ -261,6 +261,11 @@ pub(crate) mod conformance {
         }
         assert!(store.runs("b").unwrap().is_empty());
         assert!(store.runs("").unwrap().is_empty());
+        // Point reads: the run of that task only.
+        assert_eq!(store.run("ab", "n1").unwrap().unwrap().from_version, "ab");
+        assert_eq!(store.run("a", "n1").unwrap().unwrap().from_version, "a");
+        assert!(store.run("a", "n1-").unwrap().is_none());
+        assert!(store.run("b", "n1").unwrap().is_none());
     }
 
     pub fn events_paging(store: &dyn Store) {

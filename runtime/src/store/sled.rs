@@ -563,8 +563,8 @@ impl Store for SledStore {
             return Ok(None);
         }
         let key = key_of(|b| run_key(b, task_id, node_id));
-        match self.runs.get(&key) {
-            Ok(Some(v)) => decode("runs", &key, &v).map(Some),
+        match self.tree.get(&key) {
+            Ok(Some(v)) => decode(&key, &v).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(self.io(&format!("reading run {task_id}/{node_id}"), e)),
         }
