@@ -120,12 +120,13 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, ActorThread) {
     let (tx, rx) = mpsc::channel::<Job>();
+    // Work handed out before a restart is handed out again: in the outbox
+    // before this returns, so before the server answers an agent's poll.
+    let open = engine.open_work();
+    outbox.replace(open.iter().map(|c| inventory.work(c)));
     let thread = std::thread::Builder::new()
         .name("flotilla-engine".into())
         .spawn(move || {
-            // Work handed out before a restart is handed out again.
-            let open = engine.open_work();
-            outbox.replace(open.iter().map(|c| inventory.work(c)));
             let mut last_tick = Instant::now() - tick;
             let mut last_reconcile = Instant::now();
             let mut reports_since_tick = false;
