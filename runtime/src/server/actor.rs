@@ -123,6 +123,10 @@ pub fn spawn(
     // request on (filled before the server listens, not racing it).
     outbox.replace(engine.open_work().iter().map(|c| inventory.work(c)));
     let (tx, rx) = mpsc::channel::<Job>();
+    // Work handed out before a restart is handed out again: in the outbox
+    // before this returns, so before the server answers an agent's poll.
+    let open = engine.open_work();
+    outbox.replace(open.iter().map(|c| inventory.work(c)));
     let thread = std::thread::Builder::new()
         .name("flotilla-engine".into())
         .spawn(move || {
