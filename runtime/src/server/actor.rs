@@ -119,9 +119,6 @@ pub fn spawn(
     tick: Duration,
     metrics: Arc<Metrics>,
 ) -> (EngineHandle, ActorThread) {
-    // Work handed out before a restart is handed out again, from the first
-    // request on (filled before the server listens, not racing it).
-    outbox.replace(engine.open_work().iter().map(|c| inventory.work(c)));
     let (tx, rx) = mpsc::channel::<Job>();
     // Work handed out before a restart is handed out again: in the outbox
     // before this returns, so before the server answers an agent's poll.
