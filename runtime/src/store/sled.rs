@@ -429,15 +429,10 @@ fn release_garbage(records: usize) {
         ::sled::pin().flush();
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: glibc's `malloc_trim` takes a byte count, only releases
-        // free memory, and is safe to call from any thread at any time.
-        unsafe {
-            malloc_trim(0);
-        }
+    // SAFETY: glibc's `malloc_trim` takes a byte count, only releases free
+    // memory, and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
