@@ -763,6 +763,18 @@ fn policies_read_the_task_status_and_earlier_outcomes() {
     assert_eq!(states["n001"], "succeeded");
 }
 
+/// Steps `sim` a minute at a time until no task is active (at most 1000 steps).
+fn step_to_end(engine: &mut Engine, clock: &ManualClock, sim: &mut sim::Sim) {
+    for _ in 0..1000 {
+        if !engine.has_active() {
+            break;
+        }
+        if sim.step(engine).unwrap() {
+            clock.advance(60_000);
+        }
+    }
+}
+
 #[test]
 fn increment_targets_a_skipped_node_again_only_when_its_reason_went_away() {
     let clock = Arc::new(ManualClock::new(MONDAY));
@@ -770,7 +782,7 @@ fn increment_targets_a_skipped_node_again_only_when_its_reason_went_away() {
     nodes[1].healthy = false; // recovers later: joins
     nodes[2].healthy = false; // stays unhealthy: skipped once, not again and again
     nodes[3].version = "1.13".into(); // downgraded by hand later: joins
-    let inventory = Arc::new(MemoryFleet::new(nodes.clone()));
+    let inventory = Arc::new(MemoryFleet::new(nodes));
     let mut engine =
         engine_with_default_policy(Arc::new(MemoryStore::new()), inventory.clone(), &clock);
     let mut s = spec("inc", "default", json!({}));
@@ -783,28 +795,30 @@ fn increment_targets_a_skipped_node_again_only_when_its_reason_went_away() {
         latency_ms: 30 * 60_000,
         ..Default::default()
     };
-    let mut sim = sim::Sim::new(clock.clone(), agents);
+    // Five minutes in, n001 recovers and n003 is downgraded by hand.
+    let set = |node: &str, version: Option<&str>, healthy: Option<bool>| sim::Change::Set {
+        node: node.into(),
+        version: version.map(str::to_string),
+        healthy,
+        schedulable: None,
+        online: None,
+        metrics: None,
+    };
+    let later = clock.now() + 5 * 60_000;
+    let mut sim = sim::Sim::new(clock.clone(), agents).with_fleet(
+        inventory.clone(),
+        vec![
+            (later, set("n001", None, Some(true))),
+            (later, set("n003", Some("1.12.0"), None)),
+        ],
+    );
     sim.step(&mut engine).unwrap();
     let states = sim::states(&engine, &task.id).unwrap();
     assert_eq!(
         (&*states["n001"], &*states["n002"], &*states["n003"]),
         ("skipped", "skipped", "skipped")
     );
-    let changes_at = clock.now() + 5 * 60_000;
-    for _ in 0..1000 {
-        if !engine.has_active() {
-            break;
-        }
-        if clock.now() == changes_at {
-            nodes[1].healthy = true;
-            inventory.upsert(nodes[1].clone());
-            nodes[3].version = "1.12.0".into();
-            inventory.upsert(nodes[3].clone());
-        }
-        if sim.step(&mut engine).unwrap() {
-            clock.advance(60_000);
-        }
-    }
+    step_to_end(&mut engine, &clock, &mut sim);
 
     let states = sim::states(&engine, &task.id).unwrap();
     assert_eq!(states["n000"], "succeeded");
@@ -873,14 +887,7 @@ fn increment_takes_a_node_once_another_task_lets_go_of_it() {
             .unwrap();
     }
     engine.cancel(&first.id).unwrap();
-    for _ in 0..1000 {
-        if !engine.has_active() {
-            break;
-        }
-        if sim.step(&mut engine).unwrap() {
-            clock.advance(60_000);
-        }
-    }
+    step_to_end(&mut engine, &clock, &mut sim);
     let states = sim::states(&engine, &task.id).unwrap();
     assert!(states.values().all(|s| s == "succeeded"), "{states:?}");
 }
