@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod engine;
+pub mod mem;
 pub mod model;
 pub mod policy;
 pub mod protocol;

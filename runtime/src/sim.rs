@@ -232,6 +232,8 @@ pub struct Sim {
     attempts: HashMap<String, u32>,
     last_request: Option<u64>,
     timeline: Vec<Step>,
+    /// Record a timeline line per command (deliver, restore, make permanent).
+    per_node_lines: bool,
 }
 
 impl Sim {
@@ -246,6 +248,7 @@ impl Sim {
             attempts: HashMap::new(),
             last_request: None,
             timeline: Vec::new(),
+            per_node_lines: true,
         }
     }
 
@@ -257,6 +260,22 @@ impl Sim {
         self.fleet = Some(fleet);
         self.changes = changes;
         self
+    }
+
+    /// No timeline line per command sent to a node (fleet changes and
+    /// errors are still recorded): for big simulations whose timeline nobody
+    /// reads line by line, e.g. the rollout benchmark, where 100,000
+    /// "deliver" lines would be the simulator's memory, not the engine's.
+    pub fn quiet(mut self) -> Self {
+        self.per_node_lines = false;
+        self
+    }
+
+    /// A timeline line about a command, unless [`Sim::quiet`].
+    fn note(&mut self, at: u64, what: impl FnOnce() -> String) {
+        if self.per_node_lines {
+            self.timeline.push(Step { at, what: what() });
+        }
     }
 
     pub fn timeline(&self) -> &[Step] {
@@ -304,10 +323,7 @@ impl Sim {
     fn command(&mut self, command: Command, now: u64) {
         match command {
             Command::Deliver { node, version, .. } => {
-                self.timeline.push(Step {
-                    at: now,
-                    what: format!("deliver {version} to {node}"),
-                });
+                self.note(now, || format!("deliver {version} to {node}"));
                 let attempt = self.attempts.entry(node.clone()).or_insert(0);
                 *attempt += 1;
                 let events = match self.agents.outcome(&node, *attempt) {
@@ -341,10 +357,7 @@ impl Sim {
                     .push((now + self.agents.latency_ms, node, events));
             }
             Command::Restore { node, version, .. } => {
-                self.timeline.push(Step {
-                    at: now,
-                    what: format!("restore {version} on {node}"),
-                });
+                self.note(now, || format!("restore {version} on {node}"));
                 self.pending.push((
                     now + self.agents.latency_ms,
                     node,
@@ -352,10 +365,7 @@ impl Sim {
                 ));
             }
             Command::MakePermanent { node, version, .. } => {
-                self.timeline.push(Step {
-                    at: now,
-                    what: format!("make {version} permanent on {node}"),
-                });
+                self.note(now, || format!("make {version} permanent on {node}"));
                 self.pending.push((
                     now + self.agents.latency_ms,
                     node,

@@ -260,7 +260,16 @@ pub struct Engine {
     /// node id → the active task that holds it (invariant 1).
     busy: HashMap<String, String>,
     next_id: u64,
+    /// Runs committed since the heap was last trimmed (see [`crate::mem`]).
+    committed_since_trim: usize,
 }
+
+/// After committing this many runs, the end of a tick or of a burst of
+/// reports hands the heap's free pages back to the OS.
+const TRIM_AFTER_RUNS: usize = 4096;
+/// A run or event buffer bigger than this is freed after a commit instead of
+/// kept for the next one.
+const KEEP_BUFFER: usize = 4096;
 
 impl Engine {
     /// An engine over `store`, resuming every active task found there.
@@ -280,6 +289,7 @@ impl Engine {
             live: BTreeMap::new(),
             busy: HashMap::new(),
             next_id: 1,
+            committed_since_trim: 0,
         };
         for task in engine.store.tasks()? {
             engine.next_id = engine.next_id.max(task_number(&task.id) + 1);
@@ -396,8 +406,18 @@ impl Engine {
             .collect();
         live.task.draining = !live.task.state.active() && live.in_flight();
         self.store.commit(&live.task, &runs, &live.events)?;
-        live.dirty.clear();
-        live.events.clear();
+        self.committed_since_trim += runs.len();
+        drop(runs);
+        if live.dirty.capacity() > KEEP_BUFFER {
+            live.dirty = Vec::new();
+        } else {
+            live.dirty.clear();
+        }
+        if live.events.capacity() > KEEP_BUFFER {
+            live.events = Vec::new();
+        } else {
+            live.events.clear();
+        }
         if !live.task.state.active() {
             // Ended: every node whose work is done is free; one still out
             // with an agent stays held until the agent reports or times out.
@@ -409,6 +429,8 @@ impl Engine {
                 }
             }
             if !live.task.draining {
+                // Its runs leave memory: as much to free as committing them.
+                self.committed_since_trim += live.runs.len();
                 self.live.remove(id);
             }
         }
@@ -437,7 +459,17 @@ impl Engine {
             }
             self.commit(&id)?;
         }
+        self.release_memory_after_big_work();
         Ok(out)
+    }
+
+    /// Trims the heap once enough runs went through commits (targeting and
+    /// whole waves allocate and free tens of MB; see [`crate::mem`]).
+    fn release_memory_after_big_work(&mut self) {
+        if self.committed_since_trim >= TRIM_AFTER_RUNS {
+            self.committed_since_trim = 0;
+            crate::mem::release_free_memory();
+        }
     }
 
     /// Calls the task's policy (loading it on first use), with the task's
@@ -1045,6 +1077,7 @@ impl Engine {
                 }
             }
         }
+        self.release_memory_after_big_work();
         results
     }
 

@@ -237,6 +237,39 @@ pub(crate) mod conformance {
         store.flush().unwrap();
     }
 
+    /// Big commits (a store may write them differently, e.g. packed) and
+    /// small ones interleave: every run reads back as its newest write, in
+    /// `runs` and in point reads. Returns the runs expected.
+    pub fn big_and_small_commits_interleave(store: &dyn Store) -> Vec<NodeRun> {
+        let t = task("t1", 1);
+        let at = |i: usize, now: u64| run(&format!("n{i:04}"), "1.12", now);
+        let mut want: Vec<NodeRun> = (0..1200).map(|i| at(i, 1)).collect();
+        store.commit(&t, &want, &[]).unwrap();
+        let small: Vec<NodeRun> = [5, 600, 1199].iter().map(|&i| at(i, 2)).collect();
+        store.commit(&t, &small, &[]).unwrap();
+        // Out of order on purpose: a store must not rely on sorted input.
+        let mut big: Vec<NodeRun> = (500..1200).rev().map(|i| at(i, 3)).collect();
+        store.commit(&t, &big, &[]).unwrap();
+        store.commit(&t, &[at(600, 4)], &[]).unwrap();
+        big.reverse();
+        want[5] = at(5, 2);
+        want[500..].clone_from_slice(&big);
+        want[600] = at(600, 4);
+        assert_eq!(store.runs("t1").unwrap(), want);
+        for i in [0, 5, 499, 500, 511, 512, 600, 1023, 1024, 1199] {
+            assert_eq!(
+                store.run("t1", &format!("n{i:04}")).unwrap().as_ref(),
+                Some(&want[i]),
+                "n{i:04}"
+            );
+        }
+        for absent in ["n", "n0000x", "n1200", "m0001", "o"] {
+            assert_eq!(store.run("t1", absent).unwrap(), None, "{absent}");
+        }
+        assert!(store.runs("t").unwrap().is_empty());
+        want
+    }
+
     pub fn runs_ordered_and_isolated(store: &dyn Store) {
         let a = task("a", 1);
         let ab = task("ab", 2);
@@ -413,5 +446,10 @@ mod tests {
     #[test]
     fn nul_in_task_id_is_refused() {
         c::nul_in_task_id_is_refused(&MemoryStore::new());
+    }
+
+    #[test]
+    fn big_and_small_commits_interleave() {
+        c::big_and_small_commits_interleave(&MemoryStore::new());
     }
 }

@@ -4,7 +4,12 @@
 //! (values are serde_json, so `sled`'s files stay readable with any JSON tool):
 //! - `T task_id` → `Task` without its plan (`waves` stored as `[]`)
 //! - `P task_id` → the task's `waves`, written only when they changed
-//! - `R task_id \0 node_id` → `NodeRun` (a prefix scan is in node-id order)
+//! - `R task_id \0 node_id` → `[generation, NodeRun]`: a run written by a
+//!   small commit (a plain `NodeRun`, as older stores hold, reads as
+//!   generation 0)
+//! - `Q task_id \0 generation as big-endian u32, first node_id` → a JSON
+//!   array of up to [`RUN_PACK`] `NodeRun`s in node-id order: the runs of a
+//!   big commit (see "Run packs" below)
 //! - `E task_id \0 first_seq as big-endian u64` → a JSON array of up to
 //!   [`PACK`] `Event`s with consecutive seqs starting at `first_seq` (each
 //!   event keeps its own `seq`, `at`, `kind` and `detail`). One commit's
@@ -22,6 +27,21 @@
 //! node); packed, the event log costs a few thousand records per 100,000
 //! nodes.
 //!
+//! Run packs: a commit of at least [`RUN_PACK_MIN`] runs (targeting, the
+//! dispatch of a wave, a wave's worth of reports) does not write a record
+//! per run but opens the task's next *generation* and writes its runs in
+//! packs. A run's current value is the newest of its `R` record and the
+//! packs holding it: an `R` record carries the generation that was current
+//! when it was written, so it is newer than the packs of that generation and
+//! older than every later one. Why (measured on the 100,000-node rollout
+//! bench): sled copies a leaf on every insert and keeps the old copies of
+//! one batch until the batch ends, so a 100,000-run commit held ~700 MB at
+//! its peak and left the heap fragmented at ~2.7 KB RSS per node; and one
+//! record per run per change was ~600,000 records for one rollout. Small
+//! commits (an agent's report, a few nodes) still write one small record per
+//! run, so they never rewrite a pack. Packs are never compacted: a task's
+//! records hold each big commit's runs once, as its event log does.
+//!
 //! Earlier layouts (trees `tasks`, `plans`, `runs`, `events`) are not read:
 //! opening such a store is refused with a clear error (pre-release, no
 //! migration).
@@ -34,7 +54,7 @@
 //! cost ~200 µs per commit at 10,000 nodes.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -52,12 +72,18 @@ const SEP: u8 = 0;
 const TASK: u8 = b'T';
 const PLAN: u8 = b'P';
 const RUN: u8 = b'R';
+const RUN_PACKS: u8 = b'Q';
 const EVENTS: u8 = b'E';
 /// At most this many events in one record, and a pack is closed once its
 /// JSON passes [`PACK_BYTES`], so records stay small (sled copies a leaf
 /// on every write to it).
 const PACK: usize = 128;
 const PACK_BYTES: usize = 16 << 10;
+/// A commit of at least this many runs writes them in packs (a new
+/// generation) instead of one record each.
+const RUN_PACK_MIN: usize = 256;
+/// Runs in one pack record (~90 bytes of JSON each).
+const RUN_PACK: usize = 512;
 /// A commit of at least this many records frees sled's garbage at once
 /// (see [`release_garbage`]).
 const BIG_BATCH: usize = 1024;
@@ -69,12 +95,21 @@ pub struct SledStore {
     db: Db,
     /// Every engine record, under the prefixes in the module docs.
     tree: Tree,
-    /// The `plan_rev` last written to `plans`, per active task. Locked for a whole
-    /// commit so it always matches what is on disk (sled serialises
-    /// transactions anyway).
-    written_plans: Mutex<HashMap<String, u64>>,
-    /// sled records written by commits so far (benches size a baseline by it).
+    /// What the last commit of each active task left on disk. Locked for a
+    /// whole commit so it always matches what is on disk.
+    written: Mutex<HashMap<String, Written>>,
+    /// sled records written by commits so far, and their bytes (keys and
+    /// values): benches size a baseline by them.
     records: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Per active task: the `plan_rev` last written to `P`, and the task's
+/// newest run-pack generation (0: none yet).
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    plan_rev: Option<u64>,
+    generation: u32,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -114,8 +149,9 @@ impl SledStore {
         Ok(SledStore {
             dir: dir.to_path_buf(),
             tree,
-            written_plans: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
             records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             db,
         })
     }
@@ -129,18 +165,65 @@ impl SledStore {
         self.records.load(Ordering::Relaxed)
     }
 
+    /// Bytes of keys and values written by `commit` since this store was opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
     fn io(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
         StoreError::Io(format!("{what} in {}: {e}", self.dir.display()))
     }
 
-    fn written_plans(&self) -> MutexGuard<'_, HashMap<String, u64>> {
-        self.written_plans.lock().unwrap_or_else(|poisoned| {
+    fn written(&self) -> MutexGuard<'_, HashMap<String, Written>> {
+        self.written.lock().unwrap_or_else(|poisoned| {
             // A panic mid-commit: forget what we think is on disk, so every
-            // plan is written again.
-            let mut plans = poisoned.into_inner();
-            plans.clear();
-            self.written_plans.clear_poison();
-            plans
+            // plan is written again and generations are read back.
+            let mut written = poisoned.into_inner();
+            written.clear();
+            self.written.clear_poison();
+            written
+        })
+    }
+
+    /// The newest run-pack generation of `task_id` on disk (0: none).
+    fn last_generation(&self, task_id: &str) -> Result<u32, StoreError> {
+        let prefix = key_of(|b| {
+            task_key(b, RUN_PACKS, task_id);
+            b.push(SEP);
+        });
+        match self.tree.scan_prefix(&prefix).next_back() {
+            None => Ok(0),
+            Some(kv) => {
+                let (k, _) = kv.map_err(|e| self.io(&format!("reading runs of {task_id}"), e))?;
+                pack_generation(&k, prefix.len())
+            }
+        }
+    }
+
+    /// Every run pack of `task_id` at or after `generation`, oldest first:
+    /// `(generation, runs)`.
+    fn packs<'a>(
+        &'a self,
+        task_id: &'a str,
+        from_generation: u32,
+    ) -> impl DoubleEndedIterator<Item = Result<(u32, IVec, IVec), StoreError>> + 'a {
+        let prefix = key_of(|b| {
+            task_key(b, RUN_PACKS, task_id);
+            b.push(SEP);
+        });
+        let start = key_of(|b| {
+            b.extend_from_slice(&prefix);
+            b.extend_from_slice(&from_generation.to_be_bytes());
+        });
+        let end = key_of(|b| {
+            b.extend_from_slice(&prefix);
+            b.extend_from_slice(&u32::MAX.to_be_bytes());
+            b.push(0xff);
+        });
+        let len = prefix.len();
+        self.tree.range(start..end).map(move |kv| {
+            let (k, v) = kv.map_err(|e| self.io(&format!("reading runs of {task_id}"), e))?;
+            Ok((pack_generation(&k, len)?, k, v))
         })
     }
 
@@ -347,6 +430,40 @@ fn run_key(buf: &mut Vec<u8>, task_id: &str, node_id: &str) {
     buf.extend_from_slice(node_id.as_bytes());
 }
 
+fn pack_key(buf: &mut Vec<u8>, task_id: &str, generation: u32, first_node: &str) {
+    buf.push(RUN_PACKS);
+    buf.extend_from_slice(task_id.as_bytes());
+    buf.push(SEP);
+    buf.extend_from_slice(&generation.to_be_bytes());
+    buf.extend_from_slice(first_node.as_bytes());
+}
+
+/// The generation in a pack key whose `Q task_id \0` prefix is `prefix_len` long.
+fn pack_generation(key: &[u8], prefix_len: usize) -> Result<u32, StoreError> {
+    key.get(prefix_len..prefix_len + 4)
+        .and_then(|g| g.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: describe(key),
+            reason: "a run-pack key without a generation".into(),
+        })
+}
+
+/// An `R` value: `[generation, run]`, or a plain run (generation 0).
+fn decode_run(key: &[u8], value: &[u8]) -> Result<(u32, NodeRun), StoreError> {
+    if value.first() == Some(&b'[') {
+        decode(key, value)
+    } else {
+        decode(key, value).map(|run| (0, run))
+    }
+}
+
+fn encode_run(generation: u32, run: &NodeRun, task_id: &str) -> Result<IVec, StoreError> {
+    encode(&(generation, run), || {
+        format!("runs/{task_id}/{}", run.node_id)
+    })
+}
+
 fn event_key(buf: &mut Vec<u8>, task_id: &str, seq: u64) {
     buf.push(EVENTS);
     buf.extend_from_slice(task_id.as_bytes());
@@ -369,6 +486,34 @@ fn encode<T: Serialize>(value: &T, what: impl FnOnce() -> String) -> Result<IVec
     })
 }
 
+/// First byte of a compressed value: an LZ4 block of JSON, its length as a
+/// little-endian u32 before it. JSON never starts with this byte, so plain
+/// and compressed values read through the same [`decode`].
+const LZ4: u8 = 0x01;
+
+/// Compresses the JSON in `json` into a value.
+fn compress(json: &[u8]) -> IVec {
+    let mut out = vec![0; 5 + lz4_flex::block::get_maximum_output_size(json.len())];
+    out[0] = LZ4;
+    out[1..5].copy_from_slice(&(json.len() as u32).to_le_bytes());
+    let n = lz4_flex::block::compress_into(json, &mut out[5..])
+        .expect("the output buffer has the maximum compressed size");
+    out.truncate(5 + n);
+    IVec::from(out)
+}
+
+/// [`encode`], compressed: for the big values (packs and plans).
+fn encode_compressed<T: Serialize>(
+    value: &T,
+    what: impl FnOnce() -> String,
+) -> Result<IVec, StoreError> {
+    with_scratch(|buf| {
+        serde_json::to_writer(&mut *buf, value)
+            .map_err(|e| StoreError::Io(format!("cannot encode {}: {e}", what())))?;
+        Ok(compress(buf))
+    })
+}
+
 /// A key as a person reads it: `tasks/<id>`, `plans/<id>`,
 /// `runs/<task>/<node>`, `events/<task>/<first seq>`.
 fn describe(key: &[u8]) -> String {
@@ -381,6 +526,7 @@ fn describe(key: &[u8]) -> String {
         TASK => "tasks",
         PLAN => "plans",
         RUN => "runs",
+        RUN_PACKS => "runpacks",
         EVENTS => "events",
         _ => return format!("engine/{}", lossy(key)),
     };
@@ -389,16 +535,34 @@ fn describe(key: &[u8]) -> String {
             let seq = u64::from_be_bytes(rest[i + 1..].try_into().expect("8 bytes"));
             format!("events/{}/{seq}", lossy(&rest[..i]))
         }
+        Some(i) if kind == RUN_PACKS && rest.len() >= i + 5 => {
+            let generation = u32::from_be_bytes(rest[i + 1..i + 5].try_into().expect("4 bytes"));
+            format!(
+                "runpacks/{}/{generation}/{}",
+                lossy(&rest[..i]),
+                lossy(&rest[i + 5..])
+            )
+        }
         Some(i) => format!("{tree}/{}/{}", lossy(&rest[..i]), lossy(&rest[i + 1..])),
         None => format!("{tree}/{}", lossy(rest)),
     }
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+    let corrupt = |reason: String| StoreError::Corrupt {
         key: describe(key),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    if value.first() == Some(&LZ4) {
+        let len = value
+            .get(1..5)
+            .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| corrupt("a compressed value without its length".into()))?;
+        let json = lz4_flex::block::decompress(&value[5..], len)
+            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+        return serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()));
+    }
+    serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))
 }
 
 fn decode_kv<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Result<T, StoreError> {
@@ -419,20 +583,27 @@ fn decode_kv<T: DeserializeOwned>(tree: &str, key: &[u8], value: &[u8]) -> Resul
 /// anyway, eventually) and ~0.1 µs per round once nothing is left.
 /// `sled::pin` is `#[doc(hidden)]` but public; sled is pinned at 0.34.7.
 ///
-/// glibc keeps what was freed in the middle of its heap; `malloc_trim` hands
-/// those pages back, so the runner's RSS follows what it holds (measured: the
-/// first commit of a 100,000-node task left ~730 MB RSS without it, ~210 MB
-/// with it). It walks the heap (a few ms at that size), so only big commits
-/// call it.
+/// The engine then hands the heap's free pages back to the OS after big
+/// work ([`crate::mem`]).
 fn release_garbage(records: usize) {
     for _ in 0..records / 32 + 64 {
         ::sled::pin().flush();
     }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: glibc's `malloc_trim` takes a byte count, only releases free
-    // memory, and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
+}
+
+/// A sled batch that counts what goes into it.
+#[derive(Default)]
+struct Counted {
+    batch: Batch,
+    records: usize,
+    bytes: u64,
+}
+
+impl Counted {
+    fn put(&mut self, key: IVec, value: IVec) {
+        self.records += 1;
+        self.bytes += (key.len() + value.len()) as u64;
+        self.batch.insert(key, value);
     }
 }
 
@@ -459,7 +630,7 @@ fn pack_events(task_id: &str, events: &[Event]) -> Result<Vec<(u64, IVec)>, Stor
                 n += 1;
             }
             buf.push(b']');
-            Ok::<_, StoreError>((n, IVec::from(&buf[..])))
+            Ok::<_, StoreError>((n, compress(buf)))
         })?;
         packs.push((first.seq, v.1));
         rest = &rest[v.0..];
@@ -470,47 +641,80 @@ fn pack_events(task_id: &str, events: &[Event]) -> Result<Vec<(u64, IVec)>, Stor
 impl Store for SledStore {
     fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
         check_task_id(&task.id)?;
-        let mut batch = Batch::default();
-        let mut records = 1;
-        let head = encode(&TaskHead::of(task), || format!("tasks/{}", task.id))?;
-        batch.insert(key_of(|b| task_key(b, TASK, &task.id)), head);
-        for run in runs {
-            let k = key_of(|b| run_key(b, &task.id, &run.node_id));
-            let v = encode(run, || format!("runs/{}/{}", task.id, run.node_id))?;
-            batch.insert(k, v);
-        }
-        records += runs.len();
-        for (first, v) in pack_events(&task.id, events)? {
-            batch.insert(key_of(|b| event_key(b, &task.id, first)), v);
-            records += 1;
-        }
-
-        let mut written = self.written_plans();
-        let plan_written = match written.get(task.id.as_str()) {
-            Some(rev) if *rev == task.plan_rev => false,
-            _ => {
-                let plan = encode(&task.waves, || format!("plans/{}", task.id))?;
-                batch.insert(key_of(|b| task_key(b, PLAN, &task.id)), plan);
-                records += 1;
-                true
-            }
+        let mut written = self.written();
+        let before = match written.get(task.id.as_str()) {
+            Some(w) => *w,
+            None => Written {
+                plan_rev: None,
+                generation: self.last_generation(&task.id)?,
+            },
         };
+        let mut batch = Counted::default();
+        let head = encode(&TaskHead::of(task), || format!("tasks/{}", task.id))?;
+        batch.put(key_of(|b| task_key(b, TASK, &task.id)), head);
+
+        let generation = if runs.len() >= RUN_PACK_MIN {
+            let generation = before.generation.checked_add(1).ok_or_else(|| {
+                StoreError::Io(format!(
+                    "task {} has run out of run-pack generations",
+                    task.id
+                ))
+            })?;
+            let mut sorted: Vec<&NodeRun> = runs.iter().collect();
+            if !sorted.is_sorted_by(|a, b| a.node_id < b.node_id) {
+                sorted.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+                sorted.dedup_by(|a, b| a.node_id == b.node_id);
+            }
+            for pack in sorted.chunks(RUN_PACK) {
+                let first = &pack[0].node_id;
+                let k = key_of(|b| pack_key(b, &task.id, generation, first));
+                let v = encode_compressed(&pack, || {
+                    format!("runpacks/{}/{generation}/{first}", task.id)
+                })?;
+                batch.put(k, v);
+            }
+            generation
+        } else {
+            for run in runs {
+                let k = key_of(|b| run_key(b, &task.id, &run.node_id));
+                batch.put(k, encode_run(before.generation, run, &task.id)?);
+            }
+            before.generation
+        };
+        for (first, v) in pack_events(&task.id, events)? {
+            batch.put(key_of(|b| event_key(b, &task.id, first)), v);
+        }
+        let plan_written = before.plan_rev != Some(task.plan_rev);
+        if plan_written {
+            let plan = encode_compressed(&task.waves, || format!("plans/{}", task.id))?;
+            batch.put(key_of(|b| task_key(b, PLAN, &task.id)), plan);
+        }
+        let Counted {
+            batch,
+            records,
+            bytes,
+        } = batch;
         self.tree
             .apply_batch(batch)
             .map_err(|e| self.io("commit failed", e))?;
         self.records.fetch_add(records as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         if records >= BIG_BATCH {
             release_garbage(records);
         }
         if !task.state.active() {
-            // Finished tasks are rarely committed again; a later commit just
-            // writes the plan once more.
+            // Finished tasks are rarely committed again; a later commit
+            // writes the plan once more and reads the generation back.
             written.remove(task.id.as_str());
-        } else if plan_written {
+        } else {
+            let now = Written {
+                plan_rev: Some(task.plan_rev),
+                generation,
+            };
             match written.get_mut(task.id.as_str()) {
-                Some(rev) => *rev = task.plan_rev,
+                Some(w) => *w = now,
                 None => {
-                    written.insert(task.id.clone(), task.plan_rev);
+                    written.insert(task.id.clone(), now);
                 }
             }
         }
@@ -541,16 +745,33 @@ impl Store for SledStore {
         if check_task_id(task_id).is_err() {
             return Ok(Vec::new());
         }
+        // Packs oldest first, each run replacing what an older pack said;
+        // then the `R` records, which win over packs of their generation
+        // and older.
+        let mut newest: BTreeMap<String, (u32, NodeRun)> = BTreeMap::new();
+        for pack in self.packs(task_id, 0) {
+            let (generation, k, v) = pack?;
+            let runs: Vec<NodeRun> = decode(&k, &v)?;
+            for run in runs {
+                newest.insert(run.node_id.clone(), (generation, run));
+            }
+        }
         let prefix = key_of(|b| {
             task_key(b, RUN, task_id);
             b.push(SEP);
         });
-        let mut runs = Vec::new();
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv.map_err(|e| self.io(&format!("reading runs of {task_id}"), e))?;
-            runs.push(decode(&k, &v)?);
+            let (generation, run) = decode_run(&k, &v)?;
+            match newest.get_mut(&run.node_id) {
+                Some(packed) if packed.0 > generation => {}
+                Some(packed) => *packed = (generation, run),
+                None => {
+                    newest.insert(run.node_id.clone(), (generation, run));
+                }
+            }
         }
-        Ok(runs)
+        Ok(newest.into_values().map(|(_, run)| run).collect())
     }
 
     fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
@@ -558,11 +779,29 @@ impl Store for SledStore {
             return Ok(None);
         }
         let key = key_of(|b| run_key(b, task_id, node_id));
-        match self.tree.get(&key) {
-            Ok(Some(v)) => decode(&key, &v).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(self.io(&format!("reading run {task_id}/{node_id}"), e)),
+        let record = match self.tree.get(&key) {
+            Ok(Some(v)) => Some(decode_run(&key, &v)?),
+            Ok(None) => None,
+            Err(e) => return Err(self.io(&format!("reading run {task_id}/{node_id}"), e)),
+        };
+        // A pack of a later generation than the record is newer: look from
+        // the newest pack back, in each generation at the one pack whose
+        // first node is the last at or before `node_id`.
+        let after = record.as_ref().map_or(0, |(g, _)| g + 1);
+        let mut searched = None;
+        for pack in self.packs(task_id, after).rev() {
+            let (generation, k, v) = pack?;
+            let first = k.get(task_id.len() + 6..).unwrap_or_default();
+            if searched == Some(generation) || first > node_id.as_bytes() {
+                continue;
+            }
+            searched = Some(generation);
+            let runs: Vec<NodeRun> = decode(&k, &v)?;
+            if let Ok(i) = runs.binary_search_by(|r| r.node_id.as_str().cmp(node_id)) {
+                return Ok(runs.into_iter().nth(i));
+            }
         }
+        Ok(record.map(|(_, run)| run))
     }
 
     fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
@@ -642,6 +881,44 @@ mod tests {
     #[test]
     fn nul_in_task_id_is_refused() {
         c::nul_in_task_id_is_refused(&fresh().1);
+    }
+
+    #[test]
+    fn big_and_small_commits_interleave() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = {
+            let store = SledStore::open(dir.path()).unwrap();
+            let want = c::big_and_small_commits_interleave(&store);
+            // Two generations of packs (1,200 and 700 runs), three
+            // separate records; 1,200 runs are three packs.
+            let count = |kind: u8| store.tree.scan_prefix([kind]).count();
+            assert_eq!((count(RUN_PACKS), count(RUN)), (5, 3));
+            want
+        };
+        // The generation is read back from disk: a big commit after a
+        // reopen still wins over everything before it.
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.runs("t1").unwrap(), want);
+        let t = c::task("t1", 1);
+        let newer: Vec<NodeRun> = (0..300)
+            .map(|i| c::run(&format!("n{i:04}"), "1.12", 9))
+            .collect();
+        store.commit(&t, &newer, &[]).unwrap();
+        assert_eq!(store.run("t1", "n0005").unwrap().as_ref(), Some(&newer[5]));
+        assert_eq!(store.runs("t1").unwrap()[..300], newer[..]);
+        assert_eq!(store.runs("t1").unwrap()[300..], want[300..]);
+    }
+
+    #[test]
+    fn a_run_written_by_an_older_version_still_reads() {
+        let (_dir, store) = fresh();
+        let old = c::run("n1", "1.12", 1);
+        store
+            .tree
+            .insert(b"Rt1\0n1", serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        assert_eq!(store.runs("t1").unwrap(), vec![old.clone()]);
+        assert_eq!(store.run("t1", "n1").unwrap(), Some(old));
     }
 
     #[test]
