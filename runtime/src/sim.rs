@@ -324,9 +324,16 @@ impl Sim {
         match command {
             Command::Deliver { node, version, .. } => {
                 self.note(now, || format!("deliver {version} to {node}"));
-                let attempt = self.attempts.entry(node.clone()).or_insert(0);
-                *attempt += 1;
-                let events = match self.agents.outcome(&node, *attempt) {
+                // Counted only where an outcome depends on it (a big
+                // simulation of uniform agents keeps no map per node).
+                let attempt = if self.agents.attempts.is_empty() && self.agents.random.is_none() {
+                    1
+                } else {
+                    let attempt = self.attempts.entry(node.clone()).or_insert(0);
+                    *attempt += 1;
+                    *attempt
+                };
+                let events = match self.agents.outcome(&node, attempt) {
                     Outcome::Succeed => vec![
                         RunEvent::Downloading,
                         RunEvent::Upgrading,
