@@ -194,6 +194,16 @@ fn main() {
     let per_node_live = live_rss.saturating_sub(rss_before) as f64 / n as f64;
     let per_node_peak = peak.saturating_sub(rss_before) as f64 / n as f64;
 
+    // What `node-history` costs against this task once it has ended: a
+    // point read of every node's run, in node order (as a policy's
+    // `select` asks).
+    let t = Instant::now();
+    for i in 0..n {
+        let run = store.run(&task.id, &format!("node-{i:07}")).unwrap();
+        assert!(run.is_some_and(|r| r.state.name() == "succeeded"));
+    }
+    let point_read = t.elapsed() / n as u32;
+
     // Baseline: the same number of records and bytes (values of the
     // average size the store wrote) into sled in a tight loop, then one flush.
     let bytes = store.inner.bytes_written();
@@ -241,6 +251,11 @@ fn main() {
     println!(
         "{:<44} {:>8.0} B",
         "  peak within a step (VmHWM)", per_node_peak
+    );
+    println!(
+        "{:<44} {:>9.2} µs",
+        "point read of a run after the task (history)",
+        point_read.as_secs_f64() * 1e6
     );
     // sled flushes on drop: close both databases before removing their files.
     drop((engine, store, tree, db));

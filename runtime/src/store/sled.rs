@@ -57,7 +57,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ::sled::{Batch, Db, IVec, Tree};
 use serde::Serialize;
@@ -84,6 +84,8 @@ const PACK_BYTES: usize = 16 << 10;
 const RUN_PACK_MIN: usize = 256;
 /// Runs in one pack record (~90 bytes of JSON each).
 const RUN_PACK: usize = 512;
+/// Run packs kept decoded for point reads (at most ~2 MB).
+const PACK_CACHE: usize = 16;
 /// A commit of at least this many records frees sled's garbage at once
 /// (see [`release_garbage`]).
 const BIG_BATCH: usize = 1024;
@@ -102,6 +104,8 @@ pub struct SledStore {
     /// values): benches size a baseline by them.
     records: AtomicU64,
     bytes: AtomicU64,
+    /// Run packs decoded for point reads, oldest first (see `decoded_pack`).
+    pack_cache: Mutex<Vec<(IVec, Arc<Vec<NodeRun>>)>>,
 }
 
 /// Per active task: the `plan_rev` last written to `P`, and the task's
@@ -152,6 +156,7 @@ impl SledStore {
             written: Mutex::new(HashMap::new()),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            pack_cache: Mutex::new(Vec::new()),
             db,
         })
     }
@@ -200,28 +205,36 @@ impl SledStore {
         }
     }
 
-    /// Every run pack of `task_id` at or after `generation`, oldest first:
-    /// `(generation, runs)`.
+    /// A run pack, decoded, from the small cache of recent point reads
+    /// (packs are never rewritten, so a cached pack is never stale). A
+    /// policy asking `node-history` for every node it selects reads the
+    /// packs of earlier tasks in node order: each is decoded once, not once
+    /// per node.
+    fn decoded_pack(&self, key: &IVec, value: &IVec) -> Result<Arc<Vec<NodeRun>>, StoreError> {
+        let mut cache = self.pack_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, runs)) = cache.iter().find(|(k, _)| k == key) {
+            return Ok(runs.clone());
+        }
+        let runs: Arc<Vec<NodeRun>> = Arc::new(decode(key, value)?);
+        if cache.len() == PACK_CACHE {
+            cache.remove(0);
+        }
+        cache.push((key.clone(), runs.clone()));
+        Ok(runs)
+    }
+
+    /// Every run pack of `task_id`, oldest generation first: `(generation,
+    /// key, packed runs)`.
     fn packs<'a>(
         &'a self,
         task_id: &'a str,
-        from_generation: u32,
-    ) -> impl DoubleEndedIterator<Item = Result<(u32, IVec, IVec), StoreError>> + 'a {
+    ) -> impl Iterator<Item = Result<(u32, IVec, IVec), StoreError>> + 'a {
         let prefix = key_of(|b| {
             task_key(b, RUN_PACKS, task_id);
             b.push(SEP);
         });
-        let start = key_of(|b| {
-            b.extend_from_slice(&prefix);
-            b.extend_from_slice(&from_generation.to_be_bytes());
-        });
-        let end = key_of(|b| {
-            b.extend_from_slice(&prefix);
-            b.extend_from_slice(&u32::MAX.to_be_bytes());
-            b.push(0xff);
-        });
         let len = prefix.len();
-        self.tree.range(start..end).map(move |kv| {
+        self.tree.scan_prefix(prefix).map(move |kv| {
             let (k, v) = kv.map_err(|e| self.io(&format!("reading runs of {task_id}"), e))?;
             Ok((pack_generation(&k, len)?, k, v))
         })
@@ -749,7 +762,7 @@ impl Store for SledStore {
         // then the `R` records, which win over packs of their generation
         // and older.
         let mut newest: BTreeMap<String, (u32, NodeRun)> = BTreeMap::new();
-        for pack in self.packs(task_id, 0) {
+        for pack in self.packs(task_id) {
             let (generation, k, v) = pack?;
             let runs: Vec<NodeRun> = decode(&k, &v)?;
             for run in runs {
@@ -784,21 +797,20 @@ impl Store for SledStore {
             Ok(None) => None,
             Err(e) => return Err(self.io(&format!("reading run {task_id}/{node_id}"), e)),
         };
-        // A pack of a later generation than the record is newer: look from
-        // the newest pack back, in each generation at the one pack whose
-        // first node is the last at or before `node_id`.
-        let after = record.as_ref().map_or(0, |(g, _)| g + 1);
-        let mut searched = None;
-        for pack in self.packs(task_id, after).rev() {
-            let (generation, k, v) = pack?;
-            let first = k.get(task_id.len() + 6..).unwrap_or_default();
-            if searched == Some(generation) || first > node_id.as_bytes() {
+        // A pack of a later generation than the record is newer: from the
+        // newest generation back, one seek each to the pack whose first node
+        // is the last at or before `node_id`.
+        let after = record.as_ref().map_or(1, |(g, _)| g + 1);
+        for generation in (after..=self.last_generation(task_id)?).rev() {
+            let lowest = key_of(|b| pack_key(b, task_id, generation, ""));
+            let at = key_of(|b| pack_key(b, task_id, generation, node_id));
+            let Some(kv) = self.tree.range(lowest..=at).next_back() else {
                 continue;
-            }
-            searched = Some(generation);
-            let runs: Vec<NodeRun> = decode(&k, &v)?;
+            };
+            let (k, v) = kv.map_err(|e| self.io(&format!("reading run {task_id}/{node_id}"), e))?;
+            let runs = self.decoded_pack(&k, &v)?;
             if let Ok(i) = runs.binary_search_by(|r| r.node_id.as_str().cmp(node_id)) {
-                return Ok(runs.into_iter().nth(i));
+                return Ok(Some(runs[i].clone()));
             }
         }
         Ok(record.map(|(_, run)| run))
