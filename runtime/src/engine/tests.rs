@@ -4,7 +4,7 @@
 use super::*;
 use crate::model::{Method, Node, Release, Selector};
 use crate::policy::{Limits, RhaiPolicy};
-use crate::sim::{self, Agents, Outcome};
+use crate::sim::{self, Agents, Outcome, Sim};
 use crate::store::MemoryStore;
 use crate::world::{ManualClock, MemoryDelivery, MemoryFleet};
 use serde_json::json;
@@ -937,5 +937,79 @@ fn policies_read_the_metrics_agents_report() {
     assert_eq!(
         engine.task(&task.id).unwrap().state,
         TaskState::Paused("no load1 from n000".into())
+    );
+}
+
+/// A task big enough for the sled store to write run packs (commits of
+/// ≥ 256 runs) reads back from disk exactly as the engine holds it after
+/// every step, also after the engine is dropped mid-rollout and a new one
+/// resumes from the store.
+#[test]
+fn a_big_task_on_sled_reads_back_as_the_engine_holds_it_at_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let fleet = Arc::new(MemoryFleet::new(fleet(700, "1.12")));
+    let delivery = Arc::new(MemoryDelivery {
+        releases: Vec::new(),
+        control_plane: BTreeMap::from([("cloudcore".to_string(), "v1.13".to_string())]),
+    });
+    let scripts = Arc::new(Scripts(BTreeMap::from([(
+        "canary".to_string(),
+        CANARY.to_string(),
+    )])));
+    let new_engine = || {
+        Engine::new(
+            store.clone(),
+            fleet.clone(),
+            delivery.clone(),
+            clock.clone(),
+            scripts.clone(),
+        )
+        .unwrap()
+    };
+    // Some nodes fail (and roll back), the rest succeed.
+    let mut agents = Agents::default();
+    for i in (25..700).step_by(50) {
+        agents.nodes.insert(format!("n{i:03}"), Outcome::Fail);
+    }
+    let mut engine = new_engine();
+    let task = engine
+        .create(spec("big", "canary", json!({"threshold": 0.5})))
+        .unwrap();
+    let check = |engine: &Engine, step: usize| {
+        let on_disk = store.runs(&task.id).unwrap();
+        assert_eq!(on_disk, engine.runs(&task.id).unwrap(), "step {step}");
+        on_disk
+    };
+    let mut sim = Sim::new(clock.clone(), agents.clone());
+    let mut step = 0;
+    while engine.has_active() && step < 2_000 {
+        if sim.step(&mut engine).unwrap() {
+            clock.advance(1000);
+        }
+        step += 1;
+        check(&engine, step);
+        if step == 5 {
+            // The runner goes away mid-rollout: a new engine reads it all back.
+            drop(engine);
+            engine = new_engine();
+            check(&engine, step);
+            sim = Sim::new(clock.clone(), agents.clone());
+        }
+    }
+    let runs = check(&engine, step);
+    assert!(step > 5 && !engine.has_active(), "stuck after {step} steps");
+    assert_eq!(runs.len(), 700);
+    let counts = sim::counts(&engine, &task.id).unwrap();
+    assert!(
+        counts.get("succeeded").copied().unwrap_or(0) >= 600,
+        "{counts:?}"
+    );
+    // The store wrote packs (so this test exercises them), and records.
+    assert!(
+        store.records_written() < 700 * 4,
+        "{}",
+        store.records_written()
     );
 }
