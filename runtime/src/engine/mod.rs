@@ -261,12 +261,14 @@ pub struct Engine {
     /// id per task, not a copy per node.
     busy: HashMap<String, Arc<str>>,
     next_id: u64,
-    /// Runs committed since the heap was last trimmed (see [`crate::mem`]).
-    committed_since_trim: usize,
+    /// Runs committed (or dropped with a finished task) in the current
+    /// `tick` or `report_many` (see [`crate::mem`]).
+    committed_this_call: usize,
 }
 
-/// After committing this many runs, the end of a tick or of a burst of
-/// reports hands the heap's free pages back to the OS.
+/// A tick or burst of reports that committed this many runs hands the
+/// heap's free pages back to the OS at its end. Only big work: a steady flow
+/// of small bursts (an API under load) reuses what it frees and never trims.
 const TRIM_AFTER_RUNS: usize = 4096;
 /// A task targeting at least this many nodes rebuilds its run map compactly.
 const COMPACT_RUNS: usize = 1024;
@@ -292,7 +294,7 @@ impl Engine {
             live: BTreeMap::new(),
             busy: HashMap::new(),
             next_id: 1,
-            committed_since_trim: 0,
+            committed_this_call: 0,
         };
         for task in engine.store.tasks()? {
             engine.next_id = engine.next_id.max(task_number(&task.id) + 1);
@@ -410,7 +412,7 @@ impl Engine {
             .collect();
         live.task.draining = !live.task.state.active() && live.in_flight();
         self.store.commit(&live.task, &runs, &live.events)?;
-        self.committed_since_trim += runs.len();
+        self.committed_this_call += runs.len();
         drop(runs);
         if live.dirty.capacity() > KEEP_BUFFER {
             live.dirty = Vec::new();
@@ -432,7 +434,7 @@ impl Engine {
             }
             if !live.task.draining {
                 // Its runs leave memory: as much to free as committing them.
-                self.committed_since_trim += live.runs.len();
+                self.committed_this_call += live.runs.len();
                 self.live.remove(id);
             }
         }
@@ -442,6 +444,7 @@ impl Engine {
     /// Advances every active task; returns the commands to send, which are
     /// already committed to the store.
     pub fn tick(&mut self) -> Result<Vec<Command>, EngineError> {
+        self.committed_this_call = 0;
         let ids: Vec<String> = self.live.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
@@ -468,8 +471,8 @@ impl Engine {
     /// Trims the heap once enough runs went through commits (targeting and
     /// whole waves allocate and free tens of MB; see [`crate::mem`]).
     fn release_memory_after_big_work(&mut self) {
-        if self.committed_since_trim >= TRIM_AFTER_RUNS {
-            self.committed_since_trim = 0;
+        if self.committed_this_call >= TRIM_AFTER_RUNS {
+            self.committed_this_call = 0;
             crate::mem::release_free_memory();
         }
     }
@@ -1050,6 +1053,7 @@ impl Engine {
         reports: Vec<(String, RunEvent)>,
     ) -> Vec<Result<(), EngineError>> {
         let now = self.clock.now();
+        self.committed_this_call = 0;
         let mut touched: Vec<String> = Vec::new();
         let mut results: Vec<Result<(), EngineError>> = Vec::with_capacity(reports.len());
         for (node, event) in reports {
