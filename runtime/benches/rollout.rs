@@ -203,6 +203,10 @@ fn main() {
         assert!(run.is_some_and(|r| r.state.name() == "succeeded"));
     }
     let point_read = t.elapsed() / n as u32;
+    // Every run of the task at once (what a resume and `/metrics` read).
+    let t = Instant::now();
+    assert_eq!(store.runs(&task.id).unwrap().len(), n);
+    let read_all = t.elapsed();
 
     // Baseline: the same number of records and bytes (values of the
     // average size the store wrote) into sled in a tight loop, then one flush.
@@ -256,6 +260,11 @@ fn main() {
         "{:<44} {:>9.2} µs",
         "point read of a run after the task (history)",
         point_read.as_secs_f64() * 1e6
+    );
+    println!(
+        "{:<44} {:>10.3} s",
+        "read of every run of the task",
+        read_all.as_secs_f64()
     );
     // sled flushes on drop: close both databases before removing their files.
     drop((engine, store, tree, db));
