@@ -58,6 +58,9 @@ mod imp {
 
     /// Smallest block the arena takes from the heap.
     const MIN_BLOCK: usize = 64 << 10;
+    /// Largest block kept between calls (a chunk of 4096 typical nodes
+    /// needs about 1 MiB).
+    const KEEP: usize = 8 << 20;
     /// Alignment of arena blocks (the largest a canonical-ABI value needs is 8).
     const BLOCK_ALIGN: usize = 16;
 
@@ -153,9 +156,19 @@ mod imp {
     }
 
     /// Called by the export glue when a hook returns and its arguments are
-    /// dropped: the arena's blocks are free again.
+    /// dropped: the arena's blocks are free again. A block much larger than a
+    /// chunk's arguments (after a `plan` over a large selection) goes back to
+    /// the heap, where the policy's own allocations can use it.
     pub fn reset() {
         let a = &ARENA.0;
+        let (start, end) = (a.start.get(), a.end.get());
+        if end - start > KEEP {
+            // SAFETY: the block came from `System.alloc` with this layout, and
+            // nothing lifted from it is left (the hook returned).
+            unsafe { System.dealloc(start as *mut u8, block(end - start)) };
+            a.start.set(0);
+            a.end.set(0);
+        }
         a.next.set(a.start.get());
         for r in &a.retired[..a.retired_len.get()] {
             let (s, e) = r.get();

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use wasmtime::component::{
     Component, ComponentExportIndex, ComponentType, Func, HasSelf, Linker, Lower, ResourceTable,
@@ -305,10 +305,14 @@ impl WasmRuntime {
             .and(
                 live.plan
                     .typed::<NodesParams<'_>, (Vec<wit::Wave>,)>(&live.store),
+            )
+            .and(
+                live.evaluate
+                    .typed::<EvaluateParams<'_>, (wit::Verdict,)>(&live.store),
             );
         if let Err(e) = typecheck {
             return Err(load_err(format!(
-                "select/plan do not match the policy world: {e:#}"
+                "select/plan/evaluate do not match the policy world: {e:#}"
             )));
         }
         let described = probe.describe()?;
@@ -376,6 +380,7 @@ fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String>
             .ok_or_else(|| format!("missing export {name}"))
     };
     let (select, plan) = (export("select")?, export("plan")?);
+    let evaluate = export("evaluate")?;
     let indices = PolicyIndices::new(pre.instance_pre())
         .map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
     Ok(Linked {
@@ -383,6 +388,7 @@ fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String>
         indices,
         select,
         plan,
+        evaluate,
     })
 }
 
@@ -418,6 +424,8 @@ struct Linked {
     /// nodes ([`NodeRef`]), so a million nodes cross without being cloned.
     select: ComponentExportIndex,
     plan: ComponentExportIndex,
+    /// `evaluate` likewise, for its context ([`CtxArg`]).
+    evaluate: ComponentExportIndex,
 }
 
 /// The component in the on-demand engine, made when the pool first runs out
@@ -477,6 +485,7 @@ struct Live {
     bindings: PolicyWorld,
     select: Func,
     plan: Func,
+    evaluate: Func,
     /// Node lists go into the guest's argument arena.
     arena: bool,
 }
@@ -531,6 +540,9 @@ struct NodeList<'a> {
     /// The component serves argument-arena requests (see [`args_arena`]):
     /// the whole list goes into one allocation.
     arena: bool,
+    /// Where [`CtxArg`] already reserved that allocation (one request for
+    /// both), [`NOT_RESERVED`] until then.
+    reserved: Option<&'a AtomicUsize>,
 }
 
 /// The task context of a `select` or `plan` call: lowered by wasmtime, or,
@@ -539,11 +551,18 @@ struct NodeList<'a> {
 struct CtxArg<'a> {
     ctx: &'a wit::TaskContext,
     arena: bool,
+    /// The node list lowered after it: its arena block is asked for together
+    /// with the context's, and its address left in the cell.
+    nodes: Option<(&'a [model::Node], &'a AtomicUsize)>,
 }
+
+/// No arena block reserved for a node list (yet).
+const NOT_RESERVED: usize = usize::MAX;
 
 mod lower {
     use super::{CtxArg, NodeList, NodeRef, wit};
     use std::mem::MaybeUninit;
+    use std::sync::atomic::Ordering;
     use wasmtime::ValRaw;
     use wasmtime::component::__internal::wasmtime_environ::component::StringEncoding;
     use wasmtime::component::__internal::wasmtime_environ::component::VariantInfo;
@@ -625,7 +644,11 @@ mod lower {
     impl NodeList<'_> {
         fn lower<T>(&self, cx: &mut LowerContext<'_, T>) -> wasmtime::Result<(usize, usize)> {
             if self.arena {
-                lower_nodes_arena(cx, self.nodes)
+                let reserved = self
+                    .reserved
+                    .map(|r| r.swap(super::NOT_RESERVED, Ordering::Relaxed))
+                    .filter(|r| *r != super::NOT_RESERVED);
+                lower_nodes_arena(cx, self.nodes, reserved)
             } else {
                 lower_nodes(cx, self.nodes)
             }
@@ -708,7 +731,20 @@ mod lower {
                 .checked_add(text)
                 .filter(|t| *t <= MAX_STRING)
                 .ok_or_else(|| wasmtime::format_err!("task context too large"))?;
-            let base = cx.realloc(0, super::ARENA_REQUEST, 4, total)?;
+            // The node list's block first (8-aligned), then the context's.
+            let nodes = match self.nodes {
+                Some((nodes, _)) => nodes_arena_size(nodes)?.2.next_multiple_of(4),
+                None => 0,
+            };
+            let both = nodes
+                .checked_add(total)
+                .filter(|t| *t <= MAX_STRING)
+                .ok_or_else(|| wasmtime::format_err!("arguments too large"))?;
+            let start = cx.realloc(0, super::ARENA_REQUEST, NODE.align32, both)?;
+            if let Some((_, reserved)) = self.nodes {
+                reserved.store(start, Ordering::Relaxed);
+            }
+            let base = start + nodes;
             let mut offsets = [0usize; 11];
             let mut at = 0usize;
             for (o, f) in offsets.iter_mut().zip(&CTX_FIELDS) {
@@ -837,27 +873,15 @@ mod lower {
     fn lower_nodes_arena<T>(
         cx: &mut LowerContext<'_, T>,
         nodes: &[crate::model::Node],
+        reserved: Option<usize>,
     ) -> wasmtime::Result<(usize, usize)> {
-        let too_big = || wasmtime::format_err!("size overflow copying a list of nodes");
         let node_size = NODE.size32 as usize;
         let pair_size = PAIR.size32 as usize;
-        let mut pairs = 0usize;
-        let mut text = 0usize;
-        for n in nodes {
-            pairs += n.labels.len() + n.attributes.len();
-            text += n.id.len() + n.version.len() + n.asset_path.len();
-            for (k, v) in n.labels.iter().chain(&n.attributes) {
-                text += k.len() + v.len();
-            }
-        }
-        let records = nodes.len().checked_mul(node_size).ok_or_else(too_big)?;
-        let lists = pairs.checked_mul(pair_size).ok_or_else(too_big)?;
-        let total = records
-            .checked_add(lists)
-            .and_then(|t| t.checked_add(text))
-            .filter(|t| *t <= MAX_STRING)
-            .ok_or_else(too_big)?;
-        let base = cx.realloc(0, super::ARENA_REQUEST, NODE.align32, total)?;
+        let (records, lists, total) = nodes_arena_size(nodes)?;
+        let base = match reserved {
+            Some(base) => base,
+            None => cx.realloc(0, super::ARENA_REQUEST, NODE.align32, total)?,
+        };
         let block = cx
             .as_slice_mut()
             .get_mut(base..base + total)
@@ -906,6 +930,32 @@ mod lower {
             // never reads them.
         }
         Ok((base, nodes.len()))
+    }
+
+    /// Bytes of a node list in the arena: records, pair lists, in all.
+    fn nodes_arena_size(nodes: &[crate::model::Node]) -> wasmtime::Result<(usize, usize, usize)> {
+        let too_big = || wasmtime::format_err!("size overflow copying a list of nodes");
+        let (mut pairs, mut text) = (0usize, 0usize);
+        for n in nodes {
+            pairs += n.labels.len() + n.attributes.len();
+            text += n.id.len() + n.version.len() + n.asset_path.len();
+            for (k, v) in n.labels.iter().chain(&n.attributes) {
+                text += k.len() + v.len();
+            }
+        }
+        let records = nodes
+            .len()
+            .checked_mul(NODE.size32 as usize)
+            .ok_or_else(too_big)?;
+        let lists = pairs
+            .checked_mul(PAIR.size32 as usize)
+            .ok_or_else(too_big)?;
+        let total = records
+            .checked_add(lists)
+            .and_then(|t| t.checked_add(text))
+            .filter(|t| *t <= MAX_STRING)
+            .ok_or_else(too_big)?;
+        Ok((records, lists, total))
     }
 
     /// A pointer pair already known to fit in 32 bits (inside guest memory).
@@ -1044,11 +1094,13 @@ impl WasmPolicy {
                 .ok_or_else(|| wasmtime::format_err!("export vanished"))
         };
         let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
+        let evaluate = func(&linked.evaluate)?;
         Ok(Live {
             store,
             bindings,
             select,
             plan,
+            evaluate,
             arena: self.compiled.args_arena,
         })
     }
@@ -1297,7 +1349,16 @@ impl Policy for WasmPolicy {
         };
         let out = self.with_ctx(ctx, |this, ctx| {
             this.call(Hook::Evaluate, 0, |l| {
-                l.bindings.call_evaluate(&mut l.store, ctx, &report)
+                // SAFETY: `load_bytes` type-checked `evaluate` against
+                // `(task-context, wave-report) -> verdict` for this component.
+                let f: TypedFunc<EvaluateParams<'_>, (wit::Verdict,)> =
+                    unsafe { TypedFunc::new_unchecked(l.evaluate) };
+                let ctx = CtxArg {
+                    ctx,
+                    arena: l.arena,
+                    nodes: None,
+                };
+                Ok(f.call(&mut l.store, (ctx, &report))?.0)
             })
         })?;
         Ok(match out {
@@ -1380,6 +1441,7 @@ type WorkerResult = (
 );
 
 type NodesParams<'a> = (CtxArg<'a>, NodeList<'a>);
+type EvaluateParams<'a> = (CtxArg<'a>, &'a wit::WaveReport);
 
 /// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
 fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
@@ -1398,7 +1460,19 @@ fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift 
     // matching `R`; skipping the check on every call saves microseconds.
     let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(func) };
     let arena = live.arena;
-    let args = (CtxArg { ctx, arena }, NodeList { nodes, arena });
+    let reserved = AtomicUsize::new(NOT_RESERVED);
+    let args = (
+        CtxArg {
+            ctx,
+            arena,
+            nodes: Some((nodes, &reserved)),
+        },
+        NodeList {
+            nodes,
+            arena,
+            reserved: Some(&reserved),
+        },
+    );
     Ok(f.call(&mut live.store, args)?.0)
 }
 
@@ -1734,9 +1808,18 @@ mod tests {
             .unwrap();
         arena.set_workers(1);
         plain.set_workers(1);
-        // Chunks of growing and shrinking size (the arena grows, then is reused),
-        // with long strings that outgrow a block in the middle of a call.
-        let sizes = [(1, 1), (0, 1), (4096, 1), (10, 5000), (9000, 300), (3, 1)];
+        // Chunks of growing and shrinking size (the arena grows, is reused, is
+        // given back), with long strings that outgrow a block in a call.
+        // The last but one needs a block over the 8 MiB the SDK keeps between calls.
+        let sizes = [
+            (1, 1),
+            (0, 1),
+            (4096, 1),
+            (10, 5000),
+            (9000, 300),
+            (4096, 2000),
+            (3, 1),
+        ];
         for (n, wide) in sizes {
             let nodes = fleet(n, wide);
             let want = plain.select(&ctx, &nodes).unwrap();
@@ -1796,6 +1879,21 @@ mod tests {
                 }
             }
         }
+        // `evaluate` reads its context from the arena too.
+        let report = model::WaveReport::default();
+        assert_eq!(
+            arena.evaluate(&ctx, &report).unwrap(),
+            model::Verdict::Proceed
+        );
+        let ctx = ctx.with_params(serde_json::json!({ "mode": "empty-reason" }));
+        assert!(matches!(
+            arena.evaluate(&ctx, &report),
+            Err(PolicyError::Invalid { .. })
+        ));
+        assert!(matches!(
+            plain.evaluate(&ctx, &report),
+            Err(PolicyError::Invalid { .. })
+        ));
     }
 
     #[test]
