@@ -121,10 +121,8 @@ fn args_arena(bytes: &[u8]) -> bool {
                     }
                 }
                 // Core module and component sections of a component.
-                1 | 4 if component => {
-                    if walk(body, depth + 1) == Some(true) {
-                        return Some(true);
-                    }
+                1 | 4 if component && walk(body, depth + 1) == Some(true) => {
+                    return Some(true);
                 }
                 _ => {}
             }
