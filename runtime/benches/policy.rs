@@ -108,6 +108,7 @@ fn main() {
             w,
             base,
             Duration::from_millis(500),
+            last_cpu(1),
         ));
         // The boundary alone: a component that includes every node without looking.
         let trivial = build_component(&root, "misbehave").expect("build misbehave");
@@ -122,6 +123,7 @@ fn main() {
             t,
             base,
             Duration::from_millis(500),
+            last_cpu(1),
         ));
         // ... and with nodes that carry only an id and a version: what the labels,
         // attributes and asset path cost to cross (one guest allocation per string).
@@ -135,6 +137,7 @@ fn main() {
             t,
             base,
             Duration::from_millis(500),
+            last_cpu(1),
         ));
     }
     if part("rhai") {
@@ -146,6 +149,7 @@ fn main() {
             r,
             base,
             Duration::from_millis(1500),
+            last_cpu(1),
         ));
     }
     if part("warm") {
@@ -160,11 +164,13 @@ fn main() {
                 .map(|_| wasm_policy.select(&ctx, one).unwrap().len())
                 .sum()
         }) / calls as u32;
+        let cpu = last_cpu(calls as u32);
         rows.push(row(
             "warm hook call (select, 1 node)",
             w,
             base,
             Duration::from_micros(2),
+            cpu,
         ));
         // `evaluate` on the canary: context + wave report in, verdict out.
         let canary = build_component(&root, "canary").expect("build canary");
@@ -189,6 +195,7 @@ fn main() {
                 .map(|_| proceed(canary.evaluate(&ctx, &report).unwrap()))
                 .sum()
         }) / calls as u32;
+        let cpu = last_cpu(calls as u32);
         let native_eval = |r: &flotilla::model::WaveReport| {
             if r.failed() * 10 > r.finished() {
                 flotilla::model::Verdict::Pause(format!("{} failed", r.failed()))
@@ -206,6 +213,7 @@ fn main() {
             w,
             base_eval,
             Duration::from_micros(2),
+            cpu,
         ));
     }
     let mut load_from_cache = Duration::ZERO;
@@ -228,6 +236,7 @@ fn main() {
                 })
                 .sum()
         }) / n_inst as u32;
+        let cpu = last_cpu(n_inst as u32);
         // The native counterpart of "get a ready policy": parse the params, box the closure.
         let base_inst = median(reps, || {
             (0..n_inst)
@@ -246,25 +255,31 @@ fn main() {
             inst,
             base_inst,
             Duration::from_micros(50),
+            cpu,
         ));
     }
 
     println!();
     println!(
-        "{:<36} {:>12} {:>12} {:>14} {:>10} {:>8}",
-        "what", "measured", "budget", "native base", "ratio", "ok"
+        "{:<36} {:>12} {:>12} {:>14} {:>10} {:>8} {:>12}",
+        "what", "measured", "budget", "native base", "ratio", "ok", "cpu"
     );
-    for (what, m, b, budget) in &rows {
+    for (what, m, b, budget, cpu) in &rows {
         println!(
-            "{:<36} {:>12} {:>12} {:>14} {:>9.1}x {:>8}",
+            "{:<36} {:>12} {:>12} {:>14} {:>9.1}x {:>8} {:>12}",
             what,
             fmt(*m),
             fmt(*budget),
             fmt(*b),
             m.as_secs_f64() / b.as_secs_f64().max(1e-12),
-            if m <= budget { "yes" } else { "NO" }
+            if m <= budget { "yes" } else { "NO" },
+            cpu.map_or("-".to_string(), fmt)
         );
     }
+    println!(
+        "(cpu: CPU time of the measured run, all threads of the process; the \
+         native baselines run on one thread, Wasm and Rhai `select` on up to 4)"
+    );
     println!(
         "(load of the compiled component from the disk cache: {})",
         fmt(load_from_cache)
@@ -272,24 +287,54 @@ fn main() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
-type Row = (&'static str, Duration, Duration, Duration);
+type Row = (&'static str, Duration, Duration, Duration, Option<Duration>);
 
-fn row(what: &'static str, measured: Duration, base: Duration, budget: Duration) -> Row {
-    (what, measured, base, budget)
+/// A row; `cpu` is the CPU time of the measured run ([`last_cpu`]).
+fn row(
+    what: &'static str,
+    measured: Duration,
+    base: Duration,
+    budget: Duration,
+    cpu: Option<Duration>,
+) -> Row {
+    (what, measured, base, budget, cpu)
 }
 
-/// Median wall time of `reps` runs of `f`, after one warm-up run.
+/// The CPU time of the run the last `median` picked, divided by `calls`.
+fn last_cpu(calls: u32) -> Option<Duration> {
+    CPU.with(|c| c.get()).map(|c| c / calls)
+}
+
+/// Median wall time of `reps` runs of `f`, after one warm-up run. The CPU
+/// time (all threads of the process) of that same run is recorded in `CPU`.
 fn median(reps: usize, mut f: impl FnMut() -> usize) -> Duration {
     black_box(f());
-    let mut times: Vec<Duration> = (0..reps)
+    let mut times: Vec<(Duration, Option<Duration>)> = (0..reps)
         .map(|_| {
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), process_cpu());
             black_box(f());
-            t.elapsed()
+            let cpu = process_cpu().zip(cpu).map(|(b, a)| b.saturating_sub(a));
+            (t.elapsed(), cpu)
         })
         .collect();
     times.sort();
-    times[reps / 2]
+    let (wall, cpu) = times[reps / 2];
+    CPU.with(|c| c.set(cpu));
+    wall
+}
+
+thread_local! {
+    /// CPU time of the run `median` last picked.
+    static CPU: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+/// User + system CPU time of this process so far (Linux; 10 ms resolution):
+/// on a busy machine it moves less than wall time does.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn fmt(d: Duration) -> String {

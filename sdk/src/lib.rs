@@ -50,6 +50,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+pub mod arena;
 #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 pub mod testing;
 
@@ -311,33 +312,53 @@ macro_rules! __export_policy {
                         hooks: <$ty as $crate::Describe>::HOOKS.to_vec(),
                     }
                 }
+                // Each hook drops its arguments, then frees the argument
+                // arena for the next call (see `flotilla_sdk::arena`).
                 fn select(
                     ctx: $crate::TaskContext,
                     nodes: ::std::vec::Vec<$crate::Node>,
                 ) -> ::std::vec::Vec<$crate::Selection> {
-                    <$ty as $crate::Policy>::select(&$crate::Context::new(ctx), &nodes)
+                    let out = <$ty as $crate::Policy>::select(&$crate::Context::new(ctx), &nodes);
+                    ::std::mem::drop(nodes);
+                    $crate::arena::reset();
+                    out
                 }
                 fn plan(
                     ctx: $crate::TaskContext,
                     nodes: ::std::vec::Vec<$crate::Node>,
                 ) -> ::std::vec::Vec<$crate::Wave> {
-                    <$ty as $crate::Policy>::plan(&$crate::Context::new(ctx), &nodes)
+                    let out = <$ty as $crate::Policy>::plan(&$crate::Context::new(ctx), &nodes);
+                    ::std::mem::drop(nodes);
+                    $crate::arena::reset();
+                    out
                 }
                 fn admit(
                     ctx: $crate::TaskContext,
                     node: $crate::Node,
                     now: u64,
                 ) -> $crate::Admission {
-                    <$ty as $crate::Policy>::admit(&$crate::Context::new(ctx), &node, now)
+                    let out =
+                        <$ty as $crate::Policy>::admit(&$crate::Context::new(ctx), &node, now);
+                    ::std::mem::drop(node);
+                    $crate::arena::reset();
+                    out
                 }
                 fn evaluate(
                     ctx: $crate::TaskContext,
                     report: $crate::WaveReport,
                 ) -> $crate::Verdict {
-                    <$ty as $crate::Policy>::evaluate(&$crate::Context::new(ctx), &report)
+                    let out =
+                        <$ty as $crate::Policy>::evaluate(&$crate::Context::new(ctx), &report);
+                    ::std::mem::drop(report);
+                    $crate::arena::reset();
+                    out
                 }
                 fn on_request(ctx: $crate::TaskContext, node: $crate::Node) -> $crate::Offer {
-                    <$ty as $crate::Policy>::on_request(&$crate::Context::new(ctx), &node)
+                    let out =
+                        <$ty as $crate::Policy>::on_request(&$crate::Context::new(ctx), &node);
+                    ::std::mem::drop(node);
+                    $crate::arena::reset();
+                    out
                 }
             }
             $crate::bindings::__export_world!(__FlotillaGlue);

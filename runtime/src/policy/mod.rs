@@ -147,22 +147,16 @@ pub trait Policy: Send {
         if !self.info().implements(Hook::Select) {
             return Ok(defaults::select(nodes));
         }
+        if nodes.len() <= CHUNK {
+            // One chunk (a warm call, a small fleet): no chunk bookkeeping.
+            let got = self.call_select(ctx, nodes)?;
+            return check_selections(self.name(), nodes.len(), got);
+        }
         let chunks: Vec<&[Node]> = nodes.chunks(CHUNK).collect();
         let results = self.call_select_chunks(ctx, &chunks)?;
         let mut out = Vec::with_capacity(nodes.len());
         for (chunk, got) in chunks.iter().zip(results) {
-            if got.len() != chunk.len() {
-                return Err(PolicyError::invalid(
-                    self.name(),
-                    Hook::Select,
-                    format!(
-                        "returned {} decisions for a chunk of {} nodes (one per node, in order)",
-                        got.len(),
-                        chunk.len()
-                    ),
-                ));
-            }
-            out.extend(got);
+            out.extend(check_selections(self.name(), chunk.len(), got)?);
         }
         Ok(out)
     }
@@ -272,6 +266,25 @@ pub enum EvalError {
     Input(String),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+}
+
+/// One decision per node of a chunk of `nodes` nodes.
+fn check_selections(
+    policy: &str,
+    nodes: usize,
+    got: Vec<Selection>,
+) -> Result<Vec<Selection>, PolicyError> {
+    if got.len() != nodes {
+        return Err(PolicyError::invalid(
+            policy,
+            Hook::Select,
+            format!(
+                "returned {} decisions for a chunk of {nodes} nodes (one per node, in order)",
+                got.len(),
+            ),
+        ));
+    }
+    Ok(got)
 }
 
 fn require_reason(policy: &str, hook: Hook, what: &str, reason: &str) -> Result<(), PolicyError> {

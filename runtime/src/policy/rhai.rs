@@ -3,7 +3,10 @@
 //! `on_request(ctx, node)` are the hooks of the `policy` world.
 //!
 //! Values cross as Rhai maps and arrays with the serde JSON shapes of the model
-//! types (`ctx.params` is the JSON object as a map). The host functions mirror
+//! types (`ctx.params` is the JSON object as a map), except nodes: they are
+//! values of the type `node` ([`node`]), which read like their maps
+//! (`n.version`, `n["labels"]`, `"id" in n`, `n == #{...}`, `n.to_map()`)
+//! without a map being built for each node of a chunk. The host functions mirror
 //! the WIT imports (`fleet_query`, `fleet_get`, `fleet_count`, `releases`,
 //! `control_plane_version`, `node_run`, `task_summary`, `node_history`, `metric`,
 //! `now`, `log`) plus the version helpers of `flotilla-version` (`is_version`,
@@ -17,6 +20,8 @@
 //! Top-level statements run once, at load. Top-level constants stay visible to
 //! the hooks both by name and as `global::NAME`; `const VERSION = "1.2.0";` names
 //! the policy's version.
+
+mod node;
 
 use super::{Limits, Policy, PolicyError};
 use crate::model::{
@@ -500,6 +505,7 @@ fn new_engine(name: &str, world: &World, limits: &Limits, deadline: Arc<Deadline
     let p = policy.clone();
     engine.on_debug(move |s, _, pos| tracing::debug!(policy = %p, %pos, "{s}"));
 
+    node::register(&mut engine);
     register_host(&mut engine, world, policy);
     register_version_helpers(&mut engine);
     engine
@@ -561,9 +567,7 @@ fn register_host(engine: &mut Engine, world: &World, policy: Arc<str>) {
                 )));
             }
             let limit = limit.min(MAX_QUERY) as u32;
-            let nodes = fleet.query(&selector, offset, limit);
-            let mut enc = NodeEncoder::new();
-            Ok(nodes.iter().map(|n| enc.encode(n)).collect())
+            Ok(node::Chunk::array(&fleet.query(&selector, offset, limit)))
         },
     );
     let fleet = world.fleet.clone();
@@ -904,107 +908,34 @@ fn to_int(v: u64) -> INT {
     INT::try_from(v).unwrap_or(INT::MAX)
 }
 
-/// Nodes as Rhai maps, and what Rhai will count against its size limits for
-/// them (the same as [`Sizes::of`], without walking the result).
+/// Nodes as an array of `node` values ([`node`]), and the allowance they
+/// bring: what Rhai would count for them as maps (their JSON shape), so a
+/// script may turn its input into that much data (`nodes.map(|n| n.id)`)
+/// without it counting against its own [`Limits::max_collection`].
 fn nodes_to_dynamic(nodes: &[Node]) -> (Dynamic, Sizes) {
-    let mut enc = NodeEncoder::new();
-    let mut sizes = Sizes::default();
-    let array: Array = nodes
+    let sizes = nodes
         .iter()
-        .map(|n| {
-            sizes = sizes + node_sizes(n);
-            enc.encode(n)
-        })
-        .collect();
-    (Dynamic::from_array(array), sizes)
+        .fold(Sizes::default(), |s, n| s + node_sizes(n));
+    (Dynamic::from_array(node::Chunk::array(nodes)), sizes)
 }
 
 fn node_to_dynamic(node: &Node) -> Dynamic {
-    NodeEncoder::new().encode(node)
+    node::Chunk::one(node)
 }
 
-/// One node counted as an element of an array.
+/// One node's map counted as an element of an array.
 fn node_sizes(n: &Node) -> Sizes {
     let pair_bytes = |pairs: &[(String, String)]| -> usize {
         pairs.iter().map(|(k, v)| k.len() + v.len()).sum()
     };
     Sizes {
         arrays: 1 + 3 * (n.labels.len() + n.attributes.len()),
-        maps: NODE_FIELDS.len(),
+        maps: node::FIELDS.len(),
         strings: n.id.len()
             + n.version.len()
             + n.asset_path.len()
             + pair_bytes(&n.labels)
             + pair_bytes(&n.attributes),
-    }
-}
-
-/// The fields of a node map, in the map's (sorted) key order.
-const NODE_FIELDS: [&str; 9] = [
-    "asset_path",
-    "attributes",
-    "healthy",
-    "id",
-    "labels",
-    "last_seen",
-    "online",
-    "schedulable",
-    "version",
-];
-
-/// Builds node maps by hand (the hot path of `select`): clones a map holding
-/// every key and fills in the values in key order, and shares the strings that
-/// repeat across a fleet (versions, label and attribute pairs) within one call.
-struct NodeEncoder<'a> {
-    template: Map,
-    strings: std::collections::HashMap<&'a str, ImmutableString>,
-}
-
-impl<'a> NodeEncoder<'a> {
-    fn new() -> Self {
-        NodeEncoder {
-            template: NODE_FIELDS
-                .iter()
-                .map(|k| ((*k).into(), Dynamic::UNIT))
-                .collect(),
-            strings: Default::default(),
-        }
-    }
-
-    fn shared(&mut self, s: &'a str) -> Dynamic {
-        self.strings
-            .entry(s)
-            .or_insert_with(|| ImmutableString::from(s))
-            .clone()
-            .into()
-    }
-
-    fn pairs(&mut self, pairs: &'a [(String, String)]) -> Dynamic {
-        Dynamic::from_array(
-            pairs
-                .iter()
-                .map(|(k, v)| Dynamic::from_array(vec![self.shared(k), self.shared(v)]))
-                .collect(),
-        )
-    }
-
-    fn encode(&mut self, n: &'a Node) -> Dynamic {
-        let values: [Dynamic; 9] = [
-            self.shared(&n.asset_path),
-            self.pairs(&n.attributes),
-            Dynamic::from_bool(n.healthy),
-            n.id.as_str().into(),
-            self.pairs(&n.labels),
-            Dynamic::from_int(to_int(n.last_seen)),
-            Dynamic::from_bool(n.online),
-            Dynamic::from_bool(n.schedulable),
-            self.shared(&n.version),
-        ];
-        let mut m = self.template.clone();
-        for (slot, v) in m.values_mut().zip(values) {
-            *slot = v;
-        }
-        Dynamic::from_map(m)
     }
 }
 
@@ -1978,7 +1909,7 @@ mod tests {
     }
 
     #[test]
-    fn node_sizes_are_what_rhai_counts() {
+    fn nodes_read_like_their_maps() {
         let mut n = node("node-1", "1.2.3");
         n.labels = vec![
             ("env".into(), "prod".into()),
@@ -1986,16 +1917,57 @@ mod tests {
         ];
         n.attributes = vec![("model".into(), "m7".into())];
         n.asset_path = "/plant/line".into();
-        let nodes = [n.clone(), node("b", "")];
-        let (value, sizes) = nodes_to_dynamic(&nodes);
-        assert_eq!(sizes, Sizes::of(&value));
-        assert_eq!(
-            node_sizes(&n),
-            Sizes::of(&Dynamic::from_array(vec![node_to_dynamic(&n)]))
-        );
-        // The hand-built map is the serde shape.
+        n.last_seen = 42;
+        // The node's map is the serde shape.
         let via_serde = rhai::serde::to_dynamic(&n).unwrap();
-        assert_eq!(node_to_dynamic(&n).to_string(), via_serde.to_string());
+        let value = node_to_dynamic(&n);
+        let map = value.read_lock::<node::RhaiNode>().unwrap().to_map();
+        assert_eq!(Dynamic::from_map(map).to_string(), via_serde.to_string());
+        // The allowance is what Rhai counts for the nodes as maps.
+        let nodes = [n.clone(), node("b", "")];
+        let maps = Dynamic::from_array(
+            nodes
+                .iter()
+                .map(|n| rhai::serde::to_dynamic(n).unwrap())
+                .collect(),
+        );
+        assert_eq!(nodes_to_dynamic(&nodes).1, Sizes::of(&maps));
+        // What scripts do with a node.
+        let mut p = load(
+            r#"
+            fn on_request(ctx, n) {
+                let checks = [
+                    n.id == "node-1", n["version"] == "1.2.3", n.labels[1][1] == "edge",
+                    n.attributes == [["model", "m7"]], n.asset_path == "/plant/line",
+                    n.healthy, n.online, n.schedulable, n.last_seen == 42,
+                    n["nope"] == (), "version" in n, !("nope" in n), type_of(n) == "node",
+                    n == n.to_map(), n.to_map() == n, n.to_map().version == "1.2.3",
+                    n.keys().len() == 9, n.len() == 9, `${n}` == `${n.to_map()}`,
+                    n != #{id: "other"},
+                ];
+                let i = checks.index_of(false);
+                if i >= 0 { throw `check ${i} failed`; }
+                #{offer: "offer"}
+            }
+            fn select(ctx, nodes) {
+                nodes.map(|| if this.healthy && this.labels.len() == 2 {
+                    #{decision: "include"}
+                } else {
+                    #{decision: "skip", reason: "policy", detail: `${this.id} ${this.version}`}
+                })
+            }
+            "#,
+        );
+        assert_eq!(
+            p.on_request(&TaskContext::new("2"), &n).unwrap(),
+            Offer::Offer
+        );
+        let mut other = node("b", "0.1");
+        other.healthy = false;
+        assert_eq!(
+            p.select(&TaskContext::new("2"), &[n, other]).unwrap(),
+            vec![Selection::Include, skip(SkipReason::Policy, "b 0.1")]
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use wasmtime::component::{
     Component, ComponentExportIndex, ComponentType, Func, HasSelf, Linker, Lower, ResourceTable,
@@ -74,6 +74,63 @@ pub const POOL_INSTANCES: u32 = 64;
 const POOL_CORE_PER_COMPONENT: u32 = 8;
 const POOL_MEMORIES_PER_COMPONENT: u32 = 2;
 const POOL_TABLES_PER_COMPONENT: u32 = 4;
+
+/// The custom section by which a component built with the SDK says it serves
+/// argument-arena requests (`flotilla_sdk::arena`), and its content.
+const ARENA_SECTION: &[u8] = b"flotilla-args-arena";
+const ARENA_VERSION: &[u8] = b"v1";
+/// The `old_len` that, with a null `old_ptr`, asks the guest's `cabi_realloc`
+/// for a block of its argument arena (the SDK's `arena::ARENA_REQUEST`).
+const ARENA_REQUEST: usize = 0x464C_4F54;
+
+/// Does the component (or a core module in it) carry the argument-arena
+/// section? Walks the binary's sections, into nested modules and components.
+fn args_arena(bytes: &[u8]) -> bool {
+    fn leb(bytes: &[u8], at: &mut usize) -> Option<usize> {
+        let mut out = 0usize;
+        for shift in (0..35).step_by(7) {
+            let b = *bytes.get(*at)?;
+            *at += 1;
+            out |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(out);
+            }
+        }
+        None
+    }
+    fn walk(bytes: &[u8], depth: u32) -> Option<bool> {
+        if depth > 8 || bytes.get(..4)? != b"\0asm" {
+            return None;
+        }
+        // Core modules are layer 0, components layer 1.
+        let component = bytes.get(6..8)? == [1, 0];
+        let mut at = 8;
+        while at < bytes.len() {
+            let id = bytes[at];
+            at += 1;
+            let len = leb(bytes, &mut at)?;
+            let body = bytes.get(at..at.checked_add(len)?)?;
+            at += len;
+            match id {
+                0 => {
+                    let mut n = 0;
+                    let name_len = leb(body, &mut n)?;
+                    let name = body.get(n..n.checked_add(name_len)?)?;
+                    if name == ARENA_SECTION && body.get(n + name_len..) == Some(ARENA_VERSION) {
+                        return Some(true);
+                    }
+                }
+                // Core module and component sections of a component.
+                1 | 4 if component && walk(body, depth + 1) == Some(true) => {
+                    return Some(true);
+                }
+                _ => {}
+            }
+        }
+        Some(false)
+    }
+    walk(bytes, 0) == Some(true)
+}
 
 /// The engines, linkers and compile cache shared by every Wasm policy of a runner.
 #[derive(Clone)]
@@ -223,6 +280,7 @@ impl WasmRuntime {
         let pooled = link(&self.linker, &component).map_err(load_err)?;
         let mut compiled = CompiledPolicy {
             name: name.to_string(),
+            args_arena: args_arena(bytes),
             _ticker: self.ticker.clone(),
             pooled,
             fallback: Arc::new(Fallback {
@@ -245,10 +303,14 @@ impl WasmRuntime {
             .and(
                 live.plan
                     .typed::<NodesParams<'_>, (Vec<wit::Wave>,)>(&live.store),
+            )
+            .and(
+                live.evaluate
+                    .typed::<EvaluateParams<'_>, (wit::Verdict,)>(&live.store),
             );
         if let Err(e) = typecheck {
             return Err(load_err(format!(
-                "select/plan do not match the policy world: {e:#}"
+                "select/plan/evaluate do not match the policy world: {e:#}"
             )));
         }
         let described = probe.describe()?;
@@ -316,6 +378,7 @@ fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String>
             .ok_or_else(|| format!("missing export {name}"))
     };
     let (select, plan) = (export("select")?, export("plan")?);
+    let evaluate = export("evaluate")?;
     let indices = PolicyIndices::new(pre.instance_pre())
         .map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
     Ok(Linked {
@@ -323,6 +386,7 @@ fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String>
         indices,
         select,
         plan,
+        evaluate,
     })
 }
 
@@ -345,6 +409,8 @@ pub struct CompiledPolicy {
     /// Linked in the on-demand engine on first need (pool exhausted).
     fallback: Arc<Fallback>,
     info: PolicyInfo,
+    /// The component serves argument-arena requests ([`args_arena`]).
+    args_arena: bool,
 }
 
 /// A component pre-linked in one engine.
@@ -356,6 +422,8 @@ struct Linked {
     /// nodes ([`NodeRef`]), so a million nodes cross without being cloned.
     select: ComponentExportIndex,
     plan: ComponentExportIndex,
+    /// `evaluate` likewise, for its context ([`CtxArg`]).
+    evaluate: ComponentExportIndex,
 }
 
 /// The component in the on-demand engine, made when the pool first runs out
@@ -415,6 +483,9 @@ struct Live {
     bindings: PolicyWorld,
     select: Func,
     plan: Func,
+    evaluate: Func,
+    /// Node lists go into the guest's argument arena.
+    arena: bool,
 }
 
 /// A node lowered straight from the model, borrowing its strings.
@@ -462,13 +533,37 @@ impl<'a> From<&'a model::Node> for NodeRef<'a> {
 /// the canonical ABI's for the same fields (tested against the derived one).
 /// Guests that want strings in another encoding than UTF-8 get the generic
 /// lowering.
-struct NodeList<'a>(&'a [model::Node]);
+struct NodeList<'a> {
+    nodes: &'a [model::Node],
+    /// The component serves argument-arena requests (see [`args_arena`]):
+    /// the whole list goes into one allocation.
+    arena: bool,
+    /// Where [`CtxArg`] already reserved that allocation (one request for
+    /// both), [`NOT_RESERVED`] until then.
+    reserved: Option<&'a AtomicUsize>,
+}
+
+/// The task context of a `select` or `plan` call: lowered by wasmtime, or,
+/// for a component with an argument arena, by hand with its strings in one
+/// arena block (a warm one-node call is mostly allocations otherwise).
+struct CtxArg<'a> {
+    ctx: &'a wit::TaskContext,
+    arena: bool,
+    /// The node list lowered after it: its arena block is asked for together
+    /// with the context's, and its address left in the cell.
+    nodes: Option<(&'a [model::Node], &'a AtomicUsize)>,
+}
+
+/// No arena block reserved for a node list (yet).
+const NOT_RESERVED: usize = usize::MAX;
 
 mod lower {
-    use super::{NodeList, NodeRef};
+    use super::{CtxArg, NodeList, NodeRef, wit};
     use std::mem::MaybeUninit;
+    use std::sync::atomic::Ordering;
     use wasmtime::ValRaw;
     use wasmtime::component::__internal::wasmtime_environ::component::StringEncoding;
+    use wasmtime::component::__internal::wasmtime_environ::component::VariantInfo;
     use wasmtime::component::__internal::{
         CanonicalAbiInfo, InstanceType, InterfaceType, LowerContext,
     };
@@ -518,10 +613,10 @@ mod lower {
             dst: &mut MaybeUninit<Self::Lower>,
         ) -> wasmtime::Result<()> {
             if cx.options().string_encoding != StringEncoding::Utf8 {
-                let refs: Vec<NodeRef<'_>> = self.0.iter().map(NodeRef::from).collect();
+                let refs: Vec<NodeRef<'_>> = self.nodes.iter().map(NodeRef::from).collect();
                 return refs.as_slice().linear_lower_to_flat(cx, ty, dst);
             }
-            let (ptr, len) = lower_nodes(cx, self.0)?;
+            let (ptr, len) = self.lower(cx)?;
             // Both as 64-bit values, as wasmtime lowers every pointer pair.
             let pair = [ValRaw::i64(ptr as i64), ValRaw::i64(len as i64)];
             dst.write(pair);
@@ -535,11 +630,181 @@ mod lower {
             offset: usize,
         ) -> wasmtime::Result<()> {
             if cx.options().string_encoding != StringEncoding::Utf8 {
-                let refs: Vec<NodeRef<'_>> = self.0.iter().map(NodeRef::from).collect();
+                let refs: Vec<NodeRef<'_>> = self.nodes.iter().map(NodeRef::from).collect();
                 return refs.as_slice().linear_lower_to_memory(cx, ty, offset);
             }
-            let (ptr, len) = lower_nodes(cx, self.0)?;
+            let (ptr, len) = self.lower(cx)?;
             *cx.get::<8>(offset) = pointer_pair(ptr, len)?;
+            Ok(())
+        }
+    }
+
+    impl NodeList<'_> {
+        fn lower<T>(&self, cx: &mut LowerContext<'_, T>) -> wasmtime::Result<(usize, usize)> {
+            if self.arena {
+                let reserved = self
+                    .reserved
+                    .map(|r| r.swap(super::NOT_RESERVED, Ordering::Relaxed))
+                    .filter(|r| *r != super::NOT_RESERVED);
+                lower_nodes_arena(cx, self.nodes, reserved)
+            } else {
+                lower_nodes(cx, self.nodes)
+            }
+        }
+    }
+
+    /// The fields of `task-context`, in order: task-id, name, package,
+    /// target-version, source-versions, strategy, method, concurrency, backup,
+    /// permanent, params.
+    pub(super) const CTX_FIELDS: [CanonicalAbiInfo; 11] = [
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::POINTER_PAIR,
+        CanonicalAbiInfo::enum_(2),
+        CanonicalAbiInfo::enum_(2),
+        CanonicalAbiInfo::SCALAR4,
+        CanonicalAbiInfo::variant_static(BACKUP_CASES),
+        CanonicalAbiInfo::SCALAR1,
+        CanonicalAbiInfo::POINTER_PAIR,
+    ];
+    pub(super) const CTX: CanonicalAbiInfo = CanonicalAbiInfo::record_static(&CTX_FIELDS);
+    /// `backup`: agent-default, location(string), none.
+    const BACKUP_CASES: &[Option<CanonicalAbiInfo>] =
+        &[None, Some(CanonicalAbiInfo::POINTER_PAIR), None];
+    const BACKUP: VariantInfo = VariantInfo::new_static(BACKUP_CASES);
+
+    type GenericCtx = wit::TaskContext;
+
+    // SAFETY: the same type, ABI and flat representation as `task-context`.
+    unsafe impl ComponentType for CtxArg<'_> {
+        type Lower = <GenericCtx as ComponentType>::Lower;
+        const ABI: CanonicalAbiInfo = <GenericCtx as ComponentType>::ABI;
+
+        fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> wasmtime::Result<()> {
+            <GenericCtx as ComponentType>::typecheck(ty, types)
+        }
+    }
+
+    // SAFETY: the generic lowering, or a `task-context` record laid out by the
+    // canonical ABI (checked against the generic layout in a test) whose
+    // pointers are into one arena block returned by the guest's realloc.
+    unsafe impl Lower for CtxArg<'_> {
+        fn linear_lower_to_flat<T>(
+            &self,
+            cx: &mut LowerContext<'_, T>,
+            ty: InterfaceType,
+            dst: &mut MaybeUninit<Self::Lower>,
+        ) -> wasmtime::Result<()> {
+            self.ctx.linear_lower_to_flat(cx, ty, dst)
+        }
+
+        fn linear_lower_to_memory<T>(
+            &self,
+            cx: &mut LowerContext<'_, T>,
+            ty: InterfaceType,
+            offset: usize,
+        ) -> wasmtime::Result<()> {
+            if !self.arena || cx.options().string_encoding != StringEncoding::Utf8 {
+                return self.ctx.linear_lower_to_memory(cx, ty, offset);
+            }
+            let c = self.ctx;
+            let location = match &c.backup {
+                wit::Backup::Location(l) => Some(l.as_str()),
+                _ => None,
+            };
+            let strings = [
+                c.task_id.as_str(),
+                &c.name,
+                &c.package,
+                &c.target_version,
+                &c.params,
+            ];
+            let list = c.source_versions.len() * 8;
+            let text: usize = strings.iter().map(|s| s.len()).sum::<usize>()
+                + c.source_versions.iter().map(String::len).sum::<usize>()
+                + location.map_or(0, str::len);
+            let total = list
+                .checked_add(text)
+                .filter(|t| *t <= MAX_STRING)
+                .ok_or_else(|| wasmtime::format_err!("task context too large"))?;
+            // The node list's block first (8-aligned), then the context's.
+            let nodes = match self.nodes {
+                Some((nodes, _)) => nodes_arena_size(nodes)?.2.next_multiple_of(4),
+                None => 0,
+            };
+            let both = nodes
+                .checked_add(total)
+                .filter(|t| *t <= MAX_STRING)
+                .ok_or_else(|| wasmtime::format_err!("arguments too large"))?;
+            let start = cx.realloc(0, super::ARENA_REQUEST, NODE.align32, both)?;
+            if let Some((_, reserved)) = self.nodes {
+                reserved.store(start, Ordering::Relaxed);
+            }
+            let base = start + nodes;
+            let mut offsets = [0usize; 11];
+            let mut at = 0usize;
+            for (o, f) in offsets.iter_mut().zip(&CTX_FIELDS) {
+                *o = f.next_field32_size(&mut at);
+            }
+            let mut rec = [0u8; CTX.size32 as usize];
+            let mem = cx.as_slice_mut();
+            let block = mem
+                .get_mut(base..base + total)
+                .ok_or_else(|| wasmtime::format_err!("realloc return: beyond end of memory"))?;
+            let (list_buf, text_buf) = block.split_at_mut(list);
+            let mut text_at = 0usize;
+            let mut put = |s: &str| -> [u8; 8] {
+                let at = text_at;
+                text_buf[at..at + s.len()].copy_from_slice(s.as_bytes());
+                text_at += s.len();
+                pair_bytes(base + list + at, s.len())
+            };
+            let [
+                id,
+                name,
+                package,
+                target,
+                sources,
+                strategy,
+                method,
+                conc,
+                backup,
+                perm,
+                params,
+            ] = offsets;
+            rec[id..id + 8].copy_from_slice(&put(&c.task_id));
+            rec[name..name + 8].copy_from_slice(&put(&c.name));
+            rec[package..package + 8].copy_from_slice(&put(&c.package));
+            rec[target..target + 8].copy_from_slice(&put(&c.target_version));
+            for (slot, v) in list_buf.chunks_exact_mut(8).zip(&c.source_versions) {
+                slot.copy_from_slice(&put(v));
+            }
+            rec[sources..sources + 8].copy_from_slice(&pair_bytes(base, c.source_versions.len()));
+            rec[strategy] = match c.strategy {
+                wit::Strategy::Snapshot => 0,
+                wit::Strategy::Increment => 1,
+            };
+            rec[method] = match c.method {
+                wit::DeliveryMethod::Push => 0,
+                wit::DeliveryMethod::Pull => 1,
+            };
+            rec[conc..conc + 4].copy_from_slice(&c.concurrency.to_le_bytes());
+            rec[backup] = match c.backup {
+                wit::Backup::AgentDefault => 0,
+                wit::Backup::Location(_) => 1,
+                wit::Backup::None => 2,
+            };
+            if let Some(l) = location {
+                let payload = backup + BACKUP.payload_offset32 as usize;
+                rec[payload..payload + 8].copy_from_slice(&put(l));
+            }
+            rec[perm] = u8::from(c.permanent);
+            rec[params..params + 8].copy_from_slice(&put(&c.params));
+            mem.get_mut(offset..offset + rec.len())
+                .ok_or_else(|| wasmtime::format_err!("task context beyond end of memory"))?
+                .copy_from_slice(&rec);
             Ok(())
         }
     }
@@ -588,16 +853,123 @@ mod lower {
         Ok(())
     }
 
-    /// The records of `nodes` in guest memory; their pointer and count.
-    fn lower_nodes<T>(
-        cx: &mut LowerContext<'_, T>,
-        nodes: &[crate::model::Node],
-    ) -> wasmtime::Result<(usize, usize)> {
+    /// Offsets of the fields of a `node` record.
+    fn node_offsets() -> [usize; 9] {
         let mut offsets = [0usize; 9];
         let mut at = 0usize;
         for (o, f) in offsets.iter_mut().zip(&NODE_FIELDS) {
             *o = f.next_field32_size(&mut at);
         }
+        offsets
+    }
+
+    /// The records of `nodes`, their label and attribute lists and every
+    /// string, in one block of the guest's argument arena (one call into the
+    /// guest instead of one per string): `[records][pair lists][string bytes]`.
+    /// The guest owns each value as a sub-block it never frees one by one
+    /// (see `flotilla_sdk::arena`).
+    fn lower_nodes_arena<T>(
+        cx: &mut LowerContext<'_, T>,
+        nodes: &[crate::model::Node],
+        reserved: Option<usize>,
+    ) -> wasmtime::Result<(usize, usize)> {
+        let node_size = NODE.size32 as usize;
+        let pair_size = PAIR.size32 as usize;
+        let (records, lists, total) = nodes_arena_size(nodes)?;
+        let base = match reserved {
+            Some(base) => base,
+            None => cx.realloc(0, super::ARENA_REQUEST, NODE.align32, total)?,
+        };
+        let block = cx
+            .as_slice_mut()
+            .get_mut(base..base + total)
+            .ok_or_else(|| wasmtime::format_err!("realloc return: beyond end of memory"))?;
+        let (recs, rest) = block.split_at_mut(records);
+        let (lists_buf, text_buf) = rest.split_at_mut(lists);
+        // Guest addresses of the next pair record and the next string byte.
+        let mut list_at = 0usize;
+        let mut text_at = 0usize;
+        let mut put = |s: &str, text_at: &mut usize| -> [u8; 8] {
+            let at = *text_at;
+            text_buf[at..at + s.len()].copy_from_slice(s.as_bytes());
+            *text_at += s.len();
+            pair_bytes(base + records + lists + at, s.len())
+        };
+        let [
+            id,
+            version,
+            labels,
+            attrs,
+            asset,
+            healthy,
+            schedulable,
+            online,
+            seen,
+        ] = node_offsets();
+        for (rec, n) in recs.chunks_exact_mut(node_size).zip(nodes) {
+            rec[id..id + 8].copy_from_slice(&put(&n.id, &mut text_at));
+            rec[version..version + 8].copy_from_slice(&put(&n.version, &mut text_at));
+            for (field, list) in [(labels, &n.labels), (attrs, &n.attributes)] {
+                rec[field..field + 8]
+                    .copy_from_slice(&pair_bytes(base + records + list_at, list.len()));
+                for (k, v) in list {
+                    let slot = &mut lists_buf[list_at..list_at + pair_size];
+                    slot[..8].copy_from_slice(&put(k, &mut text_at));
+                    slot[8..16].copy_from_slice(&put(v, &mut text_at));
+                    list_at += pair_size;
+                }
+            }
+            rec[asset..asset + 8].copy_from_slice(&put(&n.asset_path, &mut text_at));
+            rec[healthy] = u8::from(n.healthy);
+            rec[schedulable] = u8::from(n.schedulable);
+            rec[online] = u8::from(n.online);
+            rec[seen..seen + 8].copy_from_slice(&n.last_seen.to_le_bytes());
+            // Padding bytes are whatever the block held: canonical lifting
+            // never reads them.
+        }
+        Ok((base, nodes.len()))
+    }
+
+    /// Bytes of a node list in the arena: records, pair lists, in all.
+    fn nodes_arena_size(nodes: &[crate::model::Node]) -> wasmtime::Result<(usize, usize, usize)> {
+        let too_big = || wasmtime::format_err!("size overflow copying a list of nodes");
+        let (mut pairs, mut text) = (0usize, 0usize);
+        for n in nodes {
+            pairs += n.labels.len() + n.attributes.len();
+            text += n.id.len() + n.version.len() + n.asset_path.len();
+            for (k, v) in n.labels.iter().chain(&n.attributes) {
+                text += k.len() + v.len();
+            }
+        }
+        let records = nodes
+            .len()
+            .checked_mul(NODE.size32 as usize)
+            .ok_or_else(too_big)?;
+        let lists = pairs
+            .checked_mul(PAIR.size32 as usize)
+            .ok_or_else(too_big)?;
+        let total = records
+            .checked_add(lists)
+            .and_then(|t| t.checked_add(text))
+            .filter(|t| *t <= MAX_STRING)
+            .ok_or_else(too_big)?;
+        Ok((records, lists, total))
+    }
+
+    /// A pointer pair already known to fit in 32 bits (inside guest memory).
+    fn pair_bytes(ptr: usize, len: usize) -> [u8; 8] {
+        let mut out = [0; 8];
+        out[..4].copy_from_slice(&(ptr as u32).to_le_bytes());
+        out[4..].copy_from_slice(&(len as u32).to_le_bytes());
+        out
+    }
+
+    /// The records of `nodes` in guest memory; their pointer and count.
+    fn lower_nodes<T>(
+        cx: &mut LowerContext<'_, T>,
+        nodes: &[crate::model::Node],
+    ) -> wasmtime::Result<(usize, usize)> {
+        let offsets = node_offsets();
         let size = NODE.size32 as usize;
         let total = nodes
             .len()
@@ -720,11 +1092,14 @@ impl WasmPolicy {
                 .ok_or_else(|| wasmtime::format_err!("export vanished"))
         };
         let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
+        let evaluate = func(&linked.evaluate)?;
         Ok(Live {
             store,
             bindings,
             select,
             plan,
+            evaluate,
+            arena: self.compiled.args_arena,
         })
     }
 
@@ -972,7 +1347,16 @@ impl Policy for WasmPolicy {
         };
         let out = self.with_ctx(ctx, |this, ctx| {
             this.call(Hook::Evaluate, 0, |l| {
-                l.bindings.call_evaluate(&mut l.store, ctx, &report)
+                // SAFETY: `load_bytes` type-checked `evaluate` against
+                // `(task-context, wave-report) -> verdict` for this component.
+                let f: TypedFunc<EvaluateParams<'_>, (wit::Verdict,)> =
+                    unsafe { TypedFunc::new_unchecked(l.evaluate) };
+                let ctx = CtxArg {
+                    ctx,
+                    arena: l.arena,
+                    nodes: None,
+                };
+                Ok(f.call(&mut l.store, (ctx, &report))?.0)
             })
         })?;
         Ok(match out {
@@ -1054,7 +1438,8 @@ type WorkerResult = (
     Result<Vec<Vec<model::Selection>>, PolicyError>,
 );
 
-type NodesParams<'a> = (&'a wit::TaskContext, NodeList<'a>);
+type NodesParams<'a> = (CtxArg<'a>, NodeList<'a>);
+type EvaluateParams<'a> = (CtxArg<'a>, &'a wit::WaveReport);
 
 /// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
 fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
@@ -1072,7 +1457,21 @@ fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift 
     // `(ctx, list<node>) -> list<wave>` for this component, and callers pass the
     // matching `R`; skipping the check on every call saves microseconds.
     let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(func) };
-    Ok(f.call(&mut live.store, (ctx, NodeList(nodes)))?.0)
+    let arena = live.arena;
+    let reserved = AtomicUsize::new(NOT_RESERVED);
+    let args = (
+        CtxArg {
+            ctx,
+            arena,
+            nodes: Some((nodes, &reserved)),
+        },
+        NodeList {
+            nodes,
+            arena,
+            reserved: Some(&reserved),
+        },
+    );
+    Ok(f.call(&mut live.store, args)?.0)
 }
 
 /// No files, no network, no env or args, clocks stuck at zero, deterministic
@@ -1357,9 +1756,143 @@ mod tests {
         assert_eq!(lower::NODE.size32, derived.size32);
         assert_eq!(lower::NODE.align32, derived.align32);
         assert_eq!(lower::NODE.size32, 56);
+        let derived = <wit::TaskContext as ComponentType>::ABI;
+        assert_eq!(lower::CTX.size32, derived.size32);
+        assert_eq!(lower::CTX.align32, derived.align32);
+        assert_eq!(lower::CTX.size32, 72);
     }
     use crate::model::{Node, Selection, TaskContext};
     use crate::policy::build::{build_component, workspace_root};
+
+    #[test]
+    fn sdk_components_get_their_nodes_in_the_argument_arena() {
+        let root = workspace_root(Path::new(env!("CARGO_MANIFEST_DIR")));
+        let wasm = build_component(&root, "version-gate").expect("build version-gate");
+        let bytes = std::fs::read(&wasm).unwrap();
+        assert!(args_arena(&bytes), "the SDK's section is found");
+        assert!(!args_arena(b"\0asm\x01\0\0\0"));
+        assert!(!args_arena(&bytes[..bytes.len() / 2]) || args_arena(&bytes));
+        let rt = WasmRuntime::new(None).unwrap();
+        let compiled = rt.load_file(&wasm).unwrap();
+        assert!(compiled.args_arena);
+        let mut canonical = compiled.clone();
+        canonical.args_arena = false;
+        let ctx =
+            TaskContext::new("1.13").with_params(serde_json::json!({ "range": ">=1.10, <2" }));
+        let versions = ["1.12", "v1.13", "1.9.0", "", "garbage", "1.10.1", "1.12.3"];
+        let fleet = |n: usize, wide: usize| -> Vec<Node> {
+            (0..n)
+                .map(|i| {
+                    let mut node = Node::new(format!("n{i}"), versions[i % versions.len()]);
+                    node.healthy = i % 5 != 1;
+                    node.labels = (0..i % 4)
+                        .map(|j| (format!("k{j}"), "v".repeat(j * wide)))
+                        .collect();
+                    node.attributes = vec![("model".into(), format!("m{i}"))];
+                    node.asset_path = if i % 3 == 0 {
+                        String::new()
+                    } else {
+                        "/a/b".into()
+                    };
+                    node
+                })
+                .collect()
+        };
+        let mut arena = compiled
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let mut plain = canonical
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        arena.set_workers(1);
+        plain.set_workers(1);
+        // Chunks of growing and shrinking size (the arena grows, is reused, is
+        // given back), with long strings that outgrow a block in a call.
+        // The last but one needs a block over the 8 MiB the SDK keeps between calls.
+        let sizes = [
+            (1, 1),
+            (0, 1),
+            (4096, 1),
+            (10, 5000),
+            (9000, 300),
+            (4096, 2000),
+            (3, 1),
+        ];
+        for (n, wide) in sizes {
+            let nodes = fleet(n, wide);
+            let want = plain.select(&ctx, &nodes).unwrap();
+            assert_eq!(arena.select(&ctx, &nodes).unwrap(), want, "{n} nodes");
+            assert_eq!(want.len(), n);
+        }
+        // Every field as the guest sees it: `echo` returns each node's `{:?}`.
+        let echo = build_component(&root, "misbehave").expect("build misbehave");
+        let compiled = rt.load_file(&echo).unwrap();
+        assert!(compiled.args_arena);
+        let mut canonical = compiled.clone();
+        canonical.args_arena = false;
+        let mut arena = compiled
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let mut plain = canonical
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let mut ctx = TaskContext::new("1").with_params(serde_json::json!({ "mode": "echo" }));
+        ctx.task_id = "t-1".into();
+        ctx.source_versions = vec!["1.0".into(), "1.1".into()];
+        ctx.backup = model::Backup::Location("/backups".into());
+        ctx.method = model::Method::Pull;
+        ctx.concurrency = 7;
+        for (n, wide) in sizes {
+            let mut nodes = fleet(n, wide);
+            for (i, node) in nodes.iter_mut().enumerate() {
+                node.last_seen = i as u64 * 7919;
+                node.online = i % 2 == 0;
+                node.schedulable = i % 3 != 0;
+            }
+            let got = arena.select(&ctx, &nodes).unwrap();
+            assert_eq!(got, plain.select(&ctx, &nodes).unwrap(), "{n} nodes");
+            if let Some(Selection::Skip { detail, .. }) = got.first() {
+                for part in [
+                    "task-id: \"t-1\"",
+                    "source-versions: [\"1.0\", \"1.1\"]",
+                    "Location(\"/backups\")",
+                    "concurrency: 7",
+                    "params: \"{\\\"mode\\\":\\\"echo\\\"}\"",
+                ] {
+                    assert!(detail.contains(part), "{part} in {detail}");
+                }
+                assert!(detail.to_lowercase().contains("pull"), "{detail}");
+            }
+            for (node, sel) in nodes.iter().zip(&got) {
+                let Selection::Skip { detail, .. } = sel else {
+                    panic!("echo skips: {sel:?}")
+                };
+                assert!(detail.contains(&format!("id: {:?}", node.id)), "{detail}");
+                assert!(
+                    detail.contains(&format!("last-seen: {}", node.last_seen)),
+                    "{detail}"
+                );
+                if let Some((k, v)) = node.labels.last() {
+                    assert!(detail.contains(&format!("({k:?}, {v:?})")), "{detail}");
+                }
+            }
+        }
+        // `evaluate` reads its context from the arena too.
+        let report = model::WaveReport::default();
+        assert_eq!(
+            arena.evaluate(&ctx, &report).unwrap(),
+            model::Verdict::Proceed
+        );
+        let ctx = ctx.with_params(serde_json::json!({ "mode": "empty-reason" }));
+        assert!(matches!(
+            arena.evaluate(&ctx, &report),
+            Err(PolicyError::Invalid { .. })
+        ));
+        assert!(matches!(
+            plain.evaluate(&ctx, &report),
+            Err(PolicyError::Invalid { .. })
+        ));
+    }
 
     #[test]
     fn a_full_pool_falls_back_to_on_demand_instances() {

@@ -1,7 +1,9 @@
 //! A policy that misbehaves on request: the task param `mode` picks how.
 //! `loop` spins forever, `alloc` allocates until it is stopped, `panic` panics,
 //! `unknown-node` / `empty-wave` / `duplicate` return a bad plan,
-//! `empty-reason` pauses without a reason, `short` returns too few selections.
+//! `empty-reason` pauses without a reason, `short` returns too few selections,
+//! `echo` skips every node with the node as it arrived (`{:?}`) as the detail
+//! (the first one's also has the task context).
 //! Any other mode behaves (includes every node, one wave, proceeds).
 
 use flotilla_sdk::{Context, Node, Policy, Selection, Verdict, Wave, WaveReport};
@@ -31,6 +33,17 @@ impl Policy for Misbehave {
             }
             "panic" => panic!("misbehave was told to panic"),
             "short" => vec![Selection::Include; nodes.len().saturating_sub(1)],
+            "echo" => nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let detail = match i {
+                        0 => format!("{n:?} {:?}", ctx.task),
+                        _ => format!("{n:?}"),
+                    };
+                    Selection::skip(flotilla_sdk::SkipReason::Policy, detail)
+                })
+                .collect(),
             _ => vec![Selection::Include; nodes.len()],
         }
     }
