@@ -2,9 +2,15 @@
 //! that is waiting as one batch (held open while more follow closely, see
 //! `LINGER_GAP`), applies it (agent reports through
 //! `Engine::report_many`, operator calls in order, then a tick when one is
-//! due), flushes the store once, and only then answers the callers and hands
-//! new work to the agents. One fsync covers a whole burst of reports (group
-//! commit), and nothing is acknowledged or sent before it is on disk.
+//! due) and hands it to the flusher thread, which flushes the store once for
+//! every batch applied since its last flush, and only then answers the
+//! callers and hands new work to the agents, batch by batch in order. One
+//! flush covers a whole burst of reports (group commit), nothing is
+//! acknowledged or sent before it is on disk, and the engine thread takes
+//! the next batch while the previous one is being flushed (sled's
+//! `apply_batch` itself waits for a flush in progress, but gathering the
+//! jobs, the engine's work in memory, encoding the records and answering
+//! the callers overlap it).
 
 use super::agents::Outbox;
 use super::error::ApiError;
@@ -110,7 +116,28 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread.
+/// A batch the engine applied, waiting for the flush that makes it durable.
+/// Everything in it happens only after that flush.
+struct Applied {
+    /// Each report's answer, and the (node, task) its work finished, if it
+    /// did.
+    reports: Vec<(
+        ReportReply,
+        Result<(), EngineError>,
+        Option<(String, String)>,
+    )>,
+    /// Operator calls' answers.
+    calls: Vec<Reply>,
+    /// New work for agents.
+    commands: Vec<Command>,
+    /// The engine's open work after this batch, when it was time to rebuild
+    /// the agents' queues from it.
+    open: Option<Vec<Command>>,
+}
+
+type ReportReply = oneshot::Sender<Result<(), EngineError>>;
+
+/// Starts the engine thread (and its flusher).
 pub fn spawn(
     mut engine: Engine,
     store: Arc<SledStore>,
@@ -124,6 +151,11 @@ pub fn spawn(
     // before this returns, so before the server answers an agent's poll.
     let open = engine.open_work();
     outbox.replace(open.iter().map(|c| inventory.work(c)));
+    let (applied_tx, applied_rx) = mpsc::channel::<Applied>();
+    let flusher = std::thread::Builder::new()
+        .name("flotilla-flush".into())
+        .spawn(move || flush_loop(applied_rx, &store, &outbox, &inventory))
+        .expect("spawning the flusher thread");
     let thread = std::thread::Builder::new()
         .name("flotilla-engine".into())
         .spawn(move || {
@@ -131,6 +163,7 @@ pub fn spawn(
             let mut last_reconcile = Instant::now();
             let mut reports_since_tick = false;
             let mut stopping = false;
+            let mut batch = Vec::new();
             while !stopping {
                 let due = if reports_since_tick {
                     last_tick + TICK_AFTER_REPORTS.min(tick)
@@ -138,7 +171,6 @@ pub fn spawn(
                     last_tick + tick
                 };
                 let wait = due.saturating_duration_since(Instant::now());
-                let mut batch = Vec::new();
                 match rx.recv_timeout(wait) {
                     Ok(job) => batch.push(job),
                     Err(RecvTimeoutError::Timeout) => {}
@@ -153,6 +185,9 @@ pub fn spawn(
                         Ok(job) => batch.push(job),
                         Err(_) => {
                             let left = linger_until.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                break;
+                            }
                             match rx.recv_timeout(LINGER_GAP.min(left)) {
                                 Ok(job) => batch.push(job),
                                 Err(_) => break,
@@ -160,88 +195,128 @@ pub fn spawn(
                         }
                     }
                 }
-                let mut reports = Vec::new();
-                let mut replies: Vec<Reply> = Vec::new();
-                let mut commands = Vec::new();
-                let mut report_replies = Vec::new();
-                let mut finals = Vec::new();
-                let mut calls = 0;
-                for job in batch {
+                let mut reports = Vec::with_capacity(batch.len());
+                let mut report_replies = Vec::with_capacity(batch.len());
+                let mut applied = Applied {
+                    reports: Vec::with_capacity(batch.len()),
+                    calls: Vec::new(),
+                    commands: Vec::new(),
+                    open: None,
+                };
+                for job in batch.drain(..) {
                     match job {
                         Job::Report {
                             node,
                             report,
                             reply,
                         } => {
-                            finals.push(
-                                is_final(report.state).then(|| (node.clone(), report.task.clone())),
-                            );
+                            let done =
+                                is_final(report.state).then(|| (node.clone(), report.task.clone()));
                             reports.push((node, report.event()));
-                            report_replies.push(reply);
+                            report_replies.push((reply, done));
                         }
                         Job::Call(call) => {
-                            calls += 1;
                             let (c, reply) = call(&mut engine);
-                            commands.extend(c);
-                            replies.push(reply);
+                            applied.commands.extend(c);
+                            applied.calls.push(reply);
                         }
                         Job::Stop => stopping = true,
                     }
                 }
-                let results = if reports.is_empty() {
-                    Vec::new()
-                } else {
+                if !reports.is_empty() {
                     reports_since_tick = true;
                     metrics.reports(reports.len());
-                    engine.report_many(reports)
-                };
-                if calls > 0 || Instant::now() >= due {
+                    let results = engine.report_many(reports);
+                    applied.reports.extend(
+                        report_replies
+                            .into_iter()
+                            .zip(results)
+                            .map(|((reply, done), result)| (reply, result, done)),
+                    );
+                }
+                if !applied.calls.is_empty() || Instant::now() >= due {
                     match engine.tick() {
-                        Ok(c) => commands.extend(c),
+                        Ok(c) => applied.commands.extend(c),
                         Err(e) => tracing::error!("engine tick: {e}"),
                     }
                     last_tick = Instant::now();
                     reports_since_tick = false;
                 }
-                if let Err(e) = store.flush() {
-                    // Nothing of this batch may be acknowledged.
-                    tracing::error!("flushing the store: {e}; refusing this batch");
-                    for r in report_replies {
-                        let _ = r.send(Err(EngineError::Store(crate::store::StoreError::Io(
-                            e.to_string(),
-                        ))));
-                    }
-                    // Operator calls still get their answer: their caller
-                    // learns of the failure from the store on its next read.
-                    for r in replies {
-                        r();
-                    }
-                    continue;
-                }
-                for (done, result) in finals.iter().zip(&results) {
-                    if let (Some((node, task)), Ok(())) = (done, result) {
-                        outbox.finish(node, task);
-                    }
-                }
-                for (reply, result) in report_replies.into_iter().zip(results) {
-                    let _ = reply.send(result);
-                }
-                for r in replies {
-                    r();
-                }
-                if !commands.is_empty() {
-                    outbox.put(commands.iter().map(|c| inventory.work(c)));
-                }
                 if last_reconcile.elapsed() >= RECONCILE_EVERY {
-                    let open = engine.open_work();
-                    outbox.replace(open.iter().map(|c| inventory.work(c)));
+                    applied.open = Some(engine.open_work());
                     last_reconcile = Instant::now();
                 }
+                // The flusher makes it durable and then answers; meanwhile
+                // this thread takes the next batch.
+                if applied_tx.send(applied).is_err() {
+                    tracing::error!("the flusher thread is gone; stopping the engine");
+                    break;
+                }
+            }
+            drop(applied_tx);
+            if flusher.join().is_err() {
+                tracing::error!("the flusher thread panicked");
             }
             tracing::info!("engine stopped");
         })
         .expect("spawning the engine thread");
     (EngineHandle { tx }, ActorThread(thread))
+}
+
+/// The flusher: takes every batch the engine applied since its last flush,
+/// flushes the store once for all of them, then answers their callers and
+/// hands their work to the agents, in the order the engine applied them.
+fn flush_loop(
+    rx: mpsc::Receiver<Applied>,
+    store: &SledStore,
+    outbox: &Outbox,
+    inventory: &Inventory,
+) {
+    let mut groups = Vec::new();
+    while let Ok(first) = rx.recv() {
+        groups.push(first);
+        while let Ok(more) = rx.try_recv() {
+            groups.push(more);
+        }
+        let flushed = store.flush();
+        if let Err(e) = &flushed {
+            // Nothing of these batches may be acknowledged.
+            tracing::error!("flushing the store: {e}; refusing this batch");
+        }
+        for g in groups.drain(..) {
+            match &flushed {
+                Ok(()) => {
+                    for (reply, result, done) in g.reports {
+                        if let (Some((node, task)), Ok(())) = (&done, &result) {
+                            outbox.finish(node, task);
+                        }
+                        let _ = reply.send(result);
+                    }
+                    for r in g.calls {
+                        r();
+                    }
+                    if !g.commands.is_empty() {
+                        outbox.put(g.commands.iter().map(|c| inventory.work(c)));
+                    }
+                    if let Some(open) = g.open {
+                        outbox.replace(open.iter().map(|c| inventory.work(c)));
+                    }
+                }
+                Err(e) => {
+                    for (reply, _, _) in g.reports {
+                        let _ = reply.send(Err(EngineError::Store(crate::store::StoreError::Io(
+                            e.to_string(),
+                        ))));
+                    }
+                    // Operator calls still get their answer: their caller
+                    // learns of the failure from the store on its next read.
+                    for r in g.calls {
+                        r();
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn is_final(state: ReportState) -> bool {
