@@ -119,13 +119,7 @@ impl EngineHandle {
 /// A batch the engine applied, waiting for the flush that makes it durable.
 /// Everything in it happens only after that flush.
 struct Applied {
-    /// Each report's answer, and the (node, task) its work finished, if it
-    /// did.
-    reports: Vec<(
-        ReportReply,
-        Result<(), EngineError>,
-        Option<(String, String)>,
-    )>,
+    reports: Vec<AppliedReport>,
     /// Operator calls' answers.
     calls: Vec<Reply>,
     /// New work for agents.
@@ -135,7 +129,12 @@ struct Applied {
     open: Option<Vec<Command>>,
 }
 
-type ReportReply = oneshot::Sender<Result<(), EngineError>>;
+/// A report's answer, and the (node, task) whose work it finished, if it did.
+struct AppliedReport {
+    reply: oneshot::Sender<Result<(), EngineError>>,
+    result: Result<(), EngineError>,
+    done: Option<(String, String)>,
+}
 
 /// Starts the engine thread (and its flusher).
 pub fn spawn(
@@ -227,12 +226,15 @@ pub fn spawn(
                     reports_since_tick = true;
                     metrics.reports(reports.len());
                     let results = engine.report_many(reports);
-                    applied.reports.extend(
-                        report_replies
-                            .into_iter()
-                            .zip(results)
-                            .map(|((reply, done), result)| (reply, result, done)),
-                    );
+                    applied
+                        .reports
+                        .extend(report_replies.into_iter().zip(results).map(
+                            |((reply, done), result)| AppliedReport {
+                                reply,
+                                result,
+                                done,
+                            },
+                        ));
                 }
                 if !applied.calls.is_empty() || Instant::now() >= due {
                     match engine.tick() {
@@ -286,7 +288,12 @@ fn flush_loop(
         for g in groups.drain(..) {
             match &flushed {
                 Ok(()) => {
-                    for (reply, result, done) in g.reports {
+                    for AppliedReport {
+                        reply,
+                        result,
+                        done,
+                    } in g.reports
+                    {
                         if let (Some((node, task)), Ok(())) = (&done, &result) {
                             outbox.finish(node, task);
                         }
@@ -303,10 +310,12 @@ fn flush_loop(
                     }
                 }
                 Err(e) => {
-                    for (reply, _, _) in g.reports {
-                        let _ = reply.send(Err(EngineError::Store(crate::store::StoreError::Io(
-                            e.to_string(),
-                        ))));
+                    for r in g.reports {
+                        let _ =
+                            r.reply
+                                .send(Err(EngineError::Store(crate::store::StoreError::Io(
+                                    e.to_string(),
+                                ))));
                     }
                     // Operator calls still get their answer: their caller
                     // learns of the failure from the store on its next read.
