@@ -970,3 +970,99 @@ async fn a_silent_node_is_marked_offline_and_back_online_by_its_next_heartbeat()
     assert!(online().await, "a heartbeat brings the node back");
     h.stop().await;
 }
+
+/// Many agents report at once (several batches in the engine and the
+/// flusher at a time): every report is answered 204, a report with another
+/// node's token is refused and changes nothing, and what was acknowledged
+/// is there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reports_are_all_applied_and_survive_a_restart() {
+    const NODES: usize = 48;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let open =
+        |data: std::path::PathBuf| async move { Harness::start(move |c| c.data = data).await };
+    let h = open(data.clone()).await;
+    let mut tokens = Vec::new();
+    for i in 0..NODES {
+        let node = format!("n{i:02}");
+        let token = h.enroll(&node, "1.0.0").await;
+        tokens.push((node, token));
+    }
+    h.release("edge", "2.0.0", b"two").await;
+    let (s, p) = h
+        .send(
+            "PUT",
+            "/v1/policies/everyone",
+            Some(b"// every hook at its default: one wave of every node\n".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    let (s, t) = h.post("/v1/tasks", spec("all", "everyone", "2.0.0")).await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, t) = h.get(&format!("/v1/tasks/{id}")).await;
+        if t["counts"]["offered"].as_u64() == Some(NODES as u64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every node offered: {t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (http, base, task) = (h.http.clone(), h.base.clone(), id.clone());
+    let report = move |node: String, token: String, state: &'static str| {
+        let http = http.clone();
+        let url = format!("{base}/v1/agents/{node}/report");
+        let body = json!({"task": task, "state": state}).to_string();
+        async move {
+            let res = http
+                .post(url)
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (node, state, res.status())
+        }
+    };
+    // Another node's token: refused, and n00 stays offered until its own
+    // reports come.
+    let (_, _, s) = report("n00".into(), tokens[1].1.clone(), "downloading").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (_, run) = h.get(&format!("/v1/tasks/{id}/runs?state=offered")).await;
+    assert_eq!(run["total"].as_u64(), Some(NODES as u64), "{run}");
+
+    let mut agents = tokio::task::JoinSet::new();
+    for (node, token) in tokens.clone() {
+        let report = report.clone();
+        agents.spawn(async move {
+            let mut out = Vec::new();
+            for state in ["downloading", "upgrading", "verifying", "succeeded"] {
+                out.push(report(node.clone(), token.clone(), state).await);
+            }
+            out
+        });
+    }
+    let mut answered = 0;
+    while let Some(out) = agents.join_next().await {
+        for (node, state, status) in out.unwrap() {
+            assert_eq!(status, StatusCode::NO_CONTENT, "{node} {state}");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, NODES * 4);
+    h.stop().await;
+
+    let h = open(data).await;
+    let (_, t) = h.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(
+        t["counts"]["succeeded"].as_u64(),
+        Some(NODES as u64),
+        "{}",
+        t["counts"]
+    );
+    h.stop().await;
+}
