@@ -1052,16 +1052,41 @@ impl Engine {
         &mut self,
         reports: Vec<(String, RunEvent)>,
     ) -> Vec<Result<(), EngineError>> {
+        self.report_many_for(
+            reports
+                .into_iter()
+                .map(|(node, event)| (node, None, event))
+                .collect(),
+        )
+    }
+
+    /// [`Engine::report_many`] for reports that name their task (an agent's
+    /// always do): a report about another task than the one its node is in
+    /// now (a late report of a task that ended, say) is refused and changes
+    /// nothing.
+    pub fn report_many_for(
+        &mut self,
+        reports: Vec<(String, Option<String>, RunEvent)>,
+    ) -> Vec<Result<(), EngineError>> {
         let now = self.clock.now();
         self.committed_this_call = 0;
         let mut touched: Vec<String> = Vec::new();
         let mut results: Vec<Result<(), EngineError>> = Vec::with_capacity(reports.len());
-        for (node, event) in reports {
+        for (node, named, event) in reports {
             let Some(id) = self.busy.get(&node).cloned() else {
                 results.push(Err(EngineError::NotInTask { node }));
                 continue;
             };
             let id: &str = &id;
+            if let Some(named) = named.filter(|t| t != id) {
+                results.push(Err(EngineError::Refused {
+                    task: named.clone(),
+                    reason: format!(
+                        "node {node} is not in task {named} (it is in task {id}); the report is ignored"
+                    ),
+                }));
+                continue;
+            }
             let live = self
                 .live
                 .get_mut(id)

@@ -1013,3 +1013,26 @@ fn a_big_task_on_sled_reads_back_as_the_engine_holds_it_at_every_step() {
         store.records_written()
     );
 }
+
+#[test]
+fn a_report_naming_another_task_is_refused_and_changes_nothing() {
+    let mut w = world(fleet(2, "1.12"), &[]);
+    let task = w.engine.create(spec("one", "default", json!({}))).unwrap();
+    assert_eq!(w.engine.tick().unwrap().len(), 2);
+    let before = w.store.runs(&task.id).unwrap();
+    let results = w.engine.report_many_for(vec![
+        ("n000".into(), Some("t999999".into()), RunEvent::Succeeded),
+        ("n001".into(), Some(task.id.clone()), RunEvent::Downloading),
+    ]);
+    match &results[0] {
+        Err(EngineError::Refused { task: t, reason }) => {
+            assert_eq!(t, "t999999");
+            assert!(reason.contains(&task.id), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    let after = w.store.runs(&task.id).unwrap();
+    assert_eq!(after[0], before[0], "the refused report changed nothing");
+    assert_eq!(after[1].state.name(), "downloading");
+}

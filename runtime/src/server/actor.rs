@@ -215,7 +215,7 @@ pub fn spawn(
                         } => {
                             let done =
                                 is_final(report.state).then(|| (node.clone(), report.task.clone()));
-                            reports.push((node, report.event()));
+                            reports.push((node, Some(report.task.clone()), report.event()));
                             report_replies.push((reply, done));
                         }
                         Job::Call(call) => {
@@ -229,7 +229,7 @@ pub fn spawn(
                 if !reports.is_empty() {
                     reports_since_tick = true;
                     metrics.reports(reports.len());
-                    let results = engine.report_many(reports);
+                    let results = engine.report_many_for(reports);
                     applied
                         .reports
                         .extend(report_replies.into_iter().zip(results).map(
