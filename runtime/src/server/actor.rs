@@ -1,7 +1,7 @@
 //! The engine's own thread. Handlers send jobs; the thread takes every job
 //! that is waiting as one batch (held open while more follow closely, see
 //! `LINGER_GAP`), applies it (agent reports through
-//! `Engine::report_many`, operator calls in order, then a tick when one is
+//! `Engine::report_many_for`, operator calls in order, then a tick when one is
 //! due) and hands it to the flusher thread, which flushes the store once for
 //! every batch applied since its last flush, and only then answers the
 //! callers and hands new work to the agents, batch by batch in order. One
