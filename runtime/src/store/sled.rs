@@ -1,7 +1,8 @@
 //! The durable store on sled — the only file that imports sled.
 //!
 //! The engine's records live in **one tree**, `engine`, under prefixed keys
-//! (values are serde_json, so `sled`'s files stay readable with any JSON tool):
+//! (values are serde_json; plans, run packs and event packs are that JSON
+//! LZ4-compressed, marked by a first byte [`LZ4`] that JSON never starts with):
 //! - `T task_id` → `Task` without its plan (`waves` stored as `[]`)
 //! - `P task_id` → the task's `waves`, written only when they changed
 //! - `R task_id \0 node_id` → `[generation, NodeRun]`: a run written by a
