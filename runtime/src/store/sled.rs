@@ -2,14 +2,14 @@
 //!
 //! The engine's records live in **one tree**, `engine`, under prefixed keys
 //! (values are serde_json; plans, run packs and event packs are that JSON
-//! LZ4-compressed, marked by a first byte [`LZ4`] that JSON never starts with):
+//! LZ4-compressed, marked by a first byte `LZ4` that JSON never starts with):
 //! - `T task_id` → `Task` without its plan (`waves` stored as `[]`)
 //! - `P task_id` → the task's `waves`, written only when they changed
 //! - `R task_id \0 node_id` → `[generation, NodeRun]`: a run written by a
 //!   small commit (a plain `NodeRun`, as older stores hold, reads as
 //!   generation 0)
 //! - `Q task_id \0 generation as big-endian u32, first node_id` → a JSON
-//!   array of up to [`RUN_PACK`] `NodeRun`s in node-id order: the runs of a
+//!   array of up to `RUN_PACK` `NodeRun`s in node-id order: the runs of a
 //!   big commit (see "Run packs" below)
 //! - `E task_id \0 first_seq as big-endian u64` → a JSON array of up to
 //!   [`PACK`] `Event`s with consecutive seqs starting at `first_seq` (each
@@ -28,7 +28,7 @@
 //! node); packed, the event log costs a few thousand records per 100,000
 //! nodes.
 //!
-//! Run packs: a commit of at least [`RUN_PACK_MIN`] runs (targeting, the
+//! Run packs: a commit of at least `RUN_PACK_MIN` runs (targeting, the
 //! dispatch of a wave, a wave's worth of reports) does not write a record
 //! per run but opens the task's next *generation* and writes its runs in
 //! packs. A run's current value is the newest of its `R` record and the
