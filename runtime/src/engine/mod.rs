@@ -276,6 +276,15 @@ const COMPACT_RUNS: usize = 1024;
 /// kept for the next one.
 const KEEP_BUFFER: usize = 4096;
 
+/// Empties a per-commit buffer, keeping its allocation only if it is small.
+fn empty_buffer<T>(buffer: &mut Vec<T>) {
+    if buffer.capacity() > KEEP_BUFFER {
+        *buffer = Vec::new();
+    } else {
+        buffer.clear();
+    }
+}
+
 impl Engine {
     /// An engine over `store`, resuming every active task found there.
     pub fn new(
@@ -414,16 +423,8 @@ impl Engine {
         self.store.commit(&live.task, &runs, &live.events)?;
         self.committed_this_call += runs.len();
         drop(runs);
-        if live.dirty.capacity() > KEEP_BUFFER {
-            live.dirty = Vec::new();
-        } else {
-            live.dirty.clear();
-        }
-        if live.events.capacity() > KEEP_BUFFER {
-            live.events = Vec::new();
-        } else {
-            live.events.clear();
-        }
+        empty_buffer(&mut live.dirty);
+        empty_buffer(&mut live.events);
         if !live.task.state.active() {
             // Ended: every node whose work is done is free; one still out
             // with an agent stays held until the agent reports or times out.
