@@ -75,7 +75,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ::sled::{Batch, Db, IVec, Tree};
 use serde::Serialize;
@@ -126,6 +126,10 @@ pub struct SledStore {
     /// values): benches size a baseline by them.
     records: AtomicU64,
     bytes: AtomicU64,
+    /// Held (shared) by reads of runs and (exclusively) by a commit that
+    /// writes a journal out: a read that overlapped a write-out could find
+    /// part of the journal gone and its `R` records not yet there.
+    moves: RwLock<()>,
     /// Run packs decoded for point reads, oldest first (see `decoded_pack`).
     pack_cache: Mutex<Vec<(IVec, Arc<Vec<NodeRun>>)>>,
 }
@@ -194,6 +198,7 @@ impl SledStore {
             written: Mutex::new(HashMap::new()),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            moves: RwLock::new(()),
             pack_cache: Mutex::new(Vec::new()),
             db,
         })
@@ -866,9 +871,12 @@ impl Store for SledStore {
             records,
             bytes,
         } = batch;
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| self.io("commit failed", e))?;
+        {
+            let _moving = write_out.then(|| self.moves.write().unwrap_or_else(|e| e.into_inner()));
+            self.tree
+                .apply_batch(batch)
+                .map_err(|e| self.io("commit failed", e))?;
+        }
         self.records.fetch_add(records as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         if records >= BIG_BATCH {
@@ -913,15 +921,28 @@ impl Store for SledStore {
         if check_task_id(task_id).is_err() {
             return Ok(Vec::new());
         }
-        // Packs oldest first, each run replacing what an older pack said;
-        // then the `R` records, which win over packs of their generation
-        // and older.
-        let mut newest: BTreeMap<String, (u32, NodeRun)> = BTreeMap::new();
-        for pack in self.packs(task_id) {
-            let (generation, k, v) = pack?;
-            let runs: Vec<NodeRun> = decode(&k, &v)?;
+        // A run's value is the one of highest rank: (generation, kind) with
+        // pack < `R` record < journal, and later records of one kind over
+        // earlier ones. No write-out moves runs from the journal to `R`
+        // records while this reads (`moves`); commits that add journal
+        // records or packs may, and the read sees them or not.
+        let _reading = self.moves.read().unwrap_or_else(|e| e.into_inner());
+        const PACKED: u8 = 0;
+        const RECORD: u8 = 1;
+        const JOURNALED: u8 = 2;
+        let mut newest: BTreeMap<String, (u32, u8, NodeRun)> = BTreeMap::new();
+        let mut offer = |generation: u32, kind: u8, run: NodeRun| match newest.get_mut(&run.node_id)
+        {
+            Some(have) if (have.0, have.1) > (generation, kind) => {}
+            Some(have) => *have = (generation, kind, run),
+            None => {
+                newest.insert(run.node_id.clone(), (generation, kind, run));
+            }
+        };
+        for record in self.journal(task_id) {
+            let (_, generation, runs) = record?;
             for run in runs {
-                newest.insert(run.node_id.clone(), (generation, run));
+                offer(generation, JOURNALED, run);
             }
         }
         let prefix = key_of(|b| {
@@ -931,35 +952,23 @@ impl Store for SledStore {
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv.map_err(|e| self.io(&format!("reading runs of {task_id}"), e))?;
             let (generation, run) = decode_run(&k, &v)?;
-            match newest.get_mut(&run.node_id) {
-                Some(packed) if packed.0 > generation => {}
-                Some(packed) => *packed = (generation, run),
-                None => {
-                    newest.insert(run.node_id.clone(), (generation, run));
-                }
-            }
+            offer(generation, RECORD, run);
         }
-        // Then the journal, oldest record first: newer than the `R` records
-        // and packs of its generation and older ones.
-        for record in self.journal(task_id) {
-            let (_, generation, runs) = record?;
+        for pack in self.packs(task_id) {
+            let (generation, k, v) = pack?;
+            let runs: Vec<NodeRun> = decode(&k, &v)?;
             for run in runs {
-                match newest.get_mut(&run.node_id) {
-                    Some(older) if older.0 > generation => {}
-                    Some(older) => *older = (generation, run),
-                    None => {
-                        newest.insert(run.node_id.clone(), (generation, run));
-                    }
-                }
+                offer(generation, PACKED, run);
             }
         }
-        Ok(newest.into_values().map(|(_, run)| run).collect())
+        Ok(newest.into_values().map(|(_, _, run)| run).collect())
     }
 
     fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
         if check_task_id(task_id).is_err() {
             return Ok(None);
         }
+        let _reading = self.moves.read().unwrap_or_else(|e| e.into_inner());
         // The journal, newest record first. Only an active task has one (see
         // `commit`): for an ended task this is one seek that finds nothing.
         let mut journaled = None;
@@ -1202,6 +1211,54 @@ mod tests {
             store.run("t1", "n0998").unwrap().as_ref(),
             want.get("n0998")
         );
+    }
+
+    /// A reader never sees a run older than what was committed before its
+    /// read began, while write-outs move runs from the journal to records.
+    #[test]
+    fn reads_during_write_outs_never_go_back() {
+        use std::sync::atomic::AtomicU64;
+        let (_dir, store) = fresh();
+        let store = Arc::new(store);
+        let t = c::task("t1", 1);
+        // Round r updates the 10 nodes k with k % 5 == r % 5; ~6 write-outs.
+        let rounds: u64 = (JOURNAL_MAX as u64 / 10) * 6;
+        let node = |k: u64| format!("n{k:02}");
+        let committed = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (store, committed, t) = (store.clone(), committed.clone(), t.clone());
+            std::thread::spawn(move || {
+                for r in 1..=rounds {
+                    let runs: Vec<NodeRun> = (0..50)
+                        .filter(|k| k % 5 == r % 5)
+                        .map(|k| c::run(&node(k), "1.12", r))
+                        .collect();
+                    store.commit(&t, &runs, &[]).unwrap();
+                    committed.store(r, Ordering::SeqCst);
+                }
+            })
+        };
+        let mut reads = 0;
+        while !writer.is_finished() {
+            let floor = committed.load(Ordering::SeqCst);
+            let runs = store.runs("t1").unwrap();
+            for k in 0..50 {
+                // The last round at or before `floor` that updated node k.
+                let want = (1..=floor).rev().find(|r| r % 5 == k % 5).unwrap_or(0);
+                let got = runs
+                    .iter()
+                    .find(|r| r.node_id == node(k))
+                    .map_or(0, |r| r.updated_at);
+                assert!(
+                    got >= want,
+                    "{}: read {got} after round {want} was committed",
+                    node(k)
+                );
+            }
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 10, "only {reads} reads overlapped the writes");
     }
 
     #[test]
