@@ -32,7 +32,7 @@ const BATCH: usize = 8192;
 /// reports cost a third of the engine thread).
 const TICK_AFTER_REPORTS: Duration = Duration::from_millis(100);
 /// Group commit: after a job arrives, the batch stays open while more
-/// follow within `LINGER_GAP`, for at most `LINGER_MAX`. Measured on the api
+/// arrive in each `LINGER_GAP`, for at most `LINGER_MAX`. Measured on the api
 /// bench (10,000 nodes, 64 reports in flight): without it a batch averaged
 /// ~13 reports and each paid a flush (~380 µs) plus the wake-ups of the
 /// engine and sled's I/O threads, 15.4–17.9k reports/s; with it
@@ -181,22 +181,26 @@ pub fn spawn(
                 }
                 // Group commit: once one job is here, take what follows it
                 // closely too (agents' reports come in bursts), so one flush
-                // covers more of them.
+                // covers more of them. The thread sleeps between looks
+                // instead of waiting on the channel: a sender then finds no
+                // waiting receiver and does not wake it (a futex call and a
+                // context switch per report). Measured on the api bench, 8
+                // interleaved pairs: +3 % reports/s (median), 7 of 8 ahead.
+                // A batch of one stays open until `LINGER_MAX`.
                 let linger_until = Instant::now() + LINGER_MAX;
                 while !batch.is_empty() && batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => {
-                            let left = linger_until.saturating_duration_since(Instant::now());
-                            if left.is_zero() {
-                                break;
-                            }
-                            match rx.recv_timeout(LINGER_GAP.min(left)) {
-                                Ok(job) => batch.push(job),
-                                Err(_) => break,
-                            }
+                    let had = batch.len();
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
                         }
                     }
+                    let left = linger_until.saturating_duration_since(Instant::now());
+                    if left.is_zero() || (batch.len() == had && had > 1) {
+                        break;
+                    }
+                    std::thread::sleep(LINGER_GAP.min(left));
                 }
                 let mut reports = Vec::with_capacity(batch.len());
                 let mut report_replies = Vec::with_capacity(batch.len());
