@@ -477,11 +477,10 @@ pub fn run(
 
 /// Final counts per node-run state of a task.
 pub fn counts(engine: &Engine, task: &str) -> Result<BTreeMap<String, usize>, EngineError> {
-    let mut out = BTreeMap::new();
-    for run in engine.runs(task)? {
-        *out.entry(run.state.name().to_string()).or_insert(0) += 1;
-    }
-    Ok(out)
+    Ok(match engine.live_view(task) {
+        Some((_, counts)) => counts,
+        None => crate::engine::count_states(&engine.runs(task)?),
+    })
 }
 
 /// `true` when the task reached a final state.

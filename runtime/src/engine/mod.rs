@@ -403,6 +403,22 @@ impl Engine {
         }
     }
 
+    /// A task held in memory (active, or ended with work still out), with
+    /// its runs counted by state: `None` for any other task. Cheaper than
+    /// reading every run back from the store.
+    pub fn live_view(&self, id: &str) -> Option<(Task, BTreeMap<String, usize>)> {
+        let live = self.live.get(id)?;
+        Some((live.task.clone(), count_states(live.runs.values())))
+    }
+
+    /// The runs of every task held in memory, counted by state, by task id.
+    pub fn live_counts(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
+        self.live
+            .iter()
+            .map(|(id, live)| (id.clone(), count_states(live.runs.values())))
+            .collect()
+    }
+
     /// True while any task is scheduled, running or paused.
     pub fn has_active(&self) -> bool {
         !self.live.is_empty()
@@ -1478,6 +1494,15 @@ fn last_seq(store: &dyn Store, id: &str) -> Result<u64, StoreError> {
             return Ok(from);
         }
     }
+}
+
+/// Runs counted by state name.
+pub fn count_states<'a>(runs: impl IntoIterator<Item = &'a NodeRun>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in runs {
+        *out.entry(r.state.name().to_string()).or_insert(0) += 1;
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1036,3 +1036,39 @@ fn a_report_naming_another_task_is_refused_and_changes_nothing() {
     assert_eq!(after[0], before[0], "the refused report changed nothing");
     assert_eq!(after[1].state.name(), "downloading");
 }
+
+#[test]
+fn live_counts_match_the_runs_on_disk_and_end_with_the_task() {
+    let mut w = world(fleet(5, "1.12"), &[]);
+    let task = w.engine.create(spec("one", "default", json!({}))).unwrap();
+    w.engine.tick().unwrap();
+    let results = w.engine.report_many_for(vec![
+        ("n000".into(), Some(task.id.clone()), RunEvent::Downloading),
+        ("n001".into(), Some(task.id.clone()), RunEvent::Succeeded),
+    ]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let on_disk = count_states(&w.store.runs(&task.id).unwrap());
+    assert_eq!(on_disk.values().sum::<usize>(), 5);
+    assert_eq!((on_disk["downloading"], on_disk["succeeded"]), (1, 1));
+    let (live_task, counts) = w.engine.live_view(&task.id).expect("the task is live");
+    assert_eq!(counts, on_disk);
+    assert_eq!(live_task, w.store.task(&task.id).unwrap().unwrap());
+    assert_eq!(
+        w.engine.live_counts(),
+        BTreeMap::from([(task.id.clone(), on_disk)])
+    );
+    // Once every node has finished and the task ended, it is no longer held.
+    let rest: Vec<_> = ["n000", "n002", "n003", "n004"]
+        .iter()
+        .map(|n| (n.to_string(), Some(task.id.clone()), RunEvent::Succeeded))
+        .collect();
+    assert!(w.engine.report_many_for(rest).iter().all(Result::is_ok));
+    for _ in 0..10 {
+        w.engine.tick().unwrap();
+        w.clock.advance(60);
+    }
+    assert!(!w.store.task(&task.id).unwrap().unwrap().state.active());
+    assert!(w.engine.live_view(&task.id).is_none());
+    assert!(w.engine.live_counts().is_empty());
+    assert!(w.engine.live_view("t999").is_none());
+}

@@ -3,6 +3,7 @@
 //! agent reports and enrollments.
 
 use super::AppState;
+use crate::engine::count_states;
 use crate::store::Store;
 use axum::Router;
 use axum::extract::State;
@@ -132,15 +133,25 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the gauges from the store and renders everything.
-    pub fn render(&self, store: &dyn Store) -> Result<String, crate::store::StoreError> {
+    /// Sets the gauges and renders everything: tasks from the store, runs
+    /// of active tasks from `live` (the engine's counts of the tasks it
+    /// holds, by task id), else from the store.
+    pub fn render(
+        &self,
+        store: &dyn Store,
+        live: &BTreeMap<String, BTreeMap<String, usize>>,
+    ) -> Result<String, crate::store::StoreError> {
         let mut tasks: BTreeMap<String, i64> = BTreeMap::new();
         let mut runs: BTreeMap<String, i64> = BTreeMap::new();
         for t in store.tasks()? {
             *tasks.entry(t.state.name().to_string()).or_default() += 1;
             if t.state.active() {
-                for r in store.runs(&t.id)? {
-                    *runs.entry(r.state.name().to_string()).or_default() += 1;
+                let counts = match live.get(&t.id) {
+                    Some(c) => c.clone(),
+                    None => count_states(&store.runs(&t.id)?),
+                };
+                for (state, n) in counts {
+                    *runs.entry(state).or_default() += n as i64;
                 }
             }
         }
@@ -166,8 +177,9 @@ pub fn routes(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, super::ApiError> {
+    let live = state.engine.call(|e| (e.live_counts(), vec![])).await?;
     let s = state.clone();
-    let text = tokio::task::spawn_blocking(move || s.metrics.render(&*s.store))
+    let text = tokio::task::spawn_blocking(move || s.metrics.render(&*s.store, &live))
         .await
         .map_err(super::ApiError::internal)??;
     Ok((
