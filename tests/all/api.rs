@@ -457,6 +457,26 @@ async fn tasks_lifecycle_and_bad_input() {
     );
     let (_, runs) = h.get(&format!("/v1/tasks/{id}/runs?state=offered")).await;
     assert_eq!(runs["total"], 1);
+    // the live task's runs in the metrics (counted by the engine)
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"flotilla_node_runs{state="offered"} 1"#),
+        "{metrics}"
+    );
+    let counted: i64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("flotilla_node_runs{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(counted, 6, "{metrics}");
     let (s, e) = h.get(&format!("/v1/tasks/{id}/runs?bogus=1")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 
