@@ -59,7 +59,7 @@ impl TaskView {
     /// (task id, target version) of every ended task but this one, newest first.
     fn earlier(&self) -> &[(String, String)] {
         self.earlier.get_or_init(|| {
-            let mut tasks: Vec<Task> = match self.store.tasks() {
+            let mut tasks: Vec<Task> = match self.store.task_heads() {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(task = %self.task_id, "status.node-history: {e}");

@@ -143,7 +143,7 @@ impl Metrics {
     ) -> Result<String, crate::store::StoreError> {
         let mut tasks: BTreeMap<String, i64> = BTreeMap::new();
         let mut runs: BTreeMap<String, i64> = BTreeMap::new();
-        for t in store.tasks()? {
+        for t in store.task_heads()? {
             *tasks.entry(t.state.name().to_string()).or_default() += 1;
             if t.state.active() {
                 let counts = match live.get(&t.id) {

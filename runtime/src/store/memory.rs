@@ -335,6 +335,20 @@ pub(crate) mod conformance {
         assert_eq!(seen, all);
     }
 
+    pub fn heads_leave_out_the_plan(store: &dyn Store) {
+        let mut t1 = task("t1", 2);
+        t1.waves = waves(&[("canary", &["n000"]), ("rest", &["n001", "n002"])]);
+        let t2 = task("t2", 1);
+        store.commit(&t1, &[], &[]).unwrap();
+        store.commit(&t2, &[], &[]).unwrap();
+        let heads = store.task_heads().unwrap();
+        let mut want = store.tasks().unwrap();
+        assert_eq!(want[1].waves.len(), 2, "the plan is stored");
+        want[1].waves.clear();
+        assert_eq!(heads, want);
+        assert_eq!(heads[0].id, "t2");
+    }
+
     pub fn tasks_oldest_first(store: &dyn Store) {
         // created_at first, then id; the ids' own order disagrees.
         for (id, at) in [("c", 5), ("a", 7), ("b", 5), ("d", 1)] {
@@ -436,6 +450,11 @@ mod tests {
     #[test]
     fn tasks_oldest_first() {
         c::tasks_oldest_first(&MemoryStore::new());
+    }
+
+    #[test]
+    fn heads_leave_out_the_plan() {
+        c::heads_leave_out_the_plan(&MemoryStore::new());
     }
 
     #[test]

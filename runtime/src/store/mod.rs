@@ -27,6 +27,16 @@ pub trait Store: Send + Sync {
     fn task(&self, id: &str) -> Result<Option<Task>, StoreError>;
     /// Every task, oldest first.
     fn tasks(&self) -> Result<Vec<Task>, StoreError>;
+    /// Every task, oldest first, without its plan (`waves` empty): for
+    /// listings that need tasks' states, not their waves (a 100,000-node
+    /// plan is ~1.5 MB of JSON).
+    fn task_heads(&self) -> Result<Vec<Task>, StoreError> {
+        let mut tasks = self.tasks()?;
+        for t in &mut tasks {
+            t.waves = Vec::new();
+        }
+        Ok(tasks)
+    }
     /// A task's runs, ordered by node id.
     fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError>;
     /// One node's run in a task.

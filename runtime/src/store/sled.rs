@@ -917,6 +917,16 @@ impl Store for SledStore {
         Ok(tasks)
     }
 
+    fn task_heads(&self) -> Result<Vec<Task>, StoreError> {
+        let mut tasks: Vec<Task> = Vec::new();
+        for kv in self.tree.scan_prefix([TASK]) {
+            let (k, v) = kv.map_err(|e| self.io("reading tasks", e))?;
+            tasks.push(decode(&k, &v)?);
+        }
+        tasks.sort_by_key(|t| t.created_at);
+        Ok(tasks)
+    }
+
     fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError> {
         if check_task_id(task_id).is_err() {
             return Ok(Vec::new());
@@ -1077,6 +1087,11 @@ mod tests {
     #[test]
     fn tasks_oldest_first() {
         c::tasks_oldest_first(&fresh().1);
+    }
+
+    #[test]
+    fn heads_leave_out_the_plan() {
+        c::heads_leave_out_the_plan(&fresh().1);
     }
 
     #[test]
