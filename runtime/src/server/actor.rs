@@ -57,6 +57,8 @@ enum Job {
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Call(Call),
+    /// A call that only reads: it does not bring the next tick forward.
+    Read(Call),
     Stop,
 }
 
@@ -110,6 +112,29 @@ impl EngineHandle {
         });
         self.tx
             .send(Job::Call(call))
+            .map_err(|_| ApiError::unavailable())?;
+        rx.await.map_err(|_| ApiError::unavailable())
+    }
+
+    /// Runs `f` on the engine to read something; resolves with its result
+    /// once everything the engine applied before it is on disk. Unlike
+    /// [`EngineHandle::call`], it does not make the engine tick.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let read: Call = Box::new(move |engine| {
+            let r = f(engine);
+            (
+                Vec::new(),
+                Box::new(move || {
+                    let _ = tx.send(r);
+                }),
+            )
+        });
+        self.tx
+            .send(Job::Read(read))
             .map_err(|_| ApiError::unavailable())?;
         rx.await.map_err(|_| ApiError::unavailable())
     }
@@ -210,6 +235,7 @@ pub fn spawn(
                     commands: Vec::new(),
                     open: None,
                 };
+                let mut operator_changes = false;
                 for job in batch.drain(..) {
                     match job {
                         Job::Report {
@@ -225,6 +251,11 @@ pub fn spawn(
                         Job::Call(call) => {
                             let (c, reply) = call(&mut engine);
                             applied.commands.extend(c);
+                            applied.calls.push(reply);
+                            operator_changes = true;
+                        }
+                        Job::Read(read) => {
+                            let (_, reply) = read(&mut engine);
                             applied.calls.push(reply);
                         }
                         Job::Stop => stopping = true,
@@ -244,7 +275,9 @@ pub fn spawn(
                             },
                         ));
                 }
-                if !applied.calls.is_empty() || Instant::now() >= due {
+                // An operator's change (create, pause, promote, ...) takes
+                // effect at once; reads wait for the tick that is due.
+                if operator_changes || Instant::now() >= due {
                     match engine.tick() {
                         Ok(c) => applied.commands.extend(c),
                         Err(e) => tracing::error!("engine tick: {e}"),

@@ -637,10 +637,7 @@ async fn get_task(
     // back from the store costs ~5 µs a run.
     let live = {
         let id = id.clone();
-        state
-            .engine
-            .call(move |e| (e.live_view(&id), vec![]))
-            .await?
+        state.engine.read(move |e| e.live_view(&id)).await?
     };
     if let Some((task, counts)) = live {
         return Ok(Json(TaskView { task, counts }));

@@ -177,7 +177,7 @@ pub fn routes(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, super::ApiError> {
-    let live = state.engine.call(|e| (e.live_counts(), vec![])).await?;
+    let live = state.engine.read(|e| e.live_counts()).await?;
     let s = state.clone();
     let text = tokio::task::spawn_blocking(move || s.metrics.render(&*s.store, &live))
         .await
