@@ -477,10 +477,7 @@ pub fn run(
 
 /// Final counts per node-run state of a task.
 pub fn counts(engine: &Engine, task: &str) -> Result<BTreeMap<String, usize>, EngineError> {
-    Ok(match engine.live_view(task) {
-        Some((_, counts)) => counts,
-        None => crate::engine::count_states(&engine.runs(task)?),
-    })
+    Ok(crate::engine::count_states(&engine.runs(task)?))
 }
 
 /// `true` when the task reached a final state.

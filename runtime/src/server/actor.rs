@@ -100,6 +100,26 @@ impl EngineHandle {
         &self,
         f: impl FnOnce(&mut Engine) -> (R, Vec<Command>) + Send + 'static,
     ) -> Result<R, ApiError> {
+        self.run(Job::Call, f).await
+    }
+
+    /// Runs `f` on the engine to read something; resolves with its result
+    /// once everything the engine applied before it is on disk. Unlike
+    /// [`EngineHandle::call`], it does not make the engine tick.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        self.run(Job::Read, move |engine| (f(engine), Vec::new()))
+            .await
+    }
+
+    /// Sends `f` as the job `kind` makes of it and waits for its answer.
+    async fn run<R: Send + 'static>(
+        &self,
+        kind: fn(Call) -> Job,
+        f: impl FnOnce(&mut Engine) -> (R, Vec<Command>) + Send + 'static,
+    ) -> Result<R, ApiError> {
         let (tx, rx) = oneshot::channel();
         let call: Call = Box::new(move |engine| {
             let (r, commands) = f(engine);
@@ -111,30 +131,7 @@ impl EngineHandle {
             )
         });
         self.tx
-            .send(Job::Call(call))
-            .map_err(|_| ApiError::unavailable())?;
-        rx.await.map_err(|_| ApiError::unavailable())
-    }
-
-    /// Runs `f` on the engine to read something; resolves with its result
-    /// once everything the engine applied before it is on disk. Unlike
-    /// [`EngineHandle::call`], it does not make the engine tick.
-    pub async fn read<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Engine) -> R + Send + 'static,
-    ) -> Result<R, ApiError> {
-        let (tx, rx) = oneshot::channel();
-        let read: Call = Box::new(move |engine| {
-            let r = f(engine);
-            (
-                Vec::new(),
-                Box::new(move || {
-                    let _ = tx.send(r);
-                }),
-            )
-        });
-        self.tx
-            .send(Job::Read(read))
+            .send(kind(call))
             .map_err(|_| ApiError::unavailable())?;
         rx.await.map_err(|_| ApiError::unavailable())
     }
