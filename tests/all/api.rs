@@ -83,6 +83,15 @@ impl Harness {
         self.send("GET", path, None, None).await
     }
 
+    /// `/metrics` as text.
+    async fn metrics(&self) -> String {
+        let (status, text) = self.get("/metrics").await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        text.as_str()
+            .expect("metrics are text, not JSON")
+            .to_string()
+    }
+
     async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.send("POST", path, Some(body.to_string().into_bytes()), None)
             .await
@@ -458,15 +467,7 @@ async fn tasks_lifecycle_and_bad_input() {
     let (_, runs) = h.get(&format!("/v1/tasks/{id}/runs?state=offered")).await;
     assert_eq!(runs["total"], 1);
     // the live task's runs in the metrics (counted by the engine)
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains(r#"flotilla_node_runs{state="offered"} 1"#),
         "{metrics}"
@@ -851,15 +852,7 @@ async fn a_signed_release_webhook_starts_a_rollout() {
     let (_, nodes) = h.get("/v1/nodes?version=1.4.0").await;
     assert_eq!(nodes["total"], 10);
 
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains(r#"flotilla_tasks{state="succeeded"} 1"#),
         "{metrics}"
