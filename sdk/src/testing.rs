@@ -17,14 +17,14 @@
 //! Each scenario's `task.policy` is ignored: the crate's own component runs
 //! instead, so a Rhai twin and its Rust port can share their scenarios.
 
-use flotilla::policy::WasmRuntime;
-use flotilla::policy::build::{build_component, workspace_root};
-use flotilla::scenario::{self, PolicyFile, Report, Scenario};
+use flotilla_engine::scenario::{self, PolicyFile, Report, Scenario};
+use flotilla_policy::WasmRuntime;
+use flotilla_policy::build::{build_component, workspace_root};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub use flotilla::scenario::Report as ScenarioReport;
+pub use flotilla_engine::scenario::Report as ScenarioReport;
 
 /// The component of `package` (a crate in the workspace around
 /// `manifest_dir`), built once per test process with the `guest` profile

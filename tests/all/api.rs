@@ -2,9 +2,9 @@
 //! path and its bad-input paths, auth, and a webhook-triggered rollout end to
 //! end against agents simulated in the test (speaking the real protocol).
 
-use flotilla::protocol::{Enrolled, Work};
-use flotilla::server::hooks::{HookConfig, sign};
-use flotilla::server::{Config, Runner};
+use flotilla_model::protocol::{Enrolled, Work};
+use flotilla_server::hooks::{HookConfig, sign};
+use flotilla_server::{Config, Runner};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};

@@ -1,16 +1,16 @@
 //! The CLI over the API (`flotilla task|node|release|policy upload`): a runner
-//! in-process on loopback, driven through `flotilla::client` and the verbs'
-//! library functions in `flotilla::cli::remote`, whose output (tables or
+//! in-process on loopback, driven through `flotilla_client` and the verbs'
+//! library functions in `flotilla::remote`, whose output (tables or
 //! JSON) is asserted on.
 
 use clap::Parser as _;
-use flotilla::cli::remote::{
+use flotilla::remote::{
     self, ControlArgs, Kind, ReleaseAdd, WatchOptions, parse_spec, task_create,
 };
-use flotilla::cli::{Cli, Command};
-use flotilla::client::{Action, Client, ClientError, NodeFilter};
-use flotilla::model::{Node, TaskState};
-use flotilla::server::{Config, Runner};
+use flotilla::{Cli, Command};
+use flotilla_client::{Action, Client, ClientError, NodeFilter};
+use flotilla_model::{Node, TaskState};
+use flotilla_server::{Config, Runner};
 use flotilla_tests::workspace;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -321,7 +321,7 @@ async fn tasks_releases_and_nodes_through_the_cli() {
     assert!(err.to_string().contains("no task t999999"), "{err}");
     let mut later = spec.clone();
     later.name = "edge-2-0".into();
-    later.target = flotilla::model::Target::Version("2.0".into());
+    later.target = flotilla_model::Target::Version("2.0".into());
     let err = format!(
         "{:#}",
         task_create(&c, &later, false, false).await.unwrap_err()
@@ -342,8 +342,8 @@ async fn succeeding_agents(
     nodes: Vec<String>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use flotilla::agent::client::Client as AgentClient;
-    use flotilla::protocol::{Enroll, Report, ReportState, Work};
+    use flotilla_agent::client::Client as AgentClient;
+    use flotilla_model::protocol::{Enroll, Report, ReportState, Work};
     let mut agents = Vec::new();
     for id in &nodes {
         let a = AgentClient::new(&url, id).unwrap();

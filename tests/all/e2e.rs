@@ -7,7 +7,7 @@
 //! with a bound ([`wait_for`]). The runner ticks every 50 ms and agents beat
 //! every second, so each test takes seconds, not minutes.
 
-use flotilla::model::{NodeRun, RunState};
+use flotilla_model::{NodeRun, RunState};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

@@ -1,8 +1,8 @@
 //! Loading components: the world is checked at load, compiled artifacts are cached.
 
-use flotilla::model::Hook;
-use flotilla::policy::{Limits, Policy, PolicyError, WasmRuntime};
-use flotilla::world::World;
+use flotilla_model::Hook;
+use flotilla_policy::world::World;
+use flotilla_policy::{Limits, Policy, PolicyError, WasmRuntime};
 use flotilla_tests::component;
 
 #[test]
@@ -69,8 +69,8 @@ fn compiled_components_are_cached_on_disk_and_a_damaged_cache_is_recompiled() {
         .unwrap()
         .instantiate(World::empty(), Limits::default())
         .unwrap();
-    let ctx = flotilla::model::TaskContext::new("2.0.0");
-    let nodes = vec![flotilla::model::Node::new("a", "1.0.0")];
+    let ctx = flotilla_model::TaskContext::new("2.0.0");
+    let nodes = vec![flotilla_model::Node::new("a", "1.0.0")];
     assert_eq!(p.select(&ctx, &nodes).unwrap().len(), 1);
 
     // A truncated artifact is not trusted: it is recompiled and replaced.

@@ -2,9 +2,9 @@
 //! hits the memory cap, panics and bad output become typed errors, and the next
 //! call on the same policy works.
 
-use flotilla::model::{Node, TaskContext, WaveReport};
-use flotilla::policy::{Limits, Policy, PolicyError, RhaiPolicy, WasmPolicy, WasmRuntime};
-use flotilla::world::World;
+use flotilla_model::{Node, TaskContext, WaveReport};
+use flotilla_policy::world::World;
+use flotilla_policy::{Limits, Policy, PolicyError, RhaiPolicy, WasmPolicy, WasmRuntime};
 use flotilla_tests::component;
 use serde_json::json;
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! The shipped policies written twice — a Rust component and a Rhai script —
 //! decide identically on a shared table of inputs.
 
-use flotilla::model::{Node, TaskContext, WaveReport};
-use flotilla::policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
-use flotilla::world::World;
+use flotilla_model::{Node, TaskContext, WaveReport};
+use flotilla_policy::world::World;
+use flotilla_policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
 use flotilla_tests::{component, fleet, script};
 use serde_json::json;
 

@@ -3,9 +3,9 @@
 //! Rust components through `flotilla_sdk::testing`; a scenario that expects
 //! the wrong thing fails with a diff that shows what differed.
 
-use flotilla::cli::test::{TestArgs, run_to};
-use flotilla::policy::WasmRuntime;
-use flotilla::scenario::{self, Scenario};
+use flotilla::test::{TestArgs, run_to};
+use flotilla_engine::scenario::{self, Scenario};
+use flotilla_policy::WasmRuntime;
 use flotilla_tests::{component, workspace};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

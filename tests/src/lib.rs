@@ -1,8 +1,8 @@
 //! Shared fixtures for the end-to-end tests: guest components built on demand,
 //! the shipped policies' paths, and fleets.
 
-use flotilla::model::Node;
-use flotilla::policy::build::{build_component, workspace_root};
+use flotilla_model::Node;
+use flotilla_policy::build::{build_component, workspace_root};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};

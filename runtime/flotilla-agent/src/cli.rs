@@ -1,0 +1,417 @@
+//! `flotilla agent`: run the node agent (flags and an optional TOML file into
+//! an [`AgentConfig`]), or manage the node's releases by hand (`versions`,
+//! `install`, `downgrade`, `uninstall`).
+
+use crate::releases::ReleaseStore;
+use crate::upgrade::Steps;
+use crate::{AgentConfig, DEFAULT_WAIT_SECONDS};
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// `println!` that treats a closed stdout (`flotilla-agent versions | head`) as
+/// the end of output instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Runs the agent. Every flag can also come from `--config FILE` (TOML, keys
+/// in snake_case: `server`, `node_id`, `install_command`, ...); flags win.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// The runner's URL, e.g. http://127.0.0.1:7878.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// This node's id in the inventory.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Where releases, backups, downloads, the token and the journal live.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// A TOML file with any of the settings below.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A label of this node, `key=value`; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// An attribute of this node, `key=value`; repeatable.
+    #[arg(long = "attribute", value_name = "KEY=VALUE")]
+    pub attributes: Vec<String>,
+    /// The node's place in an asset tree, e.g. /plant-1/line-2.
+    #[arg(long)]
+    pub asset_path: Option<String>,
+    /// The runner's enrollment secret (or FLOTILLA_ENROLL_SECRET).
+    #[arg(long)]
+    pub enroll_secret: Option<String>,
+    /// Shell command run in the new release's directory after the switch.
+    #[arg(long)]
+    pub install_command: Option<String>,
+    /// Shell command that says whether the release is healthy (exit 0).
+    #[arg(long)]
+    pub health_command: Option<String>,
+    /// Shell command run for a restored release (default: the install command).
+    #[arg(long)]
+    pub restore_command: Option<String>,
+    /// Seconds any one command may run before it is killed [default: 300].
+    #[arg(long)]
+    pub command_timeout: Option<u64>,
+    /// Seconds between heartbeats [default: 10].
+    #[arg(long)]
+    pub heartbeat: Option<u64>,
+    /// Pull mode: ask the runner for work instead of waiting for it.
+    #[arg(long)]
+    pub pull: bool,
+    /// Pull mode: seconds between requests [default: 30].
+    #[arg(long)]
+    pub pull_interval: Option<u64>,
+    /// Push mode: seconds a long poll is held [default: 60].
+    #[arg(long)]
+    pub wait: Option<u64>,
+    /// Download attempts after the first [default: 5].
+    #[arg(long)]
+    pub download_retries: Option<u32>,
+    /// Tell the runner this node is not schedulable.
+    #[arg(long)]
+    pub unschedulable: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List installed releases: current, permanent or old.
+    Versions {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an installed release permanent (switching to it if needed).
+    Install {
+        version: String,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Switch back to an older installed release and make it permanent.
+    Downgrade {
+        version: String,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Delete an old release (never the current or the permanent one).
+    Uninstall {
+        version: String,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+/// The `--config` file; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: Option<String>,
+    node_id: Option<String>,
+    state_dir: Option<PathBuf>,
+    enroll_secret: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    asset_path: Option<String>,
+    install_command: Option<String>,
+    health_command: Option<String>,
+    restore_command: Option<String>,
+    command_timeout_seconds: Option<u64>,
+    heartbeat_seconds: Option<u64>,
+    pull: Option<bool>,
+    pull_seconds: Option<u64>,
+    wait_seconds: Option<u64>,
+    download_retries: Option<u32>,
+    schedulable: Option<bool>,
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(cmd) => manage(cmd),
+        None => {
+            let config = config(args.run, std::env::var("FLOTILLA_ENROLL_SECRET").ok())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(crate::run(config, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still works");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn pairs(
+    flags: Vec<String>,
+    file: BTreeMap<String, String>,
+    what: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = file;
+    for f in flags {
+        let Some((k, v)) = f.split_once('=') else {
+            bail!("--{what} `{f}` is not KEY=VALUE");
+        };
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Flags over environment over file over defaults.
+fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConfig> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid agent config", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let server = args
+        .server
+        .or(file.server)
+        .context("--server is required (or `server` in the config file)")?;
+    let node_id = args
+        .node_id
+        .or(file.node_id)
+        .context("--node-id is required (or `node_id` in the config file)")?;
+    let state_dir = args
+        .state_dir
+        .or(file.state_dir)
+        .context("--state-dir is required (or `state_dir` in the config file)")?;
+    let pull = args.pull || file.pull.unwrap_or(false);
+    Ok(AgentConfig {
+        enroll_secret: args.enroll_secret.or(env_secret).or(file.enroll_secret),
+        labels: pairs(args.labels, file.labels, "label")?,
+        attributes: pairs(args.attributes, file.attributes, "attribute")?,
+        asset_path: args.asset_path.or(file.asset_path).unwrap_or_default(),
+        schedulable: !args.unschedulable && file.schedulable.unwrap_or(true),
+        steps: Steps {
+            node_id: node_id.clone(),
+            install_command: args.install_command.or(file.install_command),
+            health_command: args.health_command.or(file.health_command),
+            restore_command: args.restore_command.or(file.restore_command),
+            command_timeout: Duration::from_secs(
+                args.command_timeout
+                    .or(file.command_timeout_seconds)
+                    .unwrap_or(300),
+            ),
+            download_retries: args.download_retries.or(file.download_retries).unwrap_or(5),
+            ..Steps::default()
+        },
+        heartbeat: Duration::from_secs(
+            args.heartbeat
+                .or(file.heartbeat_seconds)
+                .unwrap_or(10)
+                .max(1),
+        ),
+        pull: pull.then(|| {
+            Duration::from_secs(
+                args.pull_interval
+                    .or(file.pull_seconds)
+                    .unwrap_or(30)
+                    .max(1),
+            )
+        }),
+        wait_seconds: args
+            .wait
+            .or(file.wait_seconds)
+            .unwrap_or(DEFAULT_WAIT_SECONDS)
+            .min(DEFAULT_WAIT_SECONDS),
+        server,
+        node_id,
+        state_dir,
+    })
+}
+
+fn open(state_dir: &Path) -> anyhow::Result<ReleaseStore> {
+    if !state_dir.is_dir() {
+        bail!(
+            "{} is not an agent state directory (give the --state-dir the agent runs with)",
+            state_dir.display()
+        );
+    }
+    Ok(ReleaseStore::open(state_dir)?)
+}
+
+fn manage(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AgentCommand::Versions { state_dir, json } => {
+            let versions = open(&state_dir)?.versions()?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&versions)?);
+            } else if versions.is_empty() {
+                outln!("No release installed in {}.", state_dir.display());
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header(["VERSION", "CURRENT", "PERMANENT", "OLD"]);
+                let mark = |b: bool| if b { "*" } else { "" };
+                for v in &versions {
+                    table.add_row([
+                        v.version.as_str(),
+                        mark(v.current),
+                        mark(v.permanent),
+                        mark(v.old),
+                    ]);
+                }
+                outln!("{table}");
+            }
+        }
+        AgentCommand::Install { version, state_dir } => {
+            let store = open(&state_dir)?;
+            let was = store.current()?;
+            store.install(&version)?;
+            if was.as_deref() == Some(version.as_str()) {
+                outln!("Release {version} is already installed and current, making permanent.");
+            } else {
+                outln!("Switched to release {version}.");
+            }
+            outln!("Made release permanent: {version}");
+        }
+        AgentCommand::Downgrade { version, state_dir } => {
+            let store = open(&state_dir)?;
+            let current = store.current()?;
+            if current.as_deref() == Some(version.as_str()) {
+                bail!(
+                    "release {version} is already current; `flotilla agent install {version}` makes it permanent"
+                );
+            }
+            store.install(&version)?;
+            outln!(
+                "Switched from {} to {version}.",
+                current.as_deref().unwrap_or("no release")
+            );
+            outln!("Made release permanent: {version}");
+        }
+        AgentCommand::Uninstall { version, state_dir } => {
+            open(&state_dir)?.uninstall(&version)?;
+            outln!("Uninstalled release: {version}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_the_secret_falls_back_to_env() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            r#"
+server = "http://127.0.0.1:1"
+node_id = "from-file"
+state_dir = "/tmp/x"
+install_command = "true"
+heartbeat_seconds = 3
+pull = true
+labels = { tier = "edge", zone = "a" }
+"#,
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(file),
+            node_id: Some("from-flag".into()),
+            labels: vec!["zone=b".into()],
+            ..RunArgs::default()
+        };
+        let c = config(args, Some("s3cret".into())).unwrap();
+        assert_eq!(c.node_id, "from-flag");
+        assert_eq!(c.server, "http://127.0.0.1:1");
+        assert_eq!(c.enroll_secret.as_deref(), Some("s3cret"));
+        assert_eq!(c.heartbeat, Duration::from_secs(3));
+        assert_eq!(c.pull, Some(Duration::from_secs(30)));
+        assert_eq!(
+            c.labels,
+            [
+                ("tier".to_string(), "edge".to_string()),
+                ("zone".into(), "b".into())
+            ]
+        );
+        assert_eq!(c.steps.install_command.as_deref(), Some("true"));
+
+        let err = config(RunArgs::default(), None).unwrap_err();
+        assert!(err.to_string().contains("--server is required"), "{err}");
+    }
+
+    #[test]
+    fn install_downgrade_and_uninstall_on_the_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let store = crate::releases::tests::store_with(&dir, &["1.0.0", "1.0.1"]);
+        let state_dir = || dir.clone();
+        manage(AgentCommand::Install {
+            version: "1.0.1".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap();
+        assert_eq!(store.permanent().unwrap().as_deref(), Some("1.0.1"));
+        assert_eq!(store.current().unwrap().as_deref(), Some("1.0.1"));
+
+        manage(AgentCommand::Downgrade {
+            version: "1.0.0".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap();
+        assert_eq!(store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(store.current().unwrap().as_deref(), Some("1.0.0"));
+
+        let err = manage(AgentCommand::Uninstall {
+            version: "1.0.0".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("is the current release"), "{err}");
+        manage(AgentCommand::Uninstall {
+            version: "1.0.1".into(),
+            state_dir: state_dir(),
+        })
+        .unwrap();
+        assert_eq!(store.installed().unwrap(), ["1.0.0"]);
+        manage(AgentCommand::Versions {
+            state_dir: state_dir(),
+            json: true,
+        })
+        .unwrap();
+    }
+}

@@ -1,0 +1,272 @@
+//! The agent's side of the wire contract in [`flotilla_model::protocol`]: one method per
+//! route, the node token kept here and sent as `Bearer` only to the runner.
+
+use flotilla_model::protocol::{Enroll, Enrolled, Heartbeat, MAX_WAIT_SECONDS, Report, Work};
+use reqwest::{StatusCode, Url};
+use std::sync::RwLock;
+use std::time::Duration;
+
+/// A call to the runner that did not work out.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("`{0}` is not a usable server URL: give one like http://127.0.0.1:7878")]
+    BadUrl(String),
+    #[error("cannot reach the runner: {}", chain(.0))]
+    Unreachable(reqwest::Error),
+    #[error("the runner does not accept this node's token (401); enrolling again")]
+    Unauthorized,
+    #[error("the runner refused the report (409): {0}")]
+    Refused(String),
+    #[error("the runner answered {status} to {what}: {body}")]
+    Status {
+        what: &'static str,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+/// reqwest's own message hides the cause ("connection refused") in its sources.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl ClientError {
+    /// Worth trying again later (the runner down or busy), as opposed to a
+    /// request the runner will keep refusing.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable(_) => true,
+            ClientError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    server: Url,
+    node: String,
+    token: RwLock<Option<String>>,
+}
+
+impl Client {
+    pub fn new(server: &str, node: &str) -> Result<Self, ClientError> {
+        let mut server = Url::parse(server).map_err(|_| ClientError::BadUrl(server.to_string()))?;
+        if !matches!(server.scheme(), "http" | "https") || server.cannot_be_a_base() {
+            return Err(ClientError::BadUrl(server.to_string()));
+        }
+        // Routes are joined below the given path, so `http://h/base` works too.
+        if !server.path().ends_with('/') {
+            let p = format!("{}/", server.path());
+            server.set_path(&p);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // Longer than the longest long poll; a stalled download fails after this.
+            .read_timeout(Duration::from_secs(MAX_WAIT_SECONDS + 30))
+            .user_agent(concat!("flotilla-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ClientError::Unreachable)?;
+        Ok(Self {
+            http,
+            server,
+            node: node.to_string(),
+            token: RwLock::new(None),
+        })
+    }
+
+    pub fn token(&self) -> Option<String> {
+        self.token.read().expect("token lock").clone()
+    }
+
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.write().expect("token lock") = token;
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.server.clone();
+        url.path_segments_mut()
+            .expect("checked in new")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    fn node_url(&self, route: &str) -> Url {
+        self.url(&["v1", "agents", &self.node, route])
+    }
+
+    /// An artifact URL: absolute, or a path on the runner.
+    pub fn resolve(&self, url: &str) -> Result<Url, ClientError> {
+        if url.starts_with('/') {
+            let mut u = self.server.clone();
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            u.set_path(&format!(
+                "{}{}",
+                self.server.path().trim_end_matches('/'),
+                path
+            ));
+            u.set_query((!query.is_empty()).then_some(query));
+            Ok(u)
+        } else {
+            Url::parse(url).map_err(|_| ClientError::BadUrl(url.to_string()))
+        }
+    }
+
+    fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.token() {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    async fn send(
+        &self,
+        what: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(ClientError::Unreachable)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let body: String = body.chars().take(500).collect();
+        Err(match status {
+            StatusCode::UNAUTHORIZED if what != "enroll" => ClientError::Unauthorized,
+            StatusCode::CONFLICT if what == "report" => ClientError::Refused(body),
+            _ => ClientError::Status { what, status, body },
+        })
+    }
+
+    pub async fn enroll(&self, enroll: &Enroll) -> Result<Enrolled, ClientError> {
+        let req = self
+            .http
+            .post(self.url(&["v1", "agents", "enroll"]))
+            .timeout(Duration::from_secs(30))
+            .json(enroll);
+        let resp = self.send("enroll", req).await?;
+        resp.json().await.map_err(ClientError::Unreachable)
+    }
+
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), ClientError> {
+        let req = self
+            .http
+            .post(self.node_url("heartbeat"))
+            .timeout(Duration::from_secs(30))
+            .json(hb);
+        self.send("heartbeat", self.authed(req)).await.map(drop)
+    }
+
+    /// Push: waits up to `wait` seconds for work.
+    pub async fn work(&self, wait: u64) -> Result<Option<Work>, ClientError> {
+        let wait = wait.min(MAX_WAIT_SECONDS);
+        let mut url = self.node_url("work");
+        url.query_pairs_mut().append_pair("wait", &wait.to_string());
+        let req = self.http.get(url).timeout(Duration::from_secs(wait + 30));
+        let resp = self.send("work", self.authed(req)).await?;
+        Self::work_body(resp).await
+    }
+
+    /// Pull: asks for the node's next upgrade.
+    pub async fn request(&self) -> Result<Option<Work>, ClientError> {
+        let req = self
+            .http
+            .post(self.node_url("request"))
+            .timeout(Duration::from_secs(30));
+        let resp = self.send("request", self.authed(req)).await?;
+        Self::work_body(resp).await
+    }
+
+    async fn work_body(resp: reqwest::Response) -> Result<Option<Work>, ClientError> {
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        resp.json()
+            .await
+            .map(Some)
+            .map_err(ClientError::Unreachable)
+    }
+
+    pub async fn report(&self, report: &Report) -> Result<(), ClientError> {
+        let req = self
+            .http
+            .post(self.node_url("report"))
+            .timeout(Duration::from_secs(30))
+            .json(report);
+        self.send("report", self.authed(req)).await.map(drop)
+    }
+
+    /// Starts an artifact download at byte `offset`. The node token goes
+    /// along only when the artifact is on the runner itself.
+    pub async fn artifact(&self, url: &Url, offset: u64) -> Result<reqwest::Response, ClientError> {
+        let mut req = self.http.get(url.clone());
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        if url.origin() == self.server.origin() {
+            req = self.authed(req);
+        }
+        let resp = req.send().await.map_err(ClientError::Unreachable)?;
+        let status = resp.status();
+        if status.is_success() || status == StatusCode::RANGE_NOT_SATISFIABLE {
+            return Ok(resp);
+        }
+        let body: String = resp
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(500)
+            .collect();
+        Err(match status {
+            StatusCode::UNAUTHORIZED => ClientError::Unauthorized,
+            _ => ClientError::Status {
+                what: "artifact",
+                status,
+                body,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_artifact_paths_resolve_against_the_server() {
+        let c = Client::new("http://127.0.0.1:7878/base", "edge 1").unwrap();
+        assert_eq!(
+            c.node_url("work").as_str(),
+            "http://127.0.0.1:7878/base/v1/agents/edge%201/work"
+        );
+        assert_eq!(
+            c.resolve("/v1/releases/edge/1.0.1/artifact")
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:7878/base/v1/releases/edge/1.0.1/artifact"
+        );
+        assert_eq!(
+            c.resolve("https://cdn.example/edge.tar.gz")
+                .unwrap()
+                .as_str(),
+            "https://cdn.example/edge.tar.gz"
+        );
+        assert!(matches!(
+            Client::new("not a url", "n"),
+            Err(ClientError::BadUrl(_))
+        ));
+    }
+}

@@ -1,0 +1,1179 @@
+//! The upgrade pipeline for one piece of work: download (resumed, retried,
+//! size-bounded, sha256-verified) → back up the current release → unpack →
+//! switch → install command → health command → make permanent (or stay a
+//! trial). A failure after the switch restores the previous release from its
+//! backup. Progress goes out on a channel; the outcome is the returned report.
+
+use super::client::{Client, ClientError};
+use super::journal::{Action, Entry, Journal};
+use super::releases::{ReleaseStore, check_version};
+use flotilla_model::protocol::{Artifact, Report, ReportState, Work};
+use flotilla_model::{Backup, ReleaseKind};
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// The commands and limits an upgrade runs with.
+#[derive(Debug, Clone)]
+pub struct Steps {
+    pub node_id: String,
+    /// Run in the new release's directory after the switch (`sh -c`).
+    pub install_command: Option<String>,
+    /// Run after install; non-zero means the release is unhealthy.
+    pub health_command: Option<String>,
+    /// Run for the restored release; the install command when unset.
+    pub restore_command: Option<String>,
+    pub command_timeout: Duration,
+    /// Download attempts after the first.
+    pub download_retries: u32,
+    /// First pause between download attempts; doubles up to 30 s.
+    pub retry_backoff: Duration,
+}
+
+impl Default for Steps {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            install_command: None,
+            health_command: None,
+            restore_command: None,
+            command_timeout: Duration::from_secs(300),
+            download_retries: 5,
+            retry_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Runs work against the node's release store.
+pub struct Upgrader {
+    pub store: ReleaseStore,
+    pub journal: Journal,
+    pub steps: Steps,
+}
+
+fn report(task: &str, state: ReportState, detail: impl Into<String>) -> Report {
+    Report {
+        task: task.to_string(),
+        state,
+        detail: detail.into(),
+    }
+}
+
+/// Why a download produced no artifact.
+#[derive(Debug)]
+enum DownloadError {
+    /// The runner or the bytes are wrong; trying again will not help.
+    Refused(String),
+    /// Every attempt failed.
+    GaveUp(String),
+}
+
+impl std::fmt::Display for DownloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownloadError::Refused(s) => write!(f, "download refused: {s}"),
+            DownloadError::GaveUp(s) => write!(f, "download failed: {s}"),
+        }
+    }
+}
+
+impl Upgrader {
+    pub fn new(store: ReleaseStore, steps: Steps) -> Result<Self, super::releases::ReleaseError> {
+        let journal = Journal::open(store.dir())?;
+        Ok(Self {
+            store,
+            journal,
+            steps,
+        })
+    }
+
+    /// Does `work` (or re-reports it when it was already done) and returns
+    /// the final report. Steps are sent on `progress` as they start.
+    pub async fn execute(
+        &self,
+        client: &Client,
+        work: &Work,
+        progress: &UnboundedSender<Report>,
+    ) -> Report {
+        match work {
+            Work::Install {
+                task,
+                version,
+                artifact,
+                backup,
+                permanent,
+                package,
+            } => {
+                self.install(
+                    client, task, package, version, artifact, backup, *permanent, progress,
+                )
+                .await
+            }
+            Work::Restore { task, version, .. } => self.restore(task, version).await,
+            Work::MakePermanent { task, version, .. } => self.make_permanent(task, version),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn install(
+        &self,
+        client: &Client,
+        task: &str,
+        package: &str,
+        version: &str,
+        artifact: &Artifact,
+        backup: &Backup,
+        permanent: bool,
+        progress: &UnboundedSender<Report>,
+    ) -> Report {
+        if let Err(e) = check_version(version) {
+            return report(task, ReportState::Rejected, e.to_string());
+        }
+        if artifact.sha256.len() != 64 || !artifact.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return report(
+                task,
+                ReportState::Rejected,
+                format!("artifact sha256 `{}` is not 64 hex digits", artifact.sha256),
+            );
+        }
+        let mut entry = match self.journal.get(task, version, Action::Install) {
+            Some(Entry {
+                outcome: Some(done),
+                ..
+            }) => {
+                tracing::info!(task, version, state = ?done.state, "work already done; reporting it again");
+                return done;
+            }
+            Some(open) => {
+                tracing::info!(task, version, "resuming work cut short by a restart");
+                open
+            }
+            None => {
+                let previous = match self.store.current() {
+                    Ok(p) => p,
+                    Err(e) => return report(task, ReportState::Rejected, e.to_string()),
+                };
+                Entry {
+                    task: task.to_string(),
+                    version: version.to_string(),
+                    action: Action::Install,
+                    previous,
+                    backup: None,
+                    outcome: None,
+                }
+            }
+        };
+        if let Err(e) = self.journal.put(&entry) {
+            return report(
+                task,
+                ReportState::Rejected,
+                format!("cannot journal the work: {e}"),
+            );
+        }
+        let outcome = self
+            .install_steps(
+                client, &mut entry, package, artifact, backup, permanent, progress,
+            )
+            .await;
+        entry.outcome = Some(outcome.clone());
+        if let Err(e) = self.journal.put(&entry) {
+            tracing::warn!(task, error = %e, "cannot journal the outcome; a re-sent work will be redone");
+        }
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn install_steps(
+        &self,
+        client: &Client,
+        entry: &mut Entry,
+        package: &str,
+        artifact: &Artifact,
+        backup: &Backup,
+        permanent: bool,
+        progress: &UnboundedSender<Report>,
+    ) -> Report {
+        let task = entry.task.clone();
+        let version = entry.version.clone();
+        let previous = entry.previous.clone();
+        let send = |state| {
+            let _ = progress.send(report(&task, state, ""));
+        };
+
+        if previous.as_deref() == Some(version.as_str()) {
+            if permanent && let Err(e) = self.store.make_permanent(&version) {
+                return report(&task, ReportState::FailedRolledBack, e.to_string());
+            }
+            return report(
+                &task,
+                ReportState::Succeeded,
+                format!("already on {version}"),
+            );
+        }
+
+        send(ReportState::Downloading);
+        let file = match self.download(client, artifact).await {
+            Ok(f) => f,
+            Err(e) => {
+                return report(
+                    &task,
+                    ReportState::FailedRolledBack,
+                    format!("{e}; nothing on the node was changed"),
+                );
+            }
+        };
+
+        send(ReportState::Upgrading);
+        if let Some(prev) = &previous
+            && entry.backup.is_none()
+        {
+            let to = match backup {
+                Backup::None => None,
+                Backup::Default => Some(self.store.default_backup(prev)),
+                Backup::Location(loc) => Some(self.store.dir().join(loc).join(prev)),
+            };
+            if let Some(to) = to {
+                let store = self.store.clone();
+                let (p, t) = (prev.clone(), to.clone());
+                match blocking(move || store.backup(&p, &t).map_err(|e| e.to_string())).await {
+                    Ok(()) => {
+                        entry.backup = Some(to);
+                        if let Err(e) = self.journal.put(entry) {
+                            tracing::warn!(error = %e, "cannot journal the backup location");
+                        }
+                    }
+                    Err(e) => {
+                        return report(
+                            &task,
+                            ReportState::FailedRolledBack,
+                            format!(
+                                "backup of {prev} failed: {e}; nothing on the node was changed"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+
+        // A patch is laid over the release it patches; a full release stands alone.
+        let base = match artifact.kind {
+            ReleaseKind::Patch => match &previous {
+                Some(p) => Some(p.clone()),
+                None => {
+                    return report(
+                        &task,
+                        ReportState::FailedRolledBack,
+                        "a patch needs a release to patch, and none is installed; nothing on the node was changed",
+                    );
+                }
+            },
+            ReleaseKind::Full => None,
+        };
+        let store = self.store.clone();
+        let (v, f) = (version.clone(), file.clone());
+        let unpacked = blocking(move || {
+            store
+                .unpack(&v, &f, base.as_deref())
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        let _ = tokio::fs::remove_file(&file).await;
+        let dir = match unpacked {
+            Ok(dir) => dir,
+            Err(e) => {
+                return report(
+                    &task,
+                    ReportState::FailedRolledBack,
+                    format!("unpack failed: {e}; nothing on the node was changed"),
+                );
+            }
+        };
+
+        if let Err(e) = self.store.switch(&version) {
+            return self.roll_back(entry, format!("switch failed: {e}")).await;
+        }
+        let env = self.env(&task, package, &version, previous.as_deref(), &dir);
+        if let Some(cmd) = &self.steps.install_command
+            && let Err(e) = self.run(cmd, "install", &env, &dir).await
+        {
+            return self.roll_back(entry, format!("install failed: {e}")).await;
+        }
+
+        send(ReportState::Verifying);
+        if let Some(cmd) = &self.steps.health_command
+            && let Err(e) = self.run(cmd, "health", &env, &dir).await
+        {
+            return self
+                .roll_back(entry, format!("health check failed: {e}"))
+                .await;
+        }
+        if permanent {
+            if let Err(e) = self.store.make_permanent(&version) {
+                return self
+                    .roll_back(entry, format!("make permanent failed: {e}"))
+                    .await;
+            }
+            report(&task, ReportState::Succeeded, "")
+        } else {
+            report(
+                &task,
+                ReportState::Succeeded,
+                format!(
+                    "{version} is current as a trial; a restart returns to the permanent release"
+                ),
+            )
+        }
+    }
+
+    /// After a failed step past the switch: put the previous release back.
+    async fn roll_back(&self, entry: &Entry, why: String) -> Report {
+        let task = &entry.task;
+        tracing::warn!(task, version = entry.version, reason = why, "rolling back");
+        let Some(prev) = &entry.previous else {
+            // Nothing was installed before: back to nothing.
+            return match self.store.clear_current() {
+                Ok(()) => report(
+                    task,
+                    ReportState::FailedRolledBack,
+                    format!("{why}; no release was installed before, so none is current now"),
+                ),
+                Err(e) => report(
+                    task,
+                    ReportState::FailedRollbackFailed,
+                    format!("{why}; {e}"),
+                ),
+            };
+        };
+        let Some(backup) = &entry.backup else {
+            return report(
+                task,
+                ReportState::FailedRollbackFailed,
+                format!(
+                    "{why}; no backup of {prev} was taken (backup: none), so the node is left on {}; \
+                     put {prev} back with `flotilla agent downgrade {prev}`",
+                    entry.version
+                ),
+            );
+        };
+        match self.put_back(task, "", prev, backup).await {
+            Ok(()) => report(
+                task,
+                ReportState::FailedRolledBack,
+                format!("{why}; restored {prev} from its backup"),
+            ),
+            Err(e) => report(
+                task,
+                ReportState::FailedRollbackFailed,
+                format!("{why}; restoring {prev} failed: {e}"),
+            ),
+        }
+    }
+
+    /// Restores `version` from `backup`, switches to it and runs the restore
+    /// (or install) command for it.
+    async fn put_back(
+        &self,
+        task: &str,
+        package: &str,
+        version: &str,
+        backup: &Path,
+    ) -> Result<(), String> {
+        let store = self.store.clone();
+        let (v, b) = (version.to_string(), backup.to_path_buf());
+        blocking(move || store.restore_backup(&v, &b).map_err(|e| e.to_string())).await?;
+        self.store.switch(version).map_err(|e| e.to_string())?;
+        let dir = self.store.release_dir(version);
+        let env = self.env(task, package, version, None, &dir);
+        let cmd = self
+            .steps
+            .restore_command
+            .as_ref()
+            .or(self.steps.install_command.as_ref());
+        if let Some(cmd) = cmd {
+            self.run(cmd, "restore", &env, &dir).await?;
+        }
+        Ok(())
+    }
+
+    /// `Work::MakePermanent`: the trial release `version` (current) becomes
+    /// the one a restart comes back on. Idempotent: asked again, it answers
+    /// the same.
+    fn make_permanent(&self, task: &str, version: &str) -> Report {
+        if let Err(e) = check_version(version) {
+            return report(task, ReportState::Rejected, e.to_string());
+        }
+        match self.store.current() {
+            Ok(Some(current)) if current == version => {}
+            Ok(current) => {
+                return report(
+                    task,
+                    ReportState::Rejected,
+                    format!(
+                        "{version} is not the current release ({}); nothing made permanent",
+                        current.as_deref().unwrap_or("none")
+                    ),
+                );
+            }
+            Err(e) => return report(task, ReportState::Rejected, e.to_string()),
+        }
+        match self.store.make_permanent(version) {
+            Ok(()) => report(
+                task,
+                ReportState::MadePermanent,
+                format!("{version} is permanent"),
+            ),
+            Err(e) => report(task, ReportState::Rejected, e.to_string()),
+        }
+    }
+
+    /// `Work::Restore`: put `version` back as current and permanent.
+    async fn restore(&self, task: &str, version: &str) -> Report {
+        if let Err(e) = check_version(version) {
+            return report(task, ReportState::Rejected, e.to_string());
+        }
+        if let Some(Entry {
+            outcome: Some(done),
+            ..
+        }) = self.journal.get(task, version, Action::Restore)
+        {
+            return done;
+        }
+        let current = self.store.current().ok().flatten();
+        let mut entry = Entry {
+            task: task.to_string(),
+            version: version.to_string(),
+            action: Action::Restore,
+            previous: current.clone(),
+            backup: None,
+            outcome: None,
+        };
+        let outcome = match self.restore_steps(task, version).await {
+            Ok(detail) => report(task, ReportState::RolledBack, detail),
+            Err(e) => {
+                // Leave the node where it was rather than half-way.
+                if let Some(c) = &current {
+                    let _ = self.store.switch(c);
+                }
+                report(
+                    task,
+                    ReportState::FailedRollbackFailed,
+                    format!("restore of {version} failed: {e}"),
+                )
+            }
+        };
+        entry.outcome = Some(outcome.clone());
+        if let Err(e) = self.journal.put(&entry) {
+            tracing::warn!(task, error = %e, "cannot journal the outcome");
+        }
+        outcome
+    }
+
+    async fn restore_steps(&self, task: &str, version: &str) -> Result<String, String> {
+        let installed = self.store.is_installed(version);
+        if !installed {
+            let backup = self
+                .journal
+                .backup_of(task, version)
+                .or_else(|| Some(self.store.default_backup(version)).filter(|p| p.is_dir()))
+                .ok_or_else(|| {
+                    format!("{version} is not installed and no backup of it was found")
+                })?;
+            return self
+                .put_back(task, "", version, &backup)
+                .await
+                .and_then(|()| {
+                    self.store
+                        .make_permanent(version)
+                        .map_err(|e| e.to_string())
+                })
+                .map(|()| format!("restored {version} from {}", backup.display()));
+        }
+        self.store.switch(version).map_err(|e| e.to_string())?;
+        let dir = self.store.release_dir(version);
+        let env = self.env(task, "", version, None, &dir);
+        if let Some(cmd) = self
+            .steps
+            .restore_command
+            .as_ref()
+            .or(self.steps.install_command.as_ref())
+        {
+            self.run(cmd, "restore", &env, &dir).await?;
+        }
+        self.store
+            .make_permanent(version)
+            .map_err(|e| e.to_string())?;
+        Ok(format!("{version} is current and permanent again"))
+    }
+
+    fn env(
+        &self,
+        task: &str,
+        package: &str,
+        version: &str,
+        previous: Option<&str>,
+        dir: &Path,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("FLOTILLA_TASK", task.to_string()),
+            ("FLOTILLA_PACKAGE", package.to_string()),
+            ("FLOTILLA_VERSION", version.to_string()),
+            (
+                "FLOTILLA_PREVIOUS_VERSION",
+                previous.unwrap_or("").to_string(),
+            ),
+            ("FLOTILLA_RELEASE_DIR", dir.display().to_string()),
+            ("FLOTILLA_STATE_DIR", self.store.dir().display().to_string()),
+            ("FLOTILLA_NODE_ID", self.steps.node_id.clone()),
+        ]
+    }
+
+    /// Runs `sh -c cmd` in its own process group, killed whole on timeout.
+    pub async fn run(
+        &self,
+        cmd: &str,
+        action: &str,
+        env: &[(&'static str, String)],
+        dir: &Path,
+    ) -> Result<(), String> {
+        run_command(cmd, action, env, dir, self.steps.command_timeout).await
+    }
+
+    /// Downloads `artifact` into `DIR/downloads/`, resuming a partial file,
+    /// and returns the verified file.
+    async fn download(
+        &self,
+        client: &Client,
+        artifact: &Artifact,
+    ) -> Result<PathBuf, DownloadError> {
+        let url = client
+            .resolve(&artifact.url)
+            .map_err(|e| DownloadError::Refused(e.to_string()))?;
+        let sha = artifact.sha256.to_ascii_lowercase();
+        let part = self.store.downloads_dir().join(format!("{sha}.part"));
+        let size = artifact.size;
+        let mut last = String::from("no attempt made");
+        for attempt in 0..=self.steps.download_retries {
+            if attempt > 0 {
+                let pause = self
+                    .steps
+                    .retry_backoff
+                    .saturating_mul(1 << (attempt - 1).min(16))
+                    .min(Duration::from_secs(30));
+                tracing::info!(attempt, ?pause, error = last, "retrying the download");
+                tokio::time::sleep(pause).await;
+            }
+            match fetch(client, &url, &part, size).await {
+                Ok(()) => {
+                    let got = {
+                        let p = part.clone();
+                        blocking(move || sha256_file(&p)).await
+                    }
+                    .map_err(DownloadError::GaveUp)?;
+                    if got != sha {
+                        let _ = tokio::fs::remove_file(&part).await;
+                        return Err(DownloadError::Refused(format!(
+                            "sha256 mismatch: expected {sha}, got {got}; the artifact is corrupt \
+                             (check the release's sha256 on the runner)"
+                        )));
+                    }
+                    return Ok(part);
+                }
+                Err(Fetch::Refused(e)) => return Err(DownloadError::Refused(e)),
+                Err(Fetch::Retry(e)) => last = e,
+            }
+        }
+        Err(DownloadError::GaveUp(format!(
+            "{} attempts, last: {last}; the partial file is kept and resumed next time",
+            self.steps.download_retries + 1
+        )))
+    }
+}
+
+enum Fetch {
+    Refused(String),
+    Retry(String),
+}
+
+/// One download attempt: appends to `part` from where it ends.
+async fn fetch(client: &Client, url: &reqwest::Url, part: &Path, size: u64) -> Result<(), Fetch> {
+    let io = |e: std::io::Error| Fetch::Refused(format!("{}: {e}", part.display()));
+    let mut offset = match tokio::fs::metadata(part).await {
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    };
+    if offset > size {
+        tokio::fs::remove_file(part).await.map_err(io)?;
+        offset = 0;
+    }
+    if offset == size && size > 0 {
+        return Ok(());
+    }
+    let mut resp = match client.artifact(url, offset).await {
+        Ok(r) => r,
+        Err(e) if e.is_transient() => return Err(Fetch::Retry(e.to_string())),
+        Err(ClientError::Unauthorized) => {
+            return Err(Fetch::Retry("the runner refused the node token".into()));
+        }
+        Err(e) => return Err(Fetch::Refused(e.to_string())),
+    };
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(part)
+        .await
+        .map_err(io)?;
+    match resp.status() {
+        StatusCode::PARTIAL_CONTENT => {
+            let start = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if start != Some(offset) {
+                file.set_len(0).await.map_err(io)?;
+                return Err(Fetch::Retry(format!(
+                    "the server resumed at {start:?}, not at byte {offset}; starting over"
+                )));
+            }
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            file.set_len(0).await.map_err(io)?;
+            return Err(Fetch::Retry(
+                "the server refused the resume range; starting over".into(),
+            ));
+        }
+        _ => {
+            // A full body: the server ignored the range.
+            file.set_len(0).await.map_err(io)?;
+            offset = 0;
+        }
+    }
+    if let Some(len) = resp.content_length()
+        && offset + len > size
+    {
+        drop(file);
+        let _ = tokio::fs::remove_file(part).await;
+        return Err(Fetch::Refused(format!(
+            "the server offers {} bytes, more than the release's size of {size}",
+            offset + len
+        )));
+    }
+    let mut written = offset;
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = file.flush().await;
+                return Err(Fetch::Retry(format!("interrupted at byte {written}: {e}")));
+            }
+        };
+        written += chunk.len() as u64;
+        if written > size {
+            drop(file);
+            let _ = tokio::fs::remove_file(part).await;
+            return Err(Fetch::Refused(format!(
+                "the server sent more than the release's size of {size} bytes"
+            )));
+        }
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.flush().await.map_err(io)?;
+    file.sync_all().await.map_err(io)?;
+    if written < size {
+        return Err(Fetch::Retry(format!(
+            "the body ended at byte {written} of {size}"
+        )));
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("the worker thread failed: {e}")))
+}
+
+/// Runs `sh -c cmd` with `env` in `dir`, in its own process group so a
+/// timeout kills everything it started. `action` names it in errors.
+pub async fn run_command(
+    cmd: &str,
+    action: &str,
+    env: &[(&'static str, String)],
+    dir: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut c = tokio::process::Command::new("sh");
+    c.arg("-c")
+        .arg(cmd)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("FLOTILLA_ACTION", action)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = c
+        .spawn()
+        .map_err(|e| format!("cannot start the {action} command `{cmd}`: {e}"))?;
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // The end of stderr is where a failing script says why.
+            let trimmed = stderr.trim();
+            let start = trimmed.len().saturating_sub(300);
+            let start = (start..=trimmed.len())
+                .find(|&i| trimmed.is_char_boundary(i))
+                .unwrap_or(trimmed.len());
+            let tail = &trimmed[start..];
+            Err(format!(
+                "the {action} command `{cmd}` failed ({}){}",
+                out.status,
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {tail}")
+                }
+            ))
+        }
+        Ok(Err(e)) => Err(format!("the {action} command `{cmd}` failed to run: {e}")),
+        Err(_) => {
+            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Err(format!(
+                "the {action} command `{cmd}` did not finish within {timeout:?} and was killed"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::releases::tests::{store_with, targz};
+    use crate::testserver::{Response, TestServer};
+    use std::fs;
+
+    const LOG: &str = r#"echo "$FLOTILLA_ACTION $FLOTILLA_VERSION" >> "$FLOTILLA_STATE_DIR/log""#;
+
+    fn release(version: &str) -> Vec<u8> {
+        targz(&[
+            ("bin/app", version.as_bytes()),
+            ("VERSION", version.as_bytes()),
+        ])
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    fn artifact_server(bytes: Vec<u8>) -> TestServer {
+        TestServer::start(move |req| Response::ranged(req, &bytes))
+    }
+
+    fn install(server: &TestServer, bytes: &[u8], permanent: bool, backup: Backup) -> Work {
+        Work::Install {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "2.0.0".into(),
+            artifact: Artifact {
+                url: format!("{}/edge-2.0.0.tar.gz", server.url()),
+                sha256: sha(bytes),
+                size: bytes.len() as u64,
+                kind: Default::default(),
+            },
+            backup,
+            permanent,
+        }
+    }
+
+    /// A node on 1.0.0 (current and permanent) with these commands.
+    fn node(dir: &Path, install: Option<&str>, restore: Option<&str>) -> Upgrader {
+        let store = store_with(dir, &["1.0.0"]);
+        let steps = Steps {
+            node_id: "n1".into(),
+            install_command: install.map(str::to_string),
+            health_command: Some(format!("test -f VERSION && {LOG}")),
+            restore_command: restore.map(str::to_string),
+            command_timeout: Duration::from_secs(10),
+            download_retries: 3,
+            retry_backoff: Duration::from_millis(10),
+        };
+        Upgrader::new(store, steps).unwrap()
+    }
+
+    /// Runs `work`; returns the progress states and the final report.
+    async fn run(up: &Upgrader, server: &TestServer, work: &Work) -> (Vec<ReportState>, Report) {
+        let client = Client::new(&server.url(), "n1").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let outcome = up.execute(&client, work, &tx).await;
+        drop(tx);
+        let mut steps = Vec::new();
+        while let Some(r) = rx.recv().await {
+            steps.push(r.state);
+        }
+        (steps, outcome)
+    }
+
+    fn log(dir: &Path) -> String {
+        fs::read_to_string(dir.join("log")).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_install_backs_up_unpacks_installs_verifies_and_makes_permanent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        use ReportState::*;
+        assert_eq!(steps, [Downloading, Upgrading, Verifying]);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(log(tmp.path()), "install 2.0.0\nhealth 2.0.0\n");
+        let backup = up.store.default_backup("1.0.0").join("bin/app");
+        assert_eq!(fs::read_to_string(backup).unwrap(), "1.0.0");
+        // The downloaded artifact is not kept once unpacked.
+        assert_eq!(fs::read_dir(up.store.downloads_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_partial_download_left_by_a_killed_agent_is_resumed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let half = bytes.len() / 2;
+        let part = up
+            .store
+            .downloads_dir()
+            .join(format!("{}.part", sha(&bytes)));
+        fs::write(&part, &bytes[..half]).unwrap();
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].headers.get("range"),
+            Some(&format!("bytes={half}-"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_download_is_retried_from_where_it_stopped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let served = bytes.clone();
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let server = TestServer::start(move |req| {
+            let mut r = Response::ranged(req, &served);
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                r.cut_after = Some(100);
+            }
+            r
+        });
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let seen = server.seen();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].headers.get("range"), None);
+        assert_eq!(
+            seen[1].headers.get("range").map(String::as_str),
+            Some("bytes=100-")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sha256_mismatch_is_refused_and_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let mut corrupt = bytes.clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        let server = artifact_server(corrupt);
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack);
+        assert!(
+            outcome.detail.contains("sha256 mismatch"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(steps, [ReportState::Downloading]);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert!(!up.store.is_installed("2.0.0"));
+        assert_eq!(log(tmp.path()), "");
+        // Refused at once, not retried, and the bad bytes are gone.
+        assert_eq!(server.seen().len(), 1);
+        assert_eq!(fs::read_dir(up.store.downloads_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn more_bytes_than_the_release_size_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let mut bigger = bytes.clone();
+        bigger.extend_from_slice(&[0; 64]);
+        let server = artifact_server(bigger);
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack);
+        assert!(
+            outcome.detail.contains("more than the release's size"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_install_restores_the_previous_release_from_backup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let install_cmd = format!(r#"{LOG}; test "$FLOTILLA_VERSION" != 2.0.0"#);
+        let up = node(tmp.path(), Some(&install_cmd), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRolledBack,
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("install failed"),
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("restored 1.0.0"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(steps, [ReportState::Downloading, ReportState::Upgrading]);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(log(tmp.path()), "install 2.0.0\nrestore 1.0.0\n");
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_reports_rollback_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(
+            tmp.path(),
+            Some("exit 3"),
+            Some("echo cannot start >&2; exit 4"),
+        );
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRollbackFailed,
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("cannot start"),
+            "{}",
+            outcome.detail
+        );
+
+        // Without a backup there is nothing to restore from.
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some("exit 3"), None);
+        let (_, outcome) = run(&up, &server, &install(&server, &bytes, true, Backup::None)).await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRollbackFailed,
+            "{}",
+            outcome.detail
+        );
+        assert!(outcome.detail.contains("no backup"), "{}", outcome.detail);
+        assert!(!up.store.default_backup("1.0.0").exists());
+    }
+
+    #[tokio::test]
+    async fn a_trial_stays_current_until_a_restart_reverts_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, false, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        let restarted = ReleaseStore::open(tmp.path()).unwrap();
+        assert!(restarted.revert_trial().unwrap().is_some());
+        assert_eq!(restarted.current().unwrap().as_deref(), Some("1.0.0"));
+    }
+
+    #[tokio::test]
+    async fn a_trial_made_permanent_survives_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        run(
+            &up,
+            &server,
+            &install(&server, &bytes, false, Backup::Default),
+        )
+        .await;
+        let commit = |version: &str| Work::MakePermanent {
+            task: "t1".into(),
+            package: "app".into(),
+            version: version.into(),
+        };
+        let (_, wrong) = run(&up, &server, &commit("3.0.0")).await;
+        assert_eq!(wrong.state, ReportState::Rejected, "{}", wrong.detail);
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        let (_, done) = run(&up, &server, &commit("2.0.0")).await;
+        assert_eq!(done.state, ReportState::MadePermanent, "{}", done.detail);
+        let (_, again) = run(&up, &server, &commit("2.0.0")).await;
+        assert_eq!(
+            again.state,
+            ReportState::MadePermanent,
+            "asked again, same answer"
+        );
+        let restarted = ReleaseStore::open(tmp.path()).unwrap();
+        assert!(restarted.revert_trial().unwrap().is_none());
+        assert_eq!(restarted.current().unwrap().as_deref(), Some("2.0.0"));
+    }
+
+    #[tokio::test]
+    async fn finished_work_sent_again_is_reported_again_not_redone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let work = install(&server, &bytes, true, Backup::Default);
+        let (_, first) = run(&up, &server, &work).await;
+        let (steps, again) = run(&up, &server, &work).await;
+        assert_eq!(first.state, ReportState::Succeeded);
+        assert_eq!(again, first);
+        assert!(steps.is_empty());
+        assert_eq!(server.seen().len(), 1);
+        assert_eq!(log(tmp.path()), "install 2.0.0\nhealth 2.0.0\n");
+    }
+
+    #[tokio::test]
+    async fn a_restore_puts_the_named_release_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let (_, done) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(done.state, ReportState::Succeeded, "{}", done.detail);
+        // An operator removed 1.0.0 meanwhile: the backup brings it back.
+        fs::remove_dir_all(up.store.release_dir("1.0.0")).unwrap();
+        let restore = Work::Restore {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "1.0.0".into(),
+        };
+        let (_, outcome) = run(&up, &server, &restore).await;
+        assert_eq!(outcome.state, ReportState::RolledBack, "{}", outcome.detail);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
+        assert!(log(tmp.path()).ends_with("restore 1.0.0\n"));
+
+        let missing = Work::Restore {
+            task: "t2".into(),
+            package: "edge".into(),
+            version: "0.9.0".into(),
+        };
+        let (_, outcome) = run(&up, &server, &missing).await;
+        assert_eq!(outcome.state, ReportState::FailedRollbackFailed);
+        assert!(
+            outcome.detail.contains("no backup of it"),
+            "{}",
+            outcome.detail
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_timeout_is_killed_with_its_children() {
+        let tmp = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let err = run_command(
+            "sleep 30 & sleep 30",
+            "install",
+            &[],
+            tmp.path(),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("was killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,370 @@
+//! The `Policy` trait the engine calls, its two hosts (`wasm`, `rhai`), the
+//! documented defaults for hooks a policy leaves out, and the validation every
+//! hook's output passes before the engine may act on it.
+//!
+//! A host implements the raw `call_*` methods; the provided methods (`select`,
+//! `plan`, ...) add chunking, defaults and validation, so both hosts behave the
+//! same at the edge the engine sees.
+
+pub mod build;
+pub mod defaults;
+pub mod rhai;
+pub mod wasm;
+pub mod world;
+
+use flotilla_model::{
+    Admission, CHUNK, Hook, Node, Offer, PolicyInfo, Selection, TaskContext, Verdict, Wave,
+    WaveReport,
+};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub use self::rhai::RhaiPolicy;
+pub use self::wasm::{CompiledPolicy, WasmPolicy, WasmRuntime};
+
+/// Why a policy call (or load) failed. Every variant names the policy; call
+/// failures name the hook. The engine pauses the task with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy {policy}: cannot load: {reason}")]
+    Load { policy: String, reason: String },
+    #[error("policy {policy}: hook {hook} trapped: {message}")]
+    Trap {
+        policy: String,
+        hook: Hook,
+        message: String,
+    },
+    #[error("policy {policy}: hook {hook} exceeded its CPU budget ({budget})")]
+    Budget {
+        policy: String,
+        hook: Hook,
+        budget: String,
+    },
+    #[error("policy {policy}: hook {hook} exceeded its memory cap ({cap})")]
+    Memory {
+        policy: String,
+        hook: Hook,
+        cap: String,
+    },
+    #[error("policy {policy}: hook {hook} returned invalid output: {reason}")]
+    Invalid {
+        policy: String,
+        hook: Hook,
+        reason: String,
+    },
+}
+
+impl PolicyError {
+    pub fn invalid(policy: &str, hook: Hook, reason: impl Into<String>) -> Self {
+        PolicyError::Invalid {
+            policy: policy.to_string(),
+            hook,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a policy may use per call. The same limits apply to both hosts, each in
+/// its own currency: Wasm counts wall time by epochs and caps linear memory;
+/// Rhai counts operations, checks wall time as it goes and caps string, array
+/// and map sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget for one hook call...
+    pub cpu: Duration,
+    /// ...plus this much per node handed to it (`select` chunks, `plan` gets
+    /// the whole selection, so its budget grows with the fleet).
+    pub cpu_per_node: Duration,
+    /// Linear memory cap for a Wasm instance.
+    pub memory_bytes: usize,
+    /// Rhai: operations per hook call.
+    pub max_operations: u64,
+    /// Rhai: nesting depth of function calls.
+    pub max_call_depth: usize,
+    /// Rhai: elements of one array or map, bytes of one string.
+    pub max_collection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cpu: Duration::from_millis(50),
+            cpu_per_node: Duration::from_micros(50),
+            memory_bytes: 64 << 20,
+            max_operations: 20_000_000,
+            max_call_depth: 64,
+            max_collection: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// The wall-clock budget of a call that is handed `nodes` nodes.
+    pub fn budget(&self, nodes: usize) -> Duration {
+        self.cpu + self.cpu_per_node * u32::try_from(nodes).unwrap_or(u32::MAX)
+    }
+}
+
+/// A loaded policy. Hosts implement `info` and the `call_*` methods; callers use
+/// the provided hook methods.
+pub trait Policy: Send {
+    fn info(&self) -> &PolicyInfo;
+
+    /// Runs `select` on at most [`CHUNK`] nodes.
+    fn call_select(
+        &mut self,
+        ctx: &TaskContext,
+        nodes: &[Node],
+    ) -> Result<Vec<Selection>, PolicyError>;
+    /// Runs `select` on several chunks; hosts may spread them over cores.
+    fn call_select_chunks(
+        &mut self,
+        ctx: &TaskContext,
+        chunks: &[&[Node]],
+    ) -> Result<Vec<Vec<Selection>>, PolicyError> {
+        chunks.iter().map(|c| self.call_select(ctx, c)).collect()
+    }
+    fn call_plan(&mut self, ctx: &TaskContext, nodes: &[Node]) -> Result<Vec<Wave>, PolicyError>;
+    fn call_admit(
+        &mut self,
+        ctx: &TaskContext,
+        node: &Node,
+        now: u64,
+    ) -> Result<Admission, PolicyError>;
+    fn call_evaluate(
+        &mut self,
+        ctx: &TaskContext,
+        report: &WaveReport,
+    ) -> Result<Verdict, PolicyError>;
+    fn call_on_request(&mut self, ctx: &TaskContext, node: &Node) -> Result<Offer, PolicyError>;
+
+    fn name(&self) -> &str {
+        &self.info().name
+    }
+
+    /// One decision per node, in order; any number of nodes (chunked here).
+    fn select(&mut self, ctx: &TaskContext, nodes: &[Node]) -> Result<Vec<Selection>, PolicyError> {
+        if !self.info().implements(Hook::Select) {
+            return Ok(defaults::select(nodes));
+        }
+        if nodes.len() <= CHUNK {
+            // One chunk (a warm call, a small fleet): no chunk bookkeeping.
+            let got = self.call_select(ctx, nodes)?;
+            return check_selections(self.name(), nodes.len(), got);
+        }
+        let chunks: Vec<&[Node]> = nodes.chunks(CHUNK).collect();
+        let results = self.call_select_chunks(ctx, &chunks)?;
+        let mut out = Vec::with_capacity(nodes.len());
+        for (chunk, got) in chunks.iter().zip(results) {
+            out.extend(check_selections(self.name(), chunk.len(), got)?);
+        }
+        Ok(out)
+    }
+
+    /// Waves over the selected nodes; every node in exactly one non-empty wave.
+    fn plan(&mut self, ctx: &TaskContext, nodes: &[Node]) -> Result<Vec<Wave>, PolicyError> {
+        if !self.info().implements(Hook::Plan) {
+            return Ok(defaults::plan(ctx, nodes));
+        }
+        let waves = self.call_plan(ctx, nodes)?;
+        validate_plan(nodes, &waves)
+            .map_err(|r| PolicyError::invalid(self.name(), Hook::Plan, r))?;
+        Ok(waves)
+    }
+
+    fn admit(
+        &mut self,
+        ctx: &TaskContext,
+        node: &Node,
+        now: u64,
+    ) -> Result<Admission, PolicyError> {
+        if !self.info().implements(Hook::Admit) {
+            return Ok(Admission::Now);
+        }
+        let a = self.call_admit(ctx, node, now)?;
+        if let Admission::Never(reason) = &a {
+            require_reason(self.name(), Hook::Admit, "never", reason)?;
+        }
+        Ok(a)
+    }
+
+    fn evaluate(&mut self, ctx: &TaskContext, report: &WaveReport) -> Result<Verdict, PolicyError> {
+        if !self.info().implements(Hook::Evaluate) {
+            return Ok(defaults::evaluate(report));
+        }
+        let v = self.call_evaluate(ctx, report)?;
+        match &v {
+            Verdict::Pause(r) => require_reason(self.name(), Hook::Evaluate, "pause", r)?,
+            Verdict::Rollback(r) => require_reason(self.name(), Hook::Evaluate, "rollback", r)?,
+            Verdict::Abort(r) => require_reason(self.name(), Hook::Evaluate, "abort", r)?,
+            Verdict::Proceed | Verdict::RetryFailed => {}
+        }
+        Ok(v)
+    }
+
+    fn on_request(&mut self, ctx: &TaskContext, node: &Node) -> Result<Offer, PolicyError> {
+        if !self.info().implements(Hook::OnRequest) {
+            return Ok(Offer::Offer);
+        }
+        let o = self.call_on_request(ctx, node)?;
+        if let Offer::Decline(r) = &o {
+            require_reason(self.name(), Hook::OnRequest, "decline", r)?;
+        }
+        Ok(o)
+    }
+
+    /// Runs one hook on JSON input and returns its JSON output (`policy eval`).
+    fn eval_json(
+        &mut self,
+        hook: Hook,
+        ctx: &TaskContext,
+        input: serde_json::Value,
+    ) -> Result<serde_json::Value, EvalError> {
+        fn arg<T: serde::de::DeserializeOwned>(
+            v: serde_json::Value,
+            what: &str,
+        ) -> Result<T, EvalError> {
+            serde_json::from_value(v).map_err(|e| EvalError::Input(format!("{what}: {e}")))
+        }
+        let field = |input: &serde_json::Value, key: &str| {
+            input
+                .get(key)
+                .cloned()
+                .ok_or_else(|| EvalError::Input(format!("missing field `{key}`")))
+        };
+        let out = match hook {
+            Hook::Select => {
+                let nodes: Vec<Node> = arg(input, "nodes (a JSON array of nodes)")?;
+                serde_json::to_value(self.select(ctx, &nodes)?)
+            }
+            Hook::Plan => {
+                let nodes: Vec<Node> = arg(input, "nodes (a JSON array of nodes)")?;
+                serde_json::to_value(self.plan(ctx, &nodes)?)
+            }
+            Hook::Admit => {
+                let node: Node = arg(field(&input, "node")?, "node")?;
+                let now: u64 = arg(field(&input, "now")?, "now (Unix ms)")?;
+                serde_json::to_value(self.admit(ctx, &node, now)?)
+            }
+            Hook::Evaluate => {
+                let report: WaveReport = arg(input, "wave report")?;
+                serde_json::to_value(self.evaluate(ctx, &report)?)
+            }
+            Hook::OnRequest => {
+                let node: Node = arg(input, "node")?;
+                serde_json::to_value(self.on_request(ctx, &node)?)
+            }
+        };
+        out.map_err(|e| EvalError::Input(e.to_string()))
+    }
+}
+
+/// `policy eval` failures: the input did not fit the hook, or the policy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("bad input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// One decision per node of a chunk of `nodes` nodes.
+fn check_selections(
+    policy: &str,
+    nodes: usize,
+    got: Vec<Selection>,
+) -> Result<Vec<Selection>, PolicyError> {
+    if got.len() != nodes {
+        return Err(PolicyError::invalid(
+            policy,
+            Hook::Select,
+            format!(
+                "returned {} decisions for a chunk of {nodes} nodes (one per node, in order)",
+                got.len(),
+            ),
+        ));
+    }
+    Ok(got)
+}
+
+fn require_reason(policy: &str, hook: Hook, what: &str, reason: &str) -> Result<(), PolicyError> {
+    if reason.trim().is_empty() {
+        return Err(PolicyError::invalid(
+            policy,
+            hook,
+            format!("`{what}` must say why (the reason is empty)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Every wave non-empty, every id one of `nodes`, every node in exactly one wave.
+pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), String> {
+    let mut placed: HashMap<&str, Option<usize>> =
+        nodes.iter().map(|n| (n.id.as_str(), None)).collect();
+    for (i, wave) in waves.iter().enumerate() {
+        if wave.nodes.is_empty() {
+            return Err(format!("wave {i} ({:?}) is empty", wave.name));
+        }
+        for id in &wave.nodes {
+            match placed.get_mut(id.as_str()) {
+                None => {
+                    return Err(format!(
+                        "wave {i} ({:?}) names node {id:?}, which is not among the selected nodes",
+                        wave.name
+                    ));
+                }
+                Some(Some(prev)) => {
+                    return Err(format!(
+                        "node {id:?} is in wave {prev} and again in wave {i}"
+                    ));
+                }
+                Some(slot) => *slot = Some(i),
+            }
+        }
+    }
+    let mut missing: Vec<&str> = placed
+        .iter()
+        .filter(|(_, w)| w.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    if !missing.is_empty() {
+        missing.sort_unstable();
+        let shown: Vec<&str> = missing.iter().take(5).copied().collect();
+        return Err(format!(
+            "{} selected node(s) are in no wave: {}{}",
+            missing.len(),
+            shown.join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+/// How many threads a host spreads `select` chunks over by default: the
+/// number of cores, at most 4. Asked once: `available_parallelism` reads
+/// cgroup files, which costs more than instantiating a Wasm policy.
+pub fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+}
+
+/// Loads a `.wasm` component or a `.rhai` script, by extension.
+pub fn load(
+    path: &Path,
+    runtime: &WasmRuntime,
+    world: crate::world::World,
+    limits: Limits,
+) -> Result<Box<dyn Policy>, PolicyError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("wasm") => Ok(Box::new(
+            runtime.load_file(path)?.instantiate(world, limits)?,
+        )),
+        Some("rhai") => Ok(Box::new(RhaiPolicy::load_file(path, world, limits)?)),
+        _ => Err(PolicyError::Load {
+            policy: path.display().to_string(),
+            reason: "unknown policy kind: expected a `.wasm` component or a `.rhai` script".into(),
+        }),
+    }
+}

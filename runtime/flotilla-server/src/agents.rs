@@ -1,0 +1,366 @@
+//! The agent side of the API ([`flotilla_model::protocol`]): enrollment, heartbeats,
+//! the push long poll, pull requests, reports and artifact downloads.
+
+use super::AppState;
+use super::error::{ApiError, json};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_model::Node;
+use flotilla_model::protocol::{Enroll, Enrolled, Heartbeat, MAX_WAIT_SECONDS, Report, Work};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tower::ServiceExt as _;
+
+/// Open work per node, with a wake-up for the node's long poll. An entry
+/// stays until the agent reports the work finished (or the engine no longer
+/// has it open), so a reconnecting agent gets it again.
+#[derive(Default)]
+pub struct Outbox {
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    work: Option<Work>,
+    notify: Arc<Notify>,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands out work (replacing what a node had).
+    pub fn put(&self, items: impl IntoIterator<Item = (String, Work)>) {
+        let mut slots = self.lock();
+        for (node, work) in items {
+            let slot = slots.entry(node).or_default();
+            slot.work = Some(work);
+            slot.notify.notify_waiters();
+        }
+    }
+
+    /// Makes the open work exactly `items` (after a restart, and now and then
+    /// to drop work the engine closed on its own: timeouts, cancels).
+    pub fn replace(&self, items: impl IntoIterator<Item = (String, Work)>) {
+        let mut fresh: HashMap<String, Work> = items.into_iter().collect();
+        let mut slots = self.lock();
+        for (node, slot) in slots.iter_mut() {
+            let next = fresh.remove(node);
+            if slot.work != next {
+                slot.work = next;
+                slot.notify.notify_waiters();
+            }
+        }
+        for (node, work) in fresh {
+            slots.insert(
+                node,
+                Slot {
+                    work: Some(work),
+                    notify: Arc::new(Notify::new()),
+                },
+            );
+        }
+    }
+
+    /// The agent finished `task` on `node`.
+    pub fn finish(&self, node: &str, task: &str) {
+        if let Some(slot) = self.lock().get_mut(node)
+            && slot.work.as_ref().is_some_and(|w| w.task() == task)
+        {
+            slot.work = None;
+        }
+    }
+
+    pub fn get(&self, node: &str) -> Option<Work> {
+        self.lock().get(node).and_then(|s| s.work.clone())
+    }
+
+    /// Waits up to `wait` for work for `node`.
+    pub async fn wait(&self, node: &str, wait: Duration) -> Option<Work> {
+        let notify = {
+            let mut slots = self.lock();
+            let slot = slots.entry(node.to_string()).or_default();
+            if let Some(w) = &slot.work {
+                return Some(w.clone());
+            }
+            slot.notify.clone()
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(w) = self.get(node) {
+                return Some(w);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.get(node);
+            }
+        }
+    }
+}
+
+pub fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/agents/enroll", post(enroll))
+        .route("/v1/agents/{node}/heartbeat", post(heartbeat))
+        .route("/v1/agents/{node}/work", get(work))
+        .route("/v1/agents/{node}/request", post(request))
+        .route("/v1/agents/{node}/report", post(report))
+        .route(
+            "/v1/releases/{package}/{version}/artifact",
+            get(artifact).put(super::api::upload_artifact),
+        )
+        .with_state(state)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The caller holds `node`'s token.
+fn node_auth(state: &AppState, headers: &HeaderMap, node: &str) -> Result<(), ApiError> {
+    let Some(token) = bearer(headers) else {
+        return Err(
+            ApiError::unauthorized("missing `Authorization: Bearer <node token>`")
+                .hint("enroll first: POST /v1/agents/enroll"),
+        );
+    };
+    if state.inventory.check_token(node, token) {
+        Ok(())
+    } else if state.inventory.any_token(token) {
+        Err(ApiError::forbidden(format!(
+            "this token belongs to another node; it cannot act for {node}"
+        )))
+    } else {
+        Err(
+            ApiError::unauthorized(format!("not a valid token for node {node}"))
+                .hint("enroll again to get a new token"),
+        )
+    }
+}
+
+fn valid_node_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 253 {
+        return Err(ApiError::unprocessable("node_id must be 1-253 characters"));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(ApiError::unprocessable(format!(
+            "node_id {id:?} may contain only letters, digits and - _ . :"
+        )));
+    }
+    Ok(())
+}
+
+async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let e: Enroll = json(&body)?;
+    valid_node_id(&e.node_id)?;
+    if let Some(secret) = state.config.enroll_secret.as_deref() {
+        use subtle::ConstantTimeEq;
+        if !bool::from(secret.as_bytes().ct_eq(e.secret.as_bytes())) {
+            state.metrics.enroll(false);
+            return Err(ApiError::unauthorized("wrong enrollment secret"));
+        }
+    }
+    let now = state.clock.now();
+    let previous = state.inventory.node(&e.node_id);
+    let node = Node {
+        id: e.node_id.clone(),
+        version: e.version,
+        labels: e.labels,
+        attributes: e.attributes,
+        asset_path: e.asset_path,
+        healthy: e.healthy,
+        schedulable: e.schedulable,
+        online: true,
+        last_seen: now,
+    };
+    if previous.as_ref() != Some(&node) {
+        state.inventory.upsert_node(node)?;
+    }
+    let token = state.inventory.issue_token(&e.node_id, now)?;
+    state.store_flush()?;
+    state.metrics.enroll(true);
+    tracing::info!(node = %e.node_id, "agent enrolled");
+    Ok((StatusCode::OK, Json(Enrolled { token })).into_response())
+}
+
+async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    node_auth(&state, &headers, &node)?;
+    let hb: Heartbeat = json(&body)?;
+    hb.check().map_err(ApiError::unprocessable)?;
+    let now = state.clock.now();
+    let found = state.inventory.update_node(&node, |n| {
+        n.version = hb.version;
+        n.healthy = hb.healthy;
+        n.schedulable = hb.schedulable;
+        n.online = true;
+        n.last_seen = now;
+    })?;
+    match found {
+        Some(_) => {
+            state.inventory.fleet().set_metrics(&node, hb.metrics);
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(ApiError::not_found(format!("no node {node}")).hint("enroll again")),
+    }
+}
+
+/// A poll is a sign of life too.
+fn seen(state: &AppState, node: &str) -> Result<(), ApiError> {
+    let now = state.clock.now();
+    state.inventory.update_node(node, |n| {
+        n.online = true;
+        n.last_seen = now;
+    })?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    #[serde(default)]
+    wait: u64,
+}
+
+async fn work(
+    State(state): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    node_auth(&state, &headers, &node)?;
+    seen(&state, &node)?;
+    let wait = Duration::from_secs(q.wait.min(MAX_WAIT_SECONDS));
+    match state.outbox.wait(&node, wait).await {
+        Some(w) => Ok(Json(w).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn request(
+    State(state): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    node_auth(&state, &headers, &node)?;
+    seen(&state, &node)?;
+    if let Some(w) = state.outbox.get(&node) {
+        return Ok(Json(w).into_response());
+    }
+    let n = node.clone();
+    let command = state
+        .engine
+        .call(move |engine| match engine.request(&n) {
+            Ok(Some(c)) => (Ok(Some(c.clone())), vec![c]),
+            Ok(None) => (Ok(None), vec![]),
+            Err(e) => (Err(e), vec![]),
+        })
+        .await??;
+    match command {
+        Some(c) => Ok(Json(state.inventory.work(&c).1).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn report(
+    State(state): State<Arc<AppState>>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    node_auth(&state, &headers, &node)?;
+    let r: Report = json(&body)?;
+    state.engine.report(node, r).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Artifact download for agents (node token) and operators (management
+/// token); honours `Range`, so an interrupted download resumes.
+async fn artifact(
+    State(state): State<Arc<AppState>>,
+    Path((package, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let token = bearer(&headers);
+    let allowed = match (&state.config.token, token) {
+        (_, Some(t)) if state.inventory.any_token(t) => true,
+        (Some(m), Some(t)) => {
+            use subtle::ConstantTimeEq;
+            bool::from(m.as_bytes().ct_eq(t.as_bytes()))
+        }
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    if !allowed {
+        return Err(ApiError::unauthorized(
+            "a node token or the management token is required",
+        ));
+    }
+    let r = state
+        .inventory
+        .release(&package, &version)
+        .ok_or_else(|| ApiError::not_found(format!("no release {package} {version}")))?;
+    if r.url.is_some() || r.sha256.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "release {package} {version} has no uploaded artifact"
+        ))
+        .hint(match &r.url {
+            Some(u) => format!("it is served from {u}"),
+            None => format!("upload it: PUT {}", r.artifact_path()),
+        }));
+    }
+    let file = state.inventory.artifact_file(&r.sha256);
+    let res = tower_http::services::ServeFile::new(file)
+        .oneshot(req)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(res.map(axum::body::Body::new))
+}
+
+/// Marks nodes offline that have not been heard from (push waits for them).
+pub async fn sweep_offline(state: Arc<AppState>) {
+    let after = state.config.offline_after_seconds.max(1) * 1000;
+    let mut every =
+        tokio::time::interval(Duration::from_secs(5).min(Duration::from_millis(after / 2)));
+    loop {
+        every.tick().await;
+        let before = state.clock.now().saturating_sub(after);
+        for id in state.inventory.fleet().silent_since(before) {
+            // Checked again under the write: a heartbeat may have come since.
+            let mut went = false;
+            let r = state.inventory.update_node(&id, |n| {
+                if n.last_seen < before {
+                    n.online = false;
+                    went = true;
+                }
+            });
+            match r {
+                Ok(_) if went => tracing::info!(node = %id, "node went offline"),
+                Ok(_) => {}
+                Err(e) => tracing::error!("marking {id} offline: {e}"),
+            }
+        }
+    }
+}

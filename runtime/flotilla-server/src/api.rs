@@ -1,0 +1,776 @@
+//! The management API under `/v1`: nodes, releases, policies, tasks, events.
+//! Every route here requires the management token when one is configured.
+
+use super::AppState;
+use super::error::{ApiError, json, json_or_default};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use flotilla_engine::sim::{self, Agents};
+use flotilla_engine::store::{MemoryStore, Store};
+use flotilla_engine::{Engine, PolicySource, count_states};
+use flotilla_model::ReleaseRecord;
+use flotilla_model::{Node, NodeRun, ReleaseKind, Selector, Target, Task, TaskSpec};
+use flotilla_policy::world::{ManualClock, MemoryFleet, World};
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt as _;
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub fn routes(state: Arc<AppState>) -> Router {
+    let upload_limit = state.config.max_upload_bytes;
+    let managed = Router::new()
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(get_node).put(put_node))
+        .route("/v1/releases", get(list_releases).post(create_release))
+        .route("/v1/control-plane/{component}", put(put_control_plane))
+        .route("/v1/policies", get(list_policies))
+        .route(
+            "/v1/policies/{name}",
+            get(get_policy)
+                .put(upload_policy)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route(
+            "/v1/policies/{name}/check",
+            post(check_policy).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/v1/tasks", get(list_tasks).post(create_task))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/runs", get(list_runs))
+        .route("/v1/tasks/{id}/events", get(list_events))
+        .route("/v1/tasks/{id}/{action}", post(control_task))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+        )
+        .merge(managed)
+        .with_state(state)
+}
+
+fn management_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(want) = state.config.token.as_deref() else {
+        return true;
+    };
+    let got = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    use subtle::ConstantTimeEq;
+    bool::from(want.as_bytes().ct_eq(got.as_bytes()))
+}
+
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if management_ok(&state, req.headers()) {
+        Ok(next.run(req).await)
+    } else {
+        Err(ApiError::unauthorized(
+            "missing or wrong management token (`Authorization: Bearer <token>`)",
+        )
+        .hint("pass --token or set FLOTILLA_TOKEN"))
+    }
+}
+
+/// A name for packages, policies and hooks: a DNS-label-like word.
+pub fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unprocessable(format!(
+            "{what} {name:?}: use 1-63 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+        )))
+    }
+}
+
+// ----- nodes -----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NodeQuery {
+    /// `key=value`, repeatable as a comma list.
+    label: Option<String>,
+    version: Option<String>,
+    online: Option<bool>,
+    healthy: Option<bool>,
+    asset: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+fn pairs(s: &str, what: &str) -> Result<Vec<(String, String)>, ApiError> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| ApiError::bad_request(format!("{what} {p:?}: expected key=value")))
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct Page<T> {
+    items: Vec<T>,
+    total: usize,
+}
+
+async fn list_nodes(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<NodeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page<Node>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let selector = Selector {
+        labels: q
+            .label
+            .as_deref()
+            .map(|l| pairs(l, "label"))
+            .transpose()?
+            .unwrap_or_default(),
+        asset_trees: q.asset.iter().cloned().collect(),
+        ..Selector::default()
+    };
+    let nodes: Vec<Node> = state
+        .inventory
+        .all_nodes()
+        .into_iter()
+        .filter(|n| selector.matches(n))
+        .filter(|n| {
+            q.version
+                .as_deref()
+                .is_none_or(|v| flotilla_version::same(&n.version, v))
+        })
+        .filter(|n| q.online.is_none_or(|o| n.online == o))
+        .filter(|n| q.healthy.is_none_or(|h| n.healthy == h))
+        .collect();
+    let total = nodes.len();
+    let items = nodes
+        .into_iter()
+        .skip(q.offset)
+        .take(q.limit.unwrap_or(1000).min(10_000))
+        .collect();
+    Ok(Json(Page { items, total }))
+}
+
+async fn get_node(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    state
+        .inventory
+        .node(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))
+}
+
+async fn put_node(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut v: serde_json::Value = json(&body)?;
+    match v.get("id") {
+        None => v["id"] = id.clone().into(),
+        Some(b) if b == &serde_json::Value::String(id.clone()) => {}
+        Some(b) => {
+            return Err(ApiError::unprocessable(format!(
+                "the body's id {b} differs from the path's {id:?}"
+            )));
+        }
+    }
+    let node: Node = serde_json::from_value(v)
+        .map_err(|e| ApiError::unprocessable(format!("invalid node: {e}")))?;
+    if node.id.is_empty() || node.id.len() > 253 {
+        return Err(ApiError::unprocessable("node id must be 1-253 characters"));
+    }
+    if !node.version.is_empty() {
+        flotilla_version::parse(&node.version).map_err(|e| {
+            ApiError::unprocessable(format!("node {id}: version {:?}: {e}", node.version))
+        })?;
+    }
+    let existed = state.inventory.node(&id).is_some();
+    state.inventory.upsert_node(node.clone())?;
+    state.store_flush()?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(node)).into_response())
+}
+
+// ----- releases -----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRelease {
+    package: String,
+    version: String,
+    #[serde(default)]
+    kind: ReleaseKind,
+    /// External artifact: its URL, with `sha256` and `size`.
+    url: Option<String>,
+    sha256: Option<String>,
+    size: Option<u64>,
+}
+
+async fn create_release(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let r: NewRelease = json(&body)?;
+    valid_name("package", &r.package)?;
+    let version = flotilla_version::parse(&r.version)
+        .map_err(|e| ApiError::unprocessable(format!("version {:?}: {e}", r.version)))?;
+    if let Some(sha) = &r.sha256
+        && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ApiError::unprocessable("sha256 must be 64 hex characters"));
+    }
+    if let Some(url) = &r.url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ApiError::unprocessable(format!(
+                "url {url:?} must be http:// or https://"
+            )));
+        }
+        if r.sha256.is_none() || r.size.is_none_or(|s| s == 0) {
+            return Err(ApiError::unprocessable(
+                "a release with a url needs its sha256 and size (agents verify both)",
+            ));
+        }
+    } else if r.sha256.is_some() || r.size.is_some() {
+        return Err(ApiError::unprocessable(
+            "sha256 and size come from the upload when there is no url; leave them out",
+        ));
+    }
+    if let Some(existing) = state.inventory.release(&r.package, &r.version) {
+        return Err(ApiError::conflict(format!(
+            "release {} {} exists (sha256 {:?}); releases are immutable, publish a new version",
+            existing.package, existing.version, existing.sha256
+        )));
+    }
+    let rec = ReleaseRecord {
+        package: r.package,
+        version: version.to_string(),
+        kind: r.kind,
+        url: r.url,
+        sha256: r.sha256.map(|s| s.to_ascii_lowercase()).unwrap_or_default(),
+        size: r.size.unwrap_or(0),
+        created_at: state.clock.now(),
+    };
+    state.inventory.put_release(rec.clone())?;
+    state.store_flush()?;
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageQuery {
+    package: Option<String>,
+}
+
+async fn list_releases(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<PackageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<ReleaseRecord>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    Ok(Json(state.inventory.releases_of(q.package.as_deref())))
+}
+
+/// `PUT /v1/releases/{package}/{version}/artifact`: the bytes, streamed to
+/// disk and hashed. Management token.
+pub async fn upload_artifact(
+    State(state): State<Arc<AppState>>,
+    Path((package, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !management_ok(&state, &headers) {
+        return Err(ApiError::unauthorized(
+            "the management token is required to upload",
+        ));
+    }
+    let mut rec = state.inventory.release(&package, &version).ok_or_else(|| {
+        ApiError::not_found(format!("no release {package} {version}"))
+            .hint("create it first: POST /v1/releases")
+    })?;
+    if rec.url.is_some() {
+        return Err(ApiError::conflict(format!(
+            "release {package} {version} is served from its url; it takes no upload"
+        )));
+    }
+    if !rec.sha256.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "release {package} {version} already has its artifact (sha256 {})",
+            rec.sha256
+        )));
+    }
+    let limit = state.config.max_upload_bytes as u64;
+    let dir = state.inventory.artifacts_dir().to_path_buf();
+    let tmp = dir.join(format!(".upload-{}", uuid_like()));
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    let result: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("artifact larger than max_upload_bytes ({limit})"),
+                ));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(ApiError::internal)?;
+        }
+        file.sync_all().await.map_err(ApiError::internal)?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    if size == 0 {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(ApiError::bad_request("the artifact is empty"));
+    }
+    let sha = hex::encode(hasher.finalize());
+    tokio::fs::rename(&tmp, state.inventory.artifact_file(&sha))
+        .await
+        .map_err(ApiError::internal)?;
+    rec.sha256 = sha;
+    rec.size = size;
+    state.inventory.put_release(rec.clone())?;
+    state.store_flush()?;
+    Ok((StatusCode::OK, Json(rec)).into_response())
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlPlane {
+    version: String,
+}
+
+async fn put_control_plane(
+    State(state): State<Arc<AppState>>,
+    Path(component): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let cp: ControlPlane = json(&body)?;
+    valid_name("component", &component)?;
+    flotilla_version::parse(&cp.version)
+        .map_err(|e| ApiError::unprocessable(format!("version {:?}: {e}", cp.version)))?;
+    state.inventory.set_control_plane(&component, &cp.version)?;
+    state.store_flush()?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- policies -----
+
+async fn list_policies(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let policies = state.policies.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        policies
+            .names()
+            .into_iter()
+            .map(|n| match policies.get(&n) {
+                Ok(Some(l)) => serde_json::to_value(l).unwrap_or_default(),
+                Ok(None) => serde_json::json!({"name": n, "error": "vanished"}),
+                Err(e) => serde_json::json!({"name": n, "error": e.to_string()}),
+            })
+            .collect()
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Json(out))
+}
+
+async fn get_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let policies = state.policies.clone();
+    let n = name.clone();
+    let got = tokio::task::spawn_blocking(move || policies.get(&n))
+        .await
+        .map_err(ApiError::internal)?;
+    match got {
+        Ok(Some(l)) => Ok(Json(l).into_response()),
+        Ok(None) => Err(ApiError::not_found(format!("no policy {name}"))),
+        Err(e) => Err(ApiError::unprocessable(e.to_string())),
+    }
+}
+
+async fn upload_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    valid_name("policy", &name)?;
+    let policies = state.policies.clone();
+    let saved = tokio::task::spawn_blocking(move || policies.save(&name, &body))
+        .await
+        .map_err(ApiError::internal)?;
+    match saved {
+        Ok(l) => Ok((StatusCode::CREATED, Json(l)).into_response()),
+        Err(e) => Err(ApiError::unprocessable(e.to_string())
+            .hint("run `flotilla policy check FILE` locally for details")),
+    }
+}
+
+async fn check_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let policies = state.policies.clone();
+    let checked = tokio::task::spawn_blocking(move || policies.check(&name, &body))
+        .await
+        .map_err(ApiError::internal)?;
+    match checked {
+        Ok((kind, info)) => {
+            Ok(Json(serde_json::json!({"kind": kind, "info": info})).into_response())
+        }
+        Err(e) => Err(ApiError::unprocessable(e.to_string())),
+    }
+}
+
+// ----- tasks -----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CreateQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Checks what only the runner knows: the policy loads, the release exists.
+pub fn check_task(state: &AppState, spec: &TaskSpec) -> Result<(), ApiError> {
+    spec.validate()
+        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    state
+        .policies
+        .load(&spec.policy, World::empty())
+        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    match &spec.target {
+        Target::Version(v) => match state.inventory.release(&spec.package, v) {
+            Some(r) if r.ready() => Ok(()),
+            Some(_) => Err(ApiError::unprocessable(format!(
+                "release {} {v} has no artifact yet",
+                spec.package
+            ))
+            .hint("upload it: flotilla release add --file")),
+            None => Err(
+                ApiError::unprocessable(format!("no release {} {v}", spec.package))
+                    .hint("add it first: flotilla release add"),
+            ),
+        },
+        Target::ControlPlane(c) => {
+            use flotilla_policy::world::Delivery as _;
+            match state.inventory.control_plane_version(c) {
+                Some(_) => Ok(()),
+                None => Err(ApiError::unprocessable(format!(
+                    "no version known for control-plane component {c:?}"
+                ))
+                .hint(format!("set it: PUT /v1/control-plane/{c}"))),
+            }
+        }
+    }
+}
+
+/// Creates a task from a spec (the API and the webhooks).
+pub async fn create(state: &Arc<AppState>, spec: TaskSpec) -> Result<Task, ApiError> {
+    let s = state.clone();
+    let checked = spec.clone();
+    tokio::task::spawn_blocking(move || check_task(&s, &checked))
+        .await
+        .map_err(ApiError::internal)??;
+    let task = state
+        .engine
+        .call(move |e: &mut Engine| (e.create(spec), Vec::new()))
+        .await??;
+    Ok(task)
+}
+
+async fn create_task(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<CreateQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let spec: TaskSpec = json(&body)?;
+    if q.dry_run {
+        let s = state.clone();
+        let out = tokio::task::spawn_blocking(move || dry_run(&s, spec))
+            .await
+            .map_err(ApiError::internal)??;
+        return Ok(Json(out).into_response());
+    }
+    let task = create(&state, spec).await?;
+    Ok((StatusCode::CREATED, Json(task)).into_response())
+}
+
+/// Runs the task on a copy of the current inventory with agents that all
+/// succeed, on a virtual clock, and returns the plan and what would happen.
+/// Nothing is stored; no agent hears of it.
+fn dry_run(state: &AppState, spec: TaskSpec) -> Result<serde_json::Value, ApiError> {
+    check_task(state, &spec)?;
+    let start = state.clock.now();
+    let clock = Arc::new(ManualClock::new(start));
+    let mut engine = Engine::new(
+        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryFleet::new(state.inventory.all_nodes())),
+        state.inventory.clone(),
+        clock.clone(),
+        state.policies.clone(),
+    )?;
+    let task = engine.create(spec)?;
+    sim::run(
+        &mut engine,
+        &clock,
+        &Agents::default(),
+        60_000,
+        30 * 86_400_000,
+    )?;
+    let task = engine.task(&task.id)?;
+    let counts = sim::counts(&engine, &task.id)?;
+    let events: Vec<_> = engine
+        .events(&task.id, 0, usize::MAX)?
+        .into_iter()
+        .filter(|e| !e.kind.starts_with("node.") || e.kind == "node.skipped")
+        .collect();
+    Ok(serde_json::json!({
+        "dry_run": true,
+        "waves": task.waves,
+        "final_state": task.state,
+        "counts": counts,
+        "events": events,
+        "note": "simulated on the current inventory with every agent succeeding; nodes busy in other tasks are not skipped here",
+    }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TaskListQuery {
+    state: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TaskView {
+    #[serde(flatten)]
+    task: Task,
+    counts: BTreeMap<String, usize>,
+}
+
+async fn list_tasks(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<TaskListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let store = state.store.clone();
+    let tasks = tokio::task::spawn_blocking(move || store.tasks())
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(Json(
+        tasks
+            .into_iter()
+            .filter(|t| q.state.as_deref().is_none_or(|s| t.state.name() == s))
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id, "name": t.spec.name, "package": t.spec.package,
+                    "target_version": t.target_version, "state": t.state,
+                    "waves": t.waves.len(), "current_wave": t.current_wave,
+                    "awaiting_approval": t.awaiting_approval,
+                    "created_at": t.created_at, "updated_at": t.updated_at,
+                })
+            })
+            .collect(),
+    ))
+}
+
+async fn get_task(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    // A task the engine holds is counted in its memory; reading every run
+    // back from the store costs ~5 µs a run.
+    let live = {
+        let id = id.clone();
+        state.engine.read(move |e| e.live_view(&id)).await?
+    };
+    if let Some((task, counts)) = live {
+        return Ok(Json(TaskView { task, counts }));
+    }
+    let store = state.store.clone();
+    let view = tokio::task::spawn_blocking(move || -> Result<TaskView, ApiError> {
+        let task = store
+            .task(&id)?
+            .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+        let runs = store.runs(&id)?;
+        Ok(TaskView {
+            task,
+            counts: count_states(&runs),
+        })
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    Ok(Json(view))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RunQuery {
+    state: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+async fn list_runs(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    q: Result<Query<RunQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page<NodeRun>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let store = state.store.clone();
+    let page = tokio::task::spawn_blocking(move || -> Result<Page<NodeRun>, ApiError> {
+        if store.task(&id)?.is_none() {
+            return Err(ApiError::not_found(format!("no task {id}")));
+        }
+        let runs: Vec<NodeRun> = store
+            .runs(&id)?
+            .into_iter()
+            .filter(|r| {
+                q.state.as_deref().is_none_or(|s| {
+                    r.state.name() == s
+                        // The failure list: every failed state at once.
+                        || (s == "failed" && r.state.failed())
+                })
+            })
+            .collect();
+        let total = runs.len();
+        let items = runs
+            .into_iter()
+            .skip(q.offset)
+            .take(q.limit.unwrap_or(1000).min(10_000))
+            .collect();
+        Ok(Page { items, total })
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    Ok(Json(page))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+async fn list_events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    q: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let store = state.store.clone();
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let events = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        if store.task(&id)?.is_none() {
+            return Err(ApiError::not_found(format!("no task {id}")));
+        }
+        Ok(store.events(&id, q.from, limit)?)
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    let next = events.last().map(|e| e.seq + 1).unwrap_or(q.from);
+    let more = events.len() == limit;
+    Ok(Json(
+        serde_json::json!({ "events": events, "next": next, "more": more }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn control_task(
+    State(state): State<Arc<AppState>>,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Task>, ApiError> {
+    let Reason { reason } = json_or_default(&body)?;
+    if !matches!(
+        action.as_str(),
+        "pause" | "resume" | "promote" | "cancel" | "rollback"
+    ) {
+        return Err(ApiError::not_found(format!(
+            "no action {action:?}: use pause, resume, promote, cancel or rollback"
+        )));
+    }
+    let task = state
+        .engine
+        .call(move |e: &mut Engine| {
+            if e.task(&id).is_err() {
+                return (Err(flotilla_engine::EngineError::NoTask(id)), Vec::new());
+            }
+            match action.as_str() {
+                "pause" => (e.pause(&id, &reason), Vec::new()),
+                "resume" => (e.resume(&id), Vec::new()),
+                "promote" => (e.promote(&id), Vec::new()),
+                "cancel" => (e.cancel(&id), Vec::new()),
+                _ => match e.rollback(&id, &reason) {
+                    Ok((t, commands)) => (Ok(t), commands),
+                    Err(err) => (Err(err), Vec::new()),
+                },
+            }
+        })
+        .await??;
+    Ok(Json(task))
+}

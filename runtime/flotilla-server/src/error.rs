@@ -1,0 +1,133 @@
+//! API errors: a status and a JSON body `{"error": ..., "hint": ...}` that says
+//! what is wrong and, where there is one, what to do next.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flotilla_engine::EngineError;
+use flotilla_engine::store::StoreError;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error: String,
+    pub hint: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error: error.into(),
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn bad_request(e: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e)
+    }
+
+    pub fn unprocessable(e: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, e)
+    }
+
+    pub fn not_found(e: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, e)
+    }
+
+    pub fn conflict(e: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, e)
+    }
+
+    pub fn unauthorized(e: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, e)
+    }
+
+    pub fn forbidden(e: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, e)
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {e}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+
+    pub fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the runner is shutting down",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "error": self.error });
+        if let Some(h) = self.hint {
+            body["hint"] = h.into();
+        }
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Spec(_) => ApiError::unprocessable(e.to_string()),
+            EngineError::NoTask(_) => ApiError::not_found(e.to_string()),
+            EngineError::NotInTask { .. } | EngineError::Refused { .. } => {
+                ApiError::conflict(e.to_string())
+            }
+            EngineError::Policy(_) => ApiError::unprocessable(e.to_string()),
+            EngineError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// Parses a JSON body with an error that names the line, column and field.
+pub fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "the request body is empty; expected JSON",
+        ));
+    }
+    // The fast path; on failure parse again to name the field that is wrong.
+    if let Ok(v) = serde_json::from_slice(body) {
+        return Ok(v);
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = if path == "." || path.is_empty() {
+            format!("invalid JSON body: {inner}")
+        } else {
+            format!("invalid JSON body at `{path}`: {inner}")
+        };
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(msg)
+        } else {
+            ApiError::unprocessable(msg)
+        }
+    })
+}
+
+/// An optional JSON body (`{}` when empty).
+pub fn json_or_default<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        json(body)
+    }
+}

@@ -1,0 +1,618 @@
+//! What the runner knows besides tasks: nodes, releases and their artifacts,
+//! control-plane versions, agent tokens, webhook deliveries and policies.
+//! Records live in sled trees of the engine's database (so one flush covers
+//! them); artifacts and policies are files in the data directory.
+//!
+//! The engine reads nodes through an in-memory [`MemoryFleet`] that every
+//! write here updates after it is stored.
+
+use super::metrics::Metrics;
+use flotilla_engine::store::StoreError;
+use flotilla_engine::{Command, PolicySource};
+use flotilla_model::protocol::{Artifact, Work};
+use flotilla_model::{
+    Node, PolicyInfo, Release, ReleaseKind, ReleaseRecord, TaskContext, WaveReport,
+};
+use flotilla_policy::world::{Delivery, Fleet, MemoryFleet, World};
+use flotilla_policy::{CompiledPolicy, Limits, Policy, PolicyError, RhaiPolicy, WasmRuntime};
+use flotilla_store_sled::{Kv, SledStore};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AgentRecord {
+    token_sha256: String,
+    enrolled_at: u64,
+}
+
+/// Token hashes both ways: a node's own (to check a node's call) and the
+/// node of a hash (to tell "another node's token" from "no token", and to
+/// let any enrolled node download artifacts) — each one lookup, however
+/// many nodes are enrolled.
+#[derive(Default)]
+struct Tokens {
+    by_node: HashMap<String, [u8; 32]>,
+    by_hash: HashMap<[u8; 32], String>,
+}
+
+impl Tokens {
+    fn set(&mut self, node: String, hash: [u8; 32]) {
+        if let Some(old) = self.by_node.insert(node.clone(), hash) {
+            self.by_hash.remove(&old);
+        }
+        self.by_hash.insert(hash, node);
+    }
+}
+
+pub struct Inventory {
+    fleet: Arc<MemoryFleet>,
+    nodes: Kv,
+    releases: Kv,
+    release_cache: RwLock<BTreeMap<(String, String), ReleaseRecord>>,
+    control_plane: Kv,
+    control_plane_cache: RwLock<BTreeMap<String, String>>,
+    agents: Kv,
+    tokens: RwLock<Tokens>,
+    pub deliveries: Kv,
+    artifacts: PathBuf,
+}
+
+fn release_key(package: &str, version: &str) -> String {
+    format!("{package}\u{0}{version}")
+}
+
+impl Inventory {
+    /// Loads everything stored; `control_plane` from the config seeds
+    /// components that have no stored version yet.
+    pub fn open(
+        store: &SledStore,
+        data: &Path,
+        control_plane: BTreeMap<String, String>,
+    ) -> Result<Inventory, StoreError> {
+        let nodes = store.kv("nodes")?;
+        let releases = store.kv("releases")?;
+        let cp = store.kv("control_plane")?;
+        let agents = store.kv("agents")?;
+        let fleet = MemoryFleet::new(nodes.all::<Node>()?.into_iter().map(|(_, n)| n));
+        let release_cache = releases
+            .all::<ReleaseRecord>()?
+            .into_iter()
+            .map(|(_, r)| ((r.package.clone(), r.version.clone()), r))
+            .collect();
+        let mut cp_cache: BTreeMap<String, String> = cp.all()?.into_iter().collect();
+        for (k, v) in control_plane {
+            if let std::collections::btree_map::Entry::Vacant(slot) = cp_cache.entry(k) {
+                cp.put(slot.key(), &v)?;
+                slot.insert(v);
+            }
+        }
+        let mut tokens = Tokens::default();
+        for (node, rec) in agents.all::<AgentRecord>()? {
+            let mut h = [0u8; 32];
+            if hex::decode_to_slice(&rec.token_sha256, &mut h).is_ok() {
+                tokens.set(node, h);
+            }
+        }
+        let artifacts = data.join("artifacts");
+        std::fs::create_dir_all(&artifacts)
+            .map_err(|e| StoreError::Io(format!("creating {}: {e}", artifacts.display())))?;
+        Ok(Inventory {
+            fleet: Arc::new(fleet),
+            nodes,
+            releases,
+            release_cache: RwLock::new(release_cache),
+            control_plane: cp,
+            control_plane_cache: RwLock::new(cp_cache),
+            agents,
+            tokens: RwLock::new(tokens),
+            deliveries: store.kv("deliveries")?,
+            artifacts,
+        })
+    }
+
+    pub fn fleet(&self) -> Arc<MemoryFleet> {
+        self.fleet.clone()
+    }
+
+    // ----- nodes -----
+
+    /// Stores a node and makes it visible to the engine.
+    pub fn upsert_node(&self, node: Node) -> Result<(), StoreError> {
+        self.nodes.put(&node.id, &node)?;
+        self.fleet.upsert(node);
+        Ok(())
+    }
+
+    pub fn node(&self, id: &str) -> Option<Node> {
+        self.fleet.get(id)
+    }
+
+    /// Changes a node with `f`; stores it only when something other than
+    /// `last_seen` changed (a poll must not cost a write).
+    pub fn update_node(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Node),
+    ) -> Result<Option<Node>, StoreError> {
+        let Some(before) = self.fleet.get(id) else {
+            return Ok(None);
+        };
+        let mut after = before.clone();
+        f(&mut after);
+        let mut cmp = after.clone();
+        cmp.last_seen = before.last_seen;
+        if cmp != before {
+            self.nodes.put(id, &after)?;
+        }
+        self.fleet.upsert(after.clone());
+        Ok(Some(after))
+    }
+
+    pub fn all_nodes(&self) -> Vec<Node> {
+        self.fleet.query(&Default::default(), 0, u32::MAX)
+    }
+
+    // ----- releases -----
+
+    pub fn release(&self, package: &str, version: &str) -> Option<ReleaseRecord> {
+        let cache = self.release_cache.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = cache.get(&(package.to_string(), version.to_string())) {
+            return Some(r.clone());
+        }
+        // Versions compare as semver: `v1.13` finds `1.13.0`.
+        let want = flotilla_version::parse(version).ok()?;
+        cache
+            .values()
+            .find(|r| {
+                r.package == package && flotilla_version::parse(&r.version).is_ok_and(|v| v == want)
+            })
+            .cloned()
+    }
+
+    pub fn releases_of(&self, package: Option<&str>) -> Vec<ReleaseRecord> {
+        let cache = self.release_cache.read().unwrap_or_else(|e| e.into_inner());
+        cache
+            .values()
+            .filter(|r| package.is_none_or(|p| r.package == p))
+            .cloned()
+            .collect()
+    }
+
+    pub fn put_release(&self, r: ReleaseRecord) -> Result<(), StoreError> {
+        self.releases
+            .put(&release_key(&r.package, &r.version), &r)?;
+        self.release_cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((r.package.clone(), r.version.clone()), r);
+        Ok(())
+    }
+
+    pub fn artifact_file(&self, sha256: &str) -> PathBuf {
+        self.artifacts.join(sha256)
+    }
+
+    pub fn artifacts_dir(&self) -> &Path {
+        &self.artifacts
+    }
+
+    pub fn set_control_plane(&self, component: &str, version: &str) -> Result<(), StoreError> {
+        self.control_plane.put(component, &version)?;
+        self.control_plane_cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(component.into(), version.into());
+        Ok(())
+    }
+
+    // ----- agents -----
+
+    /// Issues a fresh token for `node` (replacing any earlier one).
+    pub fn issue_token(&self, node: &str, now: u64) -> Result<String, StoreError> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| StoreError::Io(format!("no randomness: {e}")))?;
+        let token = format!("fln_{}", hex::encode(raw));
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.agents.put(
+            node,
+            &AgentRecord {
+                token_sha256: hex::encode(hash),
+                enrolled_at: now,
+            },
+        )?;
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(node.to_string(), hash);
+        Ok(token)
+    }
+
+    /// Whether `token` is `node`'s token (compared in constant time).
+    pub fn check_token(&self, node: &str, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens
+            .by_node
+            .get(node)
+            .is_some_and(|want| bool::from(want.ct_eq(&hash)))
+    }
+
+    /// Whether `token` belongs to any enrolled node (artifact downloads).
+    pub fn any_token(&self, token: &str) -> bool {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens.by_hash.contains_key(&hash)
+    }
+
+    /// The agent-facing form of an engine command.
+    pub fn work(&self, command: &Command) -> (String, Work) {
+        match command {
+            Command::Deliver {
+                task,
+                node,
+                package,
+                version,
+                backup,
+                permanent,
+            } => {
+                let release = self.release(package, version);
+                let artifact = match release {
+                    Some(r) => Artifact {
+                        url: r.url.clone().unwrap_or_else(|| r.artifact_path()),
+                        sha256: r.sha256.clone(),
+                        size: r.size,
+                        kind: r.kind,
+                    },
+                    // Refused at task creation; an agent given this fails
+                    // its digest check and reports it.
+                    None => Artifact {
+                        url: format!("/v1/releases/{package}/{version}/artifact"),
+                        sha256: String::new(),
+                        size: 0,
+                        kind: ReleaseKind::Full,
+                    },
+                };
+                (
+                    node.clone(),
+                    Work::Install {
+                        task: task.clone(),
+                        package: package.clone(),
+                        version: version.clone(),
+                        artifact,
+                        backup: backup.clone(),
+                        permanent: *permanent,
+                    },
+                )
+            }
+            Command::Restore {
+                task,
+                node,
+                package,
+                version,
+            } => (
+                node.clone(),
+                Work::Restore {
+                    task: task.clone(),
+                    package: package.clone(),
+                    version: version.clone(),
+                },
+            ),
+            Command::MakePermanent {
+                task,
+                node,
+                package,
+                version,
+            } => (
+                node.clone(),
+                Work::MakePermanent {
+                    task: task.clone(),
+                    package: package.clone(),
+                    version: version.clone(),
+                },
+            ),
+        }
+    }
+}
+
+impl Delivery for Inventory {
+    fn releases(&self, package: &str) -> Vec<Release> {
+        self.releases_of(Some(package))
+            .into_iter()
+            .map(|r| Release {
+                package: r.package,
+                version: r.version,
+                kind: r.kind,
+                size: r.size,
+                sha256: r.sha256,
+            })
+            .collect()
+    }
+
+    fn control_plane_version(&self, component: &str) -> Option<String> {
+        self.control_plane_cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(component)
+            .cloned()
+    }
+}
+
+// ----- policies -----
+
+/// Policies shipped with the runner, usable by name without an upload.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("canary", include_str!("../../../policies/canary.rhai")),
+    (
+        "version-gate",
+        include_str!("../../../policies/version-gate.rhai"),
+    ),
+];
+
+/// A policy as listed by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyListing {
+    pub name: String,
+    pub kind: &'static str,
+    pub sha256: String,
+    pub size: u64,
+    pub builtin: bool,
+    pub info: PolicyInfo,
+}
+
+/// Uploaded policies in `DATA/policies/NAME.{wasm,rhai}` and the built-in
+/// ones; an upload of a built-in name takes its place.
+pub struct PolicyDir {
+    dir: PathBuf,
+    runtime: WasmRuntime,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Compiled components by name, with the digest they were compiled from.
+    compiled: Mutex<HashMap<String, (String, Arc<CompiledPolicy>)>>,
+}
+
+enum Source {
+    Wasm(PathBuf),
+    Rhai { text: String, builtin: bool },
+}
+
+impl PolicyDir {
+    pub fn new(dir: PathBuf, limits: Limits, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        let cache = dir.parent().map(|d| d.join("cache"));
+        Ok(PolicyDir {
+            runtime: WasmRuntime::new(cache)?,
+            dir,
+            limits,
+            metrics,
+            compiled: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn source(&self, name: &str) -> Option<Source> {
+        let wasm = self.dir.join(format!("{name}.wasm"));
+        if wasm.is_file() {
+            return Some(Source::Wasm(wasm));
+        }
+        if let Ok(text) = std::fs::read_to_string(self.dir.join(format!("{name}.rhai"))) {
+            return Some(Source::Rhai {
+                text,
+                builtin: false,
+            });
+        }
+        BUILTIN
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, text)| Source::Rhai {
+                text: text.to_string(),
+                builtin: true,
+            })
+    }
+
+    fn compiled(&self, name: &str, path: &Path) -> Result<Arc<CompiledPolicy>, PolicyError> {
+        let bytes = std::fs::read(path).map_err(|e| PolicyError::Load {
+            policy: name.into(),
+            reason: format!("reading {}: {e}", path.display()),
+        })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((d, c)) = compiled.get(name)
+            && *d == digest
+        {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(self.runtime.load_bytes(name, &bytes)?);
+        compiled.insert(name.to_string(), (digest, c.clone()));
+        Ok(c)
+    }
+
+    fn instantiate(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
+        match self.source(name) {
+            None => Err(PolicyError::Load {
+                policy: name.into(),
+                reason: "no such policy: upload it with `flotilla policy upload NAME FILE` (built in: canary, version-gate)".into(),
+            }),
+            Some(Source::Wasm(path)) => Ok(Box::new(
+                self.compiled(name, &path)?.instantiate(world, self.limits)?,
+            )),
+            Some(Source::Rhai { text, .. }) => Ok(Box::new(RhaiPolicy::load_str(
+                name,
+                &text,
+                world,
+                self.limits,
+            )?)),
+        }
+    }
+
+    /// Checks `bytes` (a component or a Rhai script) without storing it.
+    pub fn check(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(&'static str, PolicyInfo), PolicyError> {
+        if bytes.starts_with(b"\0asm") {
+            let c = self.runtime.load_bytes(name, bytes)?;
+            Ok(("wasm", c.info().clone()))
+        } else {
+            let text = std::str::from_utf8(bytes).map_err(|_| PolicyError::Load {
+                policy: name.into(),
+                reason: "neither a WebAssembly component (no `\\0asm` header) nor UTF-8 Rhai text"
+                    .into(),
+            })?;
+            let p = RhaiPolicy::load_str(name, text, World::empty(), self.limits)?;
+            Ok(("rhai", p.info().clone()))
+        }
+    }
+
+    /// Checks and stores a policy under `name`.
+    pub fn save(&self, name: &str, bytes: &[u8]) -> Result<PolicyListing, PolicyError> {
+        let (kind, info) = self.check(name, bytes)?;
+        let io = |e: std::io::Error| PolicyError::Load {
+            policy: name.into(),
+            reason: format!("storing the policy: {e}"),
+        };
+        let path = self.dir.join(format!("{name}.{kind}"));
+        let tmp = self.dir.join(format!(".{name}.{kind}.tmp"));
+        std::fs::write(&tmp, bytes).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        let other = if kind == "wasm" { "rhai" } else { "wasm" };
+        let _ = std::fs::remove_file(self.dir.join(format!("{name}.{other}")));
+        Ok(PolicyListing {
+            name: name.into(),
+            kind,
+            sha256: hex::encode(Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+            builtin: false,
+            info,
+        })
+    }
+
+    /// One policy, as listed.
+    pub fn get(&self, name: &str) -> Result<Option<PolicyListing>, PolicyError> {
+        let (bytes, builtin) = match self.source(name) {
+            None => return Ok(None),
+            Some(Source::Wasm(p)) => (
+                std::fs::read(&p).map_err(|e| PolicyError::Load {
+                    policy: name.into(),
+                    reason: e.to_string(),
+                })?,
+                false,
+            ),
+            Some(Source::Rhai { text, builtin }) => (text.into_bytes(), builtin),
+        };
+        let (kind, info) = self.check(name, &bytes)?;
+        Ok(Some(PolicyListing {
+            name: name.into(),
+            kind,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            size: bytes.len() as u64,
+            builtin,
+            info,
+        }))
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = BUILTIN.iter().map(|(n, _)| n.to_string()).collect();
+        if let Ok(dir) = std::fs::read_dir(&self.dir) {
+            for e in dir.flatten() {
+                let p = e.path();
+                if let (Some(stem), Some(ext)) = (
+                    p.file_stem().and_then(|s| s.to_str()),
+                    p.extension().and_then(|s| s.to_str()),
+                ) && (ext == "wasm" || ext == "rhai")
+                    && !stem.starts_with('.')
+                {
+                    names.push(stem.to_string());
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+impl PolicySource for PolicyDir {
+    fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
+        let inner = self.instantiate(name, world)?;
+        Ok(Box::new(Timed {
+            inner,
+            metrics: self.metrics.clone(),
+        }))
+    }
+}
+
+/// Records each hook call's latency for `/metrics`.
+struct Timed {
+    inner: Box<dyn Policy>,
+    metrics: Arc<Metrics>,
+}
+
+impl Timed {
+    fn time<R>(&mut self, hook: &'static str, f: impl FnOnce(&mut dyn Policy) -> R) -> R {
+        let start = Instant::now();
+        let r = f(&mut *self.inner);
+        self.metrics.policy_call(hook, start.elapsed());
+        r
+    }
+}
+
+impl Policy for Timed {
+    fn info(&self) -> &PolicyInfo {
+        self.inner.info()
+    }
+
+    fn call_select(
+        &mut self,
+        ctx: &TaskContext,
+        nodes: &[Node],
+    ) -> Result<Vec<flotilla_model::Selection>, PolicyError> {
+        self.time("select", |p| p.call_select(ctx, nodes))
+    }
+
+    fn call_select_chunks(
+        &mut self,
+        ctx: &TaskContext,
+        chunks: &[&[Node]],
+    ) -> Result<Vec<Vec<flotilla_model::Selection>>, PolicyError> {
+        self.time("select", |p| p.call_select_chunks(ctx, chunks))
+    }
+
+    fn call_plan(
+        &mut self,
+        ctx: &TaskContext,
+        nodes: &[Node],
+    ) -> Result<Vec<flotilla_model::Wave>, PolicyError> {
+        self.time("plan", |p| p.call_plan(ctx, nodes))
+    }
+
+    fn call_admit(
+        &mut self,
+        ctx: &TaskContext,
+        node: &Node,
+        now: u64,
+    ) -> Result<flotilla_model::Admission, PolicyError> {
+        self.time("admit", |p| p.call_admit(ctx, node, now))
+    }
+
+    fn call_evaluate(
+        &mut self,
+        ctx: &TaskContext,
+        report: &WaveReport,
+    ) -> Result<flotilla_model::Verdict, PolicyError> {
+        self.time("evaluate", |p| p.call_evaluate(ctx, report))
+    }
+
+    fn call_on_request(
+        &mut self,
+        ctx: &TaskContext,
+        node: &Node,
+    ) -> Result<flotilla_model::Offer, PolicyError> {
+        self.time("on-request", |p| p.call_on_request(ctx, node))
+    }
+}

@@ -1,0 +1,324 @@
+//! `flotilla serve`: the runner as an HTTP service (axum on tokio).
+//!
+//! - [`actor`] owns the [`Engine`](flotilla_engine::Engine) on one thread and
+//!   group-commits: every job of a batch (agent reports, operator calls, the
+//!   tick) is applied, the store is flushed once, and only then are callers
+//!   answered and commands handed to agents.
+//! - [`inventory`] keeps nodes, releases, artifacts, policies and agent tokens
+//!   in the same sled database as the engine.
+//! - [`agents`] serves the agent protocol ([`flotilla_model::protocol`]), [`api`] the
+//!   management API, [`hooks`] the signed webhooks, [`metrics`] `/metrics`.
+//!
+//! Configuration: [`Config`], from a TOML file and flags.
+
+pub mod actor;
+pub mod agents;
+pub mod api;
+mod error;
+pub mod hooks;
+pub mod inventory;
+pub mod metrics;
+
+use axum::Router;
+use flotilla_engine::Engine;
+use flotilla_engine::store::Store;
+use flotilla_policy::Limits;
+use flotilla_policy::world::{Clock, SystemClock};
+use flotilla_store_sled::SledStore;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::ApiError;
+
+/// The runner's configuration (`flotilla serve --config FILE`; flags override).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where to listen. Default `127.0.0.1:7878`.
+    pub listen: SocketAddr,
+    /// Data directory (sled database, artifacts, policies).
+    pub data: PathBuf,
+    /// Bearer token for the management API. Required to listen on anything
+    /// but loopback. `FLOTILLA_TOKEN` overrides.
+    pub token: Option<String>,
+    /// Secret agents present to enroll. Required to listen on anything but
+    /// loopback. `FLOTILLA_ENROLL_SECRET` overrides.
+    pub enroll_secret: Option<String>,
+    /// How often the engine advances tasks.
+    pub tick_ms: u64,
+    /// A node that has not been heard from for this long is offline.
+    pub offline_after_seconds: u64,
+    /// Largest JSON body accepted.
+    pub max_body_bytes: usize,
+    /// Largest artifact or policy upload accepted.
+    pub max_upload_bytes: usize,
+    /// Per-call policy limits.
+    pub policy: PolicyLimits,
+    /// Versions of control-plane components, for `{"control-plane": X}` targets.
+    pub control_plane: BTreeMap<String, String>,
+    /// Webhooks that start tasks.
+    pub hooks: Vec<hooks::HookConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyLimits {
+    pub cpu_ms: u64,
+    pub memory_mib: usize,
+}
+
+impl Default for PolicyLimits {
+    fn default() -> Self {
+        let l = Limits::default();
+        PolicyLimits {
+            cpu_ms: l.cpu.as_millis() as u64,
+            memory_mib: l.memory_bytes >> 20,
+        }
+    }
+}
+
+impl PolicyLimits {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            cpu: Duration::from_millis(self.cpu_ms),
+            memory_bytes: self.memory_mib << 20,
+            ..Limits::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            data: default_data_dir(),
+            token: None,
+            enroll_secret: None,
+            tick_ms: 250,
+            offline_after_seconds: 30,
+            max_body_bytes: 1 << 20,
+            max_upload_bytes: 1 << 30,
+            policy: PolicyLimits::default(),
+            control_plane: BTreeMap::new(),
+            hooks: Vec::new(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "flotilla")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("flotilla-data"))
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors (a typo must not be ignored).
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Applies the environment (`FLOTILLA_TOKEN`, `FLOTILLA_ENROLL_SECRET`).
+    pub fn with_env(mut self) -> Config {
+        if let Ok(t) = std::env::var("FLOTILLA_TOKEN")
+            && !t.is_empty()
+        {
+            self.token = Some(t);
+        }
+        if let Ok(s) = std::env::var("FLOTILLA_ENROLL_SECRET")
+            && !s.is_empty()
+        {
+            self.enroll_secret = Some(s);
+        }
+        self
+    }
+
+    /// Refuses configurations that would be unsafe or cannot work.
+    pub fn check(&self) -> Result<(), String> {
+        let ip = self.listen.ip();
+        if !ip.is_loopback() {
+            if self.token.as_deref().is_none_or(str::is_empty) {
+                return Err(format!(
+                    "refusing to listen on {} without a management token: set `token` in the config or FLOTILLA_TOKEN (or listen on 127.0.0.1)",
+                    self.listen
+                ));
+            }
+            if self.enroll_secret.as_deref().is_none_or(str::is_empty) {
+                return Err(format!(
+                    "refusing to listen on {} without an enrollment secret: set `enroll_secret` in the config or FLOTILLA_ENROLL_SECRET (or listen on 127.0.0.1)",
+                    self.listen
+                ));
+            }
+        }
+        if self.tick_ms == 0 || self.tick_ms > 60_000 {
+            return Err("tick_ms must be between 1 and 60000".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for h in &self.hooks {
+            h.check()?;
+            if !names.insert(h.name.as_str()) {
+                return Err(format!("hook {:?} is configured twice", h.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a request handler can reach.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<SledStore>,
+    pub inventory: Arc<inventory::Inventory>,
+    pub engine: actor::EngineHandle,
+    pub outbox: Arc<agents::Outbox>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub policies: Arc<inventory::PolicyDir>,
+}
+
+impl AppState {
+    /// Makes what a handler just wrote durable before it answers.
+    pub fn store_flush(&self) -> Result<(), ApiError> {
+        self.store.flush().map_err(ApiError::from)
+    }
+}
+
+/// A runner built and ready to serve (tests use it in-process).
+pub struct Runner {
+    pub state: Arc<AppState>,
+    pub router: Router,
+    actor: Option<actor::ActorThread>,
+}
+
+impl Runner {
+    /// Opens the data directory, resumes every active task, and builds the router.
+    pub fn open(config: Config) -> anyhow::Result<Runner> {
+        config.check().map_err(|e| anyhow::anyhow!(e))?;
+        std::fs::create_dir_all(&config.data).map_err(|e| {
+            anyhow::anyhow!("cannot create data dir {}: {e}", config.data.display())
+        })?;
+        let store = Arc::new(SledStore::open(&config.data.join("db"))?);
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let metrics = Arc::new(metrics::Metrics::new());
+        let inventory = Arc::new(inventory::Inventory::open(
+            &store,
+            &config.data,
+            config.control_plane.clone(),
+        )?);
+        let policies = Arc::new(inventory::PolicyDir::new(
+            config.data.join("policies"),
+            config.policy.limits(),
+            metrics.clone(),
+        )?);
+        let engine = Engine::new(
+            store.clone() as Arc<dyn Store>,
+            inventory.fleet(),
+            inventory.clone(),
+            clock.clone(),
+            policies.clone(),
+        )?;
+        let outbox = Arc::new(agents::Outbox::default());
+        let (handle, thread) = actor::spawn(
+            engine,
+            store.clone(),
+            outbox.clone(),
+            inventory.clone(),
+            Duration::from_millis(config.tick_ms),
+            metrics.clone(),
+        );
+        let state = Arc::new(AppState {
+            config,
+            store,
+            inventory,
+            engine: handle,
+            outbox,
+            metrics,
+            clock,
+            policies,
+        });
+        let router = router(state.clone());
+        Ok(Runner {
+            state,
+            router,
+            actor: Some(thread),
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; then stops the engine
+    /// after its last batch and flushes the store.
+    pub async fn serve(
+        mut self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let sweeper = tokio::spawn(agents::sweep_offline(self.state.clone()));
+        axum::serve(
+            listener,
+            self.router
+                .clone()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        sweeper.abort();
+        // The sweeper holds the state (and so the store): wait until it is gone.
+        let _ = sweeper.await;
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Stops the engine thread and flushes the store.
+    pub fn shutdown(&mut self) {
+        if let Some(actor) = self.actor.take() {
+            self.state.engine.stop();
+            actor.join();
+        }
+        if let Err(e) = self.state.store.flush() {
+            tracing::error!("flushing the store at shutdown: {e}");
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Every route of the runner.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .merge(api::routes(state.clone()))
+        .merge(agents::routes(state.clone()))
+        .merge(hooks::routes(state.clone()))
+        .merge(metrics::routes(state))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests, flushing the store");
+}

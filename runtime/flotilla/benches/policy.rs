@@ -1,0 +1,375 @@
+//! Policy runtime budgets, each beside a native baseline measured in the same run:
+//!
+//! - targeting 1,000,000 nodes through `select` (chunked): Wasm ≤ 0.5 s, Rhai ≤ 1.5 s
+//! - a hook call on a warm Wasm instance ≤ 2 µs
+//! - instantiating from the cached compiled component ≤ 50 µs
+//!
+//! Run: `cargo bench -p flotilla --bench policy` (add `-- --quick` for fewer reps,
+//! `-- --only wasm|rhai|warm|instantiate` for one part, e.g. under `perf`).
+
+use flotilla_model::{Node, Selection, SkipReason, TaskContext};
+use flotilla_policy::build::{build_component, workspace_root};
+use flotilla_policy::world::World;
+use flotilla_policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const FLEET: usize = 1_000_000;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = if quick { 3 } else { 7 };
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let root = workspace_root(Path::new(env!("CARGO_MANIFEST_DIR")));
+    eprintln!("building the version-gate component ...");
+    let wasm = build_component(&root, "version-gate").expect("build version-gate");
+    let cache = std::env::temp_dir().join(format!("flotilla-bench-cache-{}", std::process::id()));
+
+    // The million-node fleet only for the parts that use it (it takes a while to build).
+    let nodes = fleet(if part("wasm") || part("rhai") {
+        FLEET
+    } else {
+        5000
+    });
+    let range = ">=1.10, <2";
+    let ctx = TaskContext::new("1.13").with_params(serde_json::json!({ "range": range }));
+
+    let rt = WasmRuntime::new(Some(cache.clone())).unwrap();
+    let compiled = rt.load_file(&wasm).unwrap();
+    let mut wasm_policy = compiled
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let mut rhai_policy = RhaiPolicy::load_file(
+        &root.join("policies/version-gate.rhai"),
+        World::empty(),
+        Limits::default(),
+    )
+    .unwrap();
+
+    // The same decision as the policy, as a native closure.
+    let req = flotilla_version::parse_range(range).unwrap();
+    let native = |ctx: &TaskContext, nodes: &[Node]| -> Vec<Selection> {
+        let target = &ctx.target_version;
+        let target_parsed = flotilla_version::parse(target).ok();
+        let skip = |reason, detail| Selection::Skip { reason, detail };
+        nodes
+            .iter()
+            .map(|n| {
+                let v = &n.version;
+                if !n.healthy {
+                    return skip(SkipReason::Unhealthy, "node is unhealthy".into());
+                }
+                let parsed = flotilla_version::parse(v);
+                let same = match (&parsed, &target_parsed) {
+                    (Ok(a), Some(b)) => a == b,
+                    _ => v.trim() == target.trim(),
+                };
+                if same {
+                    return skip(SkipReason::SameVersion, format!("already at {target}"));
+                }
+                match parsed {
+                    Err(_) => skip(
+                        SkipReason::OutOfRange,
+                        format!("version '{v}' is not a version"),
+                    ),
+                    Ok(p) if !req.matches(&p) => skip(
+                        SkipReason::OutOfRange,
+                        format!("version {v} is not in {range}"),
+                    ),
+                    Ok(_) => Selection::Include,
+                }
+            })
+            .collect()
+    };
+
+    // Sanity: all three decide the same.
+    let sample = &nodes[..5000];
+    let want = native(&ctx, sample);
+    assert_eq!(wasm_policy.select(&ctx, sample).unwrap(), want);
+    assert_eq!(rhai_policy.select(&ctx, sample).unwrap(), want);
+
+    let mut rows = Vec::new();
+
+    let base = if part("wasm") || part("rhai") {
+        median(reps, || black_box(native(&ctx, &nodes)).len())
+    } else {
+        Duration::ZERO
+    };
+    if part("wasm") {
+        let w = median(reps, || wasm_policy.select(&ctx, &nodes).unwrap().len());
+        rows.push(row(
+            "select 1M nodes, wasm",
+            w,
+            base,
+            Duration::from_millis(500),
+            last_cpu(1),
+        ));
+        // The boundary alone: a component that includes every node without looking.
+        let trivial = build_component(&root, "misbehave").expect("build misbehave");
+        let mut trivial = rt
+            .load_file(&trivial)
+            .unwrap()
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let t = median(reps, || trivial.select(&ctx, &nodes).unwrap().len());
+        rows.push(row(
+            "select 1M nodes, wasm, include-all",
+            t,
+            base,
+            Duration::from_millis(500),
+            last_cpu(1),
+        ));
+        // ... and with nodes that carry only an id and a version: what the labels,
+        // attributes and asset path cost to cross (one guest allocation per string).
+        let bare: Vec<Node> = nodes
+            .iter()
+            .map(|n| Node::new(n.id.clone(), n.version.clone()))
+            .collect();
+        let t = median(reps, || trivial.select(&ctx, &bare).unwrap().len());
+        rows.push(row(
+            "  same, bare nodes (id + version)",
+            t,
+            base,
+            Duration::from_millis(500),
+            last_cpu(1),
+        ));
+    }
+    if part("rhai") {
+        let r = median(reps.min(3), || {
+            rhai_policy.select(&ctx, &nodes).unwrap().len()
+        });
+        rows.push(row(
+            "select 1M nodes, rhai",
+            r,
+            base,
+            Duration::from_millis(1500),
+            last_cpu(1),
+        ));
+    }
+    if part("warm") {
+        // A warm call: one node through `select` (lowering ctx and node, lifting the decision).
+        let one = &nodes[..1];
+        let calls = 100_000;
+        let base = median(reps, || {
+            (0..calls).map(|_| black_box(native(&ctx, one)).len()).sum()
+        }) / calls as u32;
+        let w = median(reps, || {
+            (0..calls)
+                .map(|_| wasm_policy.select(&ctx, one).unwrap().len())
+                .sum()
+        }) / calls as u32;
+        let cpu = last_cpu(calls as u32);
+        rows.push(row(
+            "warm hook call (select, 1 node)",
+            w,
+            base,
+            Duration::from_micros(2),
+            cpu,
+        ));
+        // `evaluate` on the canary: context + wave report in, verdict out.
+        let canary = build_component(&root, "canary").expect("build canary");
+        let mut canary = rt
+            .load_file(&canary)
+            .unwrap()
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        let report = flotilla_model::WaveReport {
+            wave: 1,
+            waves: 4,
+            total: 10,
+            succeeded: 9,
+            failed_rolled_back: 1,
+            task_finished: 11,
+            ..Default::default()
+        };
+        let proceed =
+            |v: flotilla_model::Verdict| matches!(v, flotilla_model::Verdict::Proceed) as usize;
+        let w = median(reps, || {
+            (0..calls)
+                .map(|_| proceed(canary.evaluate(&ctx, &report).unwrap()))
+                .sum()
+        }) / calls as u32;
+        let cpu = last_cpu(calls as u32);
+        let native_eval = |r: &flotilla_model::WaveReport| {
+            if r.failed() * 10 > r.finished() {
+                flotilla_model::Verdict::Pause(format!("{} failed", r.failed()))
+            } else {
+                flotilla_model::Verdict::Proceed
+            }
+        };
+        let base_eval = median(reps, || {
+            (0..calls)
+                .map(|_| proceed(native_eval(black_box(&report))))
+                .sum()
+        }) / calls as u32;
+        rows.push(row(
+            "warm hook call (evaluate)",
+            w,
+            base_eval,
+            Duration::from_micros(2),
+            cpu,
+        ));
+    }
+    let mut load_from_cache = Duration::ZERO;
+    if part("instantiate") {
+        // Instantiate from the on-disk cache: a new runtime (as after a restart) loads
+        // the compiled artifact, then each instantiation makes a store and an instance.
+        let rt2 = WasmRuntime::new(Some(cache.clone())).unwrap();
+        let t = Instant::now();
+        let cached = rt2.load_file(&wasm).unwrap();
+        load_from_cache = t.elapsed();
+        let n_inst = 2000;
+        let inst = median(reps, || {
+            (0..n_inst)
+                .map(|_| {
+                    let mut p = cached
+                        .instantiate(World::empty(), Limits::default())
+                        .unwrap();
+                    p.warm().unwrap();
+                    1
+                })
+                .sum()
+        }) / n_inst as u32;
+        let cpu = last_cpu(n_inst as u32);
+        // The native counterpart of "get a ready policy": parse the params, box the closure.
+        let base_inst = median(reps, || {
+            (0..n_inst)
+                .map(|_| {
+                    let req = flotilla_version::parse_range(black_box(range)).unwrap();
+                    let ready: Box<dyn Fn(&Node) -> bool> = Box::new(move |n: &Node| {
+                        flotilla_version::in_range(&n.version, &req.to_string()).unwrap_or(false)
+                    });
+                    drop(black_box(ready));
+                    1
+                })
+                .sum()
+        }) / n_inst as u32;
+        rows.push(row(
+            "instantiate from cached component",
+            inst,
+            base_inst,
+            Duration::from_micros(50),
+            cpu,
+        ));
+    }
+
+    println!();
+    println!(
+        "{:<36} {:>12} {:>12} {:>14} {:>10} {:>8} {:>12}",
+        "what", "measured", "budget", "native base", "ratio", "ok", "cpu"
+    );
+    for (what, m, b, budget, cpu) in &rows {
+        println!(
+            "{:<36} {:>12} {:>12} {:>14} {:>9.1}x {:>8} {:>12}",
+            what,
+            fmt(*m),
+            fmt(*budget),
+            fmt(*b),
+            m.as_secs_f64() / b.as_secs_f64().max(1e-12),
+            if m <= budget { "yes" } else { "NO" },
+            cpu.map_or("-".to_string(), fmt)
+        );
+    }
+    println!(
+        "(cpu: CPU time of the measured run, all threads of the process; the \
+         native baselines run on one thread, Wasm and Rhai `select` on up to 4)"
+    );
+    println!(
+        "(load of the compiled component from the disk cache: {})",
+        fmt(load_from_cache)
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+type Row = (&'static str, Duration, Duration, Duration, Option<Duration>);
+
+/// A row; `cpu` is the CPU time of the measured run ([`last_cpu`]).
+fn row(
+    what: &'static str,
+    measured: Duration,
+    base: Duration,
+    budget: Duration,
+    cpu: Option<Duration>,
+) -> Row {
+    (what, measured, base, budget, cpu)
+}
+
+/// The CPU time of the run the last `median` picked, divided by `calls`.
+fn last_cpu(calls: u32) -> Option<Duration> {
+    CPU.with(|c| c.get()).map(|c| c / calls)
+}
+
+/// Median wall time of `reps` runs of `f`, after one warm-up run. The CPU
+/// time (all threads of the process) of that same run is recorded in `CPU`.
+fn median(reps: usize, mut f: impl FnMut() -> usize) -> Duration {
+    black_box(f());
+    let mut times: Vec<(Duration, Option<Duration>)> = (0..reps)
+        .map(|_| {
+            let (t, cpu) = (Instant::now(), process_cpu());
+            black_box(f());
+            let cpu = process_cpu().zip(cpu).map(|(b, a)| b.saturating_sub(a));
+            (t.elapsed(), cpu)
+        })
+        .collect();
+    times.sort();
+    let (wall, cpu) = times[reps / 2];
+    CPU.with(|c| c.set(cpu));
+    wall
+}
+
+thread_local! {
+    /// CPU time of the run `median` last picked.
+    static CPU: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+/// User + system CPU time of this process so far (Linux; 10 ms resolution):
+/// on a busy machine it moves less than wall time does.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn fmt(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.1} ms", s * 1e3)
+    } else if s >= 1e-6 {
+        format!("{:.2} µs", s * 1e6)
+    } else {
+        format!("{:.0} ns", s * 1e9)
+    }
+}
+
+/// A fleet like a real one: two labels, one attribute, an asset path, versions
+/// spread over in-range, out-of-range, same-version and garbage, some unhealthy.
+fn fleet(n: usize) -> Vec<Node> {
+    let versions = [
+        "1.12", "v1.13", "1.9.0", "2.0.0", "1.12.3", "1.11", "garbage", "1.10.1",
+    ];
+    (0..n)
+        .map(|i| {
+            let mut node = Node::new(format!("node-{i:07}"), versions[i % versions.len()]);
+            node.healthy = i % 13 != 5;
+            node.labels = vec![
+                ("region".into(), ["eu", "us", "ap"][i % 3].into()),
+                (
+                    "tier".into(),
+                    if i % 2 == 0 { "edge" } else { "core" }.into(),
+                ),
+            ];
+            node.attributes = vec![("model".into(), format!("m{}", i % 4))];
+            node.asset_path = format!("/site-{}/rack-{}", i % 5, i % 11);
+            node
+        })
+        .collect()
+}

@@ -1,0 +1,1243 @@
+//! The verbs that talk to a running runner over its API: `flotilla task`,
+//! `node`, `release`, and `policy upload|list`. Each verb is a library
+//! function that returns what it would print (tests call them directly);
+//! [`run`] parses nothing, it only prints and picks the exit code.
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use flotilla_client::{
+    Action, Client, DEFAULT_SERVER, DryRun, NewRelease, NodeFilter, PolicyEntry, TaskView,
+};
+use flotilla_model::ReleaseRecord;
+use flotilla_model::{Hook, Node, NodeRun, ReleaseKind, RunState, Task, TaskSpec, TaskState};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Where the runner is and how to talk to it; accepted by every remote verb.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// The runner's URL.
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = DEFAULT_SERVER, global = true)]
+    pub server: String,
+    /// The management token, when the runner has one.
+    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print the server's JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Remote {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(&self.server, self.token.clone())?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    #[command(subcommand)]
+    pub command: TaskCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Create a task from a spec (JSON or YAML; `-` reads stdin).
+    Create {
+        file: PathBuf,
+        /// Simulate on the runner's current inventory and show the plan; create nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List tasks.
+    List {
+        /// Only tasks in this state (scheduled, running, paused, succeeded, failed, ...).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// A task: its state, waves with progress, and node counts per state.
+    Show { id: String },
+    /// A task's node runs (`--state succeeded`, `--state failed` for every failure).
+    Runs {
+        id: String,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// A task's event log.
+    Events {
+        id: String,
+        /// Keep printing new events until the task ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Stop starting new nodes (running ones finish).
+    Pause(ControlArgs),
+    /// Continue a paused task.
+    Resume(ControlArgs),
+    /// Start a wave that waits for approval.
+    Promote(ControlArgs),
+    /// Cancel a task: nodes that have not started are left alone.
+    Cancel(ControlArgs),
+    /// Put the previous release back on every node the task upgraded.
+    Rollback(ControlArgs),
+    /// Live progress, a bar per wave, until the task ends (exit 0 only if it succeeded).
+    Watch {
+        id: String,
+        /// Seconds between polls.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    pub id: String,
+    /// Recorded in the task's event log.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes in the runner's inventory.
+    List {
+        /// Only nodes with this label (repeatable; all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        /// Only nodes on this version (`v1.13` = `1.13`).
+        #[arg(long)]
+        version: Option<String>,
+        /// Only online (true) or offline (false) nodes.
+        #[arg(long)]
+        online: Option<bool>,
+        /// Only healthy (true) or unhealthy (false) nodes.
+        #[arg(long)]
+        healthy: Option<bool>,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    #[command(subcommand)]
+    pub command: ReleaseCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Register a release and upload its artifact (or point at its URL).
+    Add(ReleaseAdd),
+    /// List releases.
+    List {
+        #[arg(long)]
+        package: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    Full,
+    Patch,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseAdd {
+    #[arg(long)]
+    pub package: String,
+    #[arg(long)]
+    pub version: String,
+    /// The artifact to upload; the runner computes its sha256 and size.
+    #[arg(long, required_unless_present = "url", conflicts_with_all = ["url", "sha256", "size"])]
+    pub file: Option<PathBuf>,
+    /// Where agents download the artifact instead (needs --sha256 and --size).
+    #[arg(long, requires_all = ["sha256", "size"])]
+    pub url: Option<String>,
+    #[arg(long, requires = "url")]
+    pub sha256: Option<String>,
+    #[arg(long, requires = "url")]
+    pub size: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Kind::Full)]
+    pub kind: Kind,
+}
+
+/// `flotilla policy upload NAME FILE`.
+#[derive(Debug, Args)]
+pub struct PolicyUpload {
+    /// The name tasks refer to it by.
+    pub name: String,
+    /// A `.wasm` component or a `.rhai` script.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `flotilla policy list`.
+#[derive(Debug, Args)]
+pub struct PolicyList {
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+// ----- running the verbs -----
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print(text: &str) {
+    if !text.is_empty() {
+        outln!("{}", text.trim_end_matches('\n'));
+    }
+}
+
+pub fn run_task(args: TaskArgs) -> anyhow::Result<ExitCode> {
+    let c = args.remote.client()?;
+    let json = args.remote.json;
+    runtime()?.block_on(async move {
+        let text = match args.command {
+            TaskCommand::Create { file, dry_run } => {
+                let spec = read_spec(&file)?;
+                task_create(&c, &spec, dry_run, json).await?
+            }
+            TaskCommand::List { state } => task_list(&c, state.as_deref(), json).await?,
+            TaskCommand::Show { id } => task_show(&c, &id, json).await?,
+            TaskCommand::Runs { id, state } => task_runs(&c, &id, state.as_deref(), json).await?,
+            TaskCommand::Events { id, follow: false } => task_events(&c, &id, json).await?,
+            TaskCommand::Events { id, follow: true } => {
+                follow_events(&c, &id, json, Duration::from_secs(1), None, &mut |l| {
+                    print(&l)
+                })
+                .await?;
+                String::new()
+            }
+            TaskCommand::Pause(a) => control(&c, Action::Pause, &a, json).await?,
+            TaskCommand::Resume(a) => control(&c, Action::Resume, &a, json).await?,
+            TaskCommand::Promote(a) => control(&c, Action::Promote, &a, json).await?,
+            TaskCommand::Cancel(a) => control(&c, Action::Cancel, &a, json).await?,
+            TaskCommand::Rollback(a) => control(&c, Action::Rollback, &a, json).await?,
+            TaskCommand::Watch { id, interval } => {
+                if !(0.05..=3600.0).contains(&interval) {
+                    bail!("--interval must be between 0.05 and 3600 seconds");
+                }
+                let opts = WatchOptions {
+                    interval: Duration::from_secs_f64(interval),
+                    bars: std::io::stderr().is_terminal(),
+                    timeout: None,
+                };
+                let view = watch(&c, &id, &opts, &mut |l| eprintln!("{l}")).await?;
+                print(&if json {
+                    serde_json::to_string_pretty(&view)?
+                } else {
+                    task_headline(&view.task)
+                });
+                return Ok(if view.task.state == TaskState::Succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+        };
+        print(&text);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let c = args.remote.client()?;
+    let json = args.remote.json;
+    runtime()?.block_on(async move {
+        let NodeCommand::List {
+            labels,
+            version,
+            online,
+            healthy,
+        } = args.command;
+        let filter = NodeFilter {
+            labels,
+            version,
+            online,
+            healthy,
+        };
+        print(&node_list(&c, &filter, json).await?);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
+    let c = args.remote.client()?;
+    let json = args.remote.json;
+    runtime()?.block_on(async move {
+        let text = match args.command {
+            ReleaseCommand::Add(add) => {
+                let bar = !json && std::io::stderr().is_terminal();
+                release_add(&c, &add, bar, json).await?
+            }
+            ReleaseCommand::List { package } => release_list(&c, package.as_deref(), json).await?,
+        };
+        print(&text);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_policy_upload(args: PolicyUpload) -> anyhow::Result<ExitCode> {
+    let c = args.remote.client()?;
+    runtime()?.block_on(async move {
+        print(&policy_upload(&c, &args.name, &args.file, args.remote.json).await?);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_policy_list(args: PolicyList) -> anyhow::Result<ExitCode> {
+    let c = args.remote.client()?;
+    runtime()?.block_on(async move {
+        print(&policy_list(&c, args.remote.json).await?);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+// ----- tasks -----
+
+/// Reads a task spec: JSON, or YAML when it does not parse as JSON; `-` is stdin.
+pub fn read_spec(path: &Path) -> anyhow::Result<TaskSpec> {
+    let (text, name) = if path == Path::new("-") {
+        (
+            std::io::read_to_string(std::io::stdin())
+                .context("reading the task spec from stdin")?,
+            "stdin".to_string(),
+        )
+    } else {
+        (
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            path.display().to_string(),
+        )
+    };
+    parse_spec(&text).with_context(|| format!("{name} is not a task spec"))
+}
+
+/// Parses a task spec from JSON or YAML text.
+pub fn parse_spec(text: &str) -> anyhow::Result<TaskSpec> {
+    if text.trim_start().starts_with('{') {
+        Ok(serde_json::from_str(text)?)
+    } else {
+        Ok(serde_saphyr::from_str(text)?)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(v)?)
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
+    t
+}
+
+/// `task create`: creates the task, or with `dry_run` shows what would happen.
+pub async fn task_create(
+    c: &Client,
+    spec: &TaskSpec,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<String> {
+    if dry_run {
+        let plan = c.dry_run(spec).await?;
+        return if json {
+            to_json(&plan)
+        } else {
+            Ok(render_dry_run(spec, &plan))
+        };
+    }
+    let task = c.create_task(spec).await?;
+    if json {
+        return to_json(&task);
+    }
+    Ok(format!(
+        "created task {} ({}): {}\nfollow it with `flotilla task watch {}`",
+        task.id, task.spec.name, task.state, task.id
+    ))
+}
+
+/// The plan of a dry run: waves with their sizes, then the final counts.
+pub fn render_dry_run(spec: &TaskSpec, plan: &DryRun) -> String {
+    let mut out = format!(
+        "dry run of {} ({} to {}): {} wave{}, would end {}\n",
+        spec.name,
+        spec.package,
+        target_text(&spec.target),
+        plan.waves.len(),
+        if plan.waves.len() == 1 { "" } else { "s" },
+        plan.final_state
+    );
+    let mut t = table(&["wave", "name", "nodes", "concurrency", "soak", "approval"]);
+    for (i, w) in plan.waves.iter().enumerate() {
+        t.add_row(vec![
+            (i + 1).to_string(),
+            w.name.clone(),
+            w.nodes.len().to_string(),
+            match w.concurrency {
+                0 if spec.concurrency == 0 => "unbounded".to_string(),
+                0 => spec.concurrency.to_string(),
+                n => n.to_string(),
+            },
+            if w.soak_seconds == 0 {
+                "-".into()
+            } else {
+                humantime::format_duration(Duration::from_secs(w.soak_seconds)).to_string()
+            },
+            if w.needs_approval { "needed" } else { "-" }.into(),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out.push_str(&counts_table(&plan.counts));
+    if !plan.note.is_empty() {
+        out.push_str(&format!("\nnote: {}", plan.note));
+    }
+    out
+}
+
+fn target_text(t: &flotilla_model::Target) -> String {
+    match t {
+        flotilla_model::Target::Version(v) => v.clone(),
+        flotilla_model::Target::ControlPlane(c) => format!("the {c} version"),
+    }
+}
+
+fn counts_table(counts: &BTreeMap<String, usize>) -> String {
+    let mut t = table(&["state", "nodes"]);
+    for (state, n) in counts {
+        t.add_row(vec![state.clone(), n.to_string()]);
+    }
+    let total: usize = counts.values().sum();
+    t.add_row(vec!["total".to_string(), total.to_string()]);
+    t.to_string()
+}
+
+/// `task list`.
+pub async fn task_list(c: &Client, state: Option<&str>, json: bool) -> anyhow::Result<String> {
+    let tasks = c.tasks(state).await?;
+    if json {
+        return to_json(&tasks);
+    }
+    if tasks.is_empty() {
+        return Ok(match state {
+            Some(s) => format!("no {s} tasks"),
+            None => "no tasks".into(),
+        });
+    }
+    let now = now_ms();
+    let mut t = table(&[
+        "id", "name", "package", "target", "state", "wave", "updated",
+    ]);
+    for task in &tasks {
+        t.add_row(vec![
+            task.id.clone(),
+            task.name.clone(),
+            task.package.clone(),
+            task.target_version.clone().unwrap_or_else(|| "-".into()),
+            state_text(&task.state, task.awaiting_approval),
+            if task.waves == 0 {
+                "-".into()
+            } else {
+                format!(
+                    "{}/{}",
+                    (task.current_wave as usize + 1).min(task.waves),
+                    task.waves
+                )
+            },
+            ago(now, task.updated_at),
+        ]);
+    }
+    Ok(t.to_string())
+}
+
+fn state_text(s: &TaskState, awaiting_approval: bool) -> String {
+    let base = match s {
+        TaskState::Paused(r) | TaskState::Failed(r) | TaskState::RollingBack(r)
+            if !r.is_empty() =>
+        {
+            format!("{} ({r})", s.name())
+        }
+        _ => s.name().to_string(),
+    };
+    if awaiting_approval && s.active() {
+        format!("{base}, awaiting promote")
+    } else {
+        base
+    }
+}
+
+/// Progress of one wave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WaveProgress {
+    pub name: String,
+    pub total: usize,
+    /// Finished one way or another (succeeded, failed, skipped, cancelled, rolled back).
+    pub done: usize,
+    pub failed: usize,
+    pub succeeded: usize,
+}
+
+/// Per-wave progress from each node's latest state name (`succeeded`,
+/// `failed-rolled-back`, ...).
+pub fn wave_progress(task: &Task, states: &HashMap<String, String>) -> Vec<WaveProgress> {
+    task.waves
+        .iter()
+        .map(|w| {
+            let mut p = WaveProgress {
+                name: w.name.clone(),
+                total: w.nodes.len(),
+                ..Default::default()
+            };
+            for n in &w.nodes {
+                let Some(s) = states.get(n) else { continue };
+                let failed = matches!(
+                    s.as_str(),
+                    "failed-rolled-back"
+                        | "failed-rollback-failed"
+                        | "timed-out"
+                        | "unknown"
+                        | "rejected"
+                );
+                let done = failed
+                    || matches!(
+                        s.as_str(),
+                        "succeeded" | "skipped" | "rolled-back" | "cancelled"
+                    );
+                p.done += usize::from(done);
+                p.failed += usize::from(failed);
+                p.succeeded += usize::from(s == "succeeded");
+            }
+            p
+        })
+        .collect()
+}
+
+fn task_headline(task: &Task) -> String {
+    let wave = if task.waves.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", wave {} of {}",
+            (task.current_wave as usize + 1).min(task.waves.len()),
+            task.waves.len()
+        )
+    };
+    format!(
+        "task {} ({}): {}{wave}",
+        task.id,
+        task.spec.name,
+        state_text(&task.state, task.awaiting_approval)
+    )
+}
+
+/// `task show`: the task, its waves with progress, and counts per state.
+pub async fn task_show(c: &Client, id: &str, json: bool) -> anyhow::Result<String> {
+    let view = c.task(id).await?;
+    if json {
+        return to_json(&view);
+    }
+    let runs = c.all_runs(id, None).await?;
+    Ok(render_task(&view, &runs.items))
+}
+
+pub fn render_task(view: &TaskView, runs: &[NodeRun]) -> String {
+    let task = &view.task;
+    let now = now_ms();
+    let mut out = task_headline(task);
+    out.push_str(&format!(
+        "\n{} to {} (policy {}), created {}, updated {}\n",
+        task.spec.package,
+        task.target_version
+            .clone()
+            .unwrap_or_else(|| target_text(&task.spec.target)),
+        task.spec.policy,
+        ago(now, task.created_at),
+        ago(now, task.updated_at),
+    ));
+    if task.awaiting_approval && task.state.active() {
+        out.push_str(&format!(
+            "wave {} waits for approval: `flotilla task promote {}`\n",
+            task.current_wave + 1,
+            task.id
+        ));
+    }
+    if let Some(until) = task.soak_until
+        && until > now
+    {
+        out.push_str(&format!(
+            "soaking for {} more\n",
+            humantime::format_duration(Duration::from_secs((until - now) / 1000))
+        ));
+    }
+    if !task.waves.is_empty() {
+        let states: HashMap<String, String> = runs
+            .iter()
+            .map(|r| (r.node_id.clone(), r.state.name().to_string()))
+            .collect();
+        let mut t = table(&["wave", "name", "nodes", "done", "succeeded", "failed", ""]);
+        for (i, p) in wave_progress(task, &states).iter().enumerate() {
+            let marker = if i as u32 == task.current_wave && task.state.active() {
+                "◀ current"
+            } else {
+                ""
+            };
+            t.add_row(vec![
+                (i + 1).to_string(),
+                p.name.clone(),
+                p.total.to_string(),
+                format!("{}/{}", p.done, p.total),
+                p.succeeded.to_string(),
+                p.failed.to_string(),
+                marker.to_string(),
+            ]);
+        }
+        out.push_str(&format!("{t}\n"));
+    }
+    out.push_str(&counts_table(&view.counts));
+    out
+}
+
+/// `task runs`: the success or failure list.
+pub async fn task_runs(
+    c: &Client,
+    id: &str,
+    state: Option<&str>,
+    json: bool,
+) -> anyhow::Result<String> {
+    let runs = c.all_runs(id, state).await?;
+    if json {
+        return to_json(&runs);
+    }
+    if runs.items.is_empty() {
+        return Ok(match state {
+            Some(s) => format!("no {s} node runs in task {id}"),
+            None => format!("no node runs in task {id} yet"),
+        });
+    }
+    let now = now_ms();
+    let mut t = table(&[
+        "node", "state", "wave", "from", "attempts", "detail", "updated",
+    ]);
+    for r in &runs.items {
+        t.add_row(vec![
+            r.node_id.clone(),
+            r.state.name().to_string(),
+            r.state
+                .wave()
+                .map(|w| (w + 1).to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.from_version.clone(),
+            r.attempts.to_string(),
+            run_detail(&r.state),
+            ago(now, r.updated_at),
+        ]);
+    }
+    Ok(format!("{t}\n{} node runs", runs.total))
+}
+
+fn run_detail(s: &RunState) -> String {
+    match s {
+        RunState::Skipped { reason, detail } => format!("{}: {detail}", reason.as_str()),
+        RunState::FailedRolledBack { error, .. } | RunState::FailedRollbackFailed { error, .. } => {
+            error.clone()
+        }
+        RunState::Rejected { reason, .. } => reason.clone(),
+        _ => String::new(),
+    }
+}
+
+fn event_line(e: &flotilla_model::Event) -> String {
+    let node = e
+        .node
+        .as_deref()
+        .map(|n| format!(" {n}"))
+        .unwrap_or_default();
+    format!(
+        "{:>5}  {}  {:<16}{node} {}",
+        e.seq,
+        clock_time(e.at),
+        e.kind,
+        e.detail
+    )
+}
+
+/// `task events`: the whole log.
+pub async fn task_events(c: &Client, id: &str, json: bool) -> anyhow::Result<String> {
+    let mut events = Vec::new();
+    let mut from = 0;
+    // Each page is at most 5000 events; a log is finite, but stay bounded.
+    for _ in 0..10_000 {
+        let page = c.events(id, from, 5000).await?;
+        from = page.next;
+        events.extend(page.events);
+        if !page.more {
+            break;
+        }
+    }
+    if json {
+        return to_json(&events);
+    }
+    Ok(events.iter().map(event_line).collect::<Vec<_>>().join("\n"))
+}
+
+/// `task events --follow`: prints events as they come (one JSON object a
+/// line with `json`) until the task ends or `timeout` passes.
+pub async fn follow_events(
+    c: &Client,
+    id: &str,
+    json: bool,
+    interval: Duration,
+    timeout: Option<Duration>,
+    out: &mut dyn FnMut(String),
+) -> anyhow::Result<Task> {
+    let start = Instant::now();
+    let mut from = 0;
+    loop {
+        let task = c.task(id).await?.task;
+        loop {
+            let page = c.events(id, from, 5000).await?;
+            from = page.next;
+            for e in &page.events {
+                out(if json {
+                    serde_json::to_string(e)?
+                } else {
+                    event_line(e)
+                });
+            }
+            if !page.more {
+                break;
+            }
+        }
+        if !task.state.active() {
+            return Ok(task);
+        }
+        if timeout.is_some_and(|t| start.elapsed() >= t) {
+            bail!(
+                "task {id} is still {} after {:?}",
+                task.state,
+                start.elapsed()
+            );
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// `task pause|resume|promote|cancel|rollback`.
+pub async fn control(
+    c: &Client,
+    action: Action,
+    args: &ControlArgs,
+    json: bool,
+) -> anyhow::Result<String> {
+    let task = c.control(&args.id, action, args.reason.as_deref()).await?;
+    if json {
+        return to_json(&task);
+    }
+    Ok(task_headline(&task))
+}
+
+/// How `task watch` shows progress.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub interval: Duration,
+    /// Progress bars on stderr; otherwise plain lines to the sink.
+    pub bars: bool,
+    /// Give up (an error) after this long; `None` = until the task ends.
+    pub timeout: Option<Duration>,
+}
+
+/// `task watch`: follows a task until it is no longer active and returns
+/// its final view. Progress goes to bars on stderr or, without `bars`, as
+/// lines to `out` (events, and each wave's progress when it changes).
+pub async fn watch(
+    c: &Client,
+    id: &str,
+    opts: &WatchOptions,
+    out: &mut dyn FnMut(String),
+) -> anyhow::Result<TaskView> {
+    let start = Instant::now();
+    let multi = MultiProgress::with_draw_target(if opts.bars {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:<24} [{bar:30.cyan/blue}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    let mut last: Vec<WaveProgress> = Vec::new();
+    let mut states: HashMap<String, String> = HashMap::new();
+    let mut from = 0;
+    let say = |line: String, out: &mut dyn FnMut(String)| {
+        if opts.bars {
+            let _ = multi.println(line);
+        } else {
+            out(line);
+        }
+    };
+    loop {
+        let view = c.task(id).await?;
+        loop {
+            let page = c.events(id, from, 5000).await?;
+            from = page.next;
+            for e in page.events {
+                match (&e.node, e.kind.strip_prefix("node.")) {
+                    (Some(node), Some(state)) => {
+                        states.insert(node.clone(), state.to_string());
+                    }
+                    _ => say(event_line(&e), out),
+                }
+            }
+            if !page.more {
+                break;
+            }
+        }
+        let progress = wave_progress(&view.task, &states);
+        for (i, p) in progress.iter().enumerate() {
+            if bars.len() <= i {
+                let bar = multi.add(ProgressBar::new(p.total as u64));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("wave {} {}", i + 1, p.name));
+                bars.push(bar);
+            }
+            let bar = &bars[i];
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+            let mut msg = Vec::new();
+            if p.failed > 0 {
+                msg.push(format!("{} failed", p.failed));
+            }
+            if i as u32 == view.task.current_wave && view.task.state.active() {
+                msg.push(match &view.task.state {
+                    TaskState::Paused(_) => "paused".to_string(),
+                    _ if view.task.awaiting_approval => "awaiting promote".to_string(),
+                    _ => "◀".to_string(),
+                });
+            }
+            bar.set_message(msg.join(", "));
+            if !opts.bars && last.get(i) != Some(p) {
+                out(format!(
+                    "wave {} {}: {}/{} done, {} failed",
+                    i + 1,
+                    p.name,
+                    p.done,
+                    p.total,
+                    p.failed
+                ));
+            }
+        }
+        last = progress;
+        if !view.task.state.active() {
+            for b in &bars {
+                b.abandon();
+            }
+            return Ok(view);
+        }
+        if opts.timeout.is_some_and(|t| start.elapsed() >= t) {
+            for b in &bars {
+                b.abandon();
+            }
+            bail!(
+                "task {id} is still {} after {:?}",
+                view.task.state,
+                start.elapsed()
+            );
+        }
+        tokio::time::sleep(opts.interval).await;
+    }
+}
+
+// ----- nodes -----
+
+/// `node list`.
+pub async fn node_list(c: &Client, filter: &NodeFilter, json: bool) -> anyhow::Result<String> {
+    let page = c.nodes(filter).await?;
+    if json {
+        return to_json(&page);
+    }
+    Ok(render_nodes(&page.items, page.total, now_ms()))
+}
+
+pub fn render_nodes(nodes: &[Node], total: usize, now: u64) -> String {
+    if nodes.is_empty() {
+        return "no nodes match".into();
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let mut t = table(&["id", "version", "online", "healthy", "labels", "last seen"]);
+    for n in nodes {
+        t.add_row(vec![
+            n.id.clone(),
+            n.version.clone(),
+            yes_no(n.online),
+            yes_no(n.healthy),
+            n.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            ago(now, n.last_seen),
+        ]);
+    }
+    let mut out = t.to_string();
+    if total > nodes.len() {
+        out.push_str(&format!("\n{} of {total} nodes shown", nodes.len()));
+    }
+    out
+}
+
+// ----- releases -----
+
+/// `release add`: registers the release, then streams the file to the
+/// runner (a progress bar on stderr with `bar`).
+pub async fn release_add(
+    c: &Client,
+    add: &ReleaseAdd,
+    bar: bool,
+    json: bool,
+) -> anyhow::Result<String> {
+    // Open first: a missing file must not leave a release without an artifact.
+    let file = match &add.file {
+        Some(path) => {
+            let f = tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+            let len = f.metadata().await?.len();
+            if len == 0 {
+                bail!("{} is empty", path.display());
+            }
+            Some((f, len))
+        }
+        None => None,
+    };
+    let rec = c
+        .create_release(&NewRelease {
+            package: add.package.clone(),
+            version: add.version.clone(),
+            kind: match add.kind {
+                Kind::Full => ReleaseKind::Full,
+                Kind::Patch => ReleaseKind::Patch,
+            },
+            url: add.url.clone(),
+            sha256: add.sha256.clone(),
+            size: add.size,
+        })
+        .await?;
+    let rec = match file {
+        Some((f, len)) => {
+            // Small files upload in a blink; a bar only for the big ones.
+            let progress = if bar && len >= 8 << 20 {
+                let b = ProgressBar::new(len);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "uploading [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                b
+            } else {
+                ProgressBar::hidden()
+            };
+            let body = reqwest::Body::wrap_stream(file_stream(f, progress.clone()));
+            let uploaded = c
+                .upload_artifact(&rec.package, &rec.version, body, Some(len))
+                .await;
+            progress.finish_and_clear();
+            uploaded.with_context(|| {
+                format!(
+                    "release {} {} is registered but its artifact did not upload; publish a new version",
+                    rec.package, rec.version
+                )
+            })?
+        }
+        None => rec,
+    };
+    if json {
+        return to_json(&rec);
+    }
+    Ok(format!(
+        "release {} {} ({}): {} bytes, sha256 {}{}",
+        rec.package,
+        rec.version,
+        kind_text(rec.kind),
+        rec.size,
+        rec.sha256,
+        rec.url
+            .as_deref()
+            .map(|u| format!(", served from {u}"))
+            .unwrap_or_default()
+    ))
+}
+
+fn kind_text(k: ReleaseKind) -> &'static str {
+    match k {
+        ReleaseKind::Full => "full",
+        ReleaseKind::Patch => "patch",
+    }
+}
+
+/// The file's bytes in 256 KiB chunks, advancing `progress`.
+fn file_stream(
+    file: tokio::fs::File,
+    progress: ProgressBar,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    futures_util::stream::try_unfold((file, progress), |(mut file, progress)| async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = vec![0u8; 256 << 10];
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        progress.inc(n as u64);
+        Ok(Some((buf, (file, progress))))
+    })
+}
+
+/// `release list`.
+pub async fn release_list(c: &Client, package: Option<&str>, json: bool) -> anyhow::Result<String> {
+    let releases = c.releases(package).await?;
+    if json {
+        return to_json(&releases);
+    }
+    Ok(render_releases(&releases))
+}
+
+pub fn render_releases(releases: &[ReleaseRecord]) -> String {
+    if releases.is_empty() {
+        return "no releases".into();
+    }
+    let now = now_ms();
+    let mut t = table(&[
+        "package", "version", "kind", "size", "sha256", "artifact", "created",
+    ]);
+    for r in releases {
+        t.add_row(vec![
+            r.package.clone(),
+            r.version.clone(),
+            kind_text(r.kind).to_string(),
+            r.size.to_string(),
+            r.sha256.get(..12).unwrap_or(&r.sha256).to_string(),
+            match (&r.url, r.ready()) {
+                (Some(u), _) => u.clone(),
+                (None, true) => "uploaded".into(),
+                (None, false) => "missing: upload it".into(),
+            },
+            ago(now, r.created_at),
+        ]);
+    }
+    t.to_string()
+}
+
+// ----- policies -----
+
+/// `policy upload`: the runner loads the policy before it keeps it; prints
+/// the hooks it implements.
+pub async fn policy_upload(
+    c: &Client,
+    name: &str,
+    file: &Path,
+    json: bool,
+) -> anyhow::Result<String> {
+    let bytes = tokio::fs::read(file)
+        .await
+        .with_context(|| format!("reading {}", file.display()))?;
+    let entry = c.upload_policy(name, bytes).await?;
+    if json {
+        return to_json(&entry);
+    }
+    let mut out = format!(
+        "uploaded policy {} ({}, sha256 {})\n",
+        entry.name,
+        entry.kind.as_deref().unwrap_or("?"),
+        entry
+            .sha256
+            .as_deref()
+            .map(|s| s.get(..12).unwrap_or(s))
+            .unwrap_or("?"),
+    );
+    if let Some(info) = &entry.info {
+        let mut t = table(&["hook", "implemented"]);
+        for h in Hook::ALL {
+            t.add_row(vec![
+                h.as_str().to_string(),
+                if info.implements(h) {
+                    "yes"
+                } else {
+                    "no (default)"
+                }
+                .to_string(),
+            ]);
+        }
+        out.push_str(&t.to_string());
+    }
+    Ok(out)
+}
+
+fn hooks_text(e: &PolicyEntry) -> String {
+    match (&e.info, &e.error) {
+        (_, Some(err)) => format!("error: {err}"),
+        (Some(info), None) => info
+            .hooks
+            .iter()
+            .map(|h| h.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        (None, None) => "-".into(),
+    }
+}
+
+/// `policy list`.
+pub async fn policy_list(c: &Client, json: bool) -> anyhow::Result<String> {
+    let policies = c.policies().await?;
+    if json {
+        return to_json(&policies);
+    }
+    if policies.is_empty() {
+        return Ok("no policies".into());
+    }
+    let mut t = table(&["name", "kind", "builtin", "hooks", "sha256"]);
+    for p in &policies {
+        t.add_row(vec![
+            p.name.clone(),
+            p.kind.clone().unwrap_or_else(|| "-".into()),
+            if p.builtin { "yes" } else { "no" }.to_string(),
+            hooks_text(p),
+            p.sha256
+                .as_deref()
+                .map(|s| s.get(..12).unwrap_or(s).to_string())
+                .unwrap_or_default(),
+        ]);
+    }
+    Ok(t.to_string())
+}
+
+// ----- time -----
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `12s ago`, `3m ago`, `5h ago`, `2d ago`; `never` for 0.
+pub fn ago(now: u64, at: u64) -> String {
+    if at == 0 {
+        return "never".into();
+    }
+    let s = now.saturating_sub(at) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86_400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// UTC wall-clock time of a Unix-ms timestamp.
+fn clock_time(at: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(at as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| at.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_people_say_them() {
+        let now = 10_000_000;
+        assert_eq!(ago(now, 0), "never");
+        assert_eq!(ago(now, now - 12_000), "12s ago");
+        assert_eq!(ago(now, now - 180_000), "3m ago");
+        assert_eq!(ago(now, now + 5_000), "0s ago");
+        assert_eq!(ago(now * 100, now * 100 - 2 * 86_400_000), "2d ago");
+    }
+
+    #[test]
+    fn specs_parse_from_json_and_yaml() {
+        let json =
+            r#"{"name": "a", "package": "p", "target": {"version": "1.2"}, "policy": "canary"}"#;
+        let yaml = "name: a\npackage: p\ntarget:\n  version: '1.2'\npolicy: canary\n";
+        assert_eq!(parse_spec(json).unwrap(), parse_spec(yaml).unwrap());
+        let err = format!(
+            "{:#}",
+            parse_spec("name: a\npackage: p\nconcurency: 3\n").unwrap_err()
+        );
+        assert!(err.contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn wave_progress_counts_done_and_failed() {
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "t1", "state": {"state": "running"}, "target_version": "1.2",
+            "spec": {"name": "a", "package": "p", "target": {"version": "1.2"}, "policy": "canary"},
+            "waves": [{"name": "canary", "nodes": ["a", "b"]}, {"name": "rest", "nodes": ["c", "d", "e"]}],
+            "current_wave": 1, "soak_until": null, "awaiting_approval": false,
+            "created_at": 1, "updated_at": 2,
+        }))
+        .unwrap();
+        let states: HashMap<String, String> = [
+            ("a", "succeeded"),
+            ("b", "failed-rolled-back"),
+            ("c", "upgrading"),
+            ("d", "succeeded"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let p = wave_progress(&task, &states);
+        assert_eq!(
+            (p[0].total, p[0].done, p[0].failed, p[0].succeeded),
+            (2, 2, 1, 1)
+        );
+        assert_eq!(
+            (p[1].total, p[1].done, p[1].failed, p[1].succeeded),
+            (3, 1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn node_table_shows_labels_and_last_seen() {
+        let mut n = Node::new("edge-01", "1.12");
+        n.labels = vec![
+            ("tier".into(), "edge".into()),
+            ("region".into(), "eu".into()),
+        ];
+        n.last_seen = 88_000;
+        n.online = false;
+        let out = render_nodes(&[n], 3, 100_000);
+        assert!(out.contains("edge-01"), "{out}");
+        assert!(out.contains("tier=edge,region=eu"), "{out}");
+        assert!(out.contains("12s ago"), "{out}");
+        assert!(out.contains("1 of 3 nodes shown"), "{out}");
+    }
+}
