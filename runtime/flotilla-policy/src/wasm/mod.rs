@@ -1,0 +1,918 @@
+//! The WebAssembly policy host: the only module that imports wasmtime.
+//!
+//! A [`WasmRuntime`] owns the engine (component model, epoch interruption), the
+//! linker with the host functions and a locked-down WASI, and an on-disk cache
+//! of compiled components. [`WasmRuntime::load_file`] compiles (or loads from the
+//! cache) and pre-links a component once; [`CompiledPolicy::instantiate`] makes a
+//! cheap [`WasmPolicy`] bound to a task's world and limits. A trap, blown budget
+//! or memory cap discards the instance; the next call instantiates a fresh one.
+//!
+//! Instances come from wasmtime's pooling allocator (slots reserved once, reused
+//! without `mmap`/`munmap`, memories initialised copy-on-write), which is what
+//! makes instantiation cheap. The pool has a fixed number of slots
+//! ([`POOL_INSTANCES`] component instances); when it is exhausted (or a
+//! component needs more memories or tables than a slot has) an instance is
+//! made by a second engine with the on-demand allocator instead, so a runner
+//! holding many policies at once never fails for want of a slot. The memory cap
+//! ([`Limits::memory_bytes`]) is enforced by the store's limiter either way; pool
+//! slots keep wasmtime's default maximum so any cap a user sets fits.
+//!
+//! Modules: `host` (store state, limiter, locked-down WASI, host functions),
+//! `lower` (hand lowering of node lists and contexts; the only code on
+//! wasmtime's doc-hidden internals), `sections` (sniffing a binary for the
+//! argument-arena section), `convert` (WIT types to and from the model).
+
+use super::{Limits, Policy, PolicyError};
+use crate::world::World;
+use flotilla_model::{self as model, Hook, PolicyInfo};
+use sha2::{Digest, Sha256};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use wasmtime::component::{
+    Component, ComponentExportIndex, Func, HasSelf, Linker, ResourceTable, TypedFunc,
+};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store, Trap,
+};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+mod convert;
+mod host;
+mod lower;
+mod sections;
+
+use convert::{hook_from, selection_from, wit_ctx, wit_node};
+use host::{Limiter, State};
+use lower::{CtxArg, NOT_RESERVED, NodeList};
+use sections::args_arena;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "policy",
+        path: "../../wit",
+    });
+}
+
+use bindings::flotilla::policy::{clock, delivery, fleet, log, status, types as wit};
+use bindings::{Policy as PolicyWorld, PolicyIndices, PolicyPre};
+
+/// How often the epoch advances; the CPU budget is counted in these ticks.
+const TICK: Duration = Duration::from_millis(1);
+/// Bytes of guest stderr kept to explain a trap (a Rust panic message lands here).
+const STDERR_CAP: usize = 16 << 10;
+/// Exports a component must have to be a policy.
+const EXPORTS: [&str; 6] = [
+    "describe",
+    "select",
+    "plan",
+    "admit",
+    "evaluate",
+    "on-request",
+];
+
+/// Component instances the pooling allocator has slots for. A policy instance
+/// takes one (and `select` up to 4 while it spreads chunks over cores); past
+/// this, instances are allocated on demand by the fallback engine. Each
+/// memory slot reserves (not commits) wasmtime's default 4 GiB of address
+/// space plus guards, so the pool stays modest: 64 instances are about
+/// 0.5 TiB of reservation per runtime.
+pub const POOL_INSTANCES: u32 = 64;
+/// Per policy component in a pool slot: core instances (the module, the WASI
+/// adapter, shims), linear memories and tables. A component that needs more
+/// is instantiated by the fallback engine.
+const POOL_CORE_PER_COMPONENT: u32 = 8;
+const POOL_MEMORIES_PER_COMPONENT: u32 = 2;
+const POOL_TABLES_PER_COMPONENT: u32 = 4;
+
+/// The engines, linkers and compile cache shared by every Wasm policy of a runner.
+#[derive(Clone)]
+pub struct WasmRuntime {
+    /// Pooling allocator: where instances normally come from.
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    /// On-demand allocator, same compilation settings: used when the pool is full.
+    fallback: Engine,
+    fallback_linker: Arc<Linker<State>>,
+    cache_dir: Option<PathBuf>,
+    ticker: Arc<Ticker>,
+}
+
+/// Advances the engine's epoch every [`TICK`] until the last runtime is dropped.
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WasmRuntime {
+    /// A runtime caching compiled components in `cache_dir` (`None`: no cache).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PolicyError> {
+        Self::with_pool(cache_dir, POOL_INSTANCES)
+    }
+
+    /// Like [`WasmRuntime::new`], with room for `instances` policy instances in
+    /// the pool (at least 1) before instances are allocated on demand.
+    pub fn with_pool(cache_dir: Option<PathBuf>, instances: u32) -> Result<Self, PolicyError> {
+        let instances = instances.max(1);
+        let err = |e: wasmtime::Error| PolicyError::Load {
+            policy: "<runtime>".into(),
+            reason: format!("cannot set up the Wasm engine: {e:#}"),
+        };
+        let mut config = Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let fallback = Engine::new(&config).map_err(err)?;
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * POOL_CORE_PER_COMPONENT)
+            .total_memories(instances * POOL_MEMORIES_PER_COMPONENT)
+            .total_tables(instances * POOL_TABLES_PER_COMPONENT)
+            .max_core_instances_per_component(POOL_CORE_PER_COMPONENT)
+            .max_memories_per_component(POOL_MEMORIES_PER_COMPONENT)
+            .max_tables_per_component(POOL_TABLES_PER_COMPONENT);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(err)?;
+
+        let linker = |engine: &Engine| -> Result<Arc<Linker<State>>, PolicyError> {
+            let mut linker = Linker::<State>::new(engine);
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(err)?;
+            PolicyWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(err)?;
+            Ok(Arc::new(linker))
+        };
+        let (pooled_linker, fallback_linker) = (linker(&engine)?, linker(&fallback)?);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ticking, flag) = ([engine.clone(), fallback.clone()], stop.clone());
+        std::thread::Builder::new()
+            .name("flotilla-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    for engine in &ticking {
+                        engine.increment_epoch();
+                    }
+                }
+            })
+            .map_err(|e| PolicyError::Load {
+                policy: "<runtime>".into(),
+                reason: format!("cannot start the epoch thread: {e}"),
+            })?;
+
+        Ok(WasmRuntime {
+            engine,
+            linker: pooled_linker,
+            fallback,
+            fallback_linker,
+            cache_dir,
+            ticker: Arc::new(Ticker(stop)),
+        })
+    }
+
+    /// The default cache location: `$FLOTILLA_CACHE_DIR`, else the user cache dir.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        std::env::var_os("FLOTILLA_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                directories::ProjectDirs::from("dev", "flotilla", "flotilla")
+                    .map(|d| d.cache_dir().join("components"))
+            })
+    }
+
+    /// Loads a component from a `.wasm` file.
+    pub fn load_file(&self, path: &Path) -> Result<CompiledPolicy, PolicyError> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let bytes = std::fs::read(path).map_err(|e| PolicyError::Load {
+            policy: name.clone(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        self.load_bytes(&name, &bytes)
+    }
+
+    /// Compiles (or loads from the cache) and pre-links a component, then asks it
+    /// to `describe` itself.
+    pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<CompiledPolicy, PolicyError> {
+        let load_err = |reason: String| PolicyError::Load {
+            policy: name.to_string(),
+            reason,
+        };
+        let component = self.compile(bytes).map_err(|e| {
+            let hint = if bytes.starts_with(b"\0asm\x01\0\0\0") {
+                " (this is a core Wasm module, not a component: build the policy for \
+                 `--target wasm32-wasip2` with the flotilla SDK)"
+            } else {
+                ""
+            };
+            load_err(format!("not a valid component: {e:#}{hint}"))
+        })?;
+
+        let ty = component.component_type();
+        let exported: Vec<&str> = ty.exports(&self.engine).map(|(n, _)| n).collect();
+        let missing: Vec<&str> = EXPORTS
+            .iter()
+            .copied()
+            .filter(|e| !exported.contains(e))
+            .collect();
+        if !missing.is_empty() {
+            return Err(load_err(format!(
+                "does not implement world flotilla:policy/policy@0.1.0: missing export(s) {} \
+                 (it exports: {}); put `#[flotilla_sdk::policy]` on the `impl Policy` of a Rust policy",
+                missing.join(", "),
+                if exported.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    exported.join(", ")
+                }
+            )));
+        }
+
+        let pooled = link(&self.linker, &component).map_err(load_err)?;
+        let mut compiled = CompiledPolicy {
+            name: name.to_string(),
+            args_arena: args_arena(bytes),
+            _ticker: self.ticker.clone(),
+            pooled,
+            fallback: Arc::new(Fallback {
+                engine: self.fallback.clone(),
+                linker: self.fallback_linker.clone(),
+                component,
+                linked: std::sync::OnceLock::new(),
+            }),
+            info: PolicyInfo {
+                name: name.to_string(),
+                version: String::new(),
+                hooks: Vec::new(),
+            },
+        };
+        let mut probe = compiled.instantiate(World::empty(), Limits::default())?;
+        let live = probe.live(Hook::Select)?;
+        let typecheck = live
+            .select
+            .typed::<NodesParams<'_>, (Vec<wit::Selection>,)>(&live.store)
+            .and(
+                live.plan
+                    .typed::<NodesParams<'_>, (Vec<wit::Wave>,)>(&live.store),
+            )
+            .and(
+                live.evaluate
+                    .typed::<EvaluateParams<'_>, (wit::Verdict,)>(&live.store),
+            );
+        if let Err(e) = typecheck {
+            return Err(load_err(format!(
+                "select/plan/evaluate do not match the policy world: {e:#}"
+            )));
+        }
+        let described = probe.describe()?;
+        compiled.info = PolicyInfo {
+            name: if described.name.is_empty() {
+                name.to_string()
+            } else {
+                described.name
+            },
+            version: described.version,
+            hooks: described.hooks,
+        };
+        Ok(compiled)
+    }
+
+    fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let Some(dir) = &self.cache_dir else {
+            return Component::new(&self.engine, bytes);
+        };
+        // Keyed by content and by everything that makes a compiled artifact
+        // incompatible (wasmtime version, target, settings).
+        let mut compat = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut compat);
+        let key = format!(
+            "{}-{:016x}",
+            hex::encode(Sha256::digest(bytes)),
+            compat.finish()
+        );
+        let path = dir.join(format!("{key}.cwasm"));
+        // Read into memory rather than mmap the file: a cache file truncated or
+        // rewritten in place while mapped would take the process down (SIGBUS).
+        if let Ok(cached) = std::fs::read(&path) {
+            // SAFETY: the bytes are an artifact this runtime serialized into its
+            // own cache directory (written to a temp file, renamed into place),
+            // keyed by the engine's compatibility hash; wasmtime checks the header
+            // and metadata, and a damaged file is recompiled below.
+            match unsafe { Component::deserialize(&self.engine, &cached) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    "recompiling: cached component unusable: {e:#}"
+                ),
+            }
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        if let Err(e) = write_atomic(dir, &path, &component.serialize()?) {
+            tracing::warn!(dir = %dir.display(), "cannot cache compiled component: {e}");
+        }
+        Ok(component)
+    }
+}
+
+/// Pre-links `component` and finds its exports.
+fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("cannot link (imports outside the policy world?): {e:#}"))?;
+    let pre =
+        PolicyPre::new(pre).map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
+    let export = |name: &str| {
+        component
+            .get_export_index(None, name)
+            .ok_or_else(|| format!("missing export {name}"))
+    };
+    let (select, plan) = (export("select")?, export("plan")?);
+    let evaluate = export("evaluate")?;
+    let indices = PolicyIndices::new(pre.instance_pre())
+        .map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
+    Ok(Linked {
+        pre,
+        indices,
+        select,
+        plan,
+        evaluate,
+    })
+}
+
+fn write_atomic(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A compiled, pre-linked policy component; instantiate it once per task.
+#[derive(Clone)]
+pub struct CompiledPolicy {
+    name: String,
+    /// Keeps the epoch ticker (and so every CPU budget) alive while a policy
+    /// outlives the runtime handle it was loaded from.
+    _ticker: Arc<Ticker>,
+    /// Linked in the pooling engine.
+    pooled: Linked,
+    /// Linked in the on-demand engine on first need (pool exhausted).
+    fallback: Arc<Fallback>,
+    info: PolicyInfo,
+    /// The component serves argument-arena requests ([`args_arena`]).
+    args_arena: bool,
+}
+
+/// A component pre-linked in one engine.
+#[derive(Clone)]
+struct Linked {
+    pre: PolicyPre<State>,
+    indices: PolicyIndices,
+    /// `select` and `plan` are called through typed functions over borrowed
+    /// nodes ([`NodeRef`]), so a million nodes cross without being cloned.
+    select: ComponentExportIndex,
+    plan: ComponentExportIndex,
+    /// `evaluate` likewise, for its context ([`CtxArg`]).
+    evaluate: ComponentExportIndex,
+}
+
+/// The component in the on-demand engine, made when the pool first runs out
+/// (the compiled code is copied over, not recompiled: both engines have the
+/// same compilation settings).
+struct Fallback {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    /// The component in the pooling engine.
+    component: Component,
+    linked: std::sync::OnceLock<Result<Linked, String>>,
+}
+
+impl Fallback {
+    fn get(&self) -> Result<&Linked, String> {
+        self.linked
+            .get_or_init(|| {
+                let bytes = self
+                    .component
+                    .serialize()
+                    .map_err(|e| format!("cannot copy the component: {e:#}"))?;
+                // SAFETY: the bytes were serialized just now by an engine with
+                // the same compilation settings.
+                let component = unsafe { Component::deserialize(&self.engine, &bytes) }
+                    .map_err(|e| format!("cannot copy the component: {e:#}"))?;
+                link(&self.linker, &component)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+impl CompiledPolicy {
+    pub fn info(&self) -> &PolicyInfo {
+        &self.info
+    }
+
+    /// A policy bound to `world` and `limits`. Cheap: the instance itself is
+    /// created on the first call (and again after a trap).
+    pub fn instantiate(&self, world: World, limits: Limits) -> Result<WasmPolicy, PolicyError> {
+        Ok(WasmPolicy {
+            compiled: self.clone(),
+            world,
+            limits,
+            live: None,
+            spare: Vec::new(),
+            workers: super::default_threads(),
+            ctx_cache: None,
+        })
+    }
+}
+
+/// A live instance: its store, its bindings, and `select`/`plan` as raw
+/// functions for calls over borrowed nodes.
+struct Live {
+    store: Store<State>,
+    bindings: PolicyWorld,
+    select: Func,
+    plan: Func,
+    evaluate: Func,
+    /// Node lists go into the guest's argument arena.
+    arena: bool,
+}
+
+/// A Wasm policy bound to one task's world.
+pub struct WasmPolicy {
+    compiled: CompiledPolicy,
+    world: World,
+    limits: Limits,
+    live: Option<Live>,
+    /// Extra instances for spreading `select` chunks over cores.
+    spare: Vec<Live>,
+    workers: usize,
+    ctx_cache: Option<(model::TaskContext, wit::TaskContext)>,
+}
+
+impl WasmPolicy {
+    /// Creates the instance now rather than on the first call (benchmarks, `check`).
+    pub fn warm(&mut self) -> Result<(), PolicyError> {
+        self.live(Hook::Select).map(|_| ())
+    }
+
+    /// Drops the instances; the next call makes a new one.
+    pub fn discard(&mut self) {
+        self.live = None;
+        self.spare.clear();
+    }
+
+    /// How many instances `select` may spread chunks over (default: the
+    /// number of cores, at most 4). 1 keeps everything on the calling thread.
+    pub fn set_workers(&mut self, workers: usize) {
+        self.workers = workers.max(1);
+        self.spare.truncate(self.workers - 1);
+    }
+
+    fn live(&mut self, hook: Hook) -> Result<&mut Live, PolicyError> {
+        if self.live.is_none() {
+            self.live = Some(self.new_live(hook)?);
+        }
+        Ok(self.live.as_mut().expect("instance was just created"))
+    }
+
+    /// A new instance from the pool, or from the on-demand engine when the
+    /// pool has no free slot.
+    fn new_live(&self, hook: Hook) -> Result<Live, PolicyError> {
+        let err = |message: String| PolicyError::Trap {
+            policy: self.compiled.name.clone(),
+            hook,
+            message: format!("cannot instantiate: {message}"),
+        };
+        match self.instantiate_in(&self.compiled.pooled) {
+            Ok(live) => Ok(live),
+            // The pool is full, or the component needs more than a slot has
+            // (any other failure happens again below and is reported from there).
+            Err(e) => {
+                if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                    tracing::debug!(policy = %self.compiled.name, "instance pool exhausted");
+                } else {
+                    tracing::debug!(policy = %self.compiled.name, "not instantiable from the pool: {e:#}");
+                }
+                let linked = self.compiled.fallback.get().map_err(err)?;
+                self.instantiate_in(linked)
+                    .map_err(|e| err(format!("{e:#}")))
+            }
+        }
+    }
+
+    fn instantiate_in(&self, linked: &Linked) -> wasmtime::Result<Live> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAP);
+        let state = State {
+            wasi: None,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_cap: self.limits.memory_bytes,
+                hit_cap: false,
+            },
+            world: self.world.clone(),
+            policy: self.compiled.name.clone(),
+            stderr,
+        };
+        let mut store = Store::new(linked.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.ticks(0));
+        let instance = linked.pre.instance_pre().instantiate(&mut store)?;
+        let bindings = linked.indices.load(&mut store, &instance)?;
+        let mut func = |index| {
+            instance
+                .get_func(&mut store, index)
+                .ok_or_else(|| wasmtime::format_err!("export vanished"))
+        };
+        let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
+        let evaluate = func(&linked.evaluate)?;
+        Ok(Live {
+            store,
+            bindings,
+            select,
+            plan,
+            evaluate,
+            arena: self.compiled.args_arena,
+        })
+    }
+
+    fn ticks(&self, nodes: usize) -> u64 {
+        ticks(&self.limits, nodes)
+    }
+
+    fn classify(
+        &self,
+        hook: Hook,
+        nodes: usize,
+        store: &Store<State>,
+        e: wasmtime::Error,
+    ) -> PolicyError {
+        classify(&self.compiled.name, &self.limits, hook, nodes, store, e)
+    }
+
+    /// Runs one export with a fresh CPU budget; any failure discards the instance.
+    fn call<R>(
+        &mut self,
+        hook: Hook,
+        nodes: usize,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<R>,
+    ) -> Result<R, PolicyError> {
+        let ticks = self.ticks(nodes);
+        let live = self.live(hook)?;
+        live.store.set_epoch_deadline(ticks);
+        match f(live) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let live = self.live.take().expect("instance is live");
+                Err(self.classify(hook, nodes, &live.store, e))
+            }
+        }
+    }
+
+    /// Calls `select` or `plan` (same signature) on borrowed nodes.
+    fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
+        &mut self,
+        hook: Hook,
+        ctx: &model::TaskContext,
+        nodes: &[model::Node],
+    ) -> Result<R, PolicyError> {
+        self.with_ctx(ctx, |this, ctx| {
+            this.call(hook, nodes.len(), |live| call_nodes(live, hook, ctx, nodes))
+        })
+    }
+
+    /// The lowered context, reused while the task's context is unchanged. It is
+    /// taken out of the cache for the call and put back by [`Self::with_ctx`].
+    fn take_ctx(&mut self, ctx: &model::TaskContext) -> (model::TaskContext, wit::TaskContext) {
+        match self.ctx_cache.take() {
+            Some(cached) if cached.0 == *ctx => cached,
+            _ => (ctx.clone(), wit_ctx(ctx)),
+        }
+    }
+
+    fn with_ctx<R>(
+        &mut self,
+        ctx: &model::TaskContext,
+        f: impl FnOnce(&mut Self, &wit::TaskContext) -> Result<R, PolicyError>,
+    ) -> Result<R, PolicyError> {
+        let cached = self.take_ctx(ctx);
+        let out = f(self, &cached.1);
+        self.ctx_cache = Some(cached);
+        out
+    }
+
+    fn describe(&mut self) -> Result<PolicyInfo, PolicyError> {
+        let info = self.call(Hook::Select, 0, |l| l.bindings.call_describe(&mut l.store))?;
+        Ok(PolicyInfo {
+            name: info.name,
+            version: info.version,
+            hooks: info.hooks.into_iter().map(hook_from).collect(),
+        })
+    }
+}
+
+impl Policy for WasmPolicy {
+    fn info(&self) -> &PolicyInfo {
+        &self.compiled.info
+    }
+
+    /// Chunks are spread over up to `workers` instances on scoped threads (the
+    /// contract says `select` keeps no state between calls). Each call has its
+    /// own budget; a failed instance is discarded, the others are kept.
+    fn call_select_chunks(
+        &mut self,
+        ctx: &model::TaskContext,
+        chunks: &[&[model::Node]],
+    ) -> Result<Vec<Vec<model::Selection>>, PolicyError> {
+        let per = chunks.len().div_ceil(self.workers.max(1)).max(1);
+        let groups: Vec<&[&[model::Node]]> = chunks.chunks(per).collect();
+        if groups.len() <= 1 {
+            return chunks.iter().map(|c| self.call_select(ctx, c)).collect();
+        }
+        let mut lives = Vec::with_capacity(groups.len());
+        while lives.len() < groups.len() {
+            let live = match (lives.is_empty(), self.live.take(), self.spare.pop()) {
+                (true, Some(primary), spare) => {
+                    self.spare.extend(spare);
+                    primary
+                }
+                (_, primary, Some(spare)) => {
+                    self.live = primary;
+                    spare
+                }
+                (_, primary, None) => {
+                    self.live = primary;
+                    self.new_live(Hook::Select)?
+                }
+            };
+            lives.push(live);
+        }
+        let cached = self.take_ctx(ctx);
+        let (name, limits) = (&self.compiled.name, self.limits);
+        let wit_ctx = &cached.1;
+        let results: Vec<WorkerResult> = std::thread::scope(|scope| {
+            let handles: Vec<_> = lives
+                .into_iter()
+                .zip(groups)
+                .map(|(mut live, group)| {
+                    scope.spawn(move || {
+                        let mut out = Vec::with_capacity(group.len());
+                        for chunk in group {
+                            live.store.set_epoch_deadline(ticks(&limits, chunk.len()));
+                            match call_nodes::<Vec<wit::Selection>>(
+                                &mut live,
+                                Hook::Select,
+                                wit_ctx,
+                                chunk,
+                            ) {
+                                Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
+                                Err(e) => {
+                                    let err = classify(
+                                        name,
+                                        &limits,
+                                        Hook::Select,
+                                        chunk.len(),
+                                        &live.store,
+                                        e,
+                                    );
+                                    return (None, Err(err));
+                                }
+                            }
+                        }
+                        (Some(live), Ok(out))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a select worker thread panicked"))
+                .collect()
+        });
+        self.ctx_cache = Some(cached);
+        let mut all = Vec::with_capacity(chunks.len());
+        let mut first_err = None;
+        for (live, result) in results {
+            if let Some(live) = live {
+                if self.live.is_none() {
+                    self.live = Some(live);
+                } else {
+                    self.spare.push(live);
+                }
+            }
+            match result {
+                Ok(v) => all.extend(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
+    }
+
+    fn call_select(
+        &mut self,
+        ctx: &model::TaskContext,
+        nodes: &[model::Node],
+    ) -> Result<Vec<model::Selection>, PolicyError> {
+        let out: Vec<wit::Selection> = self.call_nodes(Hook::Select, ctx, nodes)?;
+        Ok(out.into_iter().map(selection_from).collect())
+    }
+
+    fn call_plan(
+        &mut self,
+        ctx: &model::TaskContext,
+        nodes: &[model::Node],
+    ) -> Result<Vec<model::Wave>, PolicyError> {
+        let out: Vec<wit::Wave> = self.call_nodes(Hook::Plan, ctx, nodes)?;
+        Ok(out
+            .into_iter()
+            .map(|w| model::Wave {
+                name: w.name,
+                nodes: w.nodes,
+                concurrency: w.concurrency,
+                soak_seconds: w.soak_seconds,
+                needs_approval: w.needs_approval,
+            })
+            .collect())
+    }
+
+    fn call_admit(
+        &mut self,
+        ctx: &model::TaskContext,
+        node: &model::Node,
+        now: u64,
+    ) -> Result<model::Admission, PolicyError> {
+        let node = wit_node(node);
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::Admit, 1, |l| {
+                l.bindings.call_admit(&mut l.store, ctx, &node, now)
+            })
+        })?;
+        Ok(match out {
+            wit::Admission::Now => model::Admission::Now,
+            wit::Admission::DeferUntil(t) => model::Admission::DeferUntil(t),
+            wit::Admission::Never(r) => model::Admission::Never(r),
+        })
+    }
+
+    fn call_evaluate(
+        &mut self,
+        ctx: &model::TaskContext,
+        report: &model::WaveReport,
+    ) -> Result<model::Verdict, PolicyError> {
+        let report = wit::WaveReport {
+            wave: report.wave,
+            waves: report.waves,
+            total: report.total,
+            succeeded: report.succeeded,
+            failed_rolled_back: report.failed_rolled_back,
+            failed_rollback_failed: report.failed_rollback_failed,
+            timed_out: report.timed_out,
+            unknown: report.unknown,
+            rejected: report.rejected,
+            in_flight: report.in_flight,
+            failed_nodes: report.failed_nodes.clone(),
+            task_finished: report.task_finished,
+            task_failed: report.task_failed,
+        };
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::Evaluate, 0, |l| {
+                // SAFETY: `load_bytes` type-checked `evaluate` against
+                // `(task-context, wave-report) -> verdict` for this component.
+                let f: TypedFunc<EvaluateParams<'_>, (wit::Verdict,)> =
+                    unsafe { TypedFunc::new_unchecked(l.evaluate) };
+                let ctx = CtxArg {
+                    ctx,
+                    arena: l.arena,
+                    nodes: None,
+                };
+                Ok(f.call(&mut l.store, (ctx, &report))?.0)
+            })
+        })?;
+        Ok(match out {
+            wit::Verdict::Proceed => model::Verdict::Proceed,
+            wit::Verdict::Pause(r) => model::Verdict::Pause(r),
+            wit::Verdict::RetryFailed => model::Verdict::RetryFailed,
+            wit::Verdict::Rollback(r) => model::Verdict::Rollback(r),
+            wit::Verdict::Abort(r) => model::Verdict::Abort(r),
+        })
+    }
+
+    fn call_on_request(
+        &mut self,
+        ctx: &model::TaskContext,
+        node: &model::Node,
+    ) -> Result<model::Offer, PolicyError> {
+        let node = wit_node(node);
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::OnRequest, 1, |l| {
+                l.bindings.call_on_request(&mut l.store, ctx, &node)
+            })
+        })?;
+        Ok(match out {
+            wit::Offer::Offer => model::Offer::Offer,
+            wit::Offer::DeferUntil(t) => model::Offer::DeferUntil(t),
+            wit::Offer::Decline(r) => model::Offer::Decline(r),
+        })
+    }
+}
+
+/// Epoch ticks for a call handed `nodes` nodes; one extra tick because the
+/// current tick may be about to end.
+fn ticks(limits: &Limits, nodes: usize) -> u64 {
+    (limits.budget(nodes).as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// Turns a failed call into the error the engine records: budget, memory cap,
+/// or a trap with whatever the guest printed to stderr (a Rust panic message).
+fn classify(
+    policy: &str,
+    limits: &Limits,
+    hook: Hook,
+    nodes: usize,
+    store: &Store<State>,
+    e: wasmtime::Error,
+) -> PolicyError {
+    let policy = policy.to_string();
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return PolicyError::Budget {
+            policy,
+            hook,
+            budget: format!("{} ms", limits.budget(nodes).as_millis()),
+        };
+    }
+    if store.data().limiter.hit_cap {
+        return PolicyError::Memory {
+            policy,
+            hook,
+            cap: format!("{} MiB", limits.memory_bytes >> 20),
+        };
+    }
+    let stderr = store.data().stderr.contents();
+    let stderr = String::from_utf8_lossy(&stderr);
+    let stderr = stderr.trim();
+    PolicyError::Trap {
+        policy,
+        hook,
+        message: if stderr.is_empty() {
+            format!("{e:#}")
+        } else {
+            format!("{e:#}; guest stderr: {stderr}")
+        },
+    }
+}
+
+/// What a `select` worker hands back: its instance (unless it failed) and its chunks' decisions.
+type WorkerResult = (
+    Option<Live>,
+    Result<Vec<Vec<model::Selection>>, PolicyError>,
+);
+
+type NodesParams<'a> = (CtxArg<'a>, NodeList<'a>);
+type EvaluateParams<'a> = (CtxArg<'a>, &'a wit::WaveReport);
+
+/// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
+fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
+    live: &mut Live,
+    hook: Hook,
+    ctx: &wit::TaskContext,
+    nodes: &[model::Node],
+) -> wasmtime::Result<R> {
+    let func = match hook {
+        Hook::Plan => live.plan,
+        _ => live.select,
+    };
+    // SAFETY: `load_bytes` type-checked `select` against
+    // `(ctx, list<node>) -> list<selection>` and `plan` against
+    // `(ctx, list<node>) -> list<wave>` for this component, and callers pass the
+    // matching `R`; skipping the check on every call saves microseconds.
+    let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(func) };
+    let arena = live.arena;
+    let reserved = AtomicUsize::new(NOT_RESERVED);
+    let args = (
+        CtxArg {
+            ctx,
+            arena,
+            nodes: Some((nodes, &reserved)),
+        },
+        NodeList {
+            nodes,
+            arena,
+            reserved: Some(&reserved),
+        },
+    );
+    Ok(f.call(&mut live.store, args)?.0)
+}
+
+#[cfg(test)]
+mod tests;
