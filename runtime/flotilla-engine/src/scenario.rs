@@ -11,7 +11,7 @@ use crate::{Engine, EngineError, PolicySource};
 use flotilla_model::{Event, Node, Release, RunState, TaskSpec, TaskState};
 use flotilla_policy::wasm::CompiledPolicy;
 use flotilla_policy::world::{Clock, ManualClock, MemoryDelivery, MemoryFleet, World};
-use flotilla_policy::{Limits, Policy, PolicyError, RhaiPolicy, WasmRuntime};
+use flotilla_policy::{Limits, Policy, PolicyError, PolicyKind, RhaiPolicy, WasmRuntime};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -949,16 +949,9 @@ impl PolicyFile {
     /// Loads (and for a component, compiles) `path` and checks it
     /// instantiates, so a broken policy is reported before anything runs.
     pub fn open(path: &Path, runtime: &WasmRuntime) -> Result<PolicyFile, PolicyError> {
-        let file = match path.extension().and_then(|e| e.to_str()) {
-            Some("wasm") => PolicyFile::Wasm(Box::new(runtime.load_file(path)?)),
-            Some("rhai") => PolicyFile::Rhai(path.to_path_buf()),
-            _ => {
-                return Err(PolicyError::Load {
-                    policy: path.display().to_string(),
-                    reason: "unknown policy kind: expected a `.wasm` component or a `.rhai` script"
-                        .into(),
-                });
-            }
+        let file = match PolicyKind::of(path)? {
+            PolicyKind::Wasm => PolicyFile::Wasm(Box::new(runtime.load_file(path)?)),
+            PolicyKind::Rhai => PolicyFile::Rhai(path.to_path_buf()),
         };
         file.load("", World::empty())?;
         Ok(file)

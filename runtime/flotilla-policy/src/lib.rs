@@ -350,6 +350,54 @@ pub fn default_threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
+/// The two kinds of policy file, told apart by extension: the one place that
+/// knows `.wasm` is a component and `.rhai` a script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    Wasm,
+    Rhai,
+}
+
+impl PolicyKind {
+    /// Every kind, in the order a name is looked up when both files exist.
+    pub const ALL: [PolicyKind; 2] = [PolicyKind::Wasm, PolicyKind::Rhai];
+
+    pub fn from_extension(ext: &str) -> Option<PolicyKind> {
+        match ext {
+            "wasm" => Some(PolicyKind::Wasm),
+            "rhai" => Some(PolicyKind::Rhai),
+            _ => None,
+        }
+    }
+
+    /// The kind of the file at `path`, or a load error saying what is expected.
+    pub fn of(path: &Path) -> Result<PolicyKind, PolicyError> {
+        path.extension()
+            .and_then(|e| e.to_str())
+            .and_then(PolicyKind::from_extension)
+            .ok_or_else(|| PolicyError::Load {
+                policy: path.display().to_string(),
+                reason: "unknown policy kind: expected a `.wasm` component or a `.rhai` script"
+                    .into(),
+            })
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            PolicyKind::Wasm => "wasm",
+            PolicyKind::Rhai => "rhai",
+        }
+    }
+
+    /// For people: `wasm component`, `rhai script`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PolicyKind::Wasm => "wasm component",
+            PolicyKind::Rhai => "rhai script",
+        }
+    }
+}
+
 /// Loads a `.wasm` component or a `.rhai` script, by extension.
 pub fn load(
     path: &Path,
@@ -357,14 +405,10 @@ pub fn load(
     world: crate::world::World,
     limits: Limits,
 ) -> Result<Box<dyn Policy>, PolicyError> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("wasm") => Ok(Box::new(
+    match PolicyKind::of(path)? {
+        PolicyKind::Wasm => Ok(Box::new(
             runtime.load_file(path)?.instantiate(world, limits)?,
         )),
-        Some("rhai") => Ok(Box::new(RhaiPolicy::load_file(path, world, limits)?)),
-        _ => Err(PolicyError::Load {
-            policy: path.display().to_string(),
-            reason: "unknown policy kind: expected a `.wasm` component or a `.rhai` script".into(),
-        }),
+        PolicyKind::Rhai => Ok(Box::new(RhaiPolicy::load_file(path, world, limits)?)),
     }
 }

@@ -14,7 +14,9 @@ use flotilla_model::{
     Node, PolicyInfo, Release, ReleaseKind, ReleaseRecord, TaskContext, WaveReport,
 };
 use flotilla_policy::world::{Delivery, Fleet, MemoryFleet, World};
-use flotilla_policy::{CompiledPolicy, Limits, Policy, PolicyError, RhaiPolicy, WasmRuntime};
+use flotilla_policy::{
+    CompiledPolicy, Limits, Policy, PolicyError, PolicyKind, RhaiPolicy, WasmRuntime,
+};
 use flotilla_store_sled::{Kv, SledStore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -521,11 +523,12 @@ impl PolicyDir {
         if let Ok(dir) = std::fs::read_dir(&self.dir) {
             for e in dir.flatten() {
                 let p = e.path();
-                if let (Some(stem), Some(ext)) = (
+                if let (Some(stem), Some(_)) = (
                     p.file_stem().and_then(|s| s.to_str()),
-                    p.extension().and_then(|s| s.to_str()),
-                ) && (ext == "wasm" || ext == "rhai")
-                    && !stem.starts_with('.')
+                    p.extension()
+                        .and_then(|s| s.to_str())
+                        .and_then(PolicyKind::from_extension),
+                ) && !stem.starts_with('.')
                 {
                     names.push(stem.to_string());
                 }

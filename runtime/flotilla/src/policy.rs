@@ -81,11 +81,7 @@ fn runtime() -> anyhow::Result<WasmRuntime> {
 
 fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let loaded = flotilla_policy::load(file, &runtime()?, World::empty(), Limits::default());
-    let kind = match file.extension().and_then(|e| e.to_str()) {
-        Some("wasm") => "wasm component",
-        Some("rhai") => "rhai script",
-        _ => "unknown",
-    };
+    let kind = flotilla_policy::PolicyKind::of(file).map_or("unknown", |k| k.describe());
     match loaded {
         Ok(p) => {
             let info = p.info();
