@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 pub const GUEST_TARGET: &str = "wasm32-wasip2";
 
@@ -12,6 +13,7 @@ pub const GUEST_TARGET: &str = "wasm32-wasip2";
 /// from inside `cargo test` never waits on the outer cargo's lock) and returns
 /// the `.wasm` path.
 pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, String> {
+    ensure_target()?;
     let target_dir = workspace.join("target").join("guests");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
@@ -53,6 +55,36 @@ pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, Strin
             path.display()
         ))
     }
+}
+
+/// Adds the `wasm32-wasip2` target with rustup when the toolchain lacks it,
+/// so `cargo test` passes on a fresh machine without a step to remember.
+/// Once per process; a toolchain without rustup gets the hint instead.
+fn ensure_target() -> Result<(), String> {
+    static ONCE: OnceLock<Result<(), String>> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        let libdir = Command::new(rustc)
+            .args(["--print", "target-libdir", "--target", GUEST_TARGET])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        if libdir.is_some_and(|d| d.is_dir()) {
+            return Ok(());
+        }
+        eprintln!("flotilla: the {GUEST_TARGET} target is missing; running `rustup target add {GUEST_TARGET}`");
+        let status = Command::new("rustup")
+            .args(["target", "add", GUEST_TARGET])
+            .status()
+            .map_err(|e| format!("cannot run rustup ({e}); install the {GUEST_TARGET} target for your toolchain"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`rustup target add {GUEST_TARGET}` failed ({status}); run it by hand"))
+        }
+    })
+    .clone()
 }
 
 /// The workspace root, from a crate inside it (`CARGO_MANIFEST_DIR/..` upwards
