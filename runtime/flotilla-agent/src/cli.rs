@@ -332,6 +332,56 @@ fn manage(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
 
+    /// `examples/systemd/agent.toml` is valid and documents every key: with
+    /// its commented-out keys switched on, every field of the file config is
+    /// set (the destructuring below stops compiling when a field is added).
+    #[test]
+    fn the_example_config_file_parses_and_documents_every_key() {
+        let text = include_str!("../../../examples/systemd/agent.toml");
+        let as_shipped: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(as_shipped.node_id.as_deref(), Some("edge-0042"));
+        let all_on: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let FileConfig {
+            server,
+            node_id,
+            state_dir,
+            enroll_secret,
+            labels,
+            attributes,
+            asset_path,
+            install_command,
+            health_command,
+            restore_command,
+            command_timeout_seconds,
+            heartbeat_seconds,
+            pull,
+            pull_seconds,
+            wait_seconds,
+            download_retries,
+            schedulable,
+        } = toml::from_str(&all_on).unwrap();
+        assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
+        assert!(enroll_secret.is_some() && asset_path.is_some());
+        assert!(!labels.is_empty() && !attributes.is_empty());
+        assert!(install_command.is_some() && health_command.is_some());
+        assert!(restore_command.is_some() && command_timeout_seconds.is_some());
+        assert!(heartbeat_seconds.is_some() && pull.is_some() && pull_seconds.is_some());
+        assert!(wait_seconds.is_some() && download_retries.is_some() && schedulable.is_some());
+    }
+
     #[test]
     fn flags_override_the_file_and_the_secret_falls_back_to_env() {
         let tmp = tempfile::tempdir().unwrap();
