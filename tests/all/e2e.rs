@@ -21,6 +21,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla-e2e");
+
+/// The agent program the tests run: `FLOTILLA_E2E_AGENT` if set (CI sets it
+/// to the static x86-64 musl build of `flotilla-agent`, the binary that
+/// ships), else the native `flotilla-agent` that `cargo test` builds.
+fn agent_bin() -> PathBuf {
+    match std::env::var_os("FLOTILLA_E2E_AGENT") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "FLOTILLA_E2E_AGENT={} is not a file; build it with `cargo build --profile agent -p flotilla-agent --target x86_64-unknown-linux-musl` or unset it",
+                p.display()
+            );
+            p
+        }
+        None => PathBuf::from(env!("CARGO_BIN_EXE_flotilla-agent-e2e")),
+    }
+}
 const SECRET: &str = "e2e-enroll-secret";
 const PACKAGE: &str = "app";
 /// Appends one line per command run: `install 1.1.0`, `restore 1.0.0`.
@@ -391,7 +409,6 @@ impl Cluster {
             seed(&dir, v);
         }
         let mut args: Vec<String> = [
-            "agent",
             "--server",
             &self.url(),
             "--node-id",
@@ -430,7 +447,7 @@ impl Cluster {
     fn start_agent(&mut self, i: usize) {
         let log = self.path().join(format!("{}.log", self.agents[i].id));
         let a = &mut self.agents[i];
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(agent_bin());
         cmd.args(&a.args)
             .env("FLOTILLA_LOG", "info")
             .stdout(log_file(&log))
@@ -746,10 +763,10 @@ fn a_trial_release_reverts_on_agent_restart_until_made_permanent() {
     });
     assert!(dir.join("releases/1.1.0/VERSION").is_file());
 
-    // `flotilla agent install` makes it permanent; a restart keeps it.
+    // `flotilla-agent install` makes it permanent; a restart keeps it.
     c.agents[n].proc.take().unwrap().stop();
-    let out = Command::new(BIN)
-        .args(["agent", "install", "1.1.0", "--state-dir"])
+    let out = Command::new(agent_bin())
+        .args(["install", "1.1.0", "--state-dir"])
         .arg(&dir)
         .output()
         .unwrap();
@@ -1116,6 +1133,16 @@ fn a_node_is_not_reported_unhealthy_while_its_upgrade_is_under_way() {
     });
     assert_eq!(run.state.name(), "succeeded", "{:?}", run.state);
     assert!(samples > 20, "sampled the node's health {samples} times");
+}
+
+#[test]
+fn the_agent_binary_says_its_version() {
+    let out = Command::new(agent_bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("flotilla-agent {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
