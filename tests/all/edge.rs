@@ -308,35 +308,42 @@ async fn made_up_hook_names_do_not_grow_metrics() {
     h.stop().await;
 }
 
+/// The status line the runner answers to a POST that announces 560 KiB and
+/// sends 80 KiB of it. (A client that writes it all before reading may see
+/// the connection reset instead: the runner does not read what it refuses.)
+async fn oversized(h: &Harness, path: &str, token: &str) -> String {
+    let mut s = connect(h).await;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: runner\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        560 * 1024
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(&vec![b' '; 80 * 1024]).await;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_routes_cap_bodies_and_refuse_hostile_facts() {
     let h = Harness::start(|c| c.max_body_bytes = 64 * 1024).await;
     let token = h.enroll("n1", "1.0.0").await;
 
     // 560 KiB bodies on the agents' routes: 413, as everywhere else.
-    let big = "x".repeat(560 * 1024);
-    let enroll = json!({"node_id": "big", "secret": ENROLL, "labels": [["pad", big]]});
-    let (s, _) = h.post("/v1/agents/enroll", enroll).await;
-    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
-    for (route, body) in [
-        ("heartbeat", json!({"version": "1.0.0", "pad": big})),
-        (
-            "report",
-            json!({"task": "t1", "state": "succeeded", "detail": big}),
-        ),
-    ] {
-        let (s, _) = h
-            .send(
-                "POST",
-                &format!("/v1/agents/n1/{route}"),
-                Some(body.to_string().into_bytes()),
-                Some(&token),
-            )
-            .await;
-        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{route}");
+    for route in ["enroll", "n1/heartbeat", "n1/report"] {
+        let status = oversized(&h, &format!("/v1/agents/{route}"), &token).await;
+        assert!(status.starts_with("HTTP/1.1 413"), "{route}: {status:?}");
     }
-    let (s, _) = h.get("/v1/nodes/big").await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
 
     // A 60 KB version with ANSI escapes and CRLF: 422 naming the field, nothing stored.
     let hostile = format!(

@@ -39,7 +39,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt as _;
 
-/// File descriptors kept back from connections for the store, policies and logs.
+/// Of the file limit, at least this many descriptors (and at least a
+/// quarter) are kept back from connections: for the store, policies, logs
+/// and the artifact files that downloads hold open.
 const RESERVED_FDS: usize = 64;
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
@@ -131,21 +133,28 @@ pub async fn serve(
     Ok(())
 }
 
-/// `max_connections`, lowered to what the process's file limit allows
-/// (a connection may hold an open artifact file besides its socket).
+/// `max_connections`, lowered to what the process's file limit allows, so
+/// that the cap (and with it the eviction of idle connections) comes before
+/// `accept` fails for want of descriptors.
 fn connection_cap(configured: usize) -> usize {
-    let Some(nofile) = file_limit() else {
-        return configured.max(1);
-    };
-    let budget = (nofile.saturating_sub(RESERVED_FDS) / 2).max(1);
-    if configured > budget {
+    let nofile = file_limit();
+    let cap = cap_for(configured, nofile);
+    if let Some(nofile) = nofile
+        && cap < configured
+    {
         tracing::warn!(
-            "serving at most {budget} connections, not max_connections = {configured}: the file limit is {nofile}; raise LimitNOFILE to {} or more",
-            configured * 2 + RESERVED_FDS
+            "serving at most {cap} connections, not max_connections = {configured}: the file limit is {nofile}; raise LimitNOFILE to {} or more",
+            (configured * 4).div_ceil(3).max(configured + RESERVED_FDS)
         );
-        budget
-    } else {
-        configured.max(1)
+    }
+    cap
+}
+
+fn cap_for(configured: usize, nofile: Option<usize>) -> usize {
+    let configured = configured.max(1);
+    match nofile {
+        Some(n) => configured.min(n.saturating_sub(RESERVED_FDS.max(n / 4)).max(1)),
+        None => configured,
     }
 }
 
@@ -485,5 +494,20 @@ impl Throttle {
         }
         self.0 = Some(now);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cap_for;
+
+    #[test]
+    fn the_cap_leaves_descriptors_for_files() {
+        assert_eq!(cap_for(10_000, Some(256)), 192);
+        assert_eq!(cap_for(10_000, Some(1024)), 768);
+        assert_eq!(cap_for(10_000, Some(20_000)), 10_000);
+        assert_eq!(cap_for(10_000, Some(10)), 1);
+        assert_eq!(cap_for(500, None), 500);
+        assert_eq!(cap_for(0, None), 1);
     }
 }

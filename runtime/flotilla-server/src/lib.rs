@@ -46,11 +46,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Data directory (sled database, artifacts, policies).
     pub data: PathBuf,
-    /// Bearer token for the management API. Required to listen on anything
-    /// but loopback. `FLOTILLA_TOKEN` overrides.
+    /// Bearer token for the management API. Required, of at least 32
+    /// characters, to listen on anything but loopback. `FLOTILLA_TOKEN`
+    /// overrides.
     pub token: Option<String>,
-    /// Secret agents present to enroll. Required to listen on anything but
-    /// loopback. `FLOTILLA_ENROLL_SECRET` overrides.
+    /// Secret agents present to enroll. Required, of at least 32 characters,
+    /// to listen on anything but loopback. `FLOTILLA_ENROLL_SECRET` overrides.
     pub enroll_secret: Option<String>,
     /// How often the engine advances tasks.
     pub tick_ms: u64,
