@@ -342,6 +342,13 @@ mod tests {
     }
 
     #[test]
+    fn no_hook_may_take_the_label_of_unconfigured_names() {
+        let mut h = hook();
+        h.name = crate::metrics::UNKNOWN_HOOK.into();
+        assert!(h.check().unwrap_err().contains("reserved"));
+    }
+
+    #[test]
     fn a_payload_maps_to_a_task_or_names_what_is_missing() {
         let h = hook();
         h.check().unwrap();
