@@ -9,18 +9,18 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-const ENROLL: &str = "enroll-secret";
+pub(crate) const ENROLL: &str = "enroll-secret";
 
-struct Harness {
+pub(crate) struct Harness {
     base: String,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
 impl Harness {
-    async fn start(tune: impl FnOnce(&mut Config)) -> Harness {
+    pub(crate) async fn start(tune: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             data: dir.path().join("data"),
@@ -53,11 +53,11 @@ impl Harness {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: &str,
         path: &str,
@@ -79,12 +79,12 @@ impl Harness {
         (status, value)
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.send("GET", path, None, None).await
     }
 
     /// `/metrics` as text.
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         let (status, text) = self.get("/metrics").await;
         assert_eq!(status, StatusCode::OK, "{text}");
         text.as_str()
@@ -92,12 +92,12 @@ impl Harness {
             .to_string()
     }
 
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.send("POST", path, Some(body.to_string().into_bytes()), None)
             .await
     }
 
-    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+    pub(crate) async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.send("PUT", path, Some(body.to_string().into_bytes()), None)
             .await
     }
@@ -122,7 +122,7 @@ impl Harness {
         assert_eq!(s, StatusCode::OK, "{r}");
     }
 
-    async fn enroll(&self, node: &str, version: &str) -> String {
+    pub(crate) async fn enroll(&self, node: &str, version: &str) -> String {
         let (s, body) = self
             .post(
                 "/v1/agents/enroll",
@@ -133,7 +133,7 @@ impl Harness {
         serde_json::from_value::<Enrolled>(body).unwrap().token
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -3,6 +3,7 @@
 mod api;
 mod cli_remote;
 mod e2e;
+mod edge;
 mod engine_on_sled;
 mod policy_load;
 mod policy_safety;

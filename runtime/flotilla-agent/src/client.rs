@@ -75,6 +75,9 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             // Longer than the longest long poll; a stalled download fails after this.
             .read_timeout(Duration::from_secs(MAX_WAIT_SECONDS + 30))
+            // Below the runner's idle timeout (30 s by default), so a pooled
+            // connection is never reused just as the runner closes it.
+            .pool_idle_timeout(Duration::from_secs(20))
             .user_agent(concat!("flotilla-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ClientError::Unreachable)?;

@@ -2,6 +2,7 @@
 //! sees, and the values policy hooks return. Plain data, no I/O; the wire shape
 //! (JSON, WIT, Rhai maps) is derived from these.
 
+pub mod facts;
 pub mod protocol;
 pub mod run;
 pub mod task;

@@ -44,6 +44,18 @@ pub struct Enroll {
     pub schedulable: bool,
 }
 
+impl Enroll {
+    /// The node's facts follow [`crate::facts`]; an error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        crate::facts::check_all(
+            &self.version,
+            &self.labels,
+            &self.attributes,
+            &self.asset_path,
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrolled {
     /// Bearer token for every later call of this node (and only this node).
@@ -71,9 +83,11 @@ pub struct Heartbeat {
 pub const MAX_METRICS: usize = 64;
 
 impl Heartbeat {
-    /// Names are 1–64 characters of `[a-z0-9_.-]`, values finite, at most
+    /// The version follows [`crate::facts::check_version`]; metric names are
+    /// 1–64 characters of `[a-z0-9_.-]`, values finite, at most
     /// [`MAX_METRICS`] of them.
     pub fn check(&self) -> Result<(), String> {
+        crate::facts::check_version("version", &self.version)?;
         if self.metrics.len() > MAX_METRICS {
             return Err(format!(
                 "metrics: {} given, at most {MAX_METRICS}",
@@ -87,8 +101,9 @@ impl Heartbeat {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
             if !ok_name {
+                let shown: String = name.chars().take(64).collect();
                 return Err(format!(
-                    "metrics: name {name:?} must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
+                    "metrics: name {shown:?} must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
                 ));
             }
             if !value.is_finite() {

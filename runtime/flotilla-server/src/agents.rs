@@ -108,17 +108,34 @@ impl Outbox {
     }
 }
 
+/// The agents' routes that answer at once (within the request timeout).
+/// JSON bodies are capped at `max_body_bytes`, as on every other route.
 pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/agents/enroll", post(enroll))
         .route("/v1/agents/{node}/heartbeat", post(heartbeat))
-        .route("/v1/agents/{node}/work", get(work))
         .route("/v1/agents/{node}/request", post(request))
         .route("/v1/agents/{node}/report", post(report))
+        .route("/v1/releases/{package}/{version}/artifact", get(artifact))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_body_bytes,
+        ))
+        .with_state(state)
+}
+
+/// The routes that may take longer than the request timeout: the push long
+/// poll (up to [`MAX_WAIT_SECONDS`]) and artifact uploads (streamed, capped
+/// at `max_upload_bytes`).
+pub fn long_routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/agents/{node}/work", get(work))
         .route(
             "/v1/releases/{package}/{version}/artifact",
-            get(artifact).put(super::api::upload_artifact),
+            axum::routing::put(super::api::upload_artifact),
         )
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_body_bytes,
+        ))
         .with_state(state)
 }
 
@@ -171,12 +188,12 @@ fn valid_node_id(id: &str) -> Result<(), ApiError> {
 async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let e: Enroll = json(&body)?;
     valid_node_id(&e.node_id)?;
-    if let Some(secret) = state.config.enroll_secret.as_deref() {
-        use subtle::ConstantTimeEq;
-        if !bool::from(secret.as_bytes().ct_eq(e.secret.as_bytes())) {
-            state.metrics.enroll(false);
-            return Err(ApiError::unauthorized("wrong enrollment secret"));
-        }
+    e.check().map_err(ApiError::unprocessable)?;
+    if let Some(secret) = state.config.enroll_secret.as_deref()
+        && !crate::secret::matches(secret, &e.secret)
+    {
+        state.metrics.enroll(false);
+        return Err(ApiError::unauthorized("wrong enrollment secret"));
     }
     let now = state.clock.now();
     let previous = state.inventory.node(&e.node_id);
@@ -306,10 +323,7 @@ async fn artifact(
     let token = bearer(&headers);
     let allowed = match (&state.config.token, token) {
         (_, Some(t)) if state.inventory.any_token(t) => true,
-        (Some(m), Some(t)) => {
-            use subtle::ConstantTimeEq;
-            bool::from(m.as_bytes().ct_eq(t.as_bytes()))
-        }
+        (Some(m), Some(t)) => crate::secret::matches(m, t),
         (None, _) => true,
         (Some(_), None) => false,
     };

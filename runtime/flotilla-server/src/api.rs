@@ -70,8 +70,7 @@ fn management_ok(state: &AppState, headers: &HeaderMap) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or("");
-    use subtle::ConstantTimeEq;
-    bool::from(want.as_bytes().ct_eq(got.as_bytes()))
+    crate::secret::matches(want, got)
 }
 
 async fn require_token(
@@ -210,11 +209,8 @@ async fn put_node(
     if node.id.is_empty() || node.id.len() > 253 {
         return Err(ApiError::unprocessable("node id must be 1-253 characters"));
     }
-    if !node.version.is_empty() {
-        flotilla_version::parse(&node.version).map_err(|e| {
-            ApiError::unprocessable(format!("node {id}: version {:?}: {e}", node.version))
-        })?;
-    }
+    node.check_facts()
+        .map_err(|e| ApiError::unprocessable(format!("node {id}: {e}")))?;
     let existed = state.inventory.node(&id).is_some();
     state.inventory.upsert_node(node.clone())?;
     state.store_flush()?;

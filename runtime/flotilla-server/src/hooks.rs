@@ -58,6 +58,12 @@ pub struct HookConfig {
 impl HookConfig {
     pub fn check(&self) -> Result<(), String> {
         super::api::valid_name("hook", &self.name).map_err(|e| e.error)?;
+        if self.name == super::metrics::UNKNOWN_HOOK {
+            return Err(format!(
+                "hook name {:?} is reserved: /metrics counts deliveries to unconfigured names under it",
+                self.name
+            ));
+        }
         if self.secret().is_none() {
             return Err(format!(
                 "hook {:?} has no secret: set `secret` or `secret_env` (and export that variable)",
@@ -200,7 +206,10 @@ async fn hook(
         Err(e) if e.status.is_client_error() => "invalid",
         Err(_) => "error",
     };
-    state.metrics.webhook(&name, label);
+    let configured = state.config.hooks.iter().any(|h| h.name == name);
+    state
+        .metrics
+        .webhook(configured.then_some(name.as_str()), label);
     let (status, body) = outcome?;
     Ok((status, Json(body)).into_response())
 }
@@ -330,6 +339,13 @@ mod tests {
             "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn no_hook_may_take_the_label_of_unconfigured_names() {
+        let mut h = hook();
+        h.name = crate::metrics::UNKNOWN_HOOK.into();
+        assert!(h.check().unwrap_err().contains("reserved"));
     }
 
     #[test]

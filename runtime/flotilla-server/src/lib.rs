@@ -6,6 +6,8 @@
 //!   answered and commands handed to agents.
 //! - [`inventory`] keeps nodes, releases, artifacts, policies and agent tokens
 //!   in the same sled database as the engine.
+//! - [`connections`] accepts TCP connections and serves HTTP/1.1 on them
+//!   within [`HttpLimits`].
 //! - [`agents`] serves the agent protocol ([`flotilla_model::protocol`]), [`api`] the
 //!   management API, [`hooks`] the signed webhooks, [`metrics`] `/metrics`.
 //!
@@ -14,10 +16,12 @@
 pub mod actor;
 pub mod agents;
 pub mod api;
+pub mod connections;
 mod error;
 pub mod hooks;
 pub mod inventory;
 pub mod metrics;
+mod secret;
 
 use axum::Router;
 use flotilla_engine::Engine;
@@ -42,22 +46,25 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Data directory (sled database, artifacts, policies).
     pub data: PathBuf,
-    /// Bearer token for the management API. Required to listen on anything
-    /// but loopback. `FLOTILLA_TOKEN` overrides.
+    /// Bearer token for the management API. Required, of at least 32
+    /// characters, to listen on anything but loopback. `FLOTILLA_TOKEN`
+    /// overrides.
     pub token: Option<String>,
-    /// Secret agents present to enroll. Required to listen on anything but
-    /// loopback. `FLOTILLA_ENROLL_SECRET` overrides.
+    /// Secret agents present to enroll. Required, of at least 32 characters,
+    /// to listen on anything but loopback. `FLOTILLA_ENROLL_SECRET` overrides.
     pub enroll_secret: Option<String>,
     /// How often the engine advances tasks.
     pub tick_ms: u64,
     /// A node that has not been heard from for this long is offline.
     pub offline_after_seconds: u64,
-    /// Largest JSON body accepted.
+    /// Largest JSON body accepted (management API, agents, webhooks).
     pub max_body_bytes: usize,
     /// Largest artifact or policy upload accepted.
     pub max_upload_bytes: usize,
     /// Per-call policy limits.
     pub policy: PolicyLimits,
+    /// Connection limits (`[http]`).
+    pub http: HttpLimits,
     /// Versions of control-plane components, for `{"control-plane": X}` targets.
     pub control_plane: BTreeMap<String, String>,
     /// Webhooks that start tasks.
@@ -91,6 +98,59 @@ impl PolicyLimits {
     }
 }
 
+/// What one network peer can hold of the runner: connections and time.
+/// See [`connections`] for how each limit is applied.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Connections open at once. At the cap a new connection closes the one
+    /// that has waited longest for a request; when none is waiting, new
+    /// connections wait to be accepted.
+    pub max_connections: usize,
+    /// Time from the first byte of a request head to its end.
+    pub header_read_timeout_seconds: u64,
+    /// A connection waiting for a request, or whose client stopped reading
+    /// its response, is closed after this long without a byte.
+    pub idle_timeout_seconds: u64,
+    /// Time a request has to be answered (its body read, its handler run).
+    /// The agents' long poll (which waits up to 60 s by design) and artifact
+    /// uploads are exempt; their bodies still may not stall for
+    /// `idle_timeout_seconds`.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 10_000,
+            header_read_timeout_seconds: 10,
+            idle_timeout_seconds: 30,
+            request_timeout_seconds: 30,
+        }
+    }
+}
+
+impl HttpLimits {
+    fn check(&self) -> Result<(), String> {
+        if self.max_connections == 0 {
+            return Err("http.max_connections must be at least 1".into());
+        }
+        for (name, v) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+            ("request_timeout_seconds", self.request_timeout_seconds),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(format!("http.{name} must be between 1 and 3600"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -103,6 +163,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             max_upload_bytes: 1 << 30,
             policy: PolicyLimits::default(),
+            http: HttpLimits::default(),
             control_plane: BTreeMap::new(),
             hooks: Vec::new(),
         }
@@ -138,23 +199,26 @@ impl Config {
         self
     }
 
-    /// Refuses configurations that would be unsafe or cannot work.
+    /// Refuses configurations that would be unsafe or cannot work. Called
+    /// by [`Runner::open`], so before anything listens.
     pub fn check(&self) -> Result<(), String> {
-        let ip = self.listen.ip();
-        if !ip.is_loopback() {
-            if self.token.as_deref().is_none_or(str::is_empty) {
-                return Err(format!(
-                    "refusing to listen on {} without a management token: set `token` in the config or FLOTILLA_TOKEN (or listen on 127.0.0.1)",
-                    self.listen
-                ));
-            }
-            if self.enroll_secret.as_deref().is_none_or(str::is_empty) {
-                return Err(format!(
-                    "refusing to listen on {} without an enrollment secret: set `enroll_secret` in the config or FLOTILLA_ENROLL_SECRET (or listen on 127.0.0.1)",
-                    self.listen
-                ));
-            }
+        if !self.listen.ip().is_loopback() {
+            secret::check(
+                "a management token",
+                "token",
+                "FLOTILLA_TOKEN",
+                self.token.as_deref(),
+                self.listen,
+            )?;
+            secret::check(
+                "an enrollment secret",
+                "enroll_secret",
+                "FLOTILLA_ENROLL_SECRET",
+                self.enroll_secret.as_deref(),
+                self.listen,
+            )?;
         }
+        self.http.check()?;
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return Err("tick_ms must be between 1 and 60000".into());
         }
@@ -257,13 +321,12 @@ impl Runner {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let sweeper = tokio::spawn(agents::sweep_offline(self.state.clone()));
-        axum::serve(
+        connections::serve(
             listener,
-            self.router
-                .clone()
-                .into_make_service_with_connect_info::<SocketAddr>(),
+            self.router.clone(),
+            self.state.config.http,
+            shutdown,
         )
-        .with_graceful_shutdown(shutdown)
         .await?;
         sweeper.abort();
         // The sweeper holds the state (and so the store): wait until it is gone.
@@ -290,13 +353,25 @@ impl Drop for Runner {
     }
 }
 
-/// Every route of the runner.
+/// Every route of the runner. Each must answer within the request timeout
+/// but the agents' long poll and artifact uploads, and no request body may
+/// stall for the idle timeout.
 pub fn router(state: Arc<AppState>) -> Router {
+    let http = state.config.http;
+    let timeout = tower_http::timeout::TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        Duration::from_secs(http.request_timeout_seconds),
+    );
     Router::new()
         .merge(api::routes(state.clone()))
         .merge(agents::routes(state.clone()))
         .merge(hooks::routes(state.clone()))
-        .merge(metrics::routes(state))
+        .merge(metrics::routes(state.clone()))
+        .layer(timeout)
+        .merge(agents::long_routes(state))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            Duration::from_secs(http.idle_timeout_seconds),
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 

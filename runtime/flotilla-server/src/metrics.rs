@@ -19,6 +19,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The `hook` label of deliveries to names no hook is configured under (so
+/// no hook may be named this).
+pub const UNKNOWN_HOOK: &str = "unknown";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
@@ -105,16 +109,21 @@ impl Metrics {
         }
     }
 
-    pub fn policy_call(&self, hook: &str, took: Duration) {
+    /// `hook` is a policy hook's name (`select`, `verdict`, ...), never input.
+    pub fn policy_call(&self, hook: &'static str, took: Duration) {
         self.policy
             .get_or_create(&HookLabel { hook: hook.into() })
             .observe(took.as_secs_f64());
     }
 
-    pub fn webhook(&self, hook: &str, outcome: &str) {
+    /// A webhook delivery to `hook`, a configured hook's name; `None` for a
+    /// name no hook has. Those share the one series [`UNKNOWN_HOOK`]: label
+    /// values come from the config, never from a request, so made-up names
+    /// cannot grow `/metrics`.
+    pub fn webhook(&self, hook: Option<&str>, outcome: &'static str) {
         self.webhooks
             .get_or_create(&WebhookLabel {
-                hook: hook.into(),
+                hook: hook.unwrap_or(UNKNOWN_HOOK).into(),
                 outcome: outcome.into(),
             })
             .inc();

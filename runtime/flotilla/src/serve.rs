@@ -31,6 +31,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    // A descriptor per connection: the usual soft limit (1024) is far
+    // below a fleet's, the hard one is what the service manager granted.
+    flotilla_server::connections::raise_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
