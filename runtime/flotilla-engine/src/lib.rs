@@ -17,7 +17,7 @@ use flotilla_model::{
 };
 use flotilla_policy::world::{Clock, Delivery, Fleet, World};
 use flotilla_policy::{Policy, PolicyError};
-use status::TaskView;
+use status::PolicyStatusView;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -97,7 +97,7 @@ struct Live {
     /// Last look for new nodes (increment tasks).
     last_scan: Option<u64>,
     /// What the policy reads through `status` (the runs, lent per call).
-    status: Arc<TaskView>,
+    status: Arc<PolicyStatusView>,
 }
 
 impl Live {
@@ -346,7 +346,7 @@ impl Engine {
                 events: Vec::new(),
                 next_seq,
                 last_scan: None,
-                status: Arc::new(TaskView::new(
+                status: Arc::new(PolicyStatusView::new(
                     &task.id,
                     self.store.clone(),
                     self.fleet.clone(),

@@ -4,7 +4,7 @@
 //! report (from the fleet).
 //!
 //! The engine owns a task's runs. Around every policy call it lends them to
-//! the task's [`TaskView`] (a move of the map, not a copy) and takes them back
+//! the task's [`PolicyStatusView`] (a move of the map, not a copy) and takes them back
 //! after, so `status.run` and `status.summary` answer from the state the
 //! engine is deciding on, and nothing is duplicated in memory.
 
@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The `status` world of one task.
-pub(crate) struct TaskView {
+pub(crate) struct PolicyStatusView {
     task_id: String,
     runs: Mutex<BTreeMap<String, NodeRun>>,
     store: Arc<dyn Store>,
@@ -25,9 +25,9 @@ pub(crate) struct TaskView {
     earlier: OnceLock<Vec<(String, String)>>,
 }
 
-impl TaskView {
+impl PolicyStatusView {
     pub(crate) fn new(task_id: &str, store: Arc<dyn Store>, fleet: Arc<dyn Fleet>) -> Self {
-        TaskView {
+        PolicyStatusView {
             task_id: task_id.to_string(),
             runs: Mutex::new(BTreeMap::new()),
             store,
@@ -41,7 +41,7 @@ impl TaskView {
         std::mem::swap(&mut *self.lock(), runs);
         // Give them back even when `f` panics (a policy host bug), so the
         // engine never continues with an empty task.
-        struct Back<'a>(&'a TaskView, &'a mut BTreeMap<String, NodeRun>);
+        struct Back<'a>(&'a PolicyStatusView, &'a mut BTreeMap<String, NodeRun>);
         impl Drop for Back<'_> {
             fn drop(&mut self) {
                 std::mem::swap(&mut *self.0.lock(), self.1);
@@ -79,7 +79,7 @@ impl TaskView {
     }
 }
 
-impl TaskStatus for TaskView {
+impl TaskStatus for PolicyStatusView {
     fn run(&self, node_id: &str) -> Option<NodeRunInfo> {
         self.lock().get(node_id).map(|r| NodeRunInfo {
             node_id: r.node_id.clone(),

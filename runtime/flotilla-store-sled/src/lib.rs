@@ -144,13 +144,13 @@ struct Written {
     generation: u32,
     /// `None` until this process has written the task's journal out once
     /// (what an earlier process left is not known).
-    journal: Option<Journal>,
+    journal: Option<RunJournal>,
 }
 
 /// A task's run journal: what its records on disk hold, kept in memory so
 /// writing it out does not decode them.
 #[derive(Debug, Default)]
-struct Journal {
+struct RunJournal {
     /// Its records on disk are `first_seq..next_seq`.
     first_seq: u64,
     next_seq: u64,
@@ -810,19 +810,19 @@ impl Store for SledStore {
                     let k = key_of(|b| run_key(b, &task.id, &node));
                     batch.put(k, encode_run(before.generation, &run, &task.id)?);
                 }
-                Journal {
+                RunJournal {
                     first_seq: j.next_seq,
                     next_seq: j.next_seq,
-                    ..Journal::default()
+                    ..RunJournal::default()
                 }
             }
             Some(j) => j,
             None => {
                 let next_seq = self.write_out_journal(&task.id, &mut batch)?;
-                Journal {
+                RunJournal {
                     first_seq: next_seq,
                     next_seq,
-                    ..Journal::default()
+                    ..RunJournal::default()
                 }
             }
         };

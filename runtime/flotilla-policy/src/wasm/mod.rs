@@ -434,7 +434,7 @@ impl CompiledPolicy {
 
 /// A live instance: its store, its bindings, and `select`/`plan` as raw
 /// functions for calls over borrowed nodes.
-struct Live {
+struct LiveInstance {
     store: Store<State>,
     bindings: PolicyWorld,
     select: Func,
@@ -449,9 +449,9 @@ pub struct WasmPolicy {
     compiled: CompiledPolicy,
     world: World,
     limits: Limits,
-    live: Option<Live>,
+    live: Option<LiveInstance>,
     /// Extra instances for spreading `select` chunks over cores.
-    spare: Vec<Live>,
+    spare: Vec<LiveInstance>,
     workers: usize,
     ctx_cache: Option<(model::TaskContext, wit::TaskContext)>,
 }
@@ -475,7 +475,7 @@ impl WasmPolicy {
         self.spare.truncate(self.workers - 1);
     }
 
-    fn live(&mut self, hook: Hook) -> Result<&mut Live, PolicyError> {
+    fn live(&mut self, hook: Hook) -> Result<&mut LiveInstance, PolicyError> {
         if self.live.is_none() {
             self.live = Some(self.new_live(hook)?);
         }
@@ -484,7 +484,7 @@ impl WasmPolicy {
 
     /// A new instance from the pool, or from the on-demand engine when the
     /// pool has no free slot.
-    fn new_live(&self, hook: Hook) -> Result<Live, PolicyError> {
+    fn new_live(&self, hook: Hook) -> Result<LiveInstance, PolicyError> {
         let err = |message: String| PolicyError::Trap {
             policy: self.compiled.name.clone(),
             hook,
@@ -507,7 +507,7 @@ impl WasmPolicy {
         }
     }
 
-    fn instantiate_in(&self, linked: &Linked) -> wasmtime::Result<Live> {
+    fn instantiate_in(&self, linked: &Linked) -> wasmtime::Result<LiveInstance> {
         let stderr = MemoryOutputPipe::new(STDERR_CAP);
         let state = State {
             wasi: None,
@@ -533,7 +533,7 @@ impl WasmPolicy {
         };
         let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
         let evaluate = func(&linked.evaluate)?;
-        Ok(Live {
+        Ok(LiveInstance {
             store,
             bindings,
             select,
@@ -562,7 +562,7 @@ impl WasmPolicy {
         &mut self,
         hook: Hook,
         nodes: usize,
-        f: impl FnOnce(&mut Live) -> wasmtime::Result<R>,
+        f: impl FnOnce(&mut LiveInstance) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
         let ticks = self.ticks(nodes);
         let live = self.live(hook)?;
@@ -874,7 +874,7 @@ fn classify(
 
 /// What a `select` worker hands back: its instance (unless it failed) and its chunks' decisions.
 type WorkerResult = (
-    Option<Live>,
+    Option<LiveInstance>,
     Result<Vec<Vec<model::Selection>>, PolicyError>,
 );
 
@@ -883,7 +883,7 @@ type EvaluateParams<'a> = (CtxArg<'a>, &'a wit::WaveReport);
 
 /// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
 fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
-    live: &mut Live,
+    live: &mut LiveInstance,
     hook: Hook,
     ctx: &wit::TaskContext,
     nodes: &[model::Node],
