@@ -398,6 +398,7 @@ mod tests {
             wait_seconds,
             download_retries,
             schedulable,
+            backup_roots,
         } = toml::from_str(&all_on).unwrap();
         assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
         assert!(enroll_secret.is_some() && asset_path.is_some());
@@ -406,6 +407,7 @@ mod tests {
         assert!(restore_command.is_some() && command_timeout_seconds.is_some());
         assert!(heartbeat_seconds.is_some() && pull.is_some() && pull_seconds.is_some());
         assert!(wait_seconds.is_some() && download_retries.is_some() && schedulable.is_some());
+        assert!(!backup_roots.is_empty());
     }
 
     #[test]
