@@ -9,3 +9,4 @@ mod policy_load;
 mod policy_safety;
 mod policy_twins;
 mod scenarios;
+mod trust;

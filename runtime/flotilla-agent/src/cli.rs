@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// Tell the runner this node is not schedulable.
     #[arg(long)]
     pub unschedulable: bool,
+    /// An absolute directory a task's `backup.location` may name or lie
+    /// under; repeatable. None by default: only plain names, kept under
+    /// the state dir's `backups/`.
+    #[arg(long = "backup-root", value_name = "DIR")]
+    pub backup_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +148,8 @@ struct FileConfig {
     wait_seconds: Option<u64>,
     download_retries: Option<u32>,
     schedulable: Option<bool>,
+    #[serde(default)]
+    backup_roots: Vec<PathBuf>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -216,6 +223,24 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
         .or(file.state_dir)
         .context("--state-dir is required (or `state_dir` in the config file)")?;
     let pull = args.pull || file.pull.unwrap_or(false);
+    // Flags replace the file's list (like every other setting).
+    let backup_roots = if args.backup_roots.is_empty() {
+        file.backup_roots
+    } else {
+        args.backup_roots
+    };
+    for root in &backup_roots {
+        let clean = root.is_absolute()
+            && root
+                .components()
+                .all(|c| !matches!(c, Component::ParentDir | Component::CurDir));
+        if !clean {
+            bail!(
+                "backup root {} must be an absolute path without `.` or `..`",
+                root.display()
+            );
+        }
+    }
     Ok(AgentConfig {
         enroll_secret: args.enroll_secret.or(env_secret).or(file.enroll_secret),
         labels: pairs(args.labels, file.labels, "label")?,
@@ -233,6 +258,7 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
                     .unwrap_or(300),
             ),
             download_retries: args.download_retries.or(file.download_retries).unwrap_or(5),
+            backup_roots,
             ..Steps::default()
         },
         heartbeat: Duration::from_secs(
@@ -372,6 +398,7 @@ mod tests {
             wait_seconds,
             download_retries,
             schedulable,
+            backup_roots,
         } = toml::from_str(&all_on).unwrap();
         assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
         assert!(enroll_secret.is_some() && asset_path.is_some());
@@ -380,6 +407,7 @@ mod tests {
         assert!(restore_command.is_some() && command_timeout_seconds.is_some());
         assert!(heartbeat_seconds.is_some() && pull.is_some() && pull_seconds.is_some());
         assert!(wait_seconds.is_some() && download_retries.is_some() && schedulable.is_some());
+        assert!(!backup_roots.is_empty());
     }
 
     #[test]
@@ -422,6 +450,41 @@ labels = { tier = "edge", zone = "a" }
 
         let err = config(RunArgs::default(), None).unwrap_err();
         assert!(err.to_string().contains("--server is required"), "{err}");
+    }
+
+    #[test]
+    fn backup_roots_come_from_the_file_or_the_flags_and_must_be_absolute() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "server = \"http://127.0.0.1:1\"\nnode_id = \"n\"\nstate_dir = \"/tmp/x\"\nbackup_roots = [\"/srv/backups\"]\n",
+        )
+        .unwrap();
+        let args = |roots: &[&str]| RunArgs {
+            config: Some(file.clone()),
+            backup_roots: roots.iter().map(PathBuf::from).collect(),
+            ..RunArgs::default()
+        };
+        let c = config(args(&[]), None).unwrap();
+        assert_eq!(c.steps.backup_roots, [PathBuf::from("/srv/backups")]);
+        let c = config(args(&["/mnt/a", "/mnt/b"]), None).unwrap();
+        assert_eq!(c.steps.backup_roots.len(), 2);
+        for bad in ["relative", "/srv/../etc", "./x"] {
+            let err = config(args(&[bad]), None).unwrap_err().to_string();
+            assert!(err.contains("must be an absolute path"), "{bad}: {err}");
+        }
+        let none = config(
+            RunArgs {
+                server: Some("http://127.0.0.1:1".into()),
+                node_id: Some("n".into()),
+                state_dir: Some("/tmp/x".into()),
+                ..RunArgs::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert!(none.steps.backup_roots.is_empty(), "no roots by default");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::client::{Client, ClientError};
 use super::journal::{Action, Entry, Journal};
 use super::releases::{ReleaseStore, check_version};
 use flotilla_model::protocol::{Artifact, Report, ReportState, Work};
-use flotilla_model::{Backup, ReleaseKind};
+use flotilla_model::{Backup, BackupPlace, ReleaseKind, backup_place};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,9 @@ pub struct Steps {
     pub download_retries: u32,
     /// First pause between download attempts; doubles up to 30 s.
     pub retry_backoff: Duration,
+    /// Absolute directories a task's `backup.location` may name (or lie
+    /// under). Empty: only plain names, under the state dir's `backups/`.
+    pub backup_roots: Vec<PathBuf>,
 }
 
 impl Default for Steps {
@@ -43,6 +46,7 @@ impl Default for Steps {
             command_timeout: Duration::from_secs(300),
             download_retries: 5,
             retry_backoff: Duration::from_millis(500),
+            backup_roots: Vec::new(),
         }
     }
 }
@@ -59,6 +63,33 @@ fn report(task: &str, state: ReportState, detail: impl Into<String>) -> Report {
         task: task.to_string(),
         state,
         detail: detail.into(),
+    }
+}
+
+/// `path` (absolute, without `.`/`..`) is `root` or lies under it, both as
+/// written and with symlinks resolved as far as each exists: a link in a
+/// root that points elsewhere does not widen it.
+fn inside(path: &Path, root: &Path) -> bool {
+    if !root.is_absolute() || !path.starts_with(root) {
+        return false;
+    }
+    match (resolve_existing(path), resolve_existing(root)) {
+        (Some(path), Some(root)) => path.starts_with(root),
+        _ => false,
+    }
+}
+
+/// `path` with its longest existing ancestor canonicalised and the rest
+/// appended (`None` if even `/` cannot be).
+fn resolve_existing(path: &Path) -> Option<PathBuf> {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return Some(rest.iter().rev().fold(real, |p, s| p.join(s)));
+        }
+        rest.push(existing.file_name()?);
+        existing = existing.parent()?;
     }
 }
 
@@ -138,6 +169,11 @@ impl Upgrader {
                 ReportState::Rejected,
                 format!("artifact sha256 `{}` is not 64 hex digits", artifact.sha256),
             );
+        }
+        // Checked before anything is journaled, downloaded or copied: the
+        // runner checks too, but the node decides what it lets a task touch.
+        if let Err(e) = self.backup_base(backup) {
+            return report(task, ReportState::Rejected, e);
         }
         let mut entry = match self.journal.get(task, version, Action::Install) {
             Some(Entry {
@@ -230,10 +266,9 @@ impl Upgrader {
         if let Some(prev) = &previous
             && entry.backup.is_none()
         {
-            let to = match backup {
-                Backup::None => None,
-                Backup::Default => Some(self.store.default_backup(prev)),
-                Backup::Location(loc) => Some(self.store.dir().join(loc).join(prev)),
+            let to = match self.backup_base(backup) {
+                Ok(base) => base.map(|b| b.join(prev)),
+                Err(e) => return report(&task, ReportState::Rejected, e),
             };
             if let Some(to) = to {
                 let store = self.store.clone();
@@ -325,6 +360,43 @@ impl Upgrader {
                     "{version} is current as a trial; a restart returns to the permanent release"
                 ),
             )
+        }
+    }
+
+    /// The directory the backup of a release goes into (as `<dir>/<version>`)
+    /// for `backup` (`None`: no backup), or why this node refuses the
+    /// location: the default and a plain name are under `backups/` in the
+    /// state dir; an absolute path must lie inside one of
+    /// [`Steps::backup_roots`], also once symlinks are followed.
+    fn backup_base(&self, backup: &Backup) -> Result<Option<PathBuf>, String> {
+        let backups = self.store.dir().join("backups");
+        let loc = match backup {
+            Backup::None => return Ok(None),
+            Backup::Default => return Ok(Some(backups)),
+            Backup::Location(loc) => loc,
+        };
+        let refuse = |why: String| format!("refused: {why}; nothing on the node was changed");
+        match backup_place(loc).map_err(refuse)? {
+            BackupPlace::Name(name) => Ok(Some(backups.join(name))),
+            BackupPlace::Absolute(path) => {
+                let path = Path::new(path);
+                let roots = &self.steps.backup_roots;
+                if roots.iter().any(|root| inside(path, root)) {
+                    return Ok(Some(path.to_path_buf()));
+                }
+                let allowed = if roots.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    let roots: Vec<String> =
+                        roots.iter().map(|r| r.display().to_string()).collect();
+                    roots.join(", ")
+                };
+                Err(refuse(format!(
+                    "backup location {} is not inside this agent's backup roots ({allowed}); \
+                     allow it with `backup_roots` in the agent config (or --backup-root)",
+                    path.display(),
+                )))
+            }
         }
     }
 
@@ -819,6 +891,7 @@ mod tests {
             command_timeout: Duration::from_secs(10),
             download_retries: 3,
             retry_backoff: Duration::from_millis(10),
+            backup_roots: Vec::new(),
         };
         Upgrader::new(store, steps).unwrap()
     }
@@ -1158,6 +1231,125 @@ mod tests {
             "{}",
             outcome.detail
         );
+    }
+
+    /// Every path under `dir` with its file contents (the whole tree, to
+    /// tell that nothing was created, changed or deleted anywhere in it).
+    fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Option<Vec<u8>>> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let meta = fs::symlink_metadata(&p).unwrap();
+                if meta.is_dir() {
+                    stack.push(p.clone());
+                    out.insert(p, None);
+                } else {
+                    out.insert(p.clone(), fs::read(&p).ok());
+                }
+            }
+        }
+        out
+    }
+
+    /// A task's backup location built by hand (as a hostile or broken runner
+    /// could send it): one that leaves the agent's backup roots is refused
+    /// before anything is downloaded, backed up or deleted, in the state
+    /// directory or outside it.
+    #[tokio::test]
+    async fn a_backup_location_outside_the_backup_roots_is_refused_touching_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("node").join("state");
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(outside.join("1.0.0")).unwrap();
+        fs::write(outside.join("1.0.0").join("keep"), "not the agent's").unwrap();
+        let up = node(&state, None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let before = tree(tmp.path());
+        let absolute = outside.display().to_string();
+        for loc in [
+            "../../outside",
+            "../outside",
+            "..",
+            "a/../../../outside",
+            "releases/../../../outside",
+            absolute.as_str(),
+            "/etc",
+            "",
+        ] {
+            let work = install(&server, &bytes, true, Backup::Location(loc.into()));
+            let (steps, outcome) = run(&up, &server, &work).await;
+            assert_eq!(
+                outcome.state,
+                ReportState::Rejected,
+                "{loc:?}: {}",
+                outcome.detail
+            );
+            assert!(
+                outcome.detail.contains("backup"),
+                "{loc:?}: {}",
+                outcome.detail
+            );
+            assert!(steps.is_empty(), "{loc:?}: work began: {steps:?}");
+        }
+        assert_eq!(tree(tmp.path()), before, "something was created or deleted");
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert!(server.seen().is_empty(), "nothing was downloaded");
+    }
+
+    /// What a backup location may be: a name under `backups/`, or a path
+    /// inside a configured root (not through a link that leaves it).
+    #[tokio::test]
+    async fn a_backup_goes_to_a_named_folder_or_inside_a_configured_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let root = tmp.path().join("roots");
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("link")).unwrap();
+        let mut up = node(&state, None, None);
+        up.steps.backup_roots = vec![root.clone()];
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let work = |loc: &str| install(&server, &bytes, true, Backup::Location(loc.into()));
+
+        let (_, outcome) = run(&up, &server, &work("nightly")).await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let named = state
+            .join("backups")
+            .join("nightly")
+            .join("1.0.0")
+            .join("bin/app");
+        assert_eq!(fs::read_to_string(named).unwrap(), "1.0.0");
+
+        let mut up = node(&tmp.path().join("state-2"), None, None);
+        up.steps.backup_roots = vec![root.clone()];
+        let inside_root = root.join("edge");
+        let (_, outcome) = run(&up, &server, &work(&inside_root.display().to_string())).await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        assert!(inside_root.join("1.0.0").join("bin/app").is_file());
+
+        // Through the link the path leaves the root: refused, nothing written.
+        let mut up = node(&tmp.path().join("state-3"), None, None);
+        up.steps.backup_roots = vec![root.clone()];
+        let through = root.join("link").join("edge");
+        let (steps, outcome) = run(&up, &server, &work(&through.display().to_string())).await;
+        assert_eq!(outcome.state, ReportState::Rejected, "{}", outcome.detail);
+        assert!(
+            outcome.detail.contains("backup roots"),
+            "{}",
+            outcome.detail
+        );
+        assert!(steps.is_empty());
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+        // A sibling whose name merely starts like the root is not in it.
+        let sibling = format!("{}-x", root.display());
+        let (_, outcome) = run(&up, &server, &work(&sibling)).await;
+        assert_eq!(outcome.state, ReportState::Rejected, "{}", outcome.detail);
+        assert!(!Path::new(&sibling).exists());
     }
 
     #[tokio::test]

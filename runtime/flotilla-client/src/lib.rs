@@ -129,6 +129,24 @@ pub struct NodeFilter {
     pub healthy: Option<bool>,
 }
 
+/// A token that enrolls one node id once (`POST /v1/nodes/{id}/enroll-token`);
+/// the agent presents it as its enrollment secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollToken {
+    pub node_id: String,
+    pub token: String,
+    /// Unix ms.
+    pub expires_at: u64,
+}
+
+/// An enrolled node's leave to enroll once more (`POST /v1/nodes/{id}/reenroll`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reenrollment {
+    pub node_id: String,
+    /// Unix ms.
+    pub expires_at: u64,
+}
+
 /// A release to register (`POST /v1/releases`): without `url` the artifact
 /// is uploaded afterwards; with it, `sha256` and `size` are required.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -430,6 +448,39 @@ impl Client {
                 &format!("/v1/nodes/{}", seg(&node.id)),
             )
             .json(node),
+        )
+        .await
+    }
+
+    /// A one-time enrollment token for node `id`, valid for `expires`
+    /// (whole seconds, at least one).
+    pub async fn enroll_token(
+        &self,
+        id: &str,
+        expires: Duration,
+    ) -> Result<EnrollToken, ClientError> {
+        self.decode(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/v1/nodes/{}/enroll-token", seg(id)),
+            )
+            .json(&serde_json::json!({ "expires_seconds": expires.as_secs().max(1) })),
+        )
+        .await
+    }
+
+    /// Lets the enrolled node `id` enroll once more within `expires`.
+    pub async fn allow_reenroll(
+        &self,
+        id: &str,
+        expires: Duration,
+    ) -> Result<Reenrollment, ClientError> {
+        self.decode(
+            self.request(
+                reqwest::Method::POST,
+                &format!("/v1/nodes/{}/reenroll", seg(id)),
+            )
+            .json(&serde_json::json!({ "expires_seconds": expires.as_secs().max(1) })),
         )
         .await
     }

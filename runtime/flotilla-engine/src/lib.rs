@@ -76,6 +76,22 @@ pub enum EngineError {
     NotInTask { node: String },
     #[error("task {task}: {reason}")]
     Refused { task: String, reason: String },
+    /// Another active task already takes `package` to this target: a second
+    /// one (a replayed webhook, a double click) would race it for its nodes.
+    #[error(
+        "task {task} is already taking {package} to {target}; wait for it to end or cancel it first"
+    )]
+    Active {
+        task: String,
+        package: String,
+        target: String,
+    },
+    /// Every node in scope runs a newer version than the target, and the
+    /// spec does not say `downgrade: true`.
+    #[error(
+        "all {nodes} nodes in scope run a version newer than {target}: this task would only downgrade; set `downgrade: true` if that is what you mean"
+    )]
+    Downgrade { target: String, nodes: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -357,12 +373,25 @@ impl Engine {
     }
 
     /// Validates and stores a new task; it starts on the next tick.
+    ///
+    /// Refused: a second active task for the same package and target
+    /// ([`EngineError::Active`]), and a task whose target is older than every
+    /// node in scope unless it says `downgrade` ([`EngineError::Downgrade`]).
+    /// Both are checked here, on the engine's one thread, so two racing
+    /// requests cannot both pass.
     pub fn create(&mut self, spec: TaskSpec) -> Result<Task, EngineError> {
         spec.validate()?;
         schedule_from_params(&spec).map_err(|reason| EngineError::Refused {
             task: spec.name.clone(),
             reason,
         })?;
+        let resolved = self.resolve(&spec.target);
+        self.refuse_a_second_active_task(&spec, resolved.as_deref())?;
+        if !spec.downgrade
+            && let Some(target) = &resolved
+        {
+            self.refuse_a_downgrade_of_everyone(&spec, target)?;
+        }
         let now = self.clock.now();
         let task = Task {
             id: format!("t{:06}", self.next_id),
@@ -389,6 +418,86 @@ impl Engine {
         );
         self.commit(&task.id)?;
         Ok(task)
+    }
+
+    /// The version `target` stands for now (`None`: the control plane
+    /// reports none yet; the task fails at start if it still does not).
+    fn resolve(&self, target: &Target) -> Option<String> {
+        match target {
+            Target::Version(v) => Some(v.clone()),
+            Target::ControlPlane(c) => self.delivery.control_plane_version(c),
+        }
+    }
+
+    fn refuse_a_second_active_task(
+        &self,
+        spec: &TaskSpec,
+        resolved: Option<&str>,
+    ) -> Result<(), EngineError> {
+        for live in self.live.values() {
+            let other = &live.task;
+            if !other.state.active() || other.spec.package != spec.package {
+                continue;
+            }
+            // A started task keeps the version it resolved at start.
+            let theirs = other
+                .target_version
+                .clone()
+                .or_else(|| self.resolve(&other.spec.target));
+            let same = match (&other.spec.target, &spec.target) {
+                (Target::ControlPlane(a), Target::ControlPlane(b)) if a == b => true,
+                _ => theirs
+                    .as_deref()
+                    .zip(resolved)
+                    .is_some_and(|(a, b)| flotilla_version::same(a, b)),
+            };
+            if same {
+                return Err(EngineError::Active {
+                    task: other.id.clone(),
+                    package: spec.package.clone(),
+                    target: resolved.or(theirs.as_deref()).unwrap_or("?").to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A target older than every node in scope can only downgrade: refused
+    /// unless the spec says so. Nodes whose version does not parse, and an
+    /// empty scope (an increment task waiting for nodes), refuse nothing.
+    /// Stops at the first node that is not newer.
+    fn refuse_a_downgrade_of_everyone(
+        &self,
+        spec: &TaskSpec,
+        target: &str,
+    ) -> Result<(), EngineError> {
+        let Ok(target_v) = flotilla_version::parse(target) else {
+            return Ok(());
+        };
+        let selector = match &spec.scope {
+            Scope::All => Selector::default(),
+            Scope::Selector(s) => s.clone(),
+        };
+        let mut newer = 0;
+        loop {
+            let page = self.fleet.query(&selector, newer as u64, 4096);
+            for node in &page {
+                if !newer_than(&node.version, &target_v) {
+                    return Ok(());
+                }
+                newer += 1;
+            }
+            if page.len() < 4096 {
+                break;
+            }
+        }
+        if newer == 0 {
+            return Ok(());
+        }
+        Err(EngineError::Downgrade {
+            target: target.to_string(),
+            nodes: newer,
+        })
     }
 
     pub fn task(&self, id: &str) -> Result<Task, EngineError> {
@@ -652,12 +761,27 @@ impl Engine {
         let live = self.live.get_mut(id).expect("live");
         // The runner's own skips come first; the policy sees the rest.
         let sources = live.task.spec.source_versions.clone();
+        // `None`: a downgrade task, or a target that is not a version.
+        let no_older_than = (!live.task.spec.downgrade)
+            .then(|| flotilla_version::parse(target).ok())
+            .flatten();
         let mut candidates: Vec<Node> = Vec::with_capacity(nodes.len());
         for node in nodes {
             let skip = if let Some(other) = self.busy.get(&node.id).filter(|t| &***t != id) {
                 Some((SkipReason::BusyInAnotherTask, format!("in task {other}")))
             } else if flotilla_version::same(&node.version, target) {
                 Some((SkipReason::SameVersion, format!("already at {target}")))
+            } else if no_older_than
+                .as_ref()
+                .is_some_and(|t| newer_than(&node.version, t))
+            {
+                Some((
+                    SkipReason::NewerThanTarget,
+                    format!(
+                        "runs {}, newer than the target {target}; only a task with `downgrade: true` takes it back",
+                        node.version
+                    ),
+                ))
             } else if !node.healthy {
                 Some((SkipReason::Unhealthy, "node is unhealthy".to_string()))
             } else if !sources.is_empty()
@@ -1412,10 +1536,18 @@ fn worth_another_look(run: &NodeRun, node: &Node, busy_in: Option<&Arc<str>>, ta
     match reason {
         SkipReason::BusyInAnotherTask => busy_in.is_none_or(|t| &**t == task),
         SkipReason::Unhealthy => node.healthy,
-        SkipReason::SameVersion | SkipReason::OutOfRange | SkipReason::Policy => {
-            node.version != run.from_version
-        }
+        SkipReason::SameVersion
+        | SkipReason::OutOfRange
+        | SkipReason::Policy
+        | SkipReason::NewerThanTarget => node.version != run.from_version,
     }
+}
+
+/// `version` parses and is newer than `target` (semver precedence: build
+/// metadata does not count).
+fn newer_than(version: &str, target: &flotilla_version::Version) -> bool {
+    flotilla_version::parse(version)
+        .is_ok_and(|v| v.cmp_precedence(target) == std::cmp::Ordering::Greater)
 }
 
 fn commit_wave(live: &mut Live, wave: u32, now: u64, out: &mut Vec<Command>) {

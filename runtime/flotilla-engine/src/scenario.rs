@@ -558,7 +558,11 @@ impl Scenario {
             agents.request_every_ms = f.agents.request_every.map_or(60_000, Span::ms).max(1);
         }
         let mut sim = Sim::new(clock.clone(), agents).with_fleet(fleet, self.changes.clone());
-        let task = engine.create(f.task.clone())?;
+        // `task.policy` is a file here, which `source` already holds; the
+        // engine takes policy names.
+        let mut spec = f.task.clone();
+        spec.policy = local_policy_name(Path::new(&spec.policy));
+        let task = engine.create(spec)?;
         let mut operators = self.operators.iter().peekable();
         let mut operator_log = Vec::new();
         loop {
@@ -939,6 +943,30 @@ impl Report {
     }
 }
 
+/// The policy name a local run (a scenario, `flotilla simulate`) gives the
+/// task for the policy file at `path`: its stem made a valid name
+/// ([`flotilla_model::check_name`]), or `policy`.
+pub fn local_policy_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let name: String = stem
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '-',
+        })
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(63)
+        .collect();
+    if flotilla_model::check_name("policy", &name).is_ok() {
+        name
+    } else {
+        "policy".into()
+    }
+}
+
 /// A policy file loaded once and instantiated for every task that names it.
 pub enum PolicyFile {
     Wasm(Box<CompiledPolicy>),
@@ -1032,6 +1060,19 @@ expect:
         assert_eq!(s.policy_path(), Path::new("/tmp/s/../p.rhai"));
         assert_eq!(s.file.task.node_timeout_seconds, 300);
         assert_eq!(s.file.agents.default, Outcome::Succeed);
+    }
+
+    #[test]
+    fn a_policy_file_gives_the_task_a_valid_policy_name() {
+        for (path, name) in [
+            ("../../canary.rhai", "canary"),
+            ("/x/My Policy.wasm", "my-policy"),
+            ("_private.rhai", "private"),
+            ("..", "policy"),
+            ("", "policy"),
+        ] {
+            assert_eq!(local_policy_name(Path::new(path)), name, "{path}");
+        }
     }
 
     #[test]

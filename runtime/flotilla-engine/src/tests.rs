@@ -150,10 +150,10 @@ fn a_node_busy_in_another_task_is_skipped() {
         .create(spec("first", "default", json!({})))
         .unwrap();
     w.engine.tick().unwrap();
-    let b = w
-        .engine
-        .create(spec("second", "default", json!({})))
-        .unwrap();
+    // (Another target: a second task to the same one is refused outright.)
+    let mut second = spec("second", "default", json!({}));
+    second.target = Target::Version("1.14".into());
+    let b = w.engine.create(second).unwrap();
     w.engine.tick().unwrap();
     let states = sim::states(&w.engine, &b.id).unwrap();
     assert!(states.values().all(|s| s == "skipped"), "{states:?}");
@@ -163,6 +163,93 @@ fn a_node_busy_in_another_task_is_skipped() {
             .iter()
             .any(|e| e.detail == format!("busy-in-another-task: in task {}", a.id))
     );
+}
+
+/// A spec for `edgecore` at an explicit version, `extra` merged in.
+fn versioned(name: &str, version: &str, extra: serde_json::Value) -> TaskSpec {
+    let mut v = json!({
+        "name": name,
+        "package": "edgecore",
+        "target": { "version": version },
+        "policy": "default",
+    });
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn a_second_active_task_for_the_same_package_and_target_is_refused_naming_the_first() {
+    let mut w = world(fleet(2, "1.12"), &[]);
+    let first = w
+        .engine
+        .create(versioned("first", "1.13.0", json!({})))
+        .unwrap();
+    // `v1.13` is the version the control plane reports: the same target.
+    for again in [
+        versioned("again", "v1.13", json!({})),
+        spec("cp", "default", json!({})),
+    ] {
+        match w.engine.create(again) {
+            Err(EngineError::Active { task, .. }) => assert_eq!(task, first.id),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+    // Another package or another version is another task.
+    w.engine
+        .create(versioned("other", "1.14.0", json!({})))
+        .unwrap();
+    let mut other_package = versioned("pkg", "1.13.0", json!({}));
+    other_package.package = "cloudcore".into();
+    w.engine.create(other_package).unwrap();
+    // Ended, the first no longer holds its target.
+    w.engine.cancel(&first.id).unwrap();
+    w.engine
+        .create(versioned("after", "1.13.0", json!({})))
+        .unwrap();
+}
+
+#[test]
+fn a_node_newer_than_the_target_is_skipped_unless_the_task_downgrades() {
+    let mut nodes = fleet(3, "1.12");
+    nodes[1].version = "1.14.0".into();
+    let mut w = world(nodes, &[]);
+    let task = w
+        .engine
+        .create(versioned("up", "1.13.0", json!({})))
+        .unwrap();
+    drive(&mut w, &Agents::default());
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(
+        (&*states["n000"], &*states["n001"], &*states["n002"]),
+        ("succeeded", "skipped", "succeeded")
+    );
+    let events = w.engine.events(&task.id, 0, 1000).unwrap();
+    assert!(
+        events.iter().any(|e| e.node.as_deref() == Some("n001")
+            && e.detail.starts_with("newer-than-target: ")
+            && e.detail.contains("downgrade")),
+        "{events:#?}"
+    );
+
+    // Every node in scope is newer: refused at creation, nothing stored.
+    let mut w = world(fleet(2, "1.14.0"), &[]);
+    let err = w
+        .engine
+        .create(versioned("down", "1.13.0", json!({})))
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Downgrade { .. }), "{err}");
+    assert!(err.to_string().contains("downgrade: true"), "{err}");
+    assert!(w.store.tasks().unwrap().is_empty());
+    // Said on purpose, it downgrades.
+    let task = w
+        .engine
+        .create(versioned("down", "1.13.0", json!({"downgrade": true})))
+        .unwrap();
+    drive(&mut w, &Agents::default());
+    let c = sim::counts(&w.engine, &task.id).unwrap();
+    assert_eq!(c["succeeded"], 2, "{c:?}");
 }
 
 #[test]
@@ -316,7 +403,9 @@ fn a_failing_policy_pauses_only_its_task() {
         ..Default::default()
     });
     let bad = w.engine.create(bad).unwrap();
+    // (Another target: two active tasks never share package and target.)
     let mut good = spec("good", "default", json!({}));
+    good.target = Target::Version("1.14".into());
     good.scope = Scope::Selector(Selector {
         labels: vec![("tier".into(), "core".into())],
         ..Default::default()

@@ -8,7 +8,10 @@ pub mod run;
 pub mod task;
 
 pub use run::{IllegalTransition, NodeRun, RunEvent, RunState};
-pub use task::{Backup, Event, Scope, SpecError, Target, Task, TaskEvent, TaskSpec, TaskState};
+pub use task::{
+    Backup, BackupPlace, Event, Scope, SpecError, Target, Task, TaskEvent, TaskSpec, TaskState,
+    backup_place, check_name,
+};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -179,15 +182,19 @@ pub enum SkipReason {
     BusyInAnotherTask,
     OutOfRange,
     Policy,
+    /// The node runs a newer version than the target and the task is not a
+    /// downgrade. The runner's own skip; not in the WIT contract.
+    NewerThanTarget,
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 5] = [
+    pub const ALL: [SkipReason; 6] = [
         SkipReason::SameVersion,
         SkipReason::Unhealthy,
         SkipReason::BusyInAnotherTask,
         SkipReason::OutOfRange,
         SkipReason::Policy,
+        SkipReason::NewerThanTarget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -197,6 +204,7 @@ impl SkipReason {
             SkipReason::BusyInAnotherTask => "busy-in-another-task",
             SkipReason::OutOfRange => "out-of-range",
             SkipReason::Policy => "policy",
+            SkipReason::NewerThanTarget => "newer-than-target",
         }
     }
 

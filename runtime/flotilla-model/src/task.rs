@@ -32,10 +32,70 @@ pub enum Backup {
     /// The agent's default location.
     #[default]
     Default,
-    /// A location the agent knows (`backup add` in the cluster reference).
+    /// A location the agent knows (`backup add` in the cluster reference):
+    /// a plain name (a folder under the agent's backup root) or an absolute
+    /// path the agent's own `backup_roots` allow. See [`backup_place`].
     Location(String),
     /// No backup: fast, but a failed install cannot be restored.
     None,
+}
+
+/// A [`Backup::Location`] that passed [`backup_place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupPlace<'a> {
+    /// One path segment: a folder under the agent's backup root.
+    Name(&'a str),
+    /// A normalised absolute path; the agent decides whether its config
+    /// allows it.
+    Absolute(&'a str),
+}
+
+/// Longest backup location accepted (bytes).
+const MAX_BACKUP_LOCATION: usize = 4096;
+/// Longest segment of one (bytes; the usual file-name limit).
+const MAX_SEGMENT: usize = 255;
+
+/// Checks a backup location the way both the runner (422) and the agent
+/// (refusing the work) do: a plain name of letters, digits, `-`, `_` and `.`
+/// (not `.` or `..`), or an absolute path without `.`/`..` segments, empty
+/// segments or a trailing `/`. Nothing here touches a file system; whether
+/// an absolute path is allowed is the agent's call.
+pub fn backup_place(location: &str) -> Result<BackupPlace<'_>, String> {
+    let bad = |why: &str| Err(format!("backup location {location:?}: {why}"));
+    if location.is_empty() || location.len() > MAX_BACKUP_LOCATION {
+        return bad(&format!("must be 1-{MAX_BACKUP_LOCATION} bytes"));
+    }
+    if location.chars().any(char::is_control) {
+        return bad("contains a control character");
+    }
+    let Some(rest) = location.strip_prefix('/') else {
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if location == "." || location == ".." {
+            return bad("`.` and `..` are not names");
+        }
+        if location.len() > MAX_SEGMENT || !location.chars().all(name_char) {
+            return bad(&format!(
+                "use a plain name (1-{MAX_SEGMENT} letters, digits, `-`, `_`, `.`: a folder under the agent's backup root) or an absolute path"
+            ));
+        }
+        return Ok(BackupPlace::Name(location));
+    };
+    if rest.is_empty() {
+        return Ok(BackupPlace::Absolute(location));
+    }
+    for segment in rest.split('/') {
+        match segment {
+            "" => return bad("an absolute path must be normalised: no `//` and no trailing `/`"),
+            "." | ".." => return bad("an absolute path must not contain `.` or `..`"),
+            s if s.len() > MAX_SEGMENT => {
+                return bad(&format!(
+                    "a path segment is longer than {MAX_SEGMENT} bytes"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(BackupPlace::Absolute(location))
 }
 
 /// What a user submits to start an upgrade.
@@ -73,6 +133,12 @@ pub struct TaskSpec {
     pub node_timeout_seconds: u64,
     #[serde(default)]
     pub retries: u32,
+    /// The target may be older than what nodes run (EMQX-style downgrade).
+    /// Without it, a node on a newer version is skipped (`newer-than-target`)
+    /// and a task whose target is older than every node in scope is refused:
+    /// a replayed or stale trigger never rolls a fleet back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub downgrade: bool,
 }
 
 fn empty_object() -> serde_json::Value {
@@ -129,8 +195,11 @@ impl TaskSpec {
                 );
             }
         }
-        if self.policy.trim().is_empty() {
-            return bad("`policy` is empty".into());
+        // The same rule as every route that takes a policy name: a name is
+        // never a path, so no policy is loaded from outside its directory.
+        check_name("policy", &self.policy)?;
+        if let Backup::Location(loc) = &self.backup {
+            backup_place(loc).map_err(SpecError)?;
         }
         if !self.params.is_object() {
             return bad("`params` must be a JSON object".into());
@@ -139,6 +208,28 @@ impl TaskSpec {
             return bad("`node_timeout_seconds` must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+/// The one name rule for packages, policies, hooks and components: 1–63
+/// lowercase letters, digits, `-`, `_` or `.`, starting with a letter or a
+/// digit (so never `.`, `..`, a hidden file or a path).
+pub fn check_name(what: &str, name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError(format!(
+            "{what} {name:?}: use 1-63 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+        )))
     }
 }
 
@@ -353,6 +444,70 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown field `concurency`"), "{err}");
+    }
+
+    #[test]
+    fn backup_locations_are_one_plain_name_or_a_clean_absolute_path() {
+        let mut s = spec();
+        for ok in [
+            "nightly",
+            "before-1.4_x",
+            "a.b",
+            "/srv/backups",
+            "/srv/backups/edge",
+            "/",
+        ] {
+            s.backup = Backup::Location(ok.into());
+            s.validate().unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../outside",
+            "a/b",
+            "nightly/",
+            "./nightly",
+            "/srv/../etc",
+            "/srv/./b",
+            "/srv//b",
+            "/srv/b/",
+            "sp ace",
+            "tab\t",
+            "/srv/b\0",
+            "ü",
+            &"x".repeat(256),
+            &format!("/{}", "x/".repeat(3000)),
+        ] {
+            s.backup = Backup::Location(bad.into());
+            let err = s.validate().expect_err(bad).to_string();
+            assert!(err.contains("backup location"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn policy_names_follow_the_one_name_rule() {
+        let mut s = spec();
+        for ok in ["canary", "version-gate", "my_policy.v2", "a"] {
+            s.policy = ok.into();
+            s.validate().unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in [
+            "",
+            "../../outside/evil",
+            "../evil",
+            "a/b",
+            "/etc/passwd",
+            ".hidden",
+            "-dash",
+            "Upper",
+            "sp ace",
+            &"x".repeat(64),
+        ] {
+            s.policy = bad.into();
+            let err = s.validate().expect_err(bad).to_string();
+            assert!(err.contains("policy"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,8 +1,15 @@
 //! The agent side of the API ([`flotilla_model::protocol`]): enrollment, heartbeats,
 //! the push long poll, pull requests, reports and artifact downloads.
+//!
+//! Enrollment cannot take over an enrolled node: a node id that holds a token
+//! enrolls again only with that token (`Authorization: Bearer`), with a
+//! one-time node token an operator issued for it (`flotilla node token`), or
+//! once after an operator allowed it (`flotilla node reenroll`); otherwise 409,
+//! and its token and labels stay as they were.
 
 use super::AppState;
 use super::error::{ApiError, json};
+use super::inventory::{NodeToken, Reenroll};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -170,7 +177,7 @@ fn node_auth(state: &AppState, headers: &HeaderMap, node: &str) -> Result<(), Ap
     }
 }
 
-fn valid_node_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn valid_node_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 253 {
         return Err(ApiError::unprocessable("node_id must be 1-253 characters"));
     }
@@ -185,18 +192,73 @@ fn valid_node_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn enroll(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let e: Enroll = json(&body)?;
     valid_node_id(&e.node_id)?;
     e.check().map_err(ApiError::unprocessable)?;
-    if let Some(secret) = state.config.enroll_secret.as_deref()
+    let now = state.clock.now();
+    let inventory = &state.inventory;
+    // From the first check to the stored token, one enrollment at a time: two
+    // racing requests cannot both take a fresh id or one one-time token.
+    let _one_at_a_time = inventory.enrolling();
+    let refused = |e: ApiError| {
+        state.metrics.enroll(false);
+        Err(e)
+    };
+    // The secret is this node's one-time token, or the runner's shared one.
+    let node_token = match inventory.enroll_token(&e.node_id, &e.secret, now)? {
+        NodeToken::Valid => true,
+        NodeToken::Expired(at) => {
+            return refused(
+                ApiError::unauthorized(format!(
+                    "the enrollment token of node {} expired at {at} (Unix ms)",
+                    e.node_id
+                ))
+                .hint(format!(
+                    "ask for a new one: flotilla node token {}",
+                    e.node_id
+                )),
+            );
+        }
+        NodeToken::No => false,
+    };
+    if !node_token
+        && let Some(secret) = state.config.enroll_secret.as_deref()
         && !crate::secret::matches(secret, &e.secret)
     {
-        state.metrics.enroll(false);
-        return Err(ApiError::unauthorized("wrong enrollment secret"));
+        return refused(ApiError::unauthorized("wrong enrollment secret"));
     }
-    let now = state.clock.now();
-    let previous = state.inventory.node(&e.node_id);
+    // An enrolled id: only the node itself, or with an operator's leave.
+    let mut by_allowance = false;
+    if !node_token && inventory.is_enrolled(&e.node_id) {
+        let own = bearer(&headers).is_some_and(|t| inventory.check_token(&e.node_id, t));
+        if !own {
+            let why = match inventory.reenroll_allowed(&e.node_id, now)? {
+                Reenroll::Allowed => None,
+                Reenroll::Expired(at) => Some(format!(
+                    "node {} is already enrolled, and the operator's allowance to enroll it again expired at {at} (Unix ms)",
+                    e.node_id
+                )),
+                Reenroll::No => Some(format!(
+                    "node {} is already enrolled; enrolling it again needs its current token (`Authorization: Bearer`) or an operator's allowance",
+                    e.node_id
+                )),
+            };
+            if let Some(why) = why {
+                tracing::warn!(node = %e.node_id, "enrollment of an enrolled node refused");
+                return refused(ApiError::conflict(why).hint(format!(
+                    "an operator allows it once: flotilla node reenroll {id} (or issues a node token: flotilla node token {id})",
+                    id = e.node_id
+                )));
+            }
+            by_allowance = true;
+        }
+    }
+    let previous = inventory.node(&e.node_id);
     let node = Node {
         id: e.node_id.clone(),
         version: e.version,
@@ -209,12 +271,19 @@ async fn enroll(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respo
         last_seen: now,
     };
     if previous.as_ref() != Some(&node) {
-        state.inventory.upsert_node(node)?;
+        inventory.upsert_node(node)?;
     }
-    let token = state.inventory.issue_token(&e.node_id, now)?;
+    let token = inventory.issue_token(&e.node_id, now)?;
+    // Used up in the same flush as the token they let through.
+    if node_token {
+        inventory.consume_enroll_token(&e.node_id)?;
+    }
+    if by_allowance {
+        inventory.consume_reenroll(&e.node_id)?;
+    }
     state.store_flush()?;
     state.metrics.enroll(true);
-    tracing::info!(node = %e.node_id, "agent enrolled");
+    tracing::info!(node = %e.node_id, node_token, by_allowance, "agent enrolled");
     Ok((StatusCode::OK, Json(Enrolled { token })).into_response())
 }
 

@@ -30,6 +30,8 @@ pub fn routes(state: Arc<AppState>) -> Router {
     let managed = Router::new()
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node).put(put_node))
+        .route("/v1/nodes/{id}/enroll-token", post(enroll_token))
+        .route("/v1/nodes/{id}/reenroll", post(allow_reenroll))
         .route("/v1/releases", get(list_releases).post(create_release))
         .route("/v1/control-plane/{component}", put(put_control_plane))
         .route("/v1/policies", get(list_policies))
@@ -88,24 +90,10 @@ async fn require_token(
     }
 }
 
-/// A name for packages, policies and hooks: a DNS-label-like word.
+/// A name for packages, policies, hooks and components: the one rule of
+/// [`flotilla_model::check_name`], so a name is never a path.
 pub fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::unprocessable(format!(
-            "{what} {name:?}: use 1-63 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit"
-        )))
-    }
+    flotilla_model::check_name(what, name).map_err(|e| ApiError::unprocessable(e.0))
 }
 
 // ----- nodes -----
@@ -220,6 +208,75 @@ async fn put_node(
         StatusCode::CREATED
     };
     Ok((status, Json(node)).into_response())
+}
+
+/// How long an enrollment allowance lasts: `{"expires_seconds": N}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Expiry {
+    expires_seconds: Option<u64>,
+}
+
+/// The longest an enrollment token or a re-enrollment allowance may last.
+const MAX_ENROLL_EXPIRY_SECONDS: u64 = 30 * 86_400;
+
+impl Expiry {
+    /// Unix ms when it ends, from the body (or `default` seconds).
+    fn until(body: &[u8], now: u64, default: u64) -> Result<u64, ApiError> {
+        let Expiry { expires_seconds } = json_or_default(body)?;
+        let secs = expires_seconds.unwrap_or(default);
+        if !(1..=MAX_ENROLL_EXPIRY_SECONDS).contains(&secs) {
+            return Err(ApiError::unprocessable(format!(
+                "expires_seconds must be between 1 and {MAX_ENROLL_EXPIRY_SECONDS} (30 days), not {secs}"
+            )));
+        }
+        Ok(now + secs * 1000)
+    }
+}
+
+/// `POST /v1/nodes/{id}/enroll-token`: a token that enrolls node `id` once
+/// (`flotilla node token ID`). Stored hashed; a newer one replaces it.
+async fn enroll_token(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    super::agents::valid_node_id(&id)?;
+    let expires_at = Expiry::until(&body, state.clock.now(), 86_400)?;
+    let token = state.inventory.issue_enroll_token(&id, expires_at)?;
+    state.store_flush()?;
+    tracing::info!(node = %id, expires_at, "enrollment token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "node_id": id, "token": token, "expires_at": expires_at })),
+    )
+        .into_response())
+}
+
+/// `POST /v1/nodes/{id}/reenroll`: the enrolled node `id` may enroll once
+/// more with the enrollment secret before the allowance expires (`flotilla
+/// node reenroll ID`): a node rebuilt without its token.
+async fn allow_reenroll(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    super::agents::valid_node_id(&id)?;
+    let expires_at = Expiry::until(&body, state.clock.now(), 3600)?;
+    if !state.inventory.is_enrolled(&id) {
+        return Err(ApiError::not_found(format!(
+            "node {id} is not enrolled; it enrolls with the enrollment secret or a node token, no allowance needed"
+        ))
+        .hint(format!("or issue it a one-time token: flotilla node token {id}")));
+    }
+    state.inventory.allow_reenroll(&id, expires_at)?;
+    state.store_flush()?;
+    tracing::info!(node = %id, expires_at, "one re-enrollment allowed");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "node_id": id, "expires_at": expires_at })),
+    )
+        .into_response())
 }
 
 // ----- releases -----
@@ -426,6 +483,7 @@ async fn get_policy(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    valid_name("policy", &name)?;
     let policies = state.policies.clone();
     let n = name.clone();
     let got = tokio::task::spawn_blocking(move || policies.get(&n))
@@ -460,6 +518,7 @@ async fn check_policy(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    valid_name("policy", &name)?;
     let policies = state.policies.clone();
     let checked = tokio::task::spawn_blocking(move || policies.check(&name, &body))
         .await

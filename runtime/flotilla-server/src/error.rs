@@ -83,6 +83,11 @@ impl From<EngineError> for ApiError {
             EngineError::NotInTask { .. } | EngineError::Refused { .. } => {
                 ApiError::conflict(e.to_string())
             }
+            EngineError::Active { ref task, .. } => {
+                let hint = format!("see it: flotilla task show {task}");
+                ApiError::conflict(e.to_string()).hint(hint)
+            }
+            EngineError::Downgrade { .. } => ApiError::conflict(e.to_string()),
             EngineError::Policy(_) => ApiError::unprocessable(e.to_string()),
             EngineError::Store(e) => ApiError::internal(e),
         }

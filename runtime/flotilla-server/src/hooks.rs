@@ -3,9 +3,17 @@
 //! Each hook has a secret and a mapping from payload fields (JSON pointers)
 //! to a task spec. A request must be signed with HMAC-SHA256 of its body:
 //! GitHub's `X-Hub-Signature-256: sha256=<hex>` or `X-Flotilla-Signature:
-//! sha256=<hex>`, checked in constant time. A delivery id (`X-GitHub-Delivery`
-//! or `X-Flotilla-Delivery`) makes redelivery safe: the same id returns the
-//! task the first delivery created.
+//! sha256=<hex>`, checked in constant time.
+//!
+//! A signed body starts at most one task. The delivery id (`X-GitHub-Delivery`
+//! or `X-Flotilla-Delivery`) is not signed, so a delivery is known by the
+//! SHA-256 of its signed body as well as by its id: the same body again, with
+//! a new id or none, answers 200 with the task the first delivery created
+//! (`duplicate: true`). Both keys are kept in the `deliveries` tree, so a
+//! restart keeps them. A task the hook maps is refused like any other (409)
+//! when another active task takes the same package to the same target or when
+//! it would only downgrade; `downgrade = true` in a hook's task needs
+//! `allow_downgrade = true` in its config.
 //!
 //! ```toml
 //! [[hooks]]
@@ -14,6 +22,7 @@
 //! when = { "/action" = "published" }  # other events are answered 202, ignored
 //! fields = { version = "/release/tag_name" }
 //! task = { package = "edge-agent", policy = "canary", params = { threshold = 0.1 } }
+//! # allow_downgrade = true          # only then may `task` or `fields` set downgrade
 //! ```
 
 use super::AppState;
@@ -28,7 +37,7 @@ use flotilla_model::TaskSpec;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -53,6 +62,11 @@ pub struct HookConfig {
     /// The rest of the task spec.
     #[serde(default)]
     pub task: serde_json::Map<String, Value>,
+    /// Whether this hook may start a task with `downgrade: true` (set in
+    /// `task` or mapped in `fields`). Off by default: a replayed or forged
+    /// release event must not take a fleet back.
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 impl HookConfig {
@@ -77,6 +91,15 @@ impl HookConfig {
                     self.name
                 ));
             }
+        }
+        if !self.allow_downgrade
+            && (self.task.get("downgrade") == Some(&Value::Bool(true))
+                || self.fields.contains_key("downgrade"))
+        {
+            return Err(format!(
+                "hook {:?} sets `downgrade` but its config does not say `allow_downgrade = true`",
+                self.name
+            ));
         }
         if !self.fields.contains_key("version") && !self.task.contains_key("target") {
             return Err(format!(
@@ -132,14 +155,20 @@ impl HookConfig {
             let v = version.as_deref().unwrap_or("release");
             spec.insert("name".into(), task_name(&self.name, v).into());
         }
-        serde_json::from_value(Value::Object(spec))
-            .map(Some)
-            .map_err(|e| {
-                ApiError::unprocessable(format!(
-                    "hook {}: the mapped task spec is invalid: {e}",
-                    self.name
-                ))
-            })
+        let spec: TaskSpec = serde_json::from_value(Value::Object(spec)).map_err(|e| {
+            ApiError::unprocessable(format!(
+                "hook {}: the mapped task spec is invalid: {e}",
+                self.name
+            ))
+        })?;
+        if spec.downgrade && !self.allow_downgrade {
+            return Err(ApiError::unprocessable(format!(
+                "hook {}: the task would be a downgrade, and this hook may not start one",
+                self.name
+            ))
+            .hint("set `allow_downgrade = true` in the hook's config to allow it"));
+        }
+        Ok(Some(spec))
     }
 }
 
@@ -243,13 +272,17 @@ async fn handle(
         Some(_) => {}
     }
     let payload: Value = super::error::json(body)?;
-    let delivery = header("x-github-delivery")
-        .or_else(|| header("x-flotilla-delivery"))
-        .map(|d| format!("{name}/{d}"));
-    if let Some(key) = &delivery
-        && let Some(d) = state.inventory.deliveries.get::<Delivered>(key)?
-    {
-        return Ok((StatusCode::OK, duplicate(&d.task)));
+    // Keys of this delivery: the digest of the signed body (hook names have
+    // no `:`, so it cannot collide with an id key) and the id, if sent.
+    let mut keys = vec![format!(
+        "sha256:{name}:{}",
+        hex::encode(Sha256::digest(body))
+    )];
+    if let Some(d) = header("x-github-delivery").or_else(|| header("x-flotilla-delivery")) {
+        keys.push(format!("{name}/{d}"));
+    }
+    if let Some(task) = known(&state.inventory.deliveries, &keys)? {
+        return Ok((StatusCode::OK, duplicate(&task)));
     }
     let Some(spec) = hook.spec(&payload)? else {
         return Ok((
@@ -268,26 +301,22 @@ async fn handle(
     let created = state
         .engine
         .call(move |engine| {
-            if let Some(key) = &delivery {
-                match deliveries.get::<Delivered>(key) {
-                    Ok(Some(d)) => return (Ok(Err(d.task)), Vec::new()),
-                    Ok(None) => {}
-                    Err(e) => return (Err(ApiError::from(e)), Vec::new()),
-                }
+            match known(&deliveries, &keys) {
+                Ok(Some(task)) => return (Ok(Err(task)), Vec::new()),
+                Ok(None) => {}
+                Err(e) => return (Err(e), Vec::new()),
             }
             let task = match engine.create(spec) {
                 Ok(t) => t,
                 Err(e) => return (Err(ApiError::from(e)), Vec::new()),
             };
-            if let Some(key) = &delivery
-                && let Err(e) = deliveries.put(
-                    key,
-                    &Delivered {
-                        task: task.id.clone(),
-                    },
-                )
-            {
-                return (Err(ApiError::from(e)), Vec::new());
+            let seen = Delivered {
+                task: task.id.clone(),
+            };
+            for key in &keys {
+                if let Err(e) = deliveries.put(key, &seen) {
+                    return (Err(ApiError::from(e)), Vec::new());
+                }
             }
             (Ok(Ok(task)), Vec::new())
         })
@@ -302,6 +331,19 @@ async fn handle(
         }
         Err(existing) => Ok((StatusCode::OK, duplicate(&existing))),
     }
+}
+
+/// The task an earlier delivery with any of `keys` created.
+fn known(
+    deliveries: &flotilla_store_sled::Kv,
+    keys: &[String],
+) -> Result<Option<String>, ApiError> {
+    for key in keys {
+        if let Some(d) = deliveries.get::<Delivered>(key)? {
+            return Ok(Some(d.task));
+        }
+    }
+    Ok(None)
 }
 
 fn duplicate(task: &str) -> Value {
@@ -368,5 +410,27 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(err.error.contains("release.tag_name"), "{}", err.error);
+    }
+
+    #[test]
+    fn a_hook_sets_downgrade_only_when_its_config_allows_it() {
+        let payload = serde_json::json!({
+            "action": "published", "release": {"tag_name": "v1.4.0"}, "down": true
+        });
+        let mut h = hook();
+        h.task.insert("downgrade".into(), true.into());
+        assert!(h.check().unwrap_err().contains("allow_downgrade = true"));
+        h.allow_downgrade = true;
+        h.check().unwrap();
+        assert!(h.spec(&payload).unwrap().unwrap().downgrade);
+
+        // Mapped from the payload: refused at config time and per delivery.
+        let mut h = hook();
+        h.fields.insert("downgrade".into(), "/down".into());
+        assert!(h.check().unwrap_err().contains("allow_downgrade"));
+        let err = h.spec(&payload).unwrap_err();
+        assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(err.error.contains("downgrade"), "{}", err.error);
+        assert!(!hook().spec(&payload).unwrap().unwrap().downgrade);
     }
 }

@@ -1,5 +1,6 @@
 //! What the runner knows besides tasks: nodes, releases and their artifacts,
-//! control-plane versions, agent tokens, webhook deliveries and policies.
+//! control-plane versions, agent tokens, one-time enrollment tokens and
+//! re-enrollment allowances, webhook deliveries and policies.
 //! Records live in sled trees of the engine's database (so one flush covers
 //! them); artifacts and policies are files in the data directory.
 //!
@@ -31,6 +32,47 @@ struct AgentRecord {
     enrolled_at: u64,
 }
 
+/// A one-time enrollment token for one node id (`flotilla node token`),
+/// kept as its hash only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EnrollTokenRecord {
+    token_sha256: String,
+    /// Unix ms.
+    expires_at: u64,
+}
+
+/// An operator's leave for an enrolled node id to enroll once more
+/// (`flotilla node reenroll`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReenrollRecord {
+    /// Unix ms.
+    expires_at: u64,
+}
+
+/// What a presented secret is to a node's one-time enrollment token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeToken {
+    /// It is that node's token, unexpired.
+    Valid,
+    /// It was that node's token; it expired at this Unix ms.
+    Expired(u64),
+    /// It is not (the node has none, or another one).
+    No,
+}
+
+/// Whether an operator allowed an enrolled node to enroll again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reenroll {
+    Allowed,
+    /// The allowance ended at this Unix ms.
+    Expired(u64),
+    No,
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
 /// Token hashes both ways: a node's own (to check a node's call) and the
 /// node of a hash (to tell "another node's token" from "no token", and to
 /// let any enrolled node download artifacts) — each one lookup, however
@@ -59,6 +101,11 @@ pub struct Inventory {
     control_plane_cache: RwLock<BTreeMap<String, String>>,
     agents: Kv,
     tokens: RwLock<Tokens>,
+    enroll_tokens: Kv,
+    reenroll: Kv,
+    /// Held while one enrollment is decided and stored, so two racing
+    /// enrollments of one node id (or one one-time token) cannot both pass.
+    enrolling: Mutex<()>,
     pub deliveries: Kv,
     artifacts: PathBuf,
 }
@@ -111,6 +158,9 @@ impl Inventory {
             control_plane_cache: RwLock::new(cp_cache),
             agents,
             tokens: RwLock::new(tokens),
+            enroll_tokens: store.kv("enroll_tokens")?,
+            reenroll: store.kv("reenroll")?,
+            enrolling: Mutex::new(()),
             deliveries: store.kv("deliveries")?,
             artifacts,
         })
@@ -242,6 +292,87 @@ impl Inventory {
             .by_node
             .get(node)
             .is_some_and(|want| bool::from(want.ct_eq(&hash)))
+    }
+
+    /// Whether `node` holds a token (has enrolled).
+    pub fn is_enrolled(&self, node: &str) -> bool {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens.by_node.contains_key(node)
+    }
+
+    /// Serialises enrollments: hold it from the decision to the stored token.
+    pub fn enrolling(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.enrolling.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A one-time token that enrolls `node` (and no other id) once before
+    /// `expires_at` (Unix ms); replaces any earlier one. Only its hash is kept.
+    pub fn issue_enroll_token(&self, node: &str, expires_at: u64) -> Result<String, StoreError> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| StoreError::Io(format!("no randomness: {e}")))?;
+        let token = format!("flne_{}", hex::encode(raw));
+        self.enroll_tokens.put(
+            node,
+            &EnrollTokenRecord {
+                token_sha256: hex::encode(sha256(&token)),
+                expires_at,
+            },
+        )?;
+        Ok(token)
+    }
+
+    /// Whether `presented` is `node`'s one-time enrollment token (compared in
+    /// constant time). Changes nothing: [`Inventory::consume_enroll_token`]
+    /// once the enrollment is stored.
+    pub fn enroll_token(
+        &self,
+        node: &str,
+        presented: &str,
+        now: u64,
+    ) -> Result<NodeToken, StoreError> {
+        use subtle::ConstantTimeEq;
+        let Some(rec) = self.enroll_tokens.get::<EnrollTokenRecord>(node)? else {
+            return Ok(NodeToken::No);
+        };
+        let mut want = [0u8; 32];
+        if hex::decode_to_slice(&rec.token_sha256, &mut want).is_err()
+            || !bool::from(want.ct_eq(&sha256(presented)))
+        {
+            return Ok(NodeToken::No);
+        }
+        if now >= rec.expires_at {
+            // Of no use to anyone any more.
+            self.enroll_tokens.remove(node)?;
+            return Ok(NodeToken::Expired(rec.expires_at));
+        }
+        Ok(NodeToken::Valid)
+    }
+
+    pub fn consume_enroll_token(&self, node: &str) -> Result<(), StoreError> {
+        self.enroll_tokens.remove(node)
+    }
+
+    /// Lets the enrolled `node` enroll once more before `expires_at`.
+    pub fn allow_reenroll(&self, node: &str, expires_at: u64) -> Result<(), StoreError> {
+        self.reenroll.put(node, &ReenrollRecord { expires_at })
+    }
+
+    /// Whether an operator allowed `node` to enroll again (an expired
+    /// allowance is dropped). Changes nothing else:
+    /// [`Inventory::consume_reenroll`] once the enrollment is stored.
+    pub fn reenroll_allowed(&self, node: &str, now: u64) -> Result<Reenroll, StoreError> {
+        match self.reenroll.get::<ReenrollRecord>(node)? {
+            None => Ok(Reenroll::No),
+            Some(r) if now >= r.expires_at => {
+                self.reenroll.remove(node)?;
+                Ok(Reenroll::Expired(r.expires_at))
+            }
+            Some(_) => Ok(Reenroll::Allowed),
+        }
+    }
+
+    pub fn consume_reenroll(&self, node: &str) -> Result<(), StoreError> {
+        self.reenroll.remove(node)
     }
 
     /// Whether `token` belongs to any enrolled node (artifact downloads).
@@ -397,6 +528,9 @@ impl PolicyDir {
     }
 
     fn source(&self, name: &str) -> Option<Source> {
+        // A name is never a path: nothing outside the directory is read,
+        // whichever caller forgot to check.
+        flotilla_model::check_name("policy", name).ok()?;
         let wasm = self.dir.join(format!("{name}.wasm"));
         if wasm.is_file() {
             return Some(Source::Wasm(wasm));
@@ -434,6 +568,12 @@ impl PolicyDir {
     }
 
     fn instantiate(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
+        if let Err(e) = flotilla_model::check_name("policy", name) {
+            return Err(PolicyError::Load {
+                policy: name.into(),
+                reason: e.0,
+            });
+        }
         match self.source(name) {
             None => Err(PolicyError::Load {
                 policy: name.into(),
@@ -473,6 +613,10 @@ impl PolicyDir {
 
     /// Checks and stores a policy under `name`.
     pub fn save(&self, name: &str, bytes: &[u8]) -> Result<PolicyListing, PolicyError> {
+        flotilla_model::check_name("policy", name).map_err(|e| PolicyError::Load {
+            policy: name.into(),
+            reason: e.0,
+        })?;
         let (kind, info) = self.check(name, bytes)?;
         let io = |e: std::io::Error| PolicyError::Load {
             policy: name.into(),
@@ -617,5 +761,85 @@ impl Policy for Timed {
         node: &Node,
     ) -> Result<flotilla_model::Offer, PolicyError> {
         self.time("on-request", |p| p.call_on_request(ctx, node))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrollment_tokens_are_kept_hashed_and_match_one_node_until_they_expire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&tmp.path().join("db")).unwrap();
+        let inv = Inventory::open(&store, tmp.path(), BTreeMap::new()).unwrap();
+        let token = inv.issue_enroll_token("n1", 1_000).unwrap();
+        assert!(token.starts_with("flne_"), "{token}");
+        let stored: Vec<(String, serde_json::Value)> =
+            store.kv("enroll_tokens").unwrap().all().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(
+            !stored[0].1.to_string().contains(&token[5..]),
+            "the token is stored in the clear"
+        );
+        assert_eq!(inv.enroll_token("n2", &token, 0).unwrap(), NodeToken::No);
+        assert_eq!(
+            inv.enroll_token("n1", "flne_guess", 0).unwrap(),
+            NodeToken::No
+        );
+        assert_eq!(
+            inv.enroll_token("n1", &token, 999).unwrap(),
+            NodeToken::Valid
+        );
+        assert_eq!(
+            inv.enroll_token("n1", &token, 1_000).unwrap(),
+            NodeToken::Expired(1_000)
+        );
+        // An expired token is dropped: asked again, it is no token at all.
+        assert_eq!(inv.enroll_token("n1", &token, 0).unwrap(), NodeToken::No);
+
+        inv.allow_reenroll("n1", 500).unwrap();
+        assert_eq!(inv.reenroll_allowed("n1", 499).unwrap(), Reenroll::Allowed);
+        assert_eq!(inv.reenroll_allowed("n2", 0).unwrap(), Reenroll::No);
+        inv.consume_reenroll("n1").unwrap();
+        assert_eq!(inv.reenroll_allowed("n1", 0).unwrap(), Reenroll::No);
+        inv.allow_reenroll("n1", 500).unwrap();
+        assert_eq!(
+            inv.reenroll_allowed("n1", 500).unwrap(),
+            Reenroll::Expired(500)
+        );
+        assert_eq!(inv.reenroll_allowed("n1", 0).unwrap(), Reenroll::No);
+    }
+
+    #[test]
+    fn a_policy_name_never_reaches_outside_the_policies_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data").join("policies");
+        std::fs::create_dir_all(tmp.path().join("outside")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(tmp.path().join("outside").join("evil.rhai"), "let x = 1;\n").unwrap();
+        std::fs::write(tmp.path().join("data").join("evil.rhai"), "let x = 1;\n").unwrap();
+        let policies = PolicyDir::new(dir, Limits::default(), Arc::new(Metrics::new())).unwrap();
+        for name in ["../../outside/evil", "../evil", "/etc/passwd", ".evil"] {
+            let err = policies
+                .load(name, World::empty())
+                .err()
+                .expect(name)
+                .to_string();
+            assert!(err.contains("policy"), "{name}: {err}");
+            assert!(policies.get(name).unwrap().is_none(), "{name}");
+        }
+        // (Relative names only: an absolute one would write where it says.)
+        for name in ["../../outside/evil", "../../outside/new", ".evil"] {
+            assert!(policies.save(name, b"let x = 1;").is_err(), "{name}");
+        }
+        assert!(!tmp.path().join("outside").join("evil.wasm").exists());
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("outside"))
+                .unwrap()
+                .count(),
+            1,
+            "a save wrote outside the policies dir"
+        );
     }
 }

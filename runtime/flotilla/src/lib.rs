@@ -45,7 +45,8 @@ pub enum Command {
     Agent(Box<flotilla_agent::cli::AgentArgs>),
     /// Create, inspect and steer tasks on a runner (`flotilla serve`).
     Task(remote::TaskArgs),
-    /// List the nodes a runner knows.
+    /// List the nodes a runner knows; issue one-time enrollment tokens and
+    /// re-enrollment allowances.
     Node(remote::NodeArgs),
     /// Add and list releases on a runner.
     Release(remote::ReleaseArgs),

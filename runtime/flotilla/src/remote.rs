@@ -128,6 +128,24 @@ pub enum NodeCommand {
         #[arg(long)]
         healthy: Option<bool>,
     },
+    /// Issue a one-time token that enrolls node ID (and no other) once; the
+    /// agent gives it as its enrollment secret. The stronger alternative to
+    /// a fleet-wide secret.
+    Token {
+        id: String,
+        /// How long it is valid (`30m`, `24h`, `7d`; at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+    },
+    /// Allow the enrolled node ID to enroll once more with the enrollment
+    /// secret (a node rebuilt without its token). Without this, enrolling an
+    /// enrolled id is refused.
+    Reenroll {
+        id: String,
+        /// How long the allowance lasts (at most 30 days).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+    },
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -270,19 +288,25 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let c = args.remote.client()?;
     let json = args.remote.json;
     runtime()?.block_on(async move {
-        let NodeCommand::List {
-            labels,
-            version,
-            online,
-            healthy,
-        } = args.command;
-        let filter = NodeFilter {
-            labels,
-            version,
-            online,
-            healthy,
+        let text = match args.command {
+            NodeCommand::List {
+                labels,
+                version,
+                online,
+                healthy,
+            } => {
+                let filter = NodeFilter {
+                    labels,
+                    version,
+                    online,
+                    healthy,
+                };
+                node_list(&c, &filter, json).await?
+            }
+            NodeCommand::Token { id, expires } => node_token(&c, &id, expires, json).await?,
+            NodeCommand::Reenroll { id, expires } => node_reenroll(&c, &id, expires, json).await?,
         };
-        print(&node_list(&c, &filter, json).await?);
+        print(&text);
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -882,6 +906,44 @@ pub async fn node_list(c: &Client, filter: &NodeFilter, json: bool) -> anyhow::R
         return to_json(&page);
     }
     Ok(render_nodes(&page.items, page.total, now_ms()))
+}
+
+/// `node token ID [--expires 24h]`.
+pub async fn node_token(
+    c: &Client,
+    id: &str,
+    expires: Duration,
+    json: bool,
+) -> anyhow::Result<String> {
+    let t = c.enroll_token(id, expires).await?;
+    if json {
+        return to_json(&t);
+    }
+    Ok(format!(
+        "Enrollment token for node {} (works once, until {} UTC):\n{}\n\
+         The agent gives it as its enrollment secret (--enroll-secret or FLOTILLA_ENROLL_SECRET).",
+        t.node_id,
+        clock_time(t.expires_at),
+        t.token
+    ))
+}
+
+/// `node reenroll ID [--expires 1h]`.
+pub async fn node_reenroll(
+    c: &Client,
+    id: &str,
+    expires: Duration,
+    json: bool,
+) -> anyhow::Result<String> {
+    let r = c.allow_reenroll(id, expires).await?;
+    if json {
+        return to_json(&r);
+    }
+    Ok(format!(
+        "Node {} may enroll once more, with the enrollment secret, until {} UTC.",
+        r.node_id,
+        clock_time(r.expires_at)
+    ))
 }
 
 pub fn render_nodes(nodes: &[Node], total: usize, now: u64) -> String {

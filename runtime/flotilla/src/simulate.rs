@@ -64,11 +64,7 @@ fn read<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Resu
 pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let nodes: Vec<Node> = read(&args.fleet, "a JSON array of nodes")?;
     let mut spec: TaskSpec = read(&args.task, "a task spec")?;
-    spec.policy = args
-        .policy
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "policy".into());
+    spec.policy = flotilla_engine::scenario::local_policy_name(&args.policy);
     let agents: Agents = match &args.agents {
         Some(p) => read(p, "an agents file")?,
         None => Agents::default(),

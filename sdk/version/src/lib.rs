@@ -5,7 +5,8 @@
 //! normalised to semver by dropping a leading `v`/`V` and padding missing minor or
 //! patch numbers with zeros.
 
-use semver::{Version, VersionReq};
+pub use semver::Version;
+use semver::VersionReq;
 
 /// Parses `v1.13`, `1.12`, `4.2.0`, `5.0.1-rc.1+build` as semver.
 pub fn parse(s: &str) -> Result<Version, semver::Error> {
