@@ -5,6 +5,7 @@ mod cli_remote;
 mod e2e;
 mod edge;
 mod engine_on_sled;
+mod hardening_faults;
 mod policy_load;
 mod policy_safety;
 mod policy_twins;
