@@ -36,6 +36,7 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The system allocator, counting bytes per thread.
 pub struct Counting;
 
+#[inline]
 fn add(bytes: isize) {
     // `try_with`: a thread being torn down has no counter any more.
     let _ = LIVE.try_with(|live| live.set(live.get().wrapping_add(bytes)));
@@ -72,6 +73,13 @@ unsafe impl GlobalAlloc for Counting {
         }
         p
     }
+}
+
+/// [`thread_live`] without noting that the allocator is installed: the
+/// cheapest read, for a check made every few operations of a script.
+#[inline]
+pub fn thread_balance() -> isize {
+    LIVE.try_with(Cell::get).unwrap_or(0)
 }
 
 /// Bytes this thread allocated and has not freed (a running balance: only

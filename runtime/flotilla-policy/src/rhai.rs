@@ -17,7 +17,8 @@
 //! operation count, a call depth, a wall-clock budget checked every
 //! [`CLOCK_CHECK_EVERY`] operations, a cap on strings, arrays and maps, and
 //! the memory cap of a Wasm instance on everything the call allocates and
-//! still holds (counted by [`crate::alloc`], checked on every operation).
+//! still holds (counted by [`crate::alloc`], checked every
+//! [`MEMORY_CHECK_EVERY`] operations).
 //! `print`, `debug` and `log` write at most [`PRINT_LINES_PER_CALL`] lines a
 //! call and [`PRINT_LINES_PER_MINUTE`] a minute per policy, each cut at
 //! [`MAX_PRINT_BYTES`] with control characters escaped; what is dropped is
@@ -57,6 +58,9 @@ const MAX_FN_EXPR_DEPTH: usize = 32;
 /// as much as one cheap operation, so this is noise; fewer would let a run of
 /// expensive operations (megabyte string copies) overshoot the budget further.
 const CLOCK_CHECK_EVERY: u64 = 256;
+/// The memory a hook holds is checked once per this many operations: the
+/// read is cheap, but a `select` over a million nodes runs ~10^8 operations.
+const MEMORY_CHECK_EVERY: u64 = 4;
 /// `print`, `debug` and `log` of one hook call: at most this many lines...
 const PRINT_LINES_PER_CALL: usize = 100;
 /// ...of at most this many bytes each (longer ones are cut)...
@@ -544,7 +548,7 @@ impl Deadline {
     /// allocator, which then never says so).
     fn over_memory(&self) -> bool {
         let grown =
-            crate::alloc::thread_live().wrapping_sub(self.memory_start.load(Ordering::Relaxed));
+            crate::alloc::thread_balance().wrapping_sub(self.memory_start.load(Ordering::Relaxed));
         grown > self.memory_cap
     }
 
@@ -616,9 +620,10 @@ fn new_engine(name: &str, world: &World, limits: &Limits, deadline: Arc<Deadline
     set_allowance(&mut engine, limits, Sizes::default());
     let progress = deadline.clone();
     engine.on_progress(move |ops| {
-        // Every operation: one allocates at most about `max_collection`
-        // bytes, so the cap is overshot by at most that much.
-        if progress.over_memory() {
+        // Every few operations: one allocates at most about two values of
+        // `max_collection` bytes (a copy and its source), so the cap is
+        // overshot by at most a few of those.
+        if ops % MEMORY_CHECK_EVERY == 0 && progress.over_memory() {
             Some(Dynamic::from(MEMORY_TOKEN))
         } else if ops % CLOCK_CHECK_EVERY == 0 && progress.passed() {
             Some(Dynamic::from("cpu budget"))
