@@ -40,10 +40,11 @@ fn plan(ctx, nodes) {
 }
 "#;
 
+/// A task of its own package (one active task per package and target).
 fn spec(name: &str, policy: &str, ids: &[&str]) -> TaskSpec {
     let mut s: TaskSpec = serde_json::from_value(json!({
         "name": name,
-        "package": "edge",
+        "package": format!("edge-{name}"),
         "target": {"version": "2.0.0"},
         "policy": policy,
     }))
