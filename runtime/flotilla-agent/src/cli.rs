@@ -2,7 +2,7 @@
 //! an [`AgentConfig`]), or manage the node's releases by hand (`versions`,
 //! `install`, `downgrade`, `uninstall`).
 
-use crate::releases::ReleaseStore;
+use crate::releases::{ReleaseStore, UnpackLimits};
 use crate::upgrade::Steps;
 use crate::{AgentConfig, DEFAULT_WAIT_SECONDS};
 use anyhow::{Context as _, bail};
@@ -86,6 +86,16 @@ pub struct RunArgs {
     /// Download attempts after the first [default: 5].
     #[arg(long)]
     pub download_retries: Option<u32>,
+    /// A release archive may unpack to this many times its size [default: 16].
+    #[arg(long)]
+    pub unpack_ratio: Option<u64>,
+    /// ...but always to this many bytes [default: 67108864, 64 MiB].
+    #[arg(long)]
+    pub unpack_min_bytes: Option<u64>,
+    /// Entries (files, directories, links) a release archive may hold
+    /// [default: 100000].
+    #[arg(long)]
+    pub unpack_max_entries: Option<u64>,
     /// Tell the runner this node is not schedulable.
     #[arg(long)]
     pub unschedulable: bool,
@@ -147,6 +157,9 @@ struct FileConfig {
     pull_seconds: Option<u64>,
     wait_seconds: Option<u64>,
     download_retries: Option<u32>,
+    unpack_ratio: Option<u64>,
+    unpack_min_bytes: Option<u64>,
+    unpack_max_entries: Option<u64>,
     schedulable: Option<bool>,
     #[serde(default)]
     backup_roots: Vec<PathBuf>,
@@ -259,6 +272,20 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
             ),
             download_retries: args.download_retries.or(file.download_retries).unwrap_or(5),
             backup_roots,
+            unpack_ratio: args
+                .unpack_ratio
+                .or(file.unpack_ratio)
+                .unwrap_or(UnpackLimits::RATIO)
+                .max(1),
+            unpack_min_bytes: args
+                .unpack_min_bytes
+                .or(file.unpack_min_bytes)
+                .unwrap_or(UnpackLimits::MIN_BYTES),
+            unpack_max_entries: args
+                .unpack_max_entries
+                .or(file.unpack_max_entries)
+                .unwrap_or(UnpackLimits::MAX_ENTRIES)
+                .max(1),
             ..Steps::default()
         },
         heartbeat: Duration::from_secs(
@@ -397,6 +424,9 @@ mod tests {
             pull_seconds,
             wait_seconds,
             download_retries,
+            unpack_ratio,
+            unpack_min_bytes,
+            unpack_max_entries,
             schedulable,
             backup_roots,
         } = toml::from_str(&all_on).unwrap();
@@ -408,6 +438,8 @@ mod tests {
         assert!(heartbeat_seconds.is_some() && pull.is_some() && pull_seconds.is_some());
         assert!(wait_seconds.is_some() && download_retries.is_some() && schedulable.is_some());
         assert!(!backup_roots.is_empty());
+        assert!(unpack_ratio.is_some() && unpack_min_bytes.is_some());
+        assert!(unpack_max_entries.is_some());
     }
 
     #[test]
@@ -423,6 +455,7 @@ state_dir = "/tmp/x"
 install_command = "true"
 heartbeat_seconds = 3
 pull = true
+unpack_ratio = 4
 labels = { tier = "edge", zone = "a" }
 "#,
         )
@@ -431,6 +464,7 @@ labels = { tier = "edge", zone = "a" }
             config: Some(file),
             node_id: Some("from-flag".into()),
             labels: vec!["zone=b".into()],
+            unpack_min_bytes: Some(1 << 20),
             ..RunArgs::default()
         };
         let c = config(args, Some("s3cret".into())).unwrap();
@@ -447,6 +481,15 @@ labels = { tier = "edge", zone = "a" }
             ]
         );
         assert_eq!(c.steps.install_command.as_deref(), Some("true"));
+        // The unpack cap: the file's ratio, the flag's floor, the default entries.
+        assert_eq!(
+            (
+                c.steps.unpack_ratio,
+                c.steps.unpack_min_bytes,
+                c.steps.unpack_max_entries
+            ),
+            (4, 1 << 20, UnpackLimits::MAX_ENTRIES)
+        );
 
         let err = config(RunArgs::default(), None).unwrap_err();
         assert!(err.to_string().contains("--server is required"), "{err}");

@@ -22,7 +22,15 @@ pub enum ClientError {
         what: &'static str,
         status: StatusCode,
         body: String,
+        /// What the runner's `Retry-After` asked for (a 503 for a store
+        /// fault, a 429): the agent waits at least that long.
+        retry_after: Option<Duration>,
     },
+    /// An artifact download refused. Only the status: the body of whatever
+    /// answered (an internal endpoint a runner pointed the agent at) must
+    /// not travel on in the node's report.
+    #[error("the artifact server answered {status}")]
+    Download { status: StatusCode },
 }
 
 /// reqwest's own message hides the cause ("connection refused") in its sources.
@@ -37,13 +45,25 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The longest `Retry-After` the agent honours: a runner (or something in
+/// between) asking for more must not park the agent for good.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 impl ClientError {
+    /// How long the runner asked to wait before the next try, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Worth trying again later (the runner down or busy), as opposed to a
     /// request the runner will keep refusing.
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Unreachable(_) => true,
-            ClientError::Status { status, .. } => {
+            ClientError::Status { status, .. } | ClientError::Download { status } => {
                 status.is_server_error()
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
@@ -144,12 +164,24 @@ impl Client {
         if status.is_success() {
             return Ok(resp);
         }
+        // Seconds only (the HTTP-date form is not worth a date parser here).
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
         let body = resp.text().await.unwrap_or_default();
         let body: String = body.chars().take(500).collect();
         Err(match status {
             StatusCode::UNAUTHORIZED if what != "enroll" => ClientError::Unauthorized,
             StatusCode::CONFLICT if what == "report" => ClientError::Refused(body),
-            _ => ClientError::Status { what, status, body },
+            _ => ClientError::Status {
+                what,
+                status,
+                body,
+                retry_after,
+            },
         })
     }
 
@@ -226,20 +258,10 @@ impl Client {
         if status.is_success() || status == StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
         }
-        let body: String = resp
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(500)
-            .collect();
+        // The body is not read at all: dropping the response closes it.
         Err(match status {
             StatusCode::UNAUTHORIZED => ClientError::Unauthorized,
-            _ => ClientError::Status {
-                what: "artifact",
-                status,
-                body,
-            },
+            _ => ClientError::Download { status },
         })
     }
 }

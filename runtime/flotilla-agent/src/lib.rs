@@ -380,10 +380,14 @@ impl Agent {
                     tracing::error!(task = report.task, error = %e, "the runner rejected the report");
                     return Delivery::Refused;
                 }
+                // A fault on the runner (503 for a store that could not
+                // take the report), a network error: the outcome stays in
+                // the journal and goes again, no sooner than the runner asked.
                 Err(e) => {
                     tracing::warn!(error = %e, "final report failed; retrying");
                     self.on_error(&e);
-                    if !self.pause(backoff.next()).await {
+                    let pause = backoff.next().max(e.retry_after().unwrap_or_default());
+                    if !self.pause(pause).await {
                         break;
                     }
                 }
@@ -636,6 +640,88 @@ mod tests {
                 .map(|r| r.path().to_string())
                 .collect()
         }
+    }
+
+    /// An agent wired to `server` only for delivering reports.
+    fn reporting_agent(server: &TestServer, dir: &std::path::Path) -> (Agent, watch::Sender<bool>) {
+        let store = ReleaseStore::open(dir).unwrap();
+        let client = Client::new(&server.url(), "n1").unwrap();
+        client.set_token(Some(TOKEN.into()));
+        let (stop_tx, stop) = watch::channel(false);
+        let config = AgentConfig {
+            server: server.url(),
+            node_id: "n1".into(),
+            state_dir: dir.to_path_buf(),
+            enroll_secret: None,
+            labels: Vec::new(),
+            attributes: Vec::new(),
+            asset_path: String::new(),
+            schedulable: true,
+            steps: Steps::default(),
+            heartbeat: Duration::from_secs(60),
+            pull: None,
+            wait_seconds: 1,
+        };
+        let agent = Agent {
+            upgrader: Upgrader::new(store, config.steps.clone()).unwrap(),
+            config,
+            client,
+            enrolling: tokio::sync::Mutex::new(()),
+            stop,
+            busy: AtomicBool::new(false),
+            last_health: AtomicBool::new(true),
+        };
+        (agent, stop_tx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_answered_503_is_kept_and_retried_after_retry_after_until_taken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        // The runner's store is failing for the first two tries.
+        let server = TestServer::start(move |req: &Request| {
+            assert_eq!(req.path(), "/v1/agents/n1/report");
+            if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                let mut r = Response::status(503);
+                r.headers.push(("retry-after".into(), "2".into()));
+                r.body = br#"{"error":"the runner could not store this change"}"#.to_vec();
+                r
+            } else {
+                Response::status(204)
+            }
+        });
+        let (agent, _stop) = reporting_agent(&server, tmp.path());
+        let report = Report {
+            task: "t1".into(),
+            state: ReportState::Succeeded,
+            detail: String::new(),
+        };
+        let started = std::time::Instant::now();
+        let delivered = tokio::time::timeout(Duration::from_secs(30), agent.deliver(&report))
+            .await
+            .expect("delivered within 30 s");
+        assert_eq!(delivered, Delivery::Taken);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Each retry waited for what the runner asked (2 s), not the
+        // agent's own first backoff steps (1 s, 2 s).
+        assert!(
+            started.elapsed() >= Duration::from_secs(4),
+            "retried after {:?}",
+            started.elapsed()
+        );
+        let bodies: Vec<Report> = server
+            .seen()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
+            .collect();
+        assert!(bodies.iter().all(|b| *b == report), "{bodies:?}");
+
+        // A 409 is a refusal: final at once, not retried.
+        let refused = TestServer::start(|_: &Request| Response::status(409));
+        let (agent, _stop) = reporting_agent(&refused, tmp.path());
+        assert_eq!(agent.deliver(&report).await, Delivery::Refused);
+        assert_eq!(refused.seen().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,47 @@ pub enum ReleaseError {
     UnsafeArchive(String, &'static str),
     #[error("the archive could not be read ({0}); is it a .tar.gz?")]
     BadArchive(io::Error),
+    #[error(
+        "the archive unpacks to more than {limit} {what}, the agent's cap; nothing was installed \
+         (a genuine release this big needs a higher `unpack_ratio`, `unpack_min_bytes` or \
+         `unpack_max_entries` in the agent's config)"
+    )]
+    TooLarge { limit: u64, what: &'static str },
+}
+
+/// How much one archive may unpack to: a compressed archive is small on the
+/// wire and may be enormous on disk (a gzip bomb), so the agent stops at a
+/// cap instead of filling the node's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Bytes of the uncompressed tar stream: file contents plus headers.
+    pub max_bytes: u64,
+    /// Entries (files, directories, links) in the archive.
+    pub max_entries: u64,
+}
+
+impl UnpackLimits {
+    /// What the agent allows by default: 16 times the artifact, at least 64 MiB.
+    pub const RATIO: u64 = 16;
+    pub const MIN_BYTES: u64 = 64 << 20;
+    pub const MAX_ENTRIES: u64 = 100_000;
+
+    /// `ratio` times an artifact of `size` bytes, but never below `min_bytes`.
+    pub fn for_artifact(size: u64, ratio: u64, min_bytes: u64, max_entries: u64) -> Self {
+        UnpackLimits {
+            max_bytes: size.saturating_mul(ratio).max(min_bytes),
+            max_entries,
+        }
+    }
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits {
+            max_bytes: Self::MIN_BYTES,
+            max_entries: Self::MAX_ENTRIES,
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, ReleaseError>;
@@ -272,11 +313,20 @@ impl ReleaseStore {
     /// Unpacks a `.tar.gz` into `releases/<version>/`, replacing a previous
     /// unpack of the same version. With `base`, the archive is a patch laid
     /// over a copy of that installed release. Entries that would land outside
-    /// the release (absolute paths, `..`, links pointing out, devices) refuse
-    /// the whole archive before anything is written to the release directory.
-    pub fn unpack(&self, version: &str, archive: &Path, base: Option<&str>) -> Result<PathBuf> {
+    /// the release (absolute paths, `..`, links pointing out, devices), and
+    /// archives that unpack to more than `limits`, refuse the whole archive
+    /// before anything is written to the release directory. Modes are kept
+    /// but for the setuid, setgid and sticky bits: an agent running as root
+    /// must not install a setuid binary because an archive said so.
+    pub fn unpack(
+        &self,
+        version: &str,
+        archive: &Path,
+        base: Option<&str>,
+        limits: &UnpackLimits,
+    ) -> Result<PathBuf> {
         check_version(version)?;
-        check_archive(archive)?;
+        check_archive(archive, limits)?;
         let staging = self.releases_dir().join(format!(".{version}.unpack"));
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(io_err("cannot clear", &staging))?;
@@ -291,12 +341,19 @@ impl ReleaseStore {
             None => fs::create_dir_all(&staging).map_err(io_err("cannot create", &staging))?,
         }
         let file = fs::File::open(archive).map_err(io_err("cannot open", archive))?;
-        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
-        tar.set_preserve_permissions(true);
+        // Checked above; capped again here so that what is written can never
+        // be more than what was checked.
+        let mut tar = tar::Archive::new(Capped::new(
+            flate2::read::GzDecoder::new(file),
+            limits.max_bytes,
+        ));
+        // Not preserved: tar then keeps `mode & 0o777`, dropping the setuid,
+        // setgid and sticky bits of files and directories alike.
+        tar.set_preserve_permissions(false);
         tar.set_overwrite(true);
         if let Err(e) = tar.unpack(&staging) {
             let _ = fs::remove_dir_all(&staging);
-            return Err(ReleaseError::BadArchive(e));
+            return Err(archive_error(e, limits.max_bytes));
         }
         let dest = self.release_dir(version);
         if dest.exists() {
@@ -346,12 +403,102 @@ impl ReleaseStore {
     }
 }
 
-/// Reads the whole archive once and refuses it if any entry could escape.
-fn check_archive(archive: &Path) -> Result<()> {
+/// A reader that fails once more than `left` bytes have come through it: the
+/// decompressed tar stream, so a gzip bomb stops at the cap (metadata such as
+/// long names and pax headers, which tar reads into memory, included).
+struct Capped<R> {
+    inner: R,
+    left: u64,
+}
+
+/// The error [`Capped`] fails with, told apart from a broken archive.
+#[derive(Debug)]
+struct OverCap;
+
+impl std::fmt::Display for OverCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the archive unpacks to more than the agent's cap")
+    }
+}
+
+impl std::error::Error for OverCap {}
+
+impl<R> Capped<R> {
+    fn new(inner: R, cap: u64) -> Self {
+        Capped { inner, left: cap }
+    }
+}
+
+impl<R: io::Read> io::Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // One byte past the cap is asked for, so a stream of exactly the cap
+        // passes and one byte more fails.
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            return Err(io::Error::other(OverCap));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A tar error, or the cap's own error (tar wraps it in one of its own, with
+/// the path of the entry it was reading, so the chain is searched).
+fn archive_error(e: io::Error, max_bytes: u64) -> ReleaseError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if s.is::<OverCap>() {
+            return ReleaseError::TooLarge {
+                limit: max_bytes,
+                what: "bytes",
+            };
+        }
+        source = match s.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as _),
+            None => s.source(),
+        };
+    }
+    ReleaseError::BadArchive(e)
+}
+
+/// Reads the whole archive once and refuses it if any entry could escape or
+/// it unpacks to more than `limits`.
+fn check_archive(archive: &Path, limits: &UnpackLimits) -> Result<()> {
     let file = fs::File::open(archive).map_err(io_err("cannot open", archive))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    for entry in tar.entries().map_err(ReleaseError::BadArchive)? {
-        let entry = entry.map_err(ReleaseError::BadArchive)?;
+    let mut tar = tar::Archive::new(Capped::new(
+        flate2::read::GzDecoder::new(file),
+        limits.max_bytes,
+    ));
+    let bad = |e| archive_error(e, limits.max_bytes);
+    let (mut entries, mut bytes) = (0u64, 0u64);
+    for entry in tar.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        entries += 1;
+        if entries > limits.max_entries {
+            return Err(ReleaseError::TooLarge {
+                limit: limits.max_entries,
+                what: "entries",
+            });
+        }
+        // A sparse file's holes take no bytes in the stream but make a file
+        // that big on disk (and in every backup copy of it).
+        let header = entry.header();
+        let size = header
+            .as_gnu()
+            .filter(|_| header.entry_type().is_gnu_sparse())
+            .and_then(|g| g.real_size().ok())
+            .unwrap_or(0)
+            .max(entry.size());
+        bytes = bytes.saturating_add(size);
+        if bytes > limits.max_bytes {
+            return Err(ReleaseError::TooLarge {
+                limit: limits.max_bytes,
+                what: "bytes",
+            });
+        }
         let path = entry.path().map_err(ReleaseError::BadArchive)?.into_owned();
         let shown = path.display().to_string();
         if !is_contained(&path) {
@@ -479,7 +626,9 @@ pub(crate) mod tests {
         for v in versions {
             let archive = dir.join(format!("{v}.tar.gz"));
             fs::write(&archive, targz(&[("bin/app", v.as_bytes())])).unwrap();
-            store.unpack(v, &archive, None).unwrap();
+            store
+                .unpack(v, &archive, None, &UnpackLimits::default())
+                .unwrap();
         }
         if let Some(first) = versions.first() {
             store.install(first).unwrap();
@@ -566,7 +715,9 @@ pub(crate) mod tests {
         let archive = tmp.path().join("evil.tar.gz");
         fs::write(&archive, bytes).unwrap();
 
-        let err = store.unpack("2.0.0", &archive, None).unwrap_err();
+        let err = store
+            .unpack("2.0.0", &archive, None, &UnpackLimits::default())
+            .unwrap_err();
         assert!(matches!(err, ReleaseError::UnsafeArchive(..)), "{err}");
         assert!(!tmp.path().join("state/releases/escaped.sh").exists());
         assert!(!tmp.path().join("state/escaped.sh").exists());
@@ -582,7 +733,7 @@ pub(crate) mod tests {
         b.append_link(&mut h, "etc", "../../../etc").unwrap();
         fs::write(&archive, b.into_inner().unwrap().finish().unwrap()).unwrap();
         assert!(matches!(
-            store.unpack("2.0.0", &archive, None),
+            store.unpack("2.0.0", &archive, None, &UnpackLimits::default()),
             Err(ReleaseError::UnsafeArchive(..))
         ));
 
@@ -600,12 +751,14 @@ pub(crate) mod tests {
         let store = store_with(tmp.path(), &["1.0.0"]);
         let patch = tmp.path().join("patch.tar.gz");
         fs::write(&patch, targz(&[("lib/fix.so", b"fixed")])).unwrap();
-        let dir = store.unpack("1.0.1", &patch, Some("1.0.0")).unwrap();
+        let dir = store
+            .unpack("1.0.1", &patch, Some("1.0.0"), &UnpackLimits::default())
+            .unwrap();
         assert_eq!(fs::read_to_string(dir.join("bin/app")).unwrap(), "1.0.0");
         assert_eq!(fs::read_to_string(dir.join("lib/fix.so")).unwrap(), "fixed");
         assert!(!store.release_dir("1.0.0").join("lib").exists());
         assert!(matches!(
-            store.unpack("1.0.2", &patch, Some("0.1.0")),
+            store.unpack("1.0.2", &patch, Some("0.1.0"), &UnpackLimits::default()),
             Err(ReleaseError::NotInstalled(_))
         ));
     }

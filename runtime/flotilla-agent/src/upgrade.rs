@@ -6,7 +6,7 @@
 
 use super::client::{Client, ClientError};
 use super::journal::{Action, Entry, Journal};
-use super::releases::{ReleaseStore, check_version};
+use super::releases::{ReleaseStore, UnpackLimits, check_version};
 use flotilla_model::protocol::{Artifact, Report, ReportState, Work};
 use flotilla_model::{Backup, BackupPlace, ReleaseKind, backup_place};
 use reqwest::StatusCode;
@@ -34,6 +34,12 @@ pub struct Steps {
     /// Absolute directories a task's `backup.location` may name (or lie
     /// under). Empty: only plain names, under the state dir's `backups/`.
     pub backup_roots: Vec<PathBuf>,
+    /// An archive may unpack to this many times its own size...
+    pub unpack_ratio: u64,
+    /// ...but is always allowed this many bytes...
+    pub unpack_min_bytes: u64,
+    /// ...and at most this many entries (files, directories, links).
+    pub unpack_max_entries: u64,
 }
 
 impl Default for Steps {
@@ -47,6 +53,9 @@ impl Default for Steps {
             download_retries: 5,
             retry_backoff: Duration::from_millis(500),
             backup_roots: Vec::new(),
+            unpack_ratio: UnpackLimits::RATIO,
+            unpack_min_bytes: UnpackLimits::MIN_BYTES,
+            unpack_max_entries: UnpackLimits::MAX_ENTRIES,
         }
     }
 }
@@ -309,9 +318,15 @@ impl Upgrader {
         };
         let store = self.store.clone();
         let (v, f) = (version.clone(), file.clone());
+        let limits = UnpackLimits::for_artifact(
+            artifact.size,
+            self.steps.unpack_ratio,
+            self.steps.unpack_min_bytes,
+            self.steps.unpack_max_entries,
+        );
         let unpacked = blocking(move || {
             store
-                .unpack(&v, &f, base.as_deref())
+                .unpack(&v, &f, base.as_deref(), &limits)
                 .map_err(|e| e.to_string())
         })
         .await;
@@ -846,6 +861,7 @@ mod tests {
     use crate::releases::tests::{store_with, targz};
     use crate::testserver::{Response, TestServer};
     use std::fs;
+    use std::io::Read as _;
 
     const LOG: &str = r#"echo "$FLOTILLA_ACTION $FLOTILLA_VERSION" >> "$FLOTILLA_STATE_DIR/log""#;
 
@@ -892,6 +908,7 @@ mod tests {
             download_retries: 3,
             retry_backoff: Duration::from_millis(10),
             backup_roots: Vec::new(),
+            ..Steps::default()
         };
         Upgrader::new(store, steps).unwrap()
     }
@@ -1350,6 +1367,124 @@ mod tests {
         let (_, outcome) = run(&up, &server, &work(&sibling)).await;
         assert_eq!(outcome.state, ReportState::Rejected, "{}", outcome.detail);
         assert!(!Path::new(&sibling).exists());
+    }
+
+    /// A `.tar.gz` of one regular file `path` with `mode` and `len` zero bytes.
+    fn one_file_targz(path: &str, mode: u32, len: usize, level: u32) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(len as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        b.append_data(&mut h, path, std::io::repeat(0).take(len as u64))
+            .unwrap();
+        // A setgid directory too: directories are masked like files.
+        let mut d = tar::Header::new_gnu();
+        d.set_entry_type(tar::EntryType::Directory);
+        d.set_size(0);
+        d.set_mode(0o2775);
+        d.set_cksum();
+        b.append_data(&mut d, "share", std::io::empty()).unwrap();
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn setuid_setgid_and_sticky_bits_are_dropped_when_unpacking() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = one_file_targz("bin/su-me", 0o4755, 16, 6);
+        let server = artifact_server(bytes.clone());
+        // This release has no VERSION file for the usual health check.
+        let mut up = up;
+        up.steps.health_command = None;
+        let work = install(&server, &bytes, true, Backup::None);
+        let (_, outcome) = run(&up, &server, &work).await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let dir = up.store.release_dir("2.0.0");
+        let mode = |p: &str| fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("bin/su-me"), 0o755);
+        assert_eq!(mode("share") & 0o7000, 0);
+    }
+
+    #[tokio::test]
+    async fn a_gzip_bomb_is_refused_and_leaves_no_partial_release() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        // 64 MiB of zeros: ~64 KiB on the wire, past the default cap (16 x
+        // the artifact, at least 64 MiB) once its headers are counted.
+        let bytes = one_file_targz("blob", 0o644, 64 << 20, 9);
+        assert!(bytes.len() < 100 << 10, "{} bytes", bytes.len());
+        let server = artifact_server(bytes.clone());
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack);
+        assert!(
+            outcome.detail.contains("unpacks to more than")
+                && outcome.detail.contains("unpack_ratio"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert!(!up.store.is_installed("2.0.0"));
+        let left: Vec<_> = fs::read_dir(up.store.releases_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["1.0.0"], "a partial release was left behind");
+        assert_eq!(fs::read_dir(up.store.downloads_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_download_reports_the_status_and_never_the_body() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let server = TestServer::start(|_| {
+            let mut r = Response::status(500);
+            r.body = b"internal-secret: db password hunter2".to_vec();
+            r
+        });
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack);
+        assert!(outcome.detail.contains("500"), "{}", outcome.detail);
+        assert!(
+            !outcome.detail.contains("hunter2") && !outcome.detail.contains("internal-secret"),
+            "the server's body was reflected: {}",
+            outcome.detail
+        );
+        // A 404 is final at once, and says only its status too (a fresh
+        // node: this one's journal has the outcome of `t1` already).
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let server = TestServer::start(|_| {
+            let mut r = Response::status(404);
+            r.body = b"internal-secret".to_vec();
+            r
+        });
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert!(outcome.detail.contains("404"), "{}", outcome.detail);
+        assert!(
+            !outcome.detail.contains("internal-secret"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(server.seen().len(), 1);
     }
 
     #[tokio::test]

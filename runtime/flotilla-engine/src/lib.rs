@@ -1217,7 +1217,11 @@ impl Engine {
         let now = self.clock.now();
         self.committed_this_call = 0;
         let mut touched: Vec<String> = Vec::new();
-        let mut results: Vec<Result<(), EngineError>> = Vec::with_capacity(reports.len());
+        // What each touched task was before this batch, to put back if its
+        // commit fails: nothing may act on a change the store did not take.
+        let mut undo: Vec<Undo> = Vec::new();
+        // Each applied report with the index of its task in `touched`.
+        let mut results: Vec<Result<usize, EngineError>> = Vec::with_capacity(reports.len());
         for (node, named, event) in reports {
             let Some(id) = self.busy.get(&node).cloned() else {
                 results.push(Err(EngineError::NotInTask { node }));
@@ -1237,33 +1241,67 @@ impl Engine {
                 .live
                 .get_mut(id)
                 .expect("busy nodes belong to live tasks");
-            let applied =
-                live.transition(&node, event, now)
+            let at = match touched.iter().position(|t| t == id) {
+                Some(at) => at,
+                None => {
+                    touched.push(id.to_string());
+                    undo.push(Undo::of(live));
+                    touched.len() - 1
+                }
+            };
+            let applied = match live.runs.get(&node) {
+                // Sent again (its answer was lost, or its commit stored but
+                // not flushed): taken again, and applied once. The commit
+                // below still makes sure what it says is on disk.
+                Some(run) if is_repeat(run, &event) => Ok(()),
+                Some(run) => {
+                    undo[at].keep(run);
+                    live.transition(&node, event, now)
+                        .map_err(|reason| EngineError::Refused {
+                            task: id.to_string(),
+                            reason,
+                        })
+                }
+                None => live
+                    .transition(&node, event, now)
                     .map_err(|reason| EngineError::Refused {
                         task: id.to_string(),
                         reason,
-                    });
-            results.push(applied);
-            if touched.last().map(String::as_str) != Some(id) && !touched.iter().any(|t| t == id) {
-                touched.push(id.to_string());
-            }
+                    }),
+            };
+            results.push(applied.map(|()| at));
         }
-        for id in touched {
-            let live = self.live.get_mut(&id).expect("live");
+        let mut failed: Vec<Option<StoreError>> = Vec::with_capacity(touched.len());
+        for (id, undo) in touched.iter().zip(undo) {
+            let live = self.live.get_mut(id).expect("live");
             finish_rollback(live, now);
-            if let Err(e) = self.commit(&id) {
-                // Nothing of this task's batch is acknowledged if it is not stored.
-                let msg = e.to_string();
-                for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(EngineError::Refused {
-                        task: id.clone(),
-                        reason: msg.clone(),
-                    });
+            match self.commit(id) {
+                Ok(()) => failed.push(None),
+                Err(e) => {
+                    // A fault, not a refusal: nothing of this task's batch
+                    // is acknowledged, and it is undone in memory, so the
+                    // agent's retry applies it (once) when the store is back.
+                    if let Some(live) = self.live.get_mut(id) {
+                        undo.restore(live);
+                    }
+                    failed.push(Some(match e {
+                        EngineError::Store(e) => e,
+                        other => StoreError::Io(other.to_string()),
+                    }));
                 }
             }
         }
         self.release_memory_after_big_work();
         results
+            .into_iter()
+            .map(|r| match r {
+                Ok(at) => match &failed[at] {
+                    None => Ok(()),
+                    Some(e) => Err(EngineError::Store(e.clone())),
+                },
+                Err(e) => Err(e),
+            })
+            .collect()
     }
 
     /// Pull mode: a device asks for work. Returns the delivery if the policy
@@ -1497,6 +1535,70 @@ fn finish_rollback(live: &mut Live, now: u64) {
             .all(|r| !matches!(r.state, RunState::RollingBack { .. }))
     {
         let _ = live.task_transition(TaskEvent::RolledBack, now);
+    }
+}
+
+/// A task as it was before a batch of reports touched it: what a failed
+/// commit of the batch puts back.
+struct Undo {
+    state: TaskState,
+    updated_at: u64,
+    draining: bool,
+    next_seq: u64,
+    events: usize,
+    dirty: usize,
+    /// Each changed run as it was, once per node.
+    runs: Vec<NodeRun>,
+}
+
+impl Undo {
+    fn of(live: &Live) -> Undo {
+        Undo {
+            state: live.task.state.clone(),
+            updated_at: live.task.updated_at,
+            draining: live.task.draining,
+            next_seq: live.next_seq,
+            events: live.events.len(),
+            dirty: live.dirty.len(),
+            runs: Vec::new(),
+        }
+    }
+
+    /// Keeps `run` as it is now, unless an earlier report of the batch did.
+    fn keep(&mut self, run: &NodeRun) {
+        if !self.runs.iter().any(|r| r.node_id == run.node_id) {
+            self.runs.push(run.clone());
+        }
+    }
+
+    fn restore(self, live: &mut Live) {
+        live.task.state = self.state;
+        live.task.updated_at = self.updated_at;
+        live.task.draining = self.draining;
+        live.next_seq = self.next_seq;
+        // Changes left from before the batch (an earlier failed commit of a
+        // tick) stay, to be committed with the next one.
+        live.events.truncate(self.events);
+        live.dirty.truncate(self.dirty);
+        for run in self.runs {
+            live.runs.insert(run.node_id.clone(), run);
+        }
+    }
+}
+
+/// A final report the run already shows: sent again by an agent that did
+/// not get the answer to the first one.
+fn is_repeat(run: &NodeRun, event: &RunEvent) -> bool {
+    match (&run.state, event) {
+        (RunState::Succeeded { .. }, RunEvent::Succeeded)
+        | (RunState::RolledBack { .. }, RunEvent::RolledBack) => true,
+        (RunState::FailedRolledBack { error: a, .. }, RunEvent::FailedRolledBack { error: b })
+        | (
+            RunState::FailedRollbackFailed { error: a, .. },
+            RunEvent::FailedRollbackFailed { error: b },
+        )
+        | (RunState::Rejected { reason: a, .. }, RunEvent::Rejected { reason: b }) => a == b,
+        _ => false,
     }
 }
 

@@ -1087,3 +1087,115 @@ fn live_counts_match_the_runs_on_disk_and_end_with_the_task() {
     assert!(w.engine.live_counts().is_empty());
     assert!(w.engine.live_view("t999").is_none());
 }
+
+/// A store whose commits fail while `failing` is set (a full disk, an I/O
+/// error): the fault the engine must tell apart from a refusal.
+struct FaultyStore {
+    inner: MemoryStore,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl FaultyStore {
+    fn fail(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StoreError::Io("injected fault: disk full".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for FaultyStore {
+    fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.commit(task, runs, events)
+    }
+    fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        self.inner.task(id)
+    }
+    fn tasks(&self) -> Result<Vec<Task>, StoreError> {
+        self.inner.tasks()
+    }
+    fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError> {
+        self.inner.runs(task_id)
+    }
+    fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
+        self.inner.run(task_id, node_id)
+    }
+    fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.inner.events(task_id, from_seq, limit)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_failed_commit_is_a_fault_not_a_refusal_and_the_retried_report_applies_once() {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let store = Arc::new(FaultyStore {
+        inner: MemoryStore::new(),
+        failing: Default::default(),
+    });
+    let scripts = BTreeMap::from([("default".to_string(), String::new())]);
+    let mut engine = Engine::new(
+        store.clone(),
+        Arc::new(MemoryFleet::new(fleet(2, "1.12"))),
+        Arc::new(MemoryDelivery::default()),
+        clock.clone(),
+        Arc::new(Scripts(scripts)),
+    )
+    .unwrap();
+    let mut s = spec("one", "default", json!({}));
+    s.target = Target::Version("1.13".into());
+    let task = engine.create(s).unwrap();
+    assert_eq!(engine.tick().unwrap().len(), 2);
+    let report = |engine: &mut Engine, event: RunEvent| {
+        engine
+            .report_many_for(vec![("n000".into(), Some(task.id.clone()), event)])
+            .pop()
+            .unwrap()
+    };
+    assert!(report(&mut engine, RunEvent::Downloading).is_ok());
+    let events_before = store.events(&task.id, 0, 1000).unwrap().len();
+
+    store.fail(true);
+    match report(&mut engine, RunEvent::Succeeded) {
+        Err(EngineError::Store(e)) => assert!(e.to_string().contains("disk full"), "{e}"),
+        other => panic!("expected a store fault, got {other:?}"),
+    }
+    // Not applied in memory either: nothing acts on what is not stored.
+    let run = |engine: &Engine| {
+        engine
+            .runs(&task.id)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.node_id == "n000")
+            .unwrap()
+    };
+    assert_eq!(run(&engine).state.name(), "downloading");
+    assert_eq!(engine.live_view(&task.id).unwrap().1["downloading"], 1);
+
+    store.fail(false);
+    assert!(report(&mut engine, RunEvent::Succeeded).is_ok());
+    assert_eq!(run(&engine).state.name(), "succeeded");
+    let events = store.events(&task.id, 0, 1000).unwrap();
+    let succeeded = events
+        .iter()
+        .filter(|e| e.node.as_deref() == Some("n000") && e.kind == "node.succeeded")
+        .count();
+    assert_eq!(succeeded, 1, "{events:#?}");
+    assert_eq!(events.len(), events_before + 1, "{events:#?}");
+    // The same report again (its answer was lost): taken again, not refused,
+    // and not applied twice.
+    assert!(report(&mut engine, RunEvent::Succeeded).is_ok());
+    assert_eq!(
+        store.events(&task.id, 0, 1000).unwrap().len(),
+        events_before + 1
+    );
+}

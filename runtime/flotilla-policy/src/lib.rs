@@ -6,6 +6,7 @@
 //! `plan`, ...) add chunking, defaults and validation, so both hosts behave the
 //! same at the edge the engine sees.
 
+pub mod alloc;
 pub mod build;
 pub mod defaults;
 pub mod rhai;
@@ -21,6 +22,11 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use self::rhai::RhaiPolicy;
+
+/// This crate's tests hold Rhai hooks to the memory cap as the runner does.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
 pub use self::wasm::{CompiledPolicy, WasmPolicy, WasmRuntime};
 
 /// Why a policy call (or load) failed. Every variant names the policy; call

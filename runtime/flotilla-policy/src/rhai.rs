@@ -15,7 +15,14 @@
 //! A script gets no filesystem, no `import`, no `eval`, no wall clock
 //! (`timestamp`) and no `sleep`. Each hook call runs under [`Limits`]: an
 //! operation count, a call depth, a wall-clock budget checked every
-//! [`CLOCK_CHECK_EVERY`] operations, and a cap on strings, arrays and maps.
+//! [`CLOCK_CHECK_EVERY`] operations, a cap on strings, arrays and maps, and
+//! the memory cap of a Wasm instance on everything the call allocates and
+//! still holds (counted by [`crate::alloc`], checked every
+//! [`MEMORY_CHECK_EVERY`] operations).
+//! `print`, `debug` and `log` write at most [`PRINT_LINES_PER_CALL`] lines a
+//! call and [`PRINT_LINES_PER_MINUTE`] a minute per policy, each cut at
+//! [`MAX_PRINT_BYTES`] with control characters escaped; what is dropped is
+//! counted in one "lines suppressed" line.
 //!
 //! Top-level statements run once, at load. Top-level constants stay visible to
 //! the hooks both by name and as `global::NAME`; `const VERSION = "1.2.0";` names
@@ -39,7 +46,7 @@ use rhai::{
 };
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// `fleet_query` returns at most this many nodes a call.
@@ -51,6 +58,15 @@ const MAX_FN_EXPR_DEPTH: usize = 32;
 /// as much as one cheap operation, so this is noise; fewer would let a run of
 /// expensive operations (megabyte string copies) overshoot the budget further.
 const CLOCK_CHECK_EVERY: u64 = 256;
+/// The memory a hook holds is checked once per this many operations: the
+/// read is cheap, but a `select` over a million nodes runs ~10^8 operations.
+const MEMORY_CHECK_EVERY: u64 = 4;
+/// `print`, `debug` and `log` of one hook call: at most this many lines...
+const PRINT_LINES_PER_CALL: usize = 100;
+/// ...of at most this many bytes each (longer ones are cut)...
+const MAX_PRINT_BYTES: usize = 1024;
+/// ...and a policy at most this many a minute, across its calls and threads.
+const PRINT_LINES_PER_MINUTE: usize = 1000;
 
 type RhaiError = Box<EvalAltResult>;
 
@@ -61,6 +77,8 @@ pub struct RhaiPolicy {
     ast: AST,
     limits: Limits,
     deadline: Arc<Deadline>,
+    /// The policy's print allowance per minute, shared by its engines.
+    prints: Arc<PrintWindow>,
     world: World,
     /// The script's top-level constants, for the engines of `workers`.
     constants: Option<Shared<Module>>,
@@ -107,7 +125,18 @@ impl RhaiPolicy {
             policy: name.to_string(),
             reason,
         };
-        let deadline = Arc::new(Deadline::new());
+        if !crate::alloc::installed() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "this program does not count allocations (flotilla_policy::alloc::Counting \
+                     is not its global allocator): Rhai hooks are held to the per-value caps, \
+                     not to the memory cap"
+                );
+            });
+        }
+        let prints = Arc::new(PrintWindow::default());
+        let deadline = Arc::new(Deadline::new(&limits, prints.clone()));
         let mut engine = new_engine(name, &world, &limits, deadline.clone());
 
         let mut ast = engine
@@ -119,7 +148,9 @@ impl RhaiPolicy {
         set_allowance(&mut engine, &limits, Sizes::default());
         deadline.arm(limits.cpu);
         let mut scope = Scope::new();
-        engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| {
+        let ran = engine.run_ast_with_scope(&mut scope, &ast);
+        deadline.report_suppressed(name, "top-level statements");
+        ran.map_err(|e| {
             load_err(match classify(&e, &limits, limits.cpu) {
                 Failure::Budget(b) => {
                     format!("top-level statements exceeded the CPU budget ({b})")
@@ -169,6 +200,7 @@ impl RhaiPolicy {
             ast,
             limits,
             deadline,
+            prints,
             world,
             constants,
             workers: Vec::new(),
@@ -280,6 +312,7 @@ impl Run<'_> {
             hook.fn_name(),
             args,
         );
+        deadline.report_suppressed(self.policy, hook.fn_name());
         result.map(Dynamic::flatten).map_err(|e| {
             let policy = self.policy.to_string();
             match classify(&e, self.limits, budget) {
@@ -348,7 +381,7 @@ impl Policy for RhaiPolicy {
             .ctx_value(ctx)
             .map_err(|m| self.input_error(Hook::Select, m))?;
         while self.workers.len() < groups.len() - 1 {
-            let deadline = Arc::new(Deadline::new());
+            let deadline = Arc::new(Deadline::new(&self.limits, self.prints.clone()));
             let mut engine =
                 new_engine(&self.info.name, &self.world, &self.limits, deadline.clone());
             if let Some(constants) = &self.constants {
@@ -440,32 +473,126 @@ impl Policy for RhaiPolicy {
 // ---------------------------------------------------------------------------
 // Engine
 
-/// The per-call wall-clock deadline the progress callback checks.
+/// One engine's per-call state, which the progress and print callbacks
+/// check: the wall-clock deadline, the memory the call started with, and
+/// the lines it printed. An engine runs one call at a time, on one thread.
 #[derive(Debug)]
 struct Deadline {
     base: Instant,
     /// Nanoseconds after `base`.
     at: AtomicU64,
+    /// The thread's allocation balance ([`crate::alloc::thread_live`]) when
+    /// the call started, and how much it may grow.
+    memory_start: AtomicIsize,
+    memory_cap: isize,
+    printed: AtomicUsize,
+    suppressed: AtomicUsize,
+    prints: Arc<PrintWindow>,
 }
 
+/// A policy's print lines in the current minute.
+#[derive(Debug)]
+struct PrintWindow(std::sync::Mutex<(Instant, usize)>);
+
+impl Default for PrintWindow {
+    fn default() -> Self {
+        PrintWindow(std::sync::Mutex::new((Instant::now(), 0)))
+    }
+}
+
+impl PrintWindow {
+    /// Takes one line of the minute's allowance, if any is left.
+    fn take(&self) -> bool {
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if w.0.elapsed() >= Duration::from_secs(60) {
+            *w = (Instant::now(), 0);
+        }
+        w.1 += 1;
+        w.1 <= PRINT_LINES_PER_MINUTE
+    }
+}
+
+/// What the progress callback stops a call with when it holds too much.
+const MEMORY_TOKEN: &str = "memory cap";
+
 impl Deadline {
-    fn new() -> Self {
+    fn new(limits: &Limits, prints: Arc<PrintWindow>) -> Self {
         Deadline {
             base: Instant::now(),
             at: AtomicU64::new(u64::MAX),
+            memory_start: AtomicIsize::new(0),
+            memory_cap: isize::try_from(limits.memory_bytes).unwrap_or(isize::MAX),
+            printed: AtomicUsize::new(0),
+            suppressed: AtomicUsize::new(0),
+            prints,
         }
     }
 
+    /// Starts a call on this thread.
     fn arm(&self, budget: Duration) {
         let at = (self.base.elapsed() + budget).as_nanos();
         self.at
             .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.memory_start
+            .store(crate::alloc::thread_live(), Ordering::Relaxed);
+        self.printed.store(0, Ordering::Relaxed);
+        self.suppressed.store(0, Ordering::Relaxed);
     }
 
     fn passed(&self) -> bool {
         let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         now > self.at.load(Ordering::Relaxed)
     }
+
+    /// The call holds more than the memory cap (0 without the counting
+    /// allocator, which then never says so).
+    fn over_memory(&self) -> bool {
+        let grown =
+            crate::alloc::thread_balance().wrapping_sub(self.memory_start.load(Ordering::Relaxed));
+        grown > self.memory_cap
+    }
+
+    /// Writes one line of the script's output, if the call's and the
+    /// policy's allowances have room; counts it as suppressed otherwise.
+    fn print(&self, line: impl FnOnce()) {
+        if self.printed.fetch_add(1, Ordering::Relaxed) < PRINT_LINES_PER_CALL && self.prints.take()
+        {
+            line();
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// After a call: one line for everything its allowance dropped.
+    fn report_suppressed(&self, policy: &str, during: &str) {
+        let n = self.suppressed.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            tracing::warn!(
+                policy = %policy,
+                "{n} lines suppressed from {during}: a policy prints at most \
+                 {PRINT_LINES_PER_CALL} lines a call and {PRINT_LINES_PER_MINUTE} a minute"
+            );
+        }
+    }
+}
+
+/// A line of a script's output as it may go into the runner's log: control
+/// characters (a forged newline, terminal escapes) escaped, cut at
+/// [`MAX_PRINT_BYTES`].
+fn log_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_PRINT_BYTES) + 32);
+    for (i, c) in s.char_indices() {
+        if out.len() >= MAX_PRINT_BYTES {
+            out.push_str(&format!("... ({} bytes cut)", s.len() - i));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// An engine with the standard library minus the wall clock, with no module
@@ -491,8 +618,14 @@ fn new_engine(name: &str, world: &World, limits: &Limits, deadline: Arc<Deadline
     engine.set_max_call_levels(limits.max_call_depth);
     engine.set_max_expr_depths(MAX_EXPR_DEPTH, MAX_FN_EXPR_DEPTH);
     set_allowance(&mut engine, limits, Sizes::default());
+    let progress = deadline.clone();
     engine.on_progress(move |ops| {
-        if ops % CLOCK_CHECK_EVERY == 0 && deadline.passed() {
+        // Every few operations: one allocates at most about two values of
+        // `max_collection` bytes (a copy and its source), so the cap is
+        // overshot by at most a few of those.
+        if ops % MEMORY_CHECK_EVERY == 0 && progress.over_memory() {
+            Some(Dynamic::from(MEMORY_TOKEN))
+        } else if ops % CLOCK_CHECK_EVERY == 0 && progress.passed() {
             Some(Dynamic::from("cpu budget"))
         } else {
             None
@@ -500,13 +633,15 @@ fn new_engine(name: &str, world: &World, limits: &Limits, deadline: Arc<Deadline
     });
 
     let policy: Arc<str> = name.into();
-    let p = policy.clone();
-    engine.on_print(move |s| tracing::info!(policy = %p, "{s}"));
-    let p = policy.clone();
-    engine.on_debug(move |s, _, pos| tracing::debug!(policy = %p, %pos, "{s}"));
+    let (p, d) = (policy.clone(), deadline.clone());
+    engine.on_print(move |s| d.print(|| tracing::info!(policy = %p, "{}", log_line(s))));
+    let (p, d) = (policy.clone(), deadline.clone());
+    engine.on_debug(move |s, _, pos| {
+        d.print(|| tracing::debug!(policy = %p, %pos, "{}", log_line(s)));
+    });
 
     node::register(&mut engine);
-    register_host(&mut engine, world, policy);
+    register_host(&mut engine, world, policy, deadline);
     register_version_helpers(&mut engine);
     engine
 }
@@ -553,7 +688,7 @@ fn throw(message: String) -> RhaiError {
     message.into()
 }
 
-fn register_host(engine: &mut Engine, world: &World, policy: Arc<str>) {
+fn register_host(engine: &mut Engine, world: &World, policy: Arc<str>, calls: Arc<Deadline>) {
     let fleet = world.fleet.clone();
     engine.register_fn(
         "fleet_query",
@@ -633,18 +768,22 @@ fn register_host(engine: &mut Engine, world: &World, policy: Arc<str>) {
         "log",
         move |level: &str, message: Dynamic| -> Result<(), RhaiError> {
             let p = &*policy;
-            match level {
-                "trace" => tracing::trace!(policy = %p, "{message}"),
-                "debug" => tracing::debug!(policy = %p, "{message}"),
-                "info" => tracing::info!(policy = %p, "{message}"),
-                "warn" => tracing::warn!(policy = %p, "{message}"),
-                "error" => tracing::error!(policy = %p, "{message}"),
-                other => {
-                    return Err(throw(format!(
-                        "log: unknown level '{other}' (trace, debug, info, warn or error)"
-                    )));
-                }
+            if !matches!(level, "trace" | "debug" | "info" | "warn" | "error") {
+                return Err(throw(format!(
+                    "log: unknown level '{}' (trace, debug, info, warn or error)",
+                    log_line(level)
+                )));
             }
+            calls.print(|| {
+                let message = log_line(&message.to_string());
+                match level {
+                    "trace" => tracing::trace!(policy = %p, "{message}"),
+                    "debug" => tracing::debug!(policy = %p, "{message}"),
+                    "info" => tracing::info!(policy = %p, "{message}"),
+                    "warn" => tracing::warn!(policy = %p, "{message}"),
+                    _ => tracing::error!(policy = %p, "{message}"),
+                }
+            });
             Ok(())
         },
     );
@@ -827,6 +966,14 @@ fn classify(err: &EvalAltResult, limits: &Limits, budget: Duration) -> Failure {
     match err.unwrap_inner() {
         EvalAltResult::ErrorTooManyOperations(..) => {
             Failure::Budget(format!("{} operations", limits.max_operations))
+        }
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.clone().into_string().ok().as_deref() == Some(MEMORY_TOKEN) =>
+        {
+            Failure::Memory(format!(
+                "{} MiB held by one call",
+                limits.memory_bytes >> 20
+            ))
         }
         EvalAltResult::ErrorTerminated(..) => Failure::Budget(duration_text(budget)),
         EvalAltResult::ErrorDataTooLarge(what, pos) => Failure::Memory(format!(
@@ -1525,6 +1672,129 @@ mod tests {
         );
         let err = p.select(&ctx, &[node("a", "1")]).unwrap_err();
         assert!(matches!(err, PolicyError::Memory { .. }), "{err}");
+    }
+
+    /// Limits with a CPU budget far past what the tests need, so what stops a
+    /// hook is the limit under test, not the clock of a loaded machine.
+    fn roomy_cpu() -> Limits {
+        Limits {
+            cpu: Duration::from_secs(20),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn a_hook_hoarding_many_values_each_within_the_caps_hits_the_memory_cap() {
+        // 800 live 1 MB blobs (and 1 MB map keys): each value is within
+        // `max_collection`, and Rhai counts neither curried values nor map
+        // keys, so only the hook's total allocation can stop this.
+        let mut p = load_with(
+            r#"
+            fn evaluate(ctx, report) {
+                if report.wave == 0 {
+                    let keep = [];
+                    for i in 0..800 { keep.push(Fn("len").curry(blob(1_000_000, i))); }
+                }
+                if report.wave == 1 {
+                    let keys = #{};
+                    let s = "k";
+                    s.pad(1_000_000, "k");
+                    for i in 0..800 { keys[`${i}${s}`] = i; }
+                }
+                #{verdict: "proceed"}
+            }
+            "#,
+            World::empty(),
+            roomy_cpu(),
+        );
+        assert!(crate::alloc::installed());
+        let ctx = TaskContext::new("2.0");
+        for wave in [0, 1] {
+            let before = crate::alloc::thread_live();
+            let started = Instant::now();
+            match p.evaluate(&ctx, &report(wave)) {
+                Err(PolicyError::Memory { hook, cap, .. }) => {
+                    assert_eq!(hook, Hook::Evaluate);
+                    assert!(cap.contains("64 MiB"), "{cap}");
+                }
+                other => panic!("wave {wave}: expected a memory error, got {other:?}"),
+            }
+            // Stopped near the cap, not after 800 MB; and all of it freed.
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(crate::alloc::thread_live() - before < 4 << 20);
+            assert_eq!(p.evaluate(&ctx, &report(2)).unwrap(), Verdict::Proceed);
+        }
+    }
+
+    /// Runs `f` with a subscriber that writes what it logs into a buffer.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buf.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn print_is_truncated_and_rate_limited_per_call() {
+        let mut p = load_with(
+            r#"
+            fn evaluate(ctx, report) {
+                let line = "y";
+                line.pad(5000, "y");
+                for i in 0..30000 { print(line); }
+                debug(line);
+                log("warn", line + "\r\n\u001b[31mforged line");
+                #{verdict: "proceed"}
+            }
+            "#,
+            World::empty(),
+            roomy_cpu(),
+        );
+        let ctx = TaskContext::new("2.0");
+        let out = logged(|| {
+            assert_eq!(p.evaluate(&ctx, &report(0)).unwrap(), Verdict::Proceed);
+        });
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines.len() <= PRINT_LINES_PER_CALL + 2,
+            "{} lines logged for one call",
+            lines.len()
+        );
+        assert!(
+            lines.iter().all(|l| l.len() <= MAX_PRINT_BYTES + 300),
+            "a line longer than the cap"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("lines suppressed")),
+            "{}",
+            lines.last().unwrap_or(&"")
+        );
+        assert!(
+            !out.contains('\u{1b}'),
+            "a control character reached the log"
+        );
+        // The next call has a budget of its own, within the policy's.
+        let out = logged(|| {
+            assert_eq!(p.evaluate(&ctx, &report(0)).unwrap(), Verdict::Proceed);
+        });
+        assert!(out.lines().count() <= PRINT_LINES_PER_CALL + 2);
     }
 
     #[test]

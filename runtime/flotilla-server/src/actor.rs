@@ -16,10 +16,9 @@ use super::agents::Outbox;
 use super::error::ApiError;
 use super::inventory::Inventory;
 use super::metrics::Metrics;
-use flotilla_engine::store::Store;
+use flotilla_engine::store::{Store, StoreError};
 use flotilla_engine::{Command, Engine, EngineError};
 use flotilla_model::protocol::{Report, ReportState};
-use flotilla_store_sled::SledStore;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -48,7 +47,10 @@ const LINGER_MAX: Duration = Duration::from_micros(500);
 /// How often the agents' queues are rebuilt from the engine's open work.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
-type Reply = Box<dyn FnOnce() + Send>;
+/// Answers an operator call: with its result once the flush after it
+/// succeeded, with the flush's error if it failed (nothing of it is then
+/// acknowledged).
+type Reply = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 type Call = Box<dyn FnOnce(&mut Engine) -> (Vec<Command>, Reply) + Send>;
 
 enum Job {
@@ -121,20 +123,20 @@ impl EngineHandle {
         kind: fn(Call) -> Job,
         f: impl FnOnce(&mut Engine) -> (R, Vec<Command>) + Send + 'static,
     ) -> Result<R, ApiError> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel::<Result<R, ApiError>>();
         let call: Call = Box::new(move |engine| {
             let (r, commands) = f(engine);
             (
                 commands,
-                Box::new(move || {
-                    let _ = tx.send(r);
+                Box::new(move |flushed: Result<(), &StoreError>| {
+                    let _ = tx.send(flushed.map(|()| r).map_err(ApiError::store_fault));
                 }),
             )
         });
         self.tx
             .send(kind(call))
             .map_err(|_| ApiError::unavailable())?;
-        rx.await.map_err(|_| ApiError::unavailable())
+        rx.await.map_err(|_| ApiError::unavailable())?
     }
 
     /// Asks the thread to stop after its current batch.
@@ -166,7 +168,7 @@ struct AppliedReport {
 /// Starts the engine thread (and its flusher).
 pub fn spawn(
     mut engine: Engine,
-    store: Arc<SledStore>,
+    store: Arc<dyn Store>,
     outbox: Arc<Outbox>,
     inventory: Arc<Inventory>,
     tick: Duration,
@@ -180,7 +182,7 @@ pub fn spawn(
     let (applied_tx, applied_rx) = mpsc::channel::<Applied>();
     let flusher = std::thread::Builder::new()
         .name("flotilla-flush".into())
-        .spawn(move || flush_loop(applied_rx, &store, &outbox, &inventory))
+        .spawn(move || flush_loop(applied_rx, &*store, &outbox, &inventory))
         .expect("spawning the flusher thread");
     let thread = std::thread::Builder::new()
         .name("flotilla-engine".into())
@@ -309,7 +311,7 @@ pub fn spawn(
 /// hands their work to the agents, in the order the engine applied them.
 fn flush_loop(
     rx: mpsc::Receiver<Applied>,
-    store: &SledStore,
+    store: &dyn Store,
     outbox: &Outbox,
     inventory: &Inventory,
 ) {
@@ -339,7 +341,7 @@ fn flush_loop(
                         let _ = reply.send(result);
                     }
                     for r in g.calls {
-                        r();
+                        r(Ok(()));
                     }
                     if !g.commands.is_empty() {
                         outbox.put(g.commands.iter().map(|c| inventory.work(c)));
@@ -349,15 +351,13 @@ fn flush_loop(
                     }
                 }
                 Err(e) => {
+                    // A fault: every caller is told so (503), and the work
+                    // of these batches is not handed to agents.
                     for r in g.reports {
-                        let _ = r.reply.send(Err(EngineError::Store(
-                            flotilla_engine::store::StoreError::Io(e.to_string()),
-                        )));
+                        let _ = r.reply.send(Err(EngineError::Store(e.clone())));
                     }
-                    // Operator calls still get their answer: their caller
-                    // learns of the failure from the store on its next read.
                     for r in g.calls {
-                        r();
+                        r(Err(e));
                     }
                 }
             }

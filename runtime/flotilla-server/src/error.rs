@@ -12,7 +12,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: String,
     pub hint: Option<String>,
+    /// Seconds for a `Retry-After` header: the request was not carried out
+    /// and is worth sending again (a store fault, a runner shutting down).
+    pub retry_after: Option<u32>,
 }
+
+/// What a 503 asks a client to wait before it tries again.
+pub const RETRY_AFTER_SECONDS: u32 = 2;
 
 impl ApiError {
     pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
@@ -20,6 +26,7 @@ impl ApiError {
             status,
             error: error.into(),
             hint: None,
+            retry_after: None,
         }
     }
 
@@ -58,10 +65,26 @@ impl ApiError {
     }
 
     pub fn unavailable() -> Self {
-        Self::new(
+        let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the runner is shutting down",
+        );
+        e.retry_after = Some(RETRY_AFTER_SECONDS);
+        e
+    }
+
+    /// The store could not take a change (a disk fault): nothing of the
+    /// request was acknowledged, and sending it again later is right. A
+    /// fault is not a refusal: 503 with `Retry-After`, never a 4xx.
+    pub fn store_fault(e: impl std::fmt::Display) -> Self {
+        tracing::error!("store fault: {e}");
+        let mut err = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the runner could not store this change ({e}); nothing was applied"),
         )
+        .hint("a fault on the runner, not a problem with the request: send it again later");
+        err.retry_after = Some(RETRY_AFTER_SECONDS);
+        err
     }
 }
 
@@ -71,7 +94,12 @@ impl IntoResponse for ApiError {
         if let Some(h) = self.hint {
             body["hint"] = h.into();
         }
-        (self.status, axum::Json(body)).into_response()
+        let mut res = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        res
     }
 }
 
@@ -89,14 +117,18 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Downgrade { .. } => ApiError::conflict(e.to_string()),
             EngineError::Policy(_) => ApiError::unprocessable(e.to_string()),
-            EngineError::Store(e) => ApiError::internal(e),
+            EngineError::Store(e) => ApiError::from(e),
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            StoreError::Io(_) => ApiError::store_fault(e),
+            // A record that cannot be read will not read better later.
+            StoreError::Corrupt { .. } => ApiError::internal(e),
+        }
     }
 }
 

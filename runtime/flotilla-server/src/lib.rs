@@ -237,6 +237,9 @@ impl Config {
 pub struct AppState {
     pub config: Config,
     pub store: Arc<SledStore>,
+    /// The store as the engine writes it and handlers flush it: `store`
+    /// itself, or a wrapper a test put around it (see [`Runner::open_with_store`]).
+    pub durable: Arc<dyn Store>,
     pub inventory: Arc<inventory::Inventory>,
     pub engine: actor::EngineHandle,
     pub outbox: Arc<agents::Outbox>,
@@ -248,7 +251,7 @@ pub struct AppState {
 impl AppState {
     /// Makes what a handler just wrote durable before it answers.
     pub fn store_flush(&self) -> Result<(), ApiError> {
-        self.store.flush().map_err(ApiError::from)
+        self.durable.flush().map_err(ApiError::from)
     }
 }
 
@@ -262,6 +265,17 @@ pub struct Runner {
 impl Runner {
     /// Opens the data directory, resumes every active task, and builds the router.
     pub fn open(config: Config) -> anyhow::Result<Runner> {
+        Self::open_with_store(config, |sled| sled)
+    }
+
+    /// [`Runner::open`] with the engine's store (and the flushes that
+    /// acknowledge changes) passed through `wrap`: tests inject store faults
+    /// with it. The inventory keeps the sled store itself.
+    #[doc(hidden)]
+    pub fn open_with_store(
+        config: Config,
+        wrap: impl FnOnce(Arc<SledStore>) -> Arc<dyn Store>,
+    ) -> anyhow::Result<Runner> {
         config.check().map_err(|e| anyhow::anyhow!(e))?;
         std::fs::create_dir_all(&config.data).map_err(|e| {
             anyhow::anyhow!("cannot create data dir {}: {e}", config.data.display())
@@ -279,8 +293,9 @@ impl Runner {
             config.policy.limits(),
             metrics.clone(),
         )?);
+        let durable = wrap(store.clone());
         let engine = Engine::new(
-            store.clone() as Arc<dyn Store>,
+            durable.clone(),
             inventory.fleet(),
             inventory.clone(),
             clock.clone(),
@@ -289,7 +304,7 @@ impl Runner {
         let outbox = Arc::new(agents::Outbox::default());
         let (handle, thread) = actor::spawn(
             engine,
-            store.clone(),
+            durable.clone(),
             outbox.clone(),
             inventory.clone(),
             Duration::from_millis(config.tick_ms),
@@ -298,6 +313,7 @@ impl Runner {
         let state = Arc::new(AppState {
             config,
             store,
+            durable,
             inventory,
             engine: handle,
             outbox,
@@ -341,7 +357,7 @@ impl Runner {
             self.state.engine.stop();
             actor.join();
         }
-        if let Err(e) = self.state.store.flush() {
+        if let Err(e) = self.state.durable.flush() {
             tracing::error!("flushing the store at shutdown: {e}");
         }
     }

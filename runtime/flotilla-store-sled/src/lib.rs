@@ -76,6 +76,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use ::sled::{Batch, Db, IVec, Tree};
 use serde::Serialize;
@@ -170,13 +171,14 @@ impl SledStore {
     /// Opens (creating if needed) the store in `dir`. Only one `SledStore` may
     /// have a directory open at a time, in this process or any other.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // sled's page cache defaults to 1 GiB; the runner keeps its own working
-        // set in memory, so a small cache keeps RSS proportional to the fleet.
-        let db = ::sled::Config::new()
-            .path(dir)
-            .cache_capacity(32 << 20)
-            .open()
-            .map_err(|e| open_error(dir, e))?;
+        let db = open_db(dir)?;
+        Self::with_db(dir, db).inspect_err(|_| {
+            // Not opened after all: a later open may wait for the release.
+            opened().insert(registry_key(dir), false);
+        })
+    }
+
+    fn with_db(dir: &Path, db: Db) -> Result<Self, StoreError> {
         for name in db.tree_names() {
             let old = OLD_TREES.iter().any(|t| t.as_bytes() == &name[..]);
             if old
@@ -494,9 +496,77 @@ impl<'a> TaskHead<'a> {
     }
 }
 
+/// How long an open waits for a store this process closed to let go of its
+/// lock (see [`open_db`]); far more than the moment it takes.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// The directories this process has opened a store in: `true` while a
+/// `SledStore` on it is alive, `false` once it was dropped.
+static OPENED: Mutex<BTreeMap<PathBuf, bool>> = Mutex::new(BTreeMap::new());
+
+fn opened() -> MutexGuard<'static, BTreeMap<PathBuf, bool>> {
+    OPENED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn registry_key(dir: &Path) -> PathBuf {
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Opens sled in `dir`. sled holds an exclusive lock on its file while the
+/// file is open, and the file stays open as long as anything of the database
+/// lives: after the last handle is dropped, jobs of sled's own thread pool
+/// that write its last buffers still hold it for a moment. A store dropped
+/// and opened again in the same process (a runner restarted in-process, a
+/// test) could find it "locked" by itself. So when this process has had the
+/// store open and has dropped it, a locked file is waited for (bounded);
+/// locked by a store still open here, or by another process, it is an
+/// error at once.
+fn open_db(dir: &Path) -> Result<Db, StoreError> {
+    let key = registry_key(dir);
+    let was = opened().get(&key).copied();
+    if was == Some(true) {
+        return Err(StoreError::Io(format!(
+            "store {} is locked: another open store in this process is using it",
+            dir.display()
+        )));
+    }
+    let deadline = Instant::now() + RELEASE_WAIT;
+    loop {
+        // sled's page cache defaults to 1 GiB; the runner keeps its own
+        // working set in memory, so a small cache keeps RSS proportional to
+        // the fleet.
+        let opened_db = ::sled::Config::new()
+            .path(dir)
+            .cache_capacity(32 << 20)
+            .open();
+        match opened_db {
+            Ok(db) => {
+                opened().insert(key, true);
+                return Ok(db);
+            }
+            Err(e) if was == Some(false) && is_lock_error(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(open_error(dir, e)),
+        }
+    }
+}
+
+fn is_lock_error(e: &::sled::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if let Some(open) = opened().get_mut(&registry_key(&self.dir)) {
+            *open = false;
+        }
+    }
+}
+
 fn open_error(dir: &Path, e: ::sled::Error) -> StoreError {
     let text = e.to_string();
-    if text.contains("could not acquire lock") {
+    if is_lock_error(&e) {
         StoreError::Io(format!(
             "store {} is locked: another process (or another open store in this process) is using it ({text})",
             dir.display()
@@ -1209,6 +1279,45 @@ mod tests {
         assert_eq!(count(&store, RUN), 997);
         reads_as(&store, "t1", &want);
         assert_eq!(store.events("t1", 0, 1000).unwrap().len(), 301);
+    }
+
+    /// A store dropped and opened again at once, as a restarted runner in
+    /// one process does (and the test above): sled writes its last buffers
+    /// from its own thread pool, whose jobs keep the database file (and so
+    /// its lock) open for a moment after the handle is dropped. The reopen
+    /// must wait that moment out rather than find the store "locked".
+    #[test]
+    fn a_store_reopened_right_after_a_drop_is_never_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = c::task("t1", 1);
+        // Load on the other cores widens the window, as a busy machine does.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinners: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        std::hint::black_box(x);
+                    }
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for round in 0..300u64 {
+            match SledStore::open(dir.path()) {
+                Ok(store) => {
+                    report_like_commits(&store, &t, (round * 3, round * 3 + 3));
+                }
+                Err(e) => failures.push(format!("round {round}: {e}")),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for s in spinners {
+            s.join().unwrap();
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 
     #[test]

@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+/// Counts each thread's allocations: what holds a Rhai policy hook to the
+/// memory cap of a Wasm instance (`flotilla_policy::alloc`).
+#[global_allocator]
+static ALLOC: flotilla_policy::alloc::Counting = flotilla_policy::alloc::Counting;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

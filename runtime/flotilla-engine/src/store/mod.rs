@@ -9,7 +9,7 @@ use flotilla_model::{Event, NodeRun, Task};
 
 pub use self::memory::MemoryStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("storage: {0}")]
     Io(String),

@@ -1,0 +1,303 @@
+//! Issue 13, point 10: a fault is not a refusal. A store commit or flush
+//! that fails while the runner applies an agent's report or an operator's
+//! call answers 503 with `Retry-After` and acknowledges nothing; the report
+//! sent again once the store is back is applied exactly once.
+
+use flotilla_engine::store::{Store, StoreError};
+use flotilla_model::protocol::Enrolled;
+use flotilla_model::{Event, NodeRun, Task};
+use flotilla_server::{Config, Runner};
+use flotilla_store_sled::SledStore;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const ENROLL: &str = "enroll-secret";
+
+/// The runner's sled store with commits and flushes that fail on demand.
+struct Faulty {
+    inner: Arc<SledStore>,
+    commits_fail: AtomicBool,
+    flushes_fail: AtomicBool,
+}
+
+impl Faulty {
+    fn check(&self, fail: &AtomicBool) -> Result<(), StoreError> {
+        if fail.load(Ordering::SeqCst) {
+            Err(StoreError::Io(
+                "injected fault: no space left on device".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for Faulty {
+    fn commit(&self, task: &Task, runs: &[NodeRun], events: &[Event]) -> Result<(), StoreError> {
+        self.check(&self.commits_fail)?;
+        self.inner.commit(task, runs, events)
+    }
+    fn task(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        self.inner.task(id)
+    }
+    fn tasks(&self) -> Result<Vec<Task>, StoreError> {
+        self.inner.tasks()
+    }
+    fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError> {
+        self.inner.runs(task_id)
+    }
+    fn run(&self, task_id: &str, node_id: &str) -> Result<Option<NodeRun>, StoreError> {
+        self.inner.run(task_id, node_id)
+    }
+    fn events(&self, task_id: &str, from_seq: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.inner.events(task_id, from_seq, limit)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.check(&self.flushes_fail)?;
+        self.inner.flush()
+    }
+}
+
+struct Runner0 {
+    base: String,
+    http: reqwest::Client,
+    store: Arc<Faulty>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Runner0 {
+    async fn start() -> Runner0 {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data: dir.path().join("data"),
+            tick_ms: 20,
+            enroll_secret: Some(ENROLL.into()),
+            ..Config::default()
+        };
+        let mut faulty = None;
+        let runner = Runner::open_with_store(config, |sled| {
+            let f = Arc::new(Faulty {
+                inner: sled,
+                commits_fail: AtomicBool::new(false),
+                flushes_fail: AtomicBool::new(false),
+            });
+            faulty = Some(f.clone());
+            f
+        })
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            runner
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Runner0 {
+            base,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            store: faulty.unwrap(),
+            stop: Some(tx),
+            served: Some(served),
+            _dir: dir,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn json(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let res = self
+            .send(method, path, body.map(|b| b.to_string().into_bytes()), None)
+            .await;
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn stop(mut self) {
+        self.store.commits_fail.store(false, Ordering::SeqCst);
+        self.store.flushes_fail.store(false, Ordering::SeqCst);
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.served.take() {
+            tokio::time::timeout(Duration::from_secs(20), h)
+                .await
+                .expect("the runner stops within 20 s")
+                .unwrap();
+        }
+    }
+}
+
+/// A 503 that asks to be retried, and says it was a fault.
+fn assert_fault(res: &reqwest::Response, what: &str) {
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{what}: a store fault must answer 503"
+    );
+    let after = res
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    assert!(after.is_some_and(|s| s >= 1), "{what}: no Retry-After");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_fault_answers_503_and_the_retried_report_is_applied_once() {
+    let r = Runner0::start().await;
+    let mut tokens = Vec::new();
+    for node in ["n1", "n2"] {
+        let (s, body) = r
+            .json(
+                "POST",
+                "/v1/agents/enroll",
+                Some(json!({"node_id": node, "secret": ENROLL, "version": "1.0.0"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        tokens.push(serde_json::from_value::<Enrolled>(body).unwrap().token);
+    }
+    let (s, _) = r
+        .json(
+            "POST",
+            "/v1/releases",
+            Some(json!({"package": "edge", "version": "2.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/releases/edge/2.0.0/artifact",
+            Some(b"two".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/policies/everyone",
+            Some(b"// one wave of every node\n".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (s, t) = r
+        .json(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"name": "up", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, t) = r.json("GET", &format!("/v1/tasks/{id}"), None).await;
+        if t["counts"]["offered"].as_u64() == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not offered: {t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = |node: &'static str, token: String, state: &'static str| {
+        let body = json!({"task": id, "state": state}).to_string().into_bytes();
+        let r = &r;
+        async move {
+            r.send(
+                "POST",
+                &format!("/v1/agents/{node}/report"),
+                Some(body),
+                Some(&token),
+            )
+            .await
+        }
+    };
+    let events_of = |node: &'static str, kind: &'static str| {
+        let r = &r;
+        let id = id.clone();
+        async move {
+            let (s, ev) = r
+                .json("GET", &format!("/v1/tasks/{id}/events?limit=5000"), None)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{ev}");
+            ev["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["node"] == node && e["kind"] == kind)
+                .count()
+        }
+    };
+
+    // A commit that fails: 503 + Retry-After, not a 409 the agent would
+    // take as final.
+    r.store.commits_fail.store(true, Ordering::SeqCst);
+    let res = report("n1", tokens[0].clone(), "succeeded").await;
+    assert_fault(&res, "a report whose commit failed");
+    // An operator's call under the same fault is not acknowledged either.
+    let res = r
+        .send("POST", &format!("/v1/tasks/{id}/pause"), None, None)
+        .await;
+    assert_fault(&res, "a pause whose commit failed");
+    r.store.commits_fail.store(false, Ordering::SeqCst);
+    let res = r
+        .send("POST", &format!("/v1/tasks/{id}/resume"), None, None)
+        .await;
+    let status = res.status();
+    assert!(
+        status.is_success() || status == StatusCode::CONFLICT,
+        "resume: {status}"
+    );
+    assert_eq!(events_of("n1", "node.succeeded").await, 0);
+    // The agent's retry, the store back: taken and applied once.
+    let res = report("n1", tokens[0].clone(), "succeeded").await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(events_of("n1", "node.succeeded").await, 1);
+
+    // A flush that fails after the commit went in: still 503, and the
+    // retry is taken (204) and not applied a second time.
+    r.store.flushes_fail.store(true, Ordering::SeqCst);
+    let res = report("n2", tokens[1].clone(), "succeeded").await;
+    assert_fault(&res, "a report whose flush failed");
+    let res = r
+        .send("POST", &format!("/v1/tasks/{id}/pause"), None, None)
+        .await;
+    assert_fault(&res, "a pause whose flush failed");
+    r.store.flushes_fail.store(false, Ordering::SeqCst);
+    let res = report("n2", tokens[1].clone(), "succeeded").await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(events_of("n2", "node.succeeded").await, 1);
+    assert_eq!(events_of("n1", "node.succeeded").await, 1);
+    r.stop().await;
+}
