@@ -342,7 +342,7 @@ async fn succeeding_agents(
     nodes: Vec<String>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use flotilla_agent::client::Client as AgentClient;
+    use flotilla_agent::client::RunnerClient as AgentClient;
     use flotilla_model::protocol::{Enroll, Report, ReportState, Work};
     let mut agents = Vec::new();
     for id in &nodes {

@@ -73,14 +73,14 @@ impl ClientError {
     }
 }
 
-pub struct Client {
+pub struct RunnerClient {
     http: reqwest::Client,
     server: Url,
     node: String,
     token: RwLock<Option<String>>,
 }
 
-impl Client {
+impl RunnerClient {
     pub fn new(server: &str, node: &str) -> Result<Self, ClientError> {
         let mut server = Url::parse(server).map_err(|_| ClientError::BadUrl(server.to_string()))?;
         if !matches!(server.scheme(), "http" | "https") || server.cannot_be_a_base() {
@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn routes_and_artifact_paths_resolve_against_the_server() {
-        let c = Client::new("http://127.0.0.1:7878/base", "edge 1").unwrap();
+        let c = RunnerClient::new("http://127.0.0.1:7878/base", "edge 1").unwrap();
         assert_eq!(
             c.node_url("work").as_str(),
             "http://127.0.0.1:7878/base/v1/agents/edge%201/work"
@@ -290,7 +290,7 @@ mod tests {
             "https://cdn.example/edge.tar.gz"
         );
         assert!(matches!(
-            Client::new("not a url", "n"),
+            RunnerClient::new("not a url", "n"),
             Err(ClientError::BadUrl(_))
         ));
     }

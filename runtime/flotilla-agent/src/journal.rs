@@ -35,11 +35,11 @@ pub struct Entry {
 }
 
 #[derive(Debug, Clone)]
-pub struct Journal {
+pub struct WorkJournal {
     dir: PathBuf,
 }
 
-impl Journal {
+impl WorkJournal {
     pub fn open(state_dir: &std::path::Path) -> Result<Self, ReleaseError> {
         let dir = state_dir.join("work");
         fs::create_dir_all(&dir).map_err(|source| ReleaseError::Io {

@@ -13,7 +13,7 @@ pub mod upgrade;
 #[cfg(test)]
 mod testserver;
 
-use client::{Client, ClientError};
+use client::{ClientError, RunnerClient};
 use flotilla_model::protocol::{Enroll, Heartbeat, MAX_WAIT_SECONDS, Report, Work};
 use releases::{ReleaseError, ReleaseStore};
 use std::future::Future;
@@ -48,7 +48,7 @@ pub enum AgentError {
     #[error(transparent)]
     Release(#[from] ReleaseError),
     #[error(transparent)]
-    Client(#[from] ClientError),
+    RunnerClient(#[from] ClientError),
     #[error(
         "the runner wants an enrollment secret and the node has none: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
     )]
@@ -79,7 +79,7 @@ enum Delivery {
 
 struct Agent {
     config: AgentConfig,
-    client: Client,
+    client: RunnerClient,
     upgrader: Upgrader,
     enrolling: tokio::sync::Mutex<()>,
     stop: watch::Receiver<bool>,
@@ -126,7 +126,7 @@ pub async fn run(
             }
         }
     }
-    let client = Client::new(&config.server, &config.node_id)?;
+    let client = RunnerClient::new(&config.server, &config.node_id)?;
     client.set_token(read_token(&config.state_dir));
     let (stop_tx, stop) = watch::channel(false);
     let upgrader = Upgrader::new(store, config.steps.clone())?;
@@ -645,7 +645,7 @@ mod tests {
     /// An agent wired to `server` only for delivering reports.
     fn reporting_agent(server: &TestServer, dir: &std::path::Path) -> (Agent, watch::Sender<bool>) {
         let store = ReleaseStore::open(dir).unwrap();
-        let client = Client::new(&server.url(), "n1").unwrap();
+        let client = RunnerClient::new(&server.url(), "n1").unwrap();
         client.set_token(Some(TOKEN.into()));
         let (stop_tx, stop) = watch::channel(false);
         let config = AgentConfig {

@@ -4,8 +4,8 @@
 //! trial). A failure after the switch restores the previous release from its
 //! backup. Progress goes out on a channel; the outcome is the returned report.
 
-use super::client::{Client, ClientError};
-use super::journal::{Action, Entry, Journal};
+use super::client::{ClientError, RunnerClient};
+use super::journal::{Action, Entry, WorkJournal};
 use super::releases::{ReleaseStore, UnpackLimits, check_version};
 use flotilla_model::protocol::{Artifact, Report, ReportState, Work};
 use flotilla_model::{Backup, BackupPlace, ReleaseKind, backup_place};
@@ -63,7 +63,7 @@ impl Default for Steps {
 /// Runs work against the node's release store.
 pub struct Upgrader {
     pub store: ReleaseStore,
-    pub journal: Journal,
+    pub journal: WorkJournal,
     pub steps: Steps,
 }
 
@@ -122,7 +122,7 @@ impl std::fmt::Display for DownloadError {
 
 impl Upgrader {
     pub fn new(store: ReleaseStore, steps: Steps) -> Result<Self, super::releases::ReleaseError> {
-        let journal = Journal::open(store.dir())?;
+        let journal = WorkJournal::open(store.dir())?;
         Ok(Self {
             store,
             journal,
@@ -134,7 +134,7 @@ impl Upgrader {
     /// the final report. Steps are sent on `progress` as they start.
     pub async fn execute(
         &self,
-        client: &Client,
+        client: &RunnerClient,
         work: &Work,
         progress: &UnboundedSender<Report>,
     ) -> Report {
@@ -160,7 +160,7 @@ impl Upgrader {
     #[allow(clippy::too_many_arguments)]
     async fn install(
         &self,
-        client: &Client,
+        client: &RunnerClient,
         task: &str,
         package: &str,
         version: &str,
@@ -233,7 +233,7 @@ impl Upgrader {
     #[allow(clippy::too_many_arguments)]
     async fn install_steps(
         &self,
-        client: &Client,
+        client: &RunnerClient,
         entry: &mut Entry,
         package: &str,
         artifact: &Artifact,
@@ -632,7 +632,7 @@ impl Upgrader {
     /// and returns the verified file.
     async fn download(
         &self,
-        client: &Client,
+        client: &RunnerClient,
         artifact: &Artifact,
     ) -> Result<PathBuf, DownloadError> {
         let url = client
@@ -685,7 +685,12 @@ enum Fetch {
 }
 
 /// One download attempt: appends to `part` from where it ends.
-async fn fetch(client: &Client, url: &reqwest::Url, part: &Path, size: u64) -> Result<(), Fetch> {
+async fn fetch(
+    client: &RunnerClient,
+    url: &reqwest::Url,
+    part: &Path,
+    size: u64,
+) -> Result<(), Fetch> {
     let io = |e: std::io::Error| Fetch::Refused(format!("{}: {e}", part.display()));
     let mut offset = match tokio::fs::metadata(part).await {
         Ok(m) => m.len(),
@@ -915,7 +920,7 @@ mod tests {
 
     /// Runs `work`; returns the progress states and the final report.
     async fn run(up: &Upgrader, server: &TestServer, work: &Work) -> (Vec<ReportState>, Report) {
-        let client = Client::new(&server.url(), "n1").unwrap();
+        let client = RunnerClient::new(&server.url(), "n1").unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let outcome = up.execute(&client, work, &tx).await;
         drop(tx);

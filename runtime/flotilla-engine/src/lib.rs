@@ -10,6 +10,7 @@
 
 use crate::store::{Store, StoreError};
 use crate::window::Schedule;
+use flotilla_model::run::IllegalTransition;
 use flotilla_model::{
     Admission, Backup, Event, Hook, Method, Node, NodeRun, Offer, RunEvent, RunState, Scope,
     Selection, Selector, SkipReason, Target, Task, TaskContext, TaskEvent, TaskSpec, TaskState,
@@ -66,6 +67,18 @@ pub enum Command {
     },
 }
 
+/// Why a node-run transition was not applied; the engine turns it into a
+/// refusal of the call that asked for it.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    #[error("node {node} is not in task {task}")]
+    NotInTask { node: String, task: String },
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    #[error("node {node} was not asked to make a release permanent")]
+    NotCommitting { node: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -99,7 +112,7 @@ pub enum EngineError {
 }
 
 /// An active task held in memory beside its stored copy.
-struct Live {
+struct LiveTask {
     task: Task,
     ctx: TaskContext,
     schedule: Schedule,
@@ -116,7 +129,7 @@ struct Live {
     status: Arc<PolicyStatusView>,
 }
 
-impl Live {
+impl LiveTask {
     /// Runs whose work is out with an agent (handed over, not yet reported
     /// finished). A task that ended keeps its nodes while it has any: a
     /// cancelled or aborted task drains, so no other task touches a node
@@ -137,11 +150,14 @@ impl Live {
     }
 
     /// Applies a node-run transition and records it.
-    fn transition(&mut self, node: &str, event: RunEvent, at: u64) -> Result<(), String> {
+    fn transition(&mut self, node: &str, event: RunEvent, at: u64) -> Result<(), TransitionError> {
         let run = self
             .runs
             .get_mut(node)
-            .ok_or_else(|| format!("node {node} is not in task {}", self.task.id))?;
+            .ok_or_else(|| TransitionError::NotInTask {
+                node: node.to_string(),
+                task: self.task.id.clone(),
+            })?;
         if let (true, RunEvent::Rejected { reason }) = (run.committing, &event) {
             // The agent could not make the trial release permanent: the node
             // stays upgraded (a restart reverts it); a person decides.
@@ -152,11 +168,7 @@ impl Live {
             self.event(at, Some(node), "node.not-permanent", detail);
             return Ok(());
         }
-        let next = run
-            .state
-            .clone()
-            .next(event.clone())
-            .map_err(|e| e.to_string())?;
+        let next = run.state.clone().next(event.clone())?;
         let detail = match &next {
             RunState::Skipped { reason, detail } => format!("{}: {detail}", reason.as_str()),
             RunState::FailedRolledBack { error, .. }
@@ -170,9 +182,9 @@ impl Live {
         }
         if matches!(event, RunEvent::MadePermanent) {
             if !run.committing {
-                return Err(format!(
-                    "node {node} was not asked to make a release permanent"
-                ));
+                return Err(TransitionError::NotCommitting {
+                    node: node.to_string(),
+                });
             }
             run.committing = false;
         }
@@ -277,7 +289,7 @@ pub struct Engine {
     delivery: Arc<dyn Delivery>,
     clock: Arc<dyn Clock>,
     policies: Arc<dyn PolicySource>,
-    live: BTreeMap<String, Live>,
+    live: BTreeMap<String, LiveTask>,
     /// node id → the active task that holds it (invariant 1); one shared
     /// id per task, not a copy per node.
     busy: HashMap<String, Arc<str>>,
@@ -353,7 +365,7 @@ impl Engine {
         let schedule = schedule_of(&task.spec);
         self.live.insert(
             task.id.clone(),
-            Live {
+            LiveTask {
                 ctx,
                 schedule,
                 policy: None,
@@ -383,7 +395,7 @@ impl Engine {
         spec.validate()?;
         schedule_from_params(&spec).map_err(|reason| EngineError::Refused {
             task: spec.name.clone(),
-            reason,
+            reason: reason.to_string(),
         })?;
         let resolved = self.resolve(&spec.target);
         self.refuse_a_second_active_task(&spec, resolved.as_deref())?;
@@ -611,7 +623,7 @@ impl Engine {
     /// Calls the task's policy (loading it on first use), with the task's
     /// runs lent to its `status` view for the length of the call.
     fn call_policy<R>(
-        live: &mut Live,
+        live: &mut LiveTask,
         policies: &dyn PolicySource,
         world: &World,
         f: impl FnOnce(&mut dyn Policy) -> Result<R, PolicyError>,
@@ -659,7 +671,7 @@ impl Engine {
             }
             TaskState::RollingBack(_) => {
                 self.expire(id, now);
-                let live = self.live.get_mut(id).expect("live");
+                let live = live_task(&mut self.live, id)?;
                 finish_rollback(live, now);
                 Ok(())
             }
@@ -684,7 +696,7 @@ impl Engine {
         let target = match resolved {
             Ok(t) => t,
             Err(reason) => {
-                let live = self.live.get_mut(id).expect("live");
+                let live = live_task(&mut self.live, id)?;
                 return live.task_transition(TaskEvent::Fail(reason), now);
             }
         };
@@ -694,7 +706,7 @@ impl Engine {
         };
         let nodes = self.query_all(&selector);
 
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         live.task.target_version = Some(target.clone());
         live.ctx.target_version = target.clone();
         live.task_transition(TaskEvent::Start, now)?;
@@ -706,7 +718,7 @@ impl Engine {
         );
 
         let selected = self.target(id, nodes, &target, now, world.clone())?;
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         // Inserted one by one in node order, the map's nodes are half full;
         // built again from its sorted entries they are full (~100 bytes
         // less per run, measured at 100,000 nodes).
@@ -735,7 +747,7 @@ impl Engine {
                 live.transition(node, RunEvent::Queue { wave: i as u32 }, now)
                     .map_err(|r| EngineError::Refused {
                         task: id.into(),
-                        reason: r,
+                        reason: r.to_string(),
                     })?;
             }
         }
@@ -758,7 +770,7 @@ impl Engine {
         world: World,
     ) -> Result<Vec<Node>, EngineError> {
         let holder: Arc<str> = Arc::from(id);
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         // The runner's own skips come first; the policy sees the rest.
         let sources = live.task.spec.source_versions.clone();
         // `None`: a downgrade task, or a target that is not a version.
@@ -810,7 +822,7 @@ impl Engine {
                     live.transition(&node.id, RunEvent::Skip { reason, detail }, now)
                         .map_err(|r| EngineError::Refused {
                             task: id.into(),
-                            reason: r,
+                            reason: r.to_string(),
                         })?;
                 }
                 None => {
@@ -837,7 +849,7 @@ impl Engine {
             live.transition(&node, RunEvent::Skip { reason, detail }, now)
                 .map_err(|r| EngineError::Refused {
                     task: id.into(),
-                    reason: r,
+                    reason: r.to_string(),
                 })?;
         }
         Ok(selected)
@@ -847,7 +859,7 @@ impl Engine {
     /// and skipped nodes whose reason went away (see [`worth_another_look`]),
     /// go through targeting again and join the current wave when selected.
     fn scan(&mut self, id: &str, now: u64) -> Result<(), EngineError> {
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         if live.task.spec.strategy != flotilla_model::Strategy::Increment
             || live.last_scan.is_some_and(|t| now < t + SCAN_EVERY_MS)
             || live.task.current_wave as usize >= live.task.waves.len()
@@ -878,7 +890,7 @@ impl Engine {
             return Ok(());
         }
         let world = self.world();
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         if again > 0 {
             live.event(
                 now,
@@ -891,7 +903,7 @@ impl Engine {
             );
         }
         let selected = self.target(id, fresh, &target, now, world)?;
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         let wave = live.task.current_wave;
         for node in &selected {
             live.task.waves[wave as usize].nodes.push(node.id.clone());
@@ -899,7 +911,7 @@ impl Engine {
             live.transition(&node.id, RunEvent::Queue { wave }, now)
                 .map_err(|r| EngineError::Refused {
                     task: id.into(),
-                    reason: r,
+                    reason: r.to_string(),
                 })?;
         }
         if !selected.is_empty() {
@@ -930,7 +942,9 @@ impl Engine {
 
     /// Marks runs whose node timeout passed.
     fn expire(&mut self, id: &str, now: u64) {
-        let live = self.live.get_mut(id).expect("live");
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
         let timeout = live.task.spec.node_timeout_seconds * 1000;
         let late: Vec<(String, RunEvent)> = live
             .runs
@@ -960,7 +974,7 @@ impl Engine {
     fn dispatch(&mut self, id: &str, now: u64, out: &mut Vec<Command>) -> Result<(), EngineError> {
         self.expire(id, now);
         let world = self.world();
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         if live.task.current_wave as usize >= live.task.waves.len() {
             return live.task_transition(TaskEvent::Complete, now);
         }
@@ -1024,7 +1038,7 @@ impl Engine {
                             live.transition(&node_id, RunEvent::Offer, now)
                                 .map_err(|r| EngineError::Refused {
                                     task: id.into(),
-                                    reason: r,
+                                    reason: r.to_string(),
                                 })?;
                             running += 1;
                             out.push(deliver(&live.task, &node_id));
@@ -1052,7 +1066,7 @@ impl Engine {
                             )
                             .map_err(|r| EngineError::Refused {
                                 task: id.into(),
-                                reason: r,
+                                reason: r.to_string(),
                             })?;
                         }
                     }
@@ -1090,14 +1104,14 @@ impl Engine {
         );
         match verdict {
             Verdict::Proceed => {
-                let live = self.live.get_mut(id).expect("live");
+                let live = live_task(&mut self.live, id)?;
                 if !live.task.spec.permanent {
                     commit_wave(live, w, now, out);
                 }
                 self.next_wave(id, now)
             }
             Verdict::Pause(reason) => {
-                let live = self.live.get_mut(id).expect("live");
+                let live = live_task(&mut self.live, id)?;
                 // Resuming continues with the next wave (or completes the
                 // task when this was the last one): a person looks first.
                 // A next wave that needs approval still waits for a promote
@@ -1111,7 +1125,7 @@ impl Engine {
                 live.task_transition(TaskEvent::Pause(reason), now)
             }
             Verdict::RetryFailed => {
-                let live = self.live.get_mut(id).expect("live");
+                let live = live_task(&mut self.live, id)?;
                 let retries = live.task.spec.retries;
                 let again: Vec<String> = live
                     .wave_runs(w)
@@ -1132,7 +1146,7 @@ impl Engine {
     }
 
     fn next_wave(&mut self, id: &str, now: u64) -> Result<(), EngineError> {
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         live.task.current_wave += 1;
         match live.task.waves.get(live.task.current_wave as usize) {
             None => live.task_transition(TaskEvent::Complete, now),
@@ -1146,7 +1160,7 @@ impl Engine {
     }
 
     fn abort(&mut self, id: &str, reason: String, now: u64) -> Result<(), EngineError> {
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         live.cancel_waiting(now, false);
         live.task_transition(TaskEvent::Fail(reason), now)
     }
@@ -1158,7 +1172,7 @@ impl Engine {
         now: u64,
         out: &mut Vec<Command>,
     ) -> Result<(), EngineError> {
-        let live = self.live.get_mut(id).expect("live");
+        let live = live_task(&mut self.live, id)?;
         let upgraded: Vec<(String, String)> = live
             .runs
             .values()
@@ -1259,21 +1273,24 @@ impl Engine {
                     live.transition(&node, event, now)
                         .map_err(|reason| EngineError::Refused {
                             task: id.to_string(),
-                            reason,
+                            reason: reason.to_string(),
                         })
                 }
                 None => live
                     .transition(&node, event, now)
                     .map_err(|reason| EngineError::Refused {
                         task: id.to_string(),
-                        reason,
+                        reason: reason.to_string(),
                     }),
             };
             results.push(applied.map(|()| at));
         }
         let mut failed: Vec<Option<StoreError>> = Vec::with_capacity(touched.len());
         for (id, undo) in touched.iter().zip(undo) {
-            let live = self.live.get_mut(id).expect("live");
+            let live = self
+                .live
+                .get_mut(id)
+                .expect("a task touched in this batch is live");
             finish_rollback(live, now);
             match self.commit(id) {
                 Ok(()) => failed.push(None),
@@ -1312,7 +1329,7 @@ impl Engine {
         };
         let now = self.clock.now();
         let world = self.world();
-        let live = self.live.get_mut(&id).expect("live");
+        let live = live_task(&mut self.live, &id)?;
         let queued_now = matches!(live.runs.get(node).map(|r| &r.state), Some(RunState::Queued { wave }) if *wave == live.task.current_wave);
         if live.task.spec.method != Method::Pull
             || live.task.state != TaskState::Running
@@ -1331,7 +1348,7 @@ impl Engine {
                 live.transition(node, RunEvent::Offer, now)
                     .map_err(|reason| EngineError::Refused {
                         task: id.clone(),
-                        reason,
+                        reason: reason.to_string(),
                     })?;
                 Some(deliver(&live.task, node))
             }
@@ -1361,7 +1378,7 @@ impl Engine {
     fn operate(
         &mut self,
         id: &str,
-        f: impl FnOnce(&mut Live, u64) -> Result<(), EngineError>,
+        f: impl FnOnce(&mut LiveTask, u64) -> Result<(), EngineError>,
     ) -> Result<Task, EngineError> {
         let now = self.clock.now();
         let live = self.live.get_mut(id).ok_or_else(|| EngineError::Refused {
@@ -1480,7 +1497,7 @@ impl Engine {
                 .is_some_and(|l| l.task.state == TaskState::Succeeded)
         {
             // Put a finished task we loaded back where it was.
-            let live = self.live.remove(id).expect("live");
+            let live = self.live.remove(id).expect("checked live above");
             for node in live.runs.keys() {
                 if self.busy.get(node).map(|t| &**t) == Some(id) {
                     self.busy.remove(node);
@@ -1527,7 +1544,7 @@ impl Engine {
 
 /// A rolling-back task is rolled back once no restore is out any more
 /// (checked only in that state: this runs once per burst of reports).
-fn finish_rollback(live: &mut Live, now: u64) {
+fn finish_rollback(live: &mut LiveTask, now: u64) {
     if matches!(live.task.state, TaskState::RollingBack(_))
         && live
             .runs
@@ -1552,7 +1569,7 @@ struct Undo {
 }
 
 impl Undo {
-    fn of(live: &Live) -> Undo {
+    fn of(live: &LiveTask) -> Undo {
         Undo {
             state: live.task.state.clone(),
             updated_at: live.task.updated_at,
@@ -1571,7 +1588,7 @@ impl Undo {
         }
     }
 
-    fn restore(self, live: &mut Live) {
+    fn restore(self, live: &mut LiveTask) {
         live.task.state = self.state;
         live.task.updated_at = self.updated_at;
         live.task.draining = self.draining;
@@ -1602,7 +1619,7 @@ fn is_repeat(run: &NodeRun, event: &RunEvent) -> bool {
     }
 }
 
-/// A run `Live::report` counts as done (every other one is `in_flight`
+/// A run `LiveTask::report` counts as done (every other one is `in_flight`
 /// there, and keeps its wave open).
 fn reported_done(state: &RunState) -> bool {
     matches!(state, RunState::Succeeded { .. }) || state.failed()
@@ -1652,7 +1669,7 @@ fn newer_than(version: &str, target: &flotilla_version::Version) -> bool {
         .is_ok_and(|v| v.cmp_precedence(target) == std::cmp::Ordering::Greater)
 }
 
-fn commit_wave(live: &mut Live, wave: u32, now: u64, out: &mut Vec<Command>) {
+fn commit_wave(live: &mut LiveTask, wave: u32, now: u64, out: &mut Vec<Command>) {
     let nodes: Vec<String> = live
         .wave_runs(wave)
         .filter(|r| matches!(r.state, RunState::Succeeded { .. }))
@@ -1706,6 +1723,16 @@ fn context(task: &Task) -> TaskContext {
 
 /// A task's windows come from its `schedule` param (`{"windows": [...]}`);
 /// none means always open.
+/// A task the engine holds, or `NoTask`: the engine's steps take a task id
+/// and look it up once per borrow, without a panic if the id went away.
+fn live_task<'a>(
+    live: &'a mut BTreeMap<String, LiveTask>,
+    id: &str,
+) -> Result<&'a mut LiveTask, EngineError> {
+    live.get_mut(id)
+        .ok_or_else(|| EngineError::NoTask(id.to_string()))
+}
+
 fn schedule_from_params(spec: &TaskSpec) -> Result<Schedule, String> {
     match spec.params.get("schedule") {
         None => Ok(Schedule::always()),
