@@ -3,9 +3,7 @@
 //! The engine's big moments (targeting 100,000 nodes, dispatching or
 //! closing a wave of 50,000) allocate and free tens of MB at once. glibc
 //! keeps what was freed in the middle of its heap, so without help the
-//! runner's RSS would stay at the high-water mark of its biggest tick
-//! (measured on the rollout bench: ~1.8 KB per node after the task had
-//! ended, against ~0.5 KB in use).
+//! runner's RSS would stay at the high-water mark of its biggest tick.
 
 /// Returns the free pages of the heap to the OS (glibc's `malloc_trim`). It
 /// walks the heap (a few ms at a few hundred MB), so call it after big work

@@ -1,4 +1,4 @@
-//! The durable store on sled — the only file that imports sled.
+//! The durable store on sled — the only crate that depends on sled.
 //!
 //! The engine's records live in **one tree**, `engine`, under prefixed keys
 //! (values are serde_json; plans, run packs and event packs are that JSON
@@ -24,11 +24,9 @@
 //! that tree: after a crash either all of it is there or none. `commit` does
 //! not flush; `flush` makes everything committed so far durable.
 //!
-//! Why one tree and packed events (measured on the 100,000-node rollout
-//! bench): a sled transaction over four trees costs far more than a batch on
-//! one, and an event per record was half of all records written (~6 per
-//! node); packed, the event log costs a few thousand records per 100,000
-//! nodes.
+//! Why one tree and packed events: a sled transaction over several trees
+//! costs far more than a batch on one, and a record per event would be most
+//! of the records a rollout writes.
 //!
 //! Run packs: a commit of at least `RUN_PACK_MIN` runs (targeting, the
 //! dispatch of a wave, a wave's worth of reports) does not write a record
@@ -36,11 +34,9 @@
 //! packs. A run's current value is the newest of its `R` record and the
 //! packs holding it: an `R` record carries the generation that was current
 //! when it was written, so it is newer than the packs of that generation and
-//! older than every later one. Why (measured on the 100,000-node rollout
-//! bench): sled copies a leaf on every insert and keeps the old copies of
-//! one batch until the batch ends, so a 100,000-run commit held ~700 MB at
-//! its peak and left the heap fragmented at ~2.7 KB RSS per node; and one
-//! record per run per change was ~600,000 records for one rollout. Small
+//! older than every later one. Why: sled copies a leaf on every insert and
+//! keeps the old copies of one batch until the batch ends, so big commits of
+//! small records dominate a rollout's time and memory. Small
 //! commits never rewrite a pack. Packs are never compacted: a task's
 //! records hold each big commit's runs once, as its event log does.
 //!
@@ -54,22 +50,19 @@
 //! commit after the store opens (then read from disk). So every journal
 //! record is of the current generation and newer than everything else of
 //! the task; an ended task has none, and a point read of it costs one more
-//! seek that finds nothing. Why (measured on the api bench, 10,000 nodes
-//! reporting over HTTP, 64 in flight): a batch of ~25 reports was ~25 sled
-//! inserts of runs; as one record, plus one `R` insert per node per write
-//! out (an agent's four reports of one upgrade fall into one journal),
-//! reports went from 23.6k/s to 24.9k/s (medians of five interleaved runs).
+//! seek that finds nothing. Why: a batch of agents' reports becomes one sled
+//! insert instead of one per run, and an agent's several reports of one
+//! upgrade fall into one journal and are written out once.
 //!
 //! Earlier layouts (trees `tasks`, `plans`, `runs`, `events`) are not read:
 //! opening such a store is refused with a clear error (pre-release, no
 //! migration).
 //!
 //! Why `P`: the engine commits the whole `Task` on every tick, and the plan
-//! of a 100,000-node rollout is ~1.5 MB of JSON. Rewriting it each time would
+//! of a big rollout is megabytes of JSON. Rewriting it each time would
 //! dominate every commit, so the store remembers the plan it last wrote per
 //! active task (its `plan_rev`, which the engine bumps on every change) and
-//! writes the plan again only when that moved: comparing the plans themselves
-//! cost ~200 µs per commit at 10,000 nodes.
+//! writes the plan again only when that moved, without comparing plans.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
