@@ -11,6 +11,30 @@ use std::time::{Duration, Instant};
 
 pub(crate) const ENROLL: &str = "enroll-secret";
 
+/// Serves `runner` on 127.0.0.1 (a free port) until the sender is used or
+/// dropped: its base URL, the stop sender and the serving task. The one way
+/// the in-process API tests start a runner.
+pub(crate) async fn serve_on_loopback(
+    runner: Runner,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        runner
+            .serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (base, tx, served)
+}
+
 pub(crate) struct Harness {
     base: String,
     pub(crate) http: reqwest::Client,
@@ -30,17 +54,7 @@ impl Harness {
         };
         tune(&mut config);
         let runner = Runner::open(config).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            runner
-                .serve(listener, async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (base, tx, served) = serve_on_loopback(runner).await;
         Harness {
             base,
             http: reqwest::Client::builder()

@@ -3,6 +3,7 @@
 //! call answers 503 with `Retry-After` and acknowledges nothing; the report
 //! sent again once the store is back is applied exactly once.
 
+use crate::api::serve_on_loopback;
 use flotilla_engine::store::{Store, StoreError};
 use flotilla_model::protocol::Enrolled;
 use flotilla_model::{Event, NodeRun, Task};
@@ -90,17 +91,7 @@ impl Runner0 {
             f
         })
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            runner
-                .serve(listener, async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (base, tx, served) = serve_on_loopback(runner).await;
         Runner0 {
             base,
             http: reqwest::Client::builder()

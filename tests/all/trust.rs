@@ -5,6 +5,7 @@
 //! re-enrollment and one-time node tokens instead); backup locations and
 //! policy names cannot leave their directories.
 
+use crate::api::serve_on_loopback;
 use flotilla_client::Client;
 use flotilla_model::protocol::{Enrolled, Work};
 use flotilla_server::hooks::{HookConfig, sign};
@@ -39,17 +40,7 @@ impl Harness {
         };
         tune(&mut config);
         let runner = Runner::open(config).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            runner
-                .serve(listener, async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (base, tx, served) = serve_on_loopback(runner).await;
         Harness {
             base,
             http: reqwest::Client::builder()
