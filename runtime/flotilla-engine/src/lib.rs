@@ -89,6 +89,12 @@ pub enum EngineError {
     NotInTask { node: String },
     #[error("task {task}: {reason}")]
     Refused { task: String, reason: String },
+    #[error("task {task}: {source}")]
+    Transition {
+        task: String,
+        #[source]
+        source: TransitionError,
+    },
     /// Another active task already takes `package` to this target: a second
     /// one (a replayed webhook, a double click) would race it for its nodes.
     #[error(
@@ -240,6 +246,104 @@ impl LiveTask {
         Ok(())
     }
 
+    /// [`LiveTask::transition`] for a call that must refuse when it does not apply.
+    fn apply(&mut self, node: &str, event: RunEvent, at: u64) -> Result<(), EngineError> {
+        self.transition(node, event, at)
+            .map_err(|source| EngineError::Transition {
+                task: self.task.id.clone(),
+                source,
+            })
+    }
+
+    /// Nodes upgrading at once in the current wave (`usize::MAX`: unbounded).
+    fn concurrency(&self) -> usize {
+        let wave = self.task.waves.get(self.task.current_wave as usize);
+        match (
+            wave.map_or(0, |w| w.concurrency),
+            self.task.spec.concurrency,
+        ) {
+            (0, 0) => usize::MAX,
+            (0, c) | (c, _) => c as usize,
+        }
+    }
+
+    /// Re-queues the wave's failed runs that have retries left for their
+    /// failure kind, each not before its backoff.
+    fn retry_failed(&mut self, wave: u32, now: u64) {
+        let (failed, timed_out) = self.task.spec.retries_per_kind();
+        if failed == 0 && timed_out == 0 {
+            return;
+        }
+        let again: Vec<(String, u32, u32, &'static str)> = self
+            .wave_runs(wave)
+            .filter_map(|r| {
+                let allowed = match r.state {
+                    RunState::FailedRolledBack { .. } => failed,
+                    RunState::TimedOut { .. } | RunState::Unknown { .. } => timed_out,
+                    _ => return None,
+                };
+                (r.attempts <= allowed)
+                    .then(|| (r.node_id.clone(), r.attempts, allowed + 1, r.state.name()))
+            })
+            .collect();
+        for (node, attempt, of, after) in again {
+            let wait = self.task.spec.retry_backoff_ms(attempt);
+            if self.transition(&node, RunEvent::Retry, now).is_err() {
+                continue;
+            }
+            if let Some(run) = self.runs.get_mut(&node) {
+                run.not_before = Some(now + wait);
+            }
+            let detail = format!(
+                "attempt {} of {of} after {after}, not before {}",
+                attempt + 1,
+                now + wait
+            );
+            self.event(now, Some(&node), "node.retry", detail);
+        }
+    }
+
+    /// One walk of the wave on every tick (the full report, which also
+    /// walks every run of the task, only once the wave has ended).
+    fn tally(&self, wave: u32, now: u64) -> Tally {
+        let push = self.task.spec.method == Method::Push && self.schedule.is_open(now);
+        let mut tally = Tally {
+            unfinished: 0,
+            running: 0,
+            ready: push.then(Vec::new),
+        };
+        for r in self.wave_runs(wave) {
+            if !r.state.finished() {
+                tally.unfinished += 1;
+            }
+            if r.state.in_flight() {
+                tally.running += 1;
+            } else if let Some(ready) = &mut tally.ready
+                && matches!(r.state, RunState::Queued { .. })
+                && r.not_before.is_none_or(|t| t <= now)
+            {
+                ready.push(r.node_id.clone());
+            }
+        }
+        tally
+    }
+
+    /// The report of an ended wave once its soak is over; starts the soak
+    /// on the first look.
+    fn soaked(&mut self, wave: u32, now: u64) -> Option<WaveReport> {
+        let soak_seconds = self.task.waves[wave as usize].soak_seconds;
+        match self.task.soak_until {
+            None if soak_seconds > 0 => {
+                self.task.soak_until = Some(now + soak_seconds * 1000);
+                let detail = format!("wave {} soaks {}s", wave + 1, soak_seconds);
+                self.event(now, None, "wave.soak", detail);
+                None
+            }
+            Some(t) if now < t => None,
+            _ => Some(self.report(wave)),
+        }
+    }
+
     fn wave_runs(&self, wave: u32) -> impl Iterator<Item = &NodeRun> {
         self.task
             .waves
@@ -264,6 +368,7 @@ impl LiveTask {
                 RunState::TimedOut { .. } => r.timed_out += 1,
                 RunState::Unknown { .. } => r.unknown += 1,
                 RunState::Rejected { .. } => r.rejected += 1,
+                RunState::Skipped { .. } | RunState::Cancelled => r.skipped += 1,
                 _ => r.in_flight += 1,
             }
             if run.state.failed() {
@@ -744,11 +849,7 @@ impl Engine {
         );
         for (i, wave) in waves.iter().enumerate() {
             for node in &wave.nodes {
-                live.transition(node, RunEvent::Queue { wave: i as u32 }, now)
-                    .map_err(|r| EngineError::Refused {
-                        task: id.into(),
-                        reason: r.to_string(),
-                    })?;
+                live.apply(node, RunEvent::Queue { wave: i as u32 }, now)?;
             }
         }
         live.task.awaiting_approval = waves.first().is_some_and(|w| w.needs_approval);
@@ -819,11 +920,7 @@ impl Engine {
             live.dirty.push(node.id.clone());
             match skip {
                 Some((reason, detail)) => {
-                    live.transition(&node.id, RunEvent::Skip { reason, detail }, now)
-                        .map_err(|r| EngineError::Refused {
-                            task: id.into(),
-                            reason: r.to_string(),
-                        })?;
+                    live.apply(&node.id, RunEvent::Skip { reason, detail }, now)?;
                 }
                 None => {
                     self.busy.insert(node.id.clone(), holder.clone());
@@ -846,11 +943,7 @@ impl Engine {
         }
         for (node, reason, detail) in skipped {
             self.busy.remove(&node);
-            live.transition(&node, RunEvent::Skip { reason, detail }, now)
-                .map_err(|r| EngineError::Refused {
-                    task: id.into(),
-                    reason: r.to_string(),
-                })?;
+            live.apply(&node, RunEvent::Skip { reason, detail }, now)?;
         }
         Ok(selected)
     }
@@ -908,11 +1001,7 @@ impl Engine {
         for node in &selected {
             live.task.waves[wave as usize].nodes.push(node.id.clone());
             live.task.plan_rev += 1;
-            live.transition(&node.id, RunEvent::Queue { wave }, now)
-                .map_err(|r| EngineError::Refused {
-                    task: id.into(),
-                    reason: r.to_string(),
-                })?;
+            live.apply(&node.id, RunEvent::Queue { wave }, now)?;
         }
         if !selected.is_empty() {
             live.event(
@@ -969,11 +1058,12 @@ impl Engine {
         }
     }
 
-    /// Starts queued nodes of the current wave within concurrency and windows;
-    /// evaluates a finished wave and acts on the verdict.
+    /// One step of a running task's current wave: expire late runs, retry
+    /// failed ones that have retries left, hand queued nodes over (push),
+    /// and once every run of the wave has ended, soak, ask the policy and
+    /// act on its verdict.
     fn dispatch(&mut self, id: &str, now: u64, out: &mut Vec<Command>) -> Result<(), EngineError> {
         self.expire(id, now);
-        let world = self.world();
         let live = live_task(&mut self.live, id)?;
         if live.task.current_wave as usize >= live.task.waves.len() {
             return live.task_transition(TaskEvent::Complete, now);
@@ -981,137 +1071,124 @@ impl Engine {
         if live.task.awaiting_approval {
             return Ok(());
         }
-        let w = live.task.current_wave;
-        let (concurrency, soak_seconds) = {
-            let wave = &live.task.waves[w as usize];
-            (wave.concurrency, wave.soak_seconds)
-        };
-        let limit = match (concurrency, live.task.spec.concurrency) {
-            (0, 0) => usize::MAX,
-            (0, c) | (c, _) => c as usize,
-        };
-        // One walk of the wave on every tick (the full report, which also
-        // walks every run of the task, only once the wave is finished).
-        let push = live.task.spec.method == Method::Push && live.schedule.is_open(now);
-        let (mut unfinished, mut running) = (0, 0);
-        let mut ready: Vec<String> = Vec::new();
-        for r in live.wave_runs(w) {
-            if !reported_done(&r.state) {
-                unfinished += 1;
-            }
-            if push {
-                if r.state.in_flight() {
-                    running += 1;
-                } else if matches!(r.state, RunState::Queued { .. })
-                    && r.not_before.is_none_or(|t| t <= now)
-                {
-                    ready.push(r.node_id.clone());
-                }
-            }
-        }
-        if unfinished > 0 {
+        let wave = live.task.current_wave;
+        live.retry_failed(wave, now);
+        let tally = live.tally(wave, now);
+        if tally.unfinished > 0 {
             // Push mode hands nodes over here; pull mode waits for requests.
-            if push {
-                let ctx = live.ctx.clone();
-                for node_id in ready {
-                    if running >= limit {
-                        break;
-                    }
-                    let Some(node) = self.fleet.get(&node_id) else {
-                        live.transition(&node_id, RunEvent::Cancel, now).ok();
-                        continue;
-                    };
-                    // Push to an offline node waits until it is back (EnOS
-                    // "cloud push": it gets the request on reconnect).
-                    if !node.online {
-                        continue;
-                    }
-                    let admission = Self::call_policy(live, &*self.policies, &world, |p| {
-                        if p.info().implements(Hook::Admit) {
-                            p.admit(&ctx, &node, now)
-                        } else {
-                            Ok(Admission::Now)
-                        }
-                    })?;
-                    match admission {
-                        Admission::Now => {
-                            live.transition(&node_id, RunEvent::Offer, now)
-                                .map_err(|r| EngineError::Refused {
-                                    task: id.into(),
-                                    reason: r.to_string(),
-                                })?;
-                            running += 1;
-                            out.push(deliver(&live.task, &node_id));
-                        }
-                        Admission::DeferUntil(t) => {
-                            if let Some(run) = live.runs.get_mut(&node_id) {
-                                run.not_before = Some(t);
-                            }
-                            live.dirty.push(node_id.clone());
-                            live.event(
-                                now,
-                                Some(&node_id),
-                                "policy.admit",
-                                format!("deferred until {t}"),
-                            );
-                        }
-                        Admission::Never(reason) => {
-                            live.transition(
-                                &node_id,
-                                RunEvent::Skip {
-                                    reason: SkipReason::Policy,
-                                    detail: reason,
-                                },
-                                now,
-                            )
-                            .map_err(|r| EngineError::Refused {
-                                task: id.into(),
-                                reason: r.to_string(),
-                            })?;
-                        }
-                    }
-                }
+            if let Some(ready) = tally.ready {
+                self.hand_over(id, ready, tally.running, now, out)?;
             }
             return Ok(());
         }
+        let Some(report) = live.soaked(wave, now) else {
+            return Ok(());
+        };
+        let verdict = self.judge(id, wave, &report, now)?;
+        self.act_on(id, wave, verdict, now, out)
+    }
 
-        // The wave is finished: soak, then ask the policy.
-        let report = live.report(w);
-        let soak = soak_seconds * 1000;
-        match live.task.soak_until {
-            None if soak > 0 => {
-                live.task.soak_until = Some(now + soak);
-                live.event(
-                    now,
-                    None,
-                    "wave.soak",
-                    format!("wave {} soaks {}s", w + 1, soak_seconds),
-                );
-                return Ok(());
+    /// Offers the ready nodes of a push task's wave, up to its concurrency
+    /// (`running` are out with agents already), as `admit` allows.
+    fn hand_over(
+        &mut self,
+        id: &str,
+        ready: Vec<String>,
+        mut running: usize,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        let world = self.world();
+        let live = live_task(&mut self.live, id)?;
+        let limit = live.concurrency();
+        let ctx = live.ctx.clone();
+        for node_id in ready {
+            if running >= limit {
+                break;
             }
-            Some(t) if now < t => return Ok(()),
-            _ => {}
+            let Some(node) = self.fleet.get(&node_id) else {
+                // Gone from the inventory: the run ends, the wave goes on.
+                live.transition(&node_id, RunEvent::Cancel, now).ok();
+                continue;
+            };
+            // Push to an offline node waits until it is back (EnOS
+            // "cloud push": it gets the request on reconnect).
+            if !node.online {
+                continue;
+            }
+            let admission = Self::call_policy(live, &*self.policies, &world, |p| {
+                if p.info().implements(Hook::Admit) {
+                    p.admit(&ctx, &node, now)
+                } else {
+                    Ok(Admission::Now)
+                }
+            })?;
+            match admission {
+                Admission::Now => {
+                    live.apply(&node_id, RunEvent::Offer, now)?;
+                    running += 1;
+                    out.push(deliver(&live.task, &node_id));
+                }
+                Admission::DeferUntil(t) => {
+                    if let Some(run) = live.runs.get_mut(&node_id) {
+                        run.not_before = Some(t);
+                    }
+                    live.dirty.push(node_id.clone());
+                    live.event(
+                        now,
+                        Some(&node_id),
+                        "policy.admit",
+                        format!("deferred until {t}"),
+                    );
+                }
+                Admission::Never(reason) => {
+                    let skip = RunEvent::Skip {
+                        reason: SkipReason::Policy,
+                        detail: reason,
+                    };
+                    live.apply(&node_id, skip, now)?;
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Asks the policy what a finished wave's report means.
+    fn judge(
+        &mut self,
+        id: &str,
+        wave: u32,
+        report: &WaveReport,
+        now: u64,
+    ) -> Result<Verdict, EngineError> {
+        let world = self.world();
+        let live = live_task(&mut self.live, id)?;
         let ctx = live.ctx.clone();
         let verdict =
-            Self::call_policy(live, &*self.policies, &world, |p| p.evaluate(&ctx, &report))?;
+            Self::call_policy(live, &*self.policies, &world, |p| p.evaluate(&ctx, report))?;
         live.task.soak_until = None;
-        live.event(
-            now,
-            None,
-            "policy.verdict",
-            format!("wave {}: {verdict}", w + 1),
-        );
+        let detail = format!("wave {}: {verdict}", wave + 1);
+        live.event(now, None, "policy.verdict", detail);
+        Ok(verdict)
+    }
+
+    fn act_on(
+        &mut self,
+        id: &str,
+        wave: u32,
+        verdict: Verdict,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        let live = live_task(&mut self.live, id)?;
         match verdict {
             Verdict::Proceed => {
-                let live = live_task(&mut self.live, id)?;
                 if !live.task.spec.permanent {
-                    commit_wave(live, w, now, out);
+                    commit_wave(live, wave, now, out);
                 }
                 self.next_wave(id, now)
             }
             Verdict::Pause(reason) => {
-                let live = live_task(&mut self.live, id)?;
                 // Resuming continues with the next wave (or completes the
                 // task when this was the last one): a person looks first.
                 // A next wave that needs approval still waits for a promote
@@ -1125,10 +1202,9 @@ impl Engine {
                 live.task_transition(TaskEvent::Pause(reason), now)
             }
             Verdict::RetryFailed => {
-                let live = live_task(&mut self.live, id)?;
                 let retries = live.task.spec.retries;
                 let again: Vec<String> = live
-                    .wave_runs(w)
+                    .wave_runs(wave)
                     .filter(|r| r.state.failed() && r.attempts <= retries)
                     .map(|r| r.node_id.clone())
                     .collect();
@@ -1270,18 +1346,9 @@ impl Engine {
                 Some(run) if is_repeat(run, &event) => Ok(()),
                 Some(run) => {
                     undo[at].keep(run);
-                    live.transition(&node, event, now)
-                        .map_err(|reason| EngineError::Refused {
-                            task: id.to_string(),
-                            reason: reason.to_string(),
-                        })
+                    live.apply(&node, event, now)
                 }
-                None => live
-                    .transition(&node, event, now)
-                    .map_err(|reason| EngineError::Refused {
-                        task: id.to_string(),
-                        reason: reason.to_string(),
-                    }),
+                None => live.apply(&node, event, now),
             };
             results.push(applied.map(|()| at));
         }
@@ -1330,7 +1397,11 @@ impl Engine {
         let now = self.clock.now();
         let world = self.world();
         let live = live_task(&mut self.live, &id)?;
-        let queued_now = matches!(live.runs.get(node).map(|r| &r.state), Some(RunState::Queued { wave }) if *wave == live.task.current_wave);
+        // Queued in the current wave, and its retry backoff (if any) over.
+        let queued_now = live.runs.get(node).is_some_and(|r| {
+            matches!(r.state, RunState::Queued { wave } if wave == live.task.current_wave)
+                && r.not_before.is_none_or(|t| t <= now)
+        });
         if live.task.spec.method != Method::Pull
             || live.task.state != TaskState::Running
             || !queued_now
@@ -1345,11 +1416,7 @@ impl Engine {
         let offer = Self::call_policy(live, &*self.policies, &world, |p| p.on_request(&ctx, &n))?;
         let answer = match offer {
             Offer::Offer => {
-                live.transition(node, RunEvent::Offer, now)
-                    .map_err(|reason| EngineError::Refused {
-                        task: id.clone(),
-                        reason: reason.to_string(),
-                    })?;
+                live.apply(node, RunEvent::Offer, now)?;
                 Some(deliver(&live.task, node))
             }
             Offer::DeferUntil(t) => {
@@ -1619,10 +1686,14 @@ fn is_repeat(run: &NodeRun, event: &RunEvent) -> bool {
     }
 }
 
-/// A run `LiveTask::report` counts as done (every other one is `in_flight`
-/// there, and keeps its wave open).
-fn reported_done(state: &RunState) -> bool {
-    matches!(state, RunState::Succeeded { .. }) || state.failed()
+/// One walk of a wave (see [`LiveTask::tally`]).
+struct Tally {
+    /// Runs that have not ended: they keep the wave open.
+    unfinished: usize,
+    /// Runs out with an agent.
+    running: usize,
+    /// Push mode inside the task's window: queued runs whose turn has come.
+    ready: Option<Vec<String>>,
 }
 
 /// Handed to an agent and not reported finished (a trial release being made
@@ -1706,6 +1777,7 @@ fn deliver(task: &Task, node: &str) -> Command {
 }
 
 fn context(task: &Task) -> TaskContext {
+    let (retries_failed, retries_timed_out) = task.spec.retries_per_kind();
     TaskContext {
         task_id: task.id.clone(),
         name: task.spec.name.clone(),
@@ -1718,6 +1790,8 @@ fn context(task: &Task) -> TaskContext {
         backup: task.spec.backup.clone(),
         permanent: task.spec.permanent,
         params: task.spec.params.clone(),
+        retries_failed,
+        retries_timed_out,
     }
 }
 

@@ -407,6 +407,10 @@ impl Sim {
                     at: now,
                     what: format!("request from {} refused: {reason}", node.id),
                 }),
+                Err(EngineError::Transition { source, .. }) => self.timeline.push(Step {
+                    at: now,
+                    what: format!("request from {} refused: {source}", node.id),
+                }),
                 Err(e) => return Err(e),
             }
         }
@@ -443,6 +447,10 @@ impl Sim {
                     Err(EngineError::Refused { reason, .. }) => self.timeline.push(Step {
                         at: now,
                         what: format!("report from {node} refused: {reason}"),
+                    }),
+                    Err(EngineError::Transition { source, .. }) => self.timeline.push(Step {
+                        at: now,
+                        what: format!("report from {node} refused: {source}"),
                     }),
                     Err(EngineError::NotInTask { .. }) => self.timeline.push(Step {
                         at: now,

@@ -1199,3 +1199,132 @@ fn a_failed_commit_is_a_fault_not_a_refusal_and_the_retried_report_applies_once(
         events_before + 1
     );
 }
+
+/// Issue 17.1: a node `admit` leaves out, and a node that leaves the
+/// inventory, end their runs for the wave's accounting.
+#[test]
+fn a_node_left_out_by_admit_or_gone_from_the_inventory_does_not_hang_its_wave() {
+    let never_n001 = r#"
+        fn admit(ctx, node, now) {
+            if node.id == "n001" { #{ admission: "never", value: "under maintenance" } } else { #{ admission: "now" } }
+        }
+        fn evaluate(ctx, report) {
+            if report.skipped == 1 && report.succeeded == 2 { #{ verdict: "proceed" } }
+            else { #{ verdict: "pause", reason: `skipped ${report.skipped} succeeded ${report.succeeded}` } }
+        }
+    "#;
+    let mut w = world(fleet(3, "1.12"), &[("never", never_n001)]);
+    let task = w.engine.create(spec("never", "never", json!({}))).unwrap();
+    drive(&mut w, &Agents::default());
+    let states = sim::states(&w.engine, &task.id).unwrap();
+    assert_eq!(states["n001"], "skipped", "{states:?}");
+    assert_eq!(
+        w.engine.task(&task.id).unwrap().state,
+        TaskState::Succeeded,
+        "{states:?}"
+    );
+
+    // A node that leaves the inventory while queued: its run is cancelled
+    // and the wave still ends.
+    let fleet = Arc::new(MemoryFleet::new(fleet(3, "1.12")));
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let store = Arc::new(MemoryStore::new());
+    let mut engine = engine_with_default_policy(store, fleet.clone(), &clock);
+    let mut s = spec("gone", "default", json!({}));
+    s.target = flotilla_model::Target::Version("1.13.0".into());
+    s.concurrency = 1;
+    let task = engine.create(s).unwrap();
+    assert_eq!(engine.tick().unwrap().len(), 1, "one at a time");
+    fleet.remove("n002");
+    engine.report("n000", RunEvent::Succeeded).unwrap();
+    sim::run(&mut engine, &clock, &Agents::default(), 1000, 3600 * 1000).unwrap();
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert_eq!(states["n002"], "cancelled", "{states:?}");
+    assert_eq!(engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+}
+
+/// Issue 17.2: `retries` re-queue a failed node on their own, after a
+/// backoff, whatever the policy; `evaluate` sees the node only at the end.
+#[test]
+fn retries_rerun_a_failed_node_on_their_own_after_a_backoff() {
+    let seen = r#"
+        fn evaluate(ctx, report) {
+            if report.failed_rolled_back > 0 { #{ verdict: "abort", reason: `saw ${report.failed_rolled_back} failed` } }
+            else { #{ verdict: "proceed" } }
+        }
+    "#;
+    let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
+    let mut s = spec("retry", "strict", json!({}));
+    s.retries = 1;
+    let task = w.engine.create(s).unwrap();
+    let mut agents = Agents::default();
+    agents
+        .attempts
+        .insert("n001".into(), vec![Outcome::Fail, Outcome::Succeed]);
+    drive(&mut w, &agents);
+    let runs = w.engine.runs(&task.id).unwrap();
+    let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
+    assert_eq!(n001.state.name(), "succeeded");
+    assert_eq!(n001.attempts, 2);
+    assert_eq!(w.engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+    let events = w.engine.events(&task.id, 0, 1000).unwrap();
+    let retry = events
+        .iter()
+        .find(|e| e.kind == "node.retry")
+        .expect("a retry event");
+    assert!(
+        retry.detail.contains("attempt 2 of 2") && retry.detail.contains("failed-rolled-back"),
+        "{retry:?}"
+    );
+    // The backoff: the second offer is at least `backoff_seconds` after the failure.
+    let failed_at = events
+        .iter()
+        .find(|e| e.kind == "node.failed-rolled-back")
+        .unwrap()
+        .at;
+    let offered_again = events
+        .iter()
+        .filter(|e| e.kind == "node.offered" && e.node.as_deref() == Some("n001"))
+        .nth(1)
+        .unwrap()
+        .at;
+    assert!(
+        offered_again >= failed_at + 30_000,
+        "{failed_at} {offered_again}"
+    );
+
+    // Per failure kind: timed-out runs are not retried when `timed_out: 0`,
+    // and the retries used up, `evaluate` sees the failure.
+    let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
+    let mut s = spec("kinds", "strict", json!({}));
+    s.retry = Some(flotilla_model::Retry {
+        failed: Some(2),
+        timed_out: Some(0),
+        backoff_seconds: 1,
+    });
+    let task = w.engine.create(s).unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n001".into(), Outcome::Fail);
+    drive(&mut w, &agents);
+    let runs = w.engine.runs(&task.id).unwrap();
+    let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
+    assert_eq!(n001.attempts, 3, "1 try + 2 retries");
+    assert_eq!(
+        w.engine.task(&task.id).unwrap().state,
+        TaskState::Failed("saw 1 failed".into())
+    );
+    let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
+    let mut s = spec("kinds", "strict", json!({}));
+    s.retry = Some(flotilla_model::Retry {
+        failed: Some(2),
+        timed_out: Some(0),
+        backoff_seconds: 1,
+    });
+    let task = w.engine.create(s).unwrap();
+    let mut agents = Agents::default();
+    agents.nodes.insert("n001".into(), Outcome::Hang);
+    drive(&mut w, &agents);
+    let runs = w.engine.runs(&task.id).unwrap();
+    let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
+    assert_eq!((n001.state.name(), n001.attempts), ("timed-out", 1));
+}

@@ -9,8 +9,8 @@ pub mod task;
 
 pub use run::{IllegalTransition, NodeRun, RunEvent, RunState};
 pub use task::{
-    Backup, BackupPlace, Event, Scope, SpecError, Target, Task, TaskEvent, TaskSpec, TaskState,
-    backup_place, check_name,
+    Backup, BackupPlace, Event, Retry, Scope, SpecError, Target, Task, TaskEvent, TaskSpec,
+    TaskState, backup_place, check_name,
 };
 
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,13 @@ pub struct TaskContext {
     /// Policy parameters, a JSON object.
     #[serde(default = "empty_object")]
     pub params: serde_json::Value,
+    /// Retries of a failed-rolled-back run and of a timed-out or silent
+    /// one (the task's `retries`/`retry`); a node's `attempts` says how many
+    /// it has used.
+    #[serde(default)]
+    pub retries_failed: u32,
+    #[serde(default)]
+    pub retries_timed_out: u32,
 }
 
 fn empty_object() -> serde_json::Value {
@@ -165,6 +172,8 @@ impl TaskContext {
             backup: Backup::Default,
             permanent: true,
             params: empty_object(),
+            retries_failed: 0,
+            retries_timed_out: 0,
         }
     }
 
@@ -258,6 +267,9 @@ pub struct WaveReport {
     pub unknown: u32,
     pub rejected: u32,
     pub in_flight: u32,
+    /// Nodes that left the wave without an upgrade: `admit` said never, or
+    /// the node left the inventory before its turn. Not in `finished`.
+    pub skipped: u32,
     pub failed_nodes: Vec<String>,
     pub task_finished: u32,
     pub task_failed: u32,

@@ -131,8 +131,12 @@ pub struct TaskSpec {
     pub concurrency: u32,
     #[serde(default = "default_timeout")]
     pub node_timeout_seconds: u64,
+    /// More attempts for a node whose run failed or timed out, each after a
+    /// backoff (see [`Retry`]); `retry` sets them per failure kind.
     #[serde(default)]
     pub retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
     /// The target may be older than what nodes run (EMQX-style downgrade).
     /// Without it, a node on a newer version is skipped (`newer-than-target`)
     /// and a task whose target is older than every node in scope is refused:
@@ -151,6 +155,34 @@ fn yes() -> bool {
 
 fn default_timeout() -> u64 {
     300
+}
+
+/// Retries per failure kind, as AWS IoT Jobs' `retryConfig` has them
+/// (`FAILED`, `TIMED_OUT`). A rejection (the device declined) and a failed
+/// restore (a person must look) are never retried on their own; a policy's
+/// `retry-failed` verdict can still re-queue a rejected node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Retries of a run that failed and was rolled back (default: `retries`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<u32>,
+    /// Retries of a run that timed out or never reported (default: `retries`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out: Option<u32>,
+    /// Wait before the first retry; it doubles with each further one, to at
+    /// most an hour. Default 30.
+    #[serde(default = "default_backoff")]
+    pub backoff_seconds: u64,
+}
+
+/// Retries per failure kind at most (AWS IoT Jobs' limit).
+pub const MAX_RETRIES: u32 = 10;
+const DEFAULT_BACKOFF_SECONDS: u64 = 30;
+const MAX_BACKOFF_SECONDS: u64 = 3600;
+
+fn default_backoff() -> u64 {
+    DEFAULT_BACKOFF_SECONDS
 }
 
 /// What is wrong with a spec, phrased for the person who wrote it.
@@ -207,7 +239,45 @@ impl TaskSpec {
         if self.node_timeout_seconds == 0 {
             return bad("`node_timeout_seconds` must be at least 1".into());
         }
+        let (failed, timed_out) = self.retries_per_kind();
+        if failed.max(timed_out) > MAX_RETRIES {
+            return bad(format!(
+                "at most {MAX_RETRIES} retries per failure kind (as AWS IoT Jobs allows); {} asked",
+                failed.max(timed_out)
+            ));
+        }
+        if self
+            .retry
+            .as_ref()
+            .is_some_and(|r| r.backoff_seconds > MAX_BACKOFF_SECONDS)
+        {
+            return bad(format!(
+                "`retry.backoff_seconds` must be at most {MAX_BACKOFF_SECONDS}"
+            ));
+        }
         Ok(())
+    }
+
+    /// Retries for a failed-rolled-back run and for a timed-out or silent
+    /// one: `retry` per kind where it says, `retries` otherwise.
+    pub fn retries_per_kind(&self) -> (u32, u32) {
+        let r = self.retry.as_ref();
+        (
+            r.and_then(|r| r.failed).unwrap_or(self.retries),
+            r.and_then(|r| r.timed_out).unwrap_or(self.retries),
+        )
+    }
+
+    /// How long a node waits before its attempt `attempt + 1`, after its
+    /// attempt `attempt` (1-based) failed: the backoff doubling per attempt,
+    /// at most an hour.
+    pub fn retry_backoff_ms(&self, attempt: u32) -> u64 {
+        let base = self
+            .retry
+            .as_ref()
+            .map_or(DEFAULT_BACKOFF_SECONDS, |r| r.backoff_seconds);
+        let doubled = base.saturating_mul(1 << attempt.saturating_sub(1).min(20));
+        doubled.min(MAX_BACKOFF_SECONDS) * 1000
     }
 }
 

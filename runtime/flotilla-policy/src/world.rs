@@ -93,6 +93,11 @@ impl MemoryFleet {
         self.write().insert(node.id.clone(), node);
     }
 
+    /// Takes a node out of the inventory.
+    pub fn remove(&self, id: &str) -> Option<Node> {
+        self.write().remove(id)
+    }
+
     /// Ids of the nodes marked online whose agent was last seen before
     /// `before` (Unix ms), without copying the nodes.
     pub fn silent_since(&self, before: u64) -> Vec<String> {

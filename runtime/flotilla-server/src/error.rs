@@ -108,9 +108,9 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::Spec(_) => ApiError::unprocessable(e.to_string()),
             EngineError::NoTask(_) => ApiError::not_found(e.to_string()),
-            EngineError::NotInTask { .. } | EngineError::Refused { .. } => {
-                ApiError::conflict(e.to_string())
-            }
+            EngineError::NotInTask { .. }
+            | EngineError::Refused { .. }
+            | EngineError::Transition { .. } => ApiError::conflict(e.to_string()),
             EngineError::Active { ref task, .. } => {
                 let hint = format!("see it: flotilla task show {task}");
                 ApiError::conflict(e.to_string()).hint(hint)
