@@ -8,6 +8,7 @@
 //! every second, so each test takes seconds, not minutes.
 
 use flotilla_model::{NodeRun, RunState};
+use flotilla_tests::workspace;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -669,6 +670,79 @@ fn an_agent_whose_install_fails_rolls_back_and_reports_it() {
         counts(&view),
         BTreeMap::from([("failed-rolled-back".into(), 1)])
     );
+}
+
+/// Issue 17.4: the simulator agrees with real agents. The same small
+/// rollout (one node succeeds, one's install fails, one's install and
+/// restore fail), with and without a backup, runs through real agent
+/// processes and then through the simulator as a scenario that expects the
+/// final states the real agents reached.
+#[test]
+fn the_simulator_ends_a_rollout_where_real_agents_do() {
+    for backup in ["default", "none"] {
+        let mut c = Cluster::start();
+        c.add_agent(AgentSpec::default());
+        c.add_agent(AgentSpec {
+            install: failing_install("1.1.0"),
+            ..AgentSpec::default()
+        });
+        c.add_agent(AgentSpec {
+            install: failing_install("1.1.0"),
+            extra: vec!["--restore-command".into(), "exit 4".into()],
+            ..AgentSpec::default()
+        });
+        c.wait_enrolled();
+        c.release("1.1.0", 0);
+        // One wave of everyone, and no failure rate stops it.
+        let spec = json!({
+            "name": "sim-vs-real",
+            "package": PACKAGE,
+            "target": {"version": "1.1.0"},
+            "policy": "canary",
+            "params": {"threshold": 1.0},
+            "backup": backup,
+            "node_timeout_seconds": 60,
+        });
+        let task = c.api.post("/v1/tasks", spec.clone())["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let view = c.wait_task(
+            &task,
+            &["succeeded", "failed", "paused"],
+            Duration::from_secs(60),
+        );
+        let real: BTreeMap<String, String> = c
+            .runs(&task)
+            .into_iter()
+            .map(|(id, r)| (id, r.state.name().to_string()))
+            .collect();
+        assert_eq!(real.len(), 3, "{real:?}");
+        let mut sim_spec = spec.clone();
+        sim_spec["policy"] = json!(workspace().join("policies/canary.rhai"));
+        let scenario = json!({
+            "fleet": (0..3).map(|i| json!({
+                "id": format!("node-{i:02}"),
+                "version": "1.0.0",
+                "labels": [["e2e", "yes"]],
+            })).collect::<Vec<_>>(),
+            "releases": [{"package": PACKAGE, "version": "1.1.0"}],
+            "task": sim_spec,
+            "agents": {"nodes": {"node-01": "fail", "node-02": "rollback-fails"}},
+            "expect": {"task": view["state"]["state"], "nodes": real},
+        });
+        let file = c.path().join("sim-vs-real.yaml");
+        fs::write(&file, serde_json::to_string(&scenario).unwrap()).unwrap();
+        let runtime = flotilla_policy::WasmRuntime::new(None).unwrap();
+        let report = flotilla_engine::scenario::Scenario::load(&file)
+            .unwrap()
+            .run(&runtime, None);
+        assert!(
+            report.passed,
+            "backup {backup}: the simulator disagrees with the real agents {real:?}:\n{}",
+            report.explain()
+        );
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! engine tests and the rollout benchmark.
 
 use crate::{Command, Engine, EngineError};
-use flotilla_model::{Node, RunEvent, TaskState};
+use flotilla_model::{Backup, Node, RunEvent, TaskState};
 use flotilla_policy::world::{Clock, Fleet, ManualClock, MemoryFleet};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -322,7 +322,12 @@ impl Sim {
 
     fn command(&mut self, command: Command, now: u64) {
         match command {
-            Command::Deliver { node, version, .. } => {
+            Command::Deliver {
+                node,
+                version,
+                backup,
+                ..
+            } => {
                 self.note(now, || format!("deliver {version} to {node}"));
                 // Counted only where an outcome depends on it (a big
                 // simulation of uniform agents keeps no map per node).
@@ -339,6 +344,17 @@ impl Sim {
                         RunEvent::Upgrading,
                         RunEvent::Verifying,
                         RunEvent::Succeeded,
+                    ],
+                    // As the agent: without a backup there is nothing to
+                    // put back, and the node is left on the new release.
+                    Outcome::Fail if backup == Backup::None => vec![
+                        RunEvent::Downloading,
+                        RunEvent::Upgrading,
+                        RunEvent::FailedRollbackFailed {
+                            error: format!(
+                                "install failed (simulated); no backup was taken (backup: none), so the node is left on {version}"
+                            ),
+                        },
                     ],
                     Outcome::Fail => vec![
                         RunEvent::Downloading,
