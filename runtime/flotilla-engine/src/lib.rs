@@ -105,6 +105,11 @@ pub enum EngineError {
         package: String,
         target: String,
     },
+    /// Task names say which rollout is which: two active ones may not share one.
+    #[error(
+        "task {task} is active under the name {name:?}; choose another name, or wait for it to end or cancel it first"
+    )]
+    NameTaken { name: String, task: String },
     /// Every node in scope runs a newer version than the target, and the
     /// spec does not say `downgrade: true`.
     #[error(
@@ -553,6 +558,12 @@ impl Engine {
     ) -> Result<(), EngineError> {
         for live in self.live.values() {
             let other = &live.task;
+            if other.state.active() && other.spec.name == spec.name {
+                return Err(EngineError::NameTaken {
+                    name: spec.name.clone(),
+                    task: other.id.clone(),
+                });
+            }
             if !other.state.active() || other.spec.package != spec.package {
                 continue;
             }

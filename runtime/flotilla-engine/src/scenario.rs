@@ -201,6 +201,9 @@ pub struct At {
     /// An operator cancels the task.
     #[serde(default)]
     pub cancel: bool,
+    /// An operator rolls the task back with this reason.
+    #[serde(default)]
+    pub rollback: Option<String>,
 }
 
 /// An operator's command at a point of virtual time.
@@ -210,6 +213,7 @@ enum Operator {
     Resume,
     Pause(String),
     Cancel,
+    Rollback(String),
 }
 
 /// An event that must (or must not) be in the task's log: the kind exactly,
@@ -263,6 +267,10 @@ impl std::fmt::Display for EventMatch {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
+    /// The task is refused at creation, with this text (a prefix of the
+    /// error, as other text expectations).
+    #[serde(default)]
+    pub refused: Option<String>,
     /// Final task state (`succeeded`, `failed: <reason>`, `paused`, `rolled-back`, ...).
     #[serde(default)]
     pub task: Option<String>,
@@ -292,7 +300,8 @@ pub struct Expect {
 
 impl Expect {
     fn is_empty(&self) -> bool {
-        self.task.is_none()
+        self.refused.is_none()
+            && self.task.is_none()
             && self.waves.is_none()
             && self.wave_sizes.is_none()
             && self.verdicts.is_none()
@@ -340,9 +349,25 @@ pub struct ScenarioFile {
     pub task: TaskSpec,
     #[serde(default)]
     pub agents: AgentsSpec,
-    /// Fleet changes and operator commands over time.
+    /// Fleet changes and operator commands (on `task`) over time.
     #[serde(default)]
     pub timeline: Vec<At>,
+    pub expect: Expect,
+    /// More tasks, each created at its time, with the same policy file, and
+    /// checked against its own `expect`: two rollouts over one fleet (a node
+    /// busy in one is skipped by the other), or a second one refused.
+    #[serde(default)]
+    pub more_tasks: Vec<MoreTask>,
+}
+
+/// A further task of a scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoreTask {
+    /// When it is created (from the start; default at once, after `task`).
+    #[serde(default)]
+    pub at: Span,
+    pub task: TaskSpec,
     pub expect: Expect,
 }
 
@@ -387,6 +412,21 @@ impl Scenario {
             return Err(invalid(
                 "`expect` checks nothing: add task, waves, wave_sizes, verdicts, nodes, counts, events or no_events".into(),
             ));
+        }
+        for (i, more) in file.more_tasks.iter().enumerate() {
+            if more.expect.is_empty() {
+                return Err(invalid(format!(
+                    "more_tasks[{i}].expect checks nothing: add refused, task, waves, wave_sizes, verdicts, nodes, counts, events or no_events"
+                )));
+            }
+            if resolve(path, Path::new(&more.task.policy))
+                != resolve(path, Path::new(&file.task.policy))
+            {
+                return Err(invalid(format!(
+                    "more_tasks[{i}].task.policy is {:?}, task.policy is {:?}: a scenario tests one policy, so every task names the same file",
+                    more.task.policy, file.task.policy
+                )));
+            }
         }
         if let Some(r) = &file.agents.random {
             r.validate().map_err(|e| invalid(format!("agents.{e}")))?;
@@ -445,13 +485,14 @@ impl Scenario {
                 a.resume,
                 a.pause.is_some(),
                 a.cancel,
+                a.rollback.is_some(),
             ]
             .iter()
             .filter(|x| **x)
             .count();
             if actions != 1 {
                 return Err(invalid(format!(
-                    "{what} has {actions} actions: give exactly one of offline, appear, set, promote, resume, pause, cancel"
+                    "{what} has {actions} actions: give exactly one of offline, appear, set, promote, resume, pause, cancel, rollback"
                 )));
             }
             let node = || {
@@ -485,6 +526,8 @@ impl Scenario {
                 operators.push((t, Operator::Pause(r.clone())));
             } else if a.cancel {
                 operators.push((t, Operator::Cancel));
+            } else if let Some(r) = &a.rollback {
+                operators.push((t, Operator::Rollback(r.clone())));
             }
         }
         operators.sort_by_key(|(t, _)| *t);
@@ -559,20 +602,44 @@ impl Scenario {
         }
         let mut sim = Sim::new(clock.clone(), agents).with_fleet(fleet, self.changes.clone());
         // `task.policy` is a file here, which `source` already holds; the
-        // engine takes policy names.
-        let mut spec = f.task.clone();
-        spec.policy = local_policy_name(Path::new(&spec.policy));
-        let task = engine.create(spec)?;
+        // engine takes policy names. Tasks are created in time order, the
+        // main one first.
+        let mut due: Vec<(u64, usize, TaskSpec)> = std::iter::once((start, 0, f.task.clone()))
+            .chain(
+                f.more_tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (start + m.at.ms(), i + 1, m.task.clone())),
+            )
+            .collect();
+        due.sort_by_key(|(t, i, _)| (*t, *i));
+        let mut due = due.into_iter().peekable();
+        let mut created: Vec<Result<String, String>> =
+            vec![Err("never created".into()); 1 + f.more_tasks.len()];
         let mut operators = self.operators.iter().peekable();
         let mut operator_log = Vec::new();
         loop {
             let now = clock.now();
+            while let Some((_, i, mut spec)) = due.next_if(|(t, _, _)| *t <= now) {
+                spec.policy = local_policy_name(Path::new(&spec.policy));
+                created[i] = match engine.create(spec) {
+                    Ok(task) => Ok(task.id),
+                    Err(EngineError::Store(e)) => return Err(e.into()),
+                    Err(refused) => Err(refused.to_string()),
+                };
+            }
             while let Some((_, op)) = operators.next_if(|(t, _)| *t <= now) {
+                let Ok(main) = &created[0] else {
+                    continue;
+                };
                 let done = match op {
-                    Operator::Promote => engine.promote(&task.id),
-                    Operator::Resume => engine.resume(&task.id),
-                    Operator::Pause(r) => engine.pause(&task.id, r),
-                    Operator::Cancel => engine.cancel(&task.id),
+                    Operator::Promote => engine.promote(main).map(drop),
+                    Operator::Resume => engine.resume(main).map(drop),
+                    Operator::Pause(r) => engine.pause(main, r).map(drop),
+                    Operator::Cancel => engine.cancel(main).map(drop),
+                    Operator::Rollback(r) => engine
+                        .rollback(main, r)
+                        .map(|(_, commands)| sim.handle(commands)),
                 };
                 if let Err(e) = done {
                     operator_log.push(sim::Step {
@@ -582,16 +649,23 @@ impl Scenario {
                 }
             }
             let idle = sim.step(&mut engine)?;
-            if !engine.has_active() || now - start > max {
+            let more_to_come = due.peek().is_some();
+            if (!engine.has_active() && !more_to_come) || now - start > max {
                 break;
             }
             if idle {
-                // Stop once the task waits for a person and nothing else is
-                // coming: no report, fleet change or operator command.
-                if operators.peek().is_none() && !sim.busy() {
-                    let t = engine.task(&task.id)?;
-                    let waiting = matches!(t.state, TaskState::Paused(_)) || t.awaiting_approval;
-                    if waiting && engine.runs(&task.id)?.iter().all(|r| !r.state.in_flight()) {
+                // Stop once every task waits for a person and nothing else
+                // is coming: no task, report, fleet change or operator command.
+                if operators.peek().is_none() && !sim.busy() && !more_to_come {
+                    let mut all_waiting = true;
+                    for id in created.iter().flatten() {
+                        let t = engine.task(id)?;
+                        let waiting = !t.state.active()
+                            || ((matches!(t.state, TaskState::Paused(_)) || t.awaiting_approval)
+                                && engine.runs(id)?.iter().all(|r| !r.state.in_flight()));
+                        all_waiting &= waiting;
+                    }
+                    if all_waiting {
                         break;
                     }
                 }
@@ -601,39 +675,52 @@ impl Scenario {
         let mut timeline = sim.into_timeline();
         timeline.extend(operator_log);
         timeline.sort_by_key(|s| s.at);
+        let mut tasks = Vec::new();
+        for c in created {
+            tasks.push(match c {
+                Err(refused) => TaskActual::Refused(refused),
+                Ok(id) => TaskActual::Ran {
+                    task: Box::new(engine.task(&id)?),
+                    runs: engine
+                        .runs(&id)?
+                        .into_iter()
+                        .map(|r| (r.node_id.clone(), r.state))
+                        .collect(),
+                    events: engine.events(&id, 0, usize::MAX)?,
+                },
+            });
+        }
         Ok(Actual {
-            task: engine.task(&task.id)?,
-            runs: engine
-                .runs(&task.id)?
-                .into_iter()
-                .map(|r| (r.node_id.clone(), r.state))
-                .collect(),
-            events: engine.events(&task.id, 0, usize::MAX)?,
+            tasks,
             timeline,
             start,
         })
     }
 
-    fn compare(&self, policy: &Path, actual: Actual) -> Report {
-        let e = &self.file.expect;
-        let mut lines = Lines::default();
+    /// One task's expectations against what it did (or its refusal).
+    fn compare_task(e: &Expect, got: &TaskActual, start: u64, lines: &mut Lines) {
+        let (task, runs, events) = match got {
+            TaskActual::Refused(why) => {
+                let want = e.refused.as_deref().unwrap_or("(created)");
+                lines.text("refused", want, why);
+                return;
+            }
+            TaskActual::Ran { task, runs, events } => (task, runs, events),
+        };
+        if let Some(want) = &e.refused {
+            lines.text("refused", want, "(created)");
+        }
 
         if let Some(want) = &e.task {
-            lines.text("task", want, &task_text(&actual.task.state));
+            lines.text("task", want, &task_text(&task.state));
         }
         if let Some(want) = &e.waves {
-            let got: Vec<String> = actual
-                .task
-                .waves
-                .iter()
-                .map(|w| w.nodes.join(" "))
-                .collect();
+            let got: Vec<String> = task.waves.iter().map(|w| w.nodes.join(" ")).collect();
             let want: Vec<String> = want.iter().map(|w| w.join(" ")).collect();
             lines.list("wave", &want, &got, |a, b| a == b);
         }
         if let Some(want) = &e.wave_sizes {
-            let got: Vec<String> = actual
-                .task
+            let got: Vec<String> = task
                 .waves
                 .iter()
                 .map(|w| format!("{} nodes", w.nodes.len()))
@@ -642,8 +729,7 @@ impl Scenario {
             lines.list("wave", &want, &got, |a, b| a == b);
         }
         if let Some(want) = &e.verdicts {
-            let got: Vec<String> = actual
-                .events
+            let got: Vec<String> = events
                 .iter()
                 .filter(|e| e.kind == "policy.verdict")
                 .map(|e| e.detail.clone())
@@ -659,15 +745,14 @@ impl Scenario {
             });
         }
         for (node, want) in &e.nodes {
-            let got = actual
-                .runs
+            let got = runs
                 .get(node)
                 .map_or_else(|| "not in the task".to_string(), run_text);
             lines.text(&format!("node {node}"), want, &got);
         }
         if !e.counts.is_empty() {
             let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-            for state in actual.runs.values() {
+            for state in runs.values() {
                 *counts.entry(state.name()).or_default() += 1;
             }
             for (state, want) in &e.counts {
@@ -680,24 +765,34 @@ impl Scenario {
             }
         }
         for m in &e.events {
-            let got = match actual.events.iter().find(|ev| m.matches(ev, actual.start)) {
+            let got = match events.iter().find(|ev| m.matches(ev, start)) {
                 Some(_) => "occurs".to_string(),
                 None => "missing".to_string(),
             };
             lines.exact(&format!("event {m}"), "occurs", &got);
         }
         for m in &e.no_events {
-            let got = match actual.events.iter().find(|ev| m.matches(ev, actual.start)) {
-                Some(ev) => format!(
-                    "occurs at +{}: {}",
-                    clock_text(ev.at - actual.start),
-                    ev.detail
-                ),
+            let got = match events.iter().find(|ev| m.matches(ev, start)) {
+                Some(ev) => format!("occurs at +{}: {}", clock_text(ev.at - start), ev.detail),
                 None => "none".to_string(),
             };
             lines.exact(&format!("no event {m}"), "none", &got);
         }
+    }
 
+    fn compare(&self, policy: &Path, actual: Actual) -> Report {
+        let mut lines = Lines::default();
+        let expects = std::iter::once(&self.file.expect)
+            .chain(self.file.more_tasks.iter().map(|m| &m.expect));
+        for (i, (e, got)) in expects.zip(&actual.tasks).enumerate() {
+            lines.prefix = if i == 0 {
+                String::new()
+            } else {
+                format!("task {}: ", i + 1)
+            };
+            Self::compare_task(e, got, actual.start, &mut lines);
+        }
+        let main = &actual.tasks[0];
         let passed = lines.mismatches.is_empty();
         let diff = if passed {
             String::new()
@@ -716,8 +811,14 @@ impl Scenario {
             error: None,
             mismatches: lines.mismatches,
             diff,
-            task: Some(task_text(&actual.task.state)),
-            events: actual.events,
+            task: Some(match main {
+                TaskActual::Refused(why) => format!("refused: {why}"),
+                TaskActual::Ran { task, .. } => task_text(&task.state),
+            }),
+            events: match actual.tasks.into_iter().next() {
+                Some(TaskActual::Ran { events, .. }) => events,
+                _ => Vec::new(),
+            },
             timeline: actual
                 .timeline
                 .into_iter()
@@ -784,11 +885,21 @@ fn text_matches(want: &str, got: &str) -> bool {
 
 /// What a run produced.
 struct Actual {
-    task: flotilla_model::Task,
-    runs: BTreeMap<String, RunState>,
-    events: Vec<Event>,
+    /// The main task, then `more_tasks`, in the file's order.
+    tasks: Vec<TaskActual>,
     timeline: Vec<sim::Step>,
     start: u64,
+}
+
+/// What one task of a run did.
+enum TaskActual {
+    /// The engine refused to create it: why.
+    Refused(String),
+    Ran {
+        task: Box<flotilla_model::Task>,
+        runs: BTreeMap<String, RunState>,
+        events: Vec<Event>,
+    },
 }
 
 /// Expected and actual, one check a line, so a line diff shows what differs.
@@ -798,10 +909,13 @@ struct Lines {
     expected: String,
     actual: String,
     mismatches: Vec<Mismatch>,
+    /// Put before every label (`task 2: `).
+    prefix: String,
 }
 
 impl Lines {
     fn push(&mut self, what: &str, want: &str, got: &str, ok: bool) {
+        let what = &format!("{}{what}", self.prefix);
         let _ = writeln!(self.expected, "{what}: {want}");
         if ok {
             let _ = writeln!(self.actual, "{what}: {want}");
@@ -832,7 +946,7 @@ impl Lines {
         ok: impl Fn(&str, &str) -> bool,
     ) {
         for i in 0..want.len().max(got.len()) {
-            let label = format!("{what} {}", i + 1);
+            let label = format!("{}{what} {}", self.prefix, i + 1);
             match (want.get(i), got.get(i)) {
                 (Some(w), Some(g)) => self.push(&label, w, g, ok(w, g)),
                 (Some(w), None) => {

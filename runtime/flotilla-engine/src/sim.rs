@@ -320,6 +320,15 @@ impl Sim {
         }
     }
 
+    /// Commands the engine returned outside a tick (an operator's rollback)
+    /// go to the simulated agents like those of a tick.
+    pub fn handle(&mut self, commands: Vec<Command>) {
+        let now = self.clock.now();
+        for command in commands {
+            self.command(command, now);
+        }
+    }
+
     fn command(&mut self, command: Command, now: u64) {
         match command {
             Command::Deliver {

@@ -1328,3 +1328,29 @@ fn retries_rerun_a_failed_node_on_their_own_after_a_backoff() {
     let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
     assert_eq!((n001.state.name(), n001.attempts), ("timed-out", 1));
 }
+
+/// Issue 17.10: two active tasks may not share a name; an ended task's name
+/// is free again.
+#[test]
+fn two_active_tasks_may_not_share_a_name() {
+    let mut w = world(fleet(2, "1.12"), &[]);
+    let first = w
+        .engine
+        .create(versioned("nightly", "1.13.0", json!({})))
+        .unwrap();
+    let mut other = versioned("nightly", "1.14.0", json!({}));
+    other.package = "mosquitto".into();
+    match w.engine.create(other.clone()) {
+        Err(EngineError::NameTaken { name, task }) => {
+            assert_eq!(
+                (name.as_str(), task.as_str()),
+                ("nightly", first.id.as_str())
+            );
+        }
+        other => panic!("expected the name to be refused, got {other:?}"),
+    }
+    w.engine.cancel(&first.id).unwrap();
+    drive(&mut w, &Agents::default());
+    assert!(!w.engine.task(&first.id).unwrap().state.active());
+    w.engine.create(other).unwrap();
+}

@@ -111,6 +111,10 @@ impl From<EngineError> for ApiError {
             EngineError::NotInTask { .. }
             | EngineError::Refused { .. }
             | EngineError::Transition { .. } => ApiError::conflict(e.to_string()),
+            EngineError::NameTaken { ref task, .. } => {
+                let hint = format!("see it: flotilla task show {task}");
+                ApiError::conflict(e.to_string()).hint(hint)
+            }
             EngineError::Active { ref task, .. } => {
                 let hint = format!("see it: flotilla task show {task}");
                 ApiError::conflict(e.to_string()).hint(hint)
