@@ -455,6 +455,13 @@ async fn tasks_lifecycle_and_bad_input() {
     assert_eq!(sizes[0], 1, "canary wave first: {plan}");
     let (_, list) = h.get("/v1/tasks").await;
     assert_eq!(list.as_array().unwrap().len(), 0, "a dry run was stored");
+    // A pull task's dry run has the online devices ask (issue 17.6): it
+    // ends, instead of "would end running".
+    let mut pull = spec("t-pull", "canary", "1.1.0");
+    pull["method"] = json!("pull");
+    let (s, plan) = h.post("/v1/tasks?dry_run=true", pull).await;
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    assert_eq!(plan["final_state"]["state"], "succeeded", "{plan}");
 
     // create, then operate
     let (s, t) = h.post("/v1/tasks", s1).await;

@@ -1286,3 +1286,59 @@ fn flotilla_demo_rolls_out_and_stops_its_children_also_on_ctrl_c() {
     let text = fs::read_to_string(&stdout_path).unwrap();
     assert!(text.contains("Interrupted; stopping"), "{text}");
 }
+
+/// Issue 17.6: `flotilla simulate` has devices ask for work in a pull task
+/// (it used to say the task "would end running"), and exits non-zero when
+/// the task would not succeed, like `task watch`.
+#[test]
+fn simulate_covers_pull_and_fails_when_the_task_would_not_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet.json");
+    let nodes: Vec<Value> = (0..4)
+        .map(|i| json!({"id": format!("d{i}"), "version": "1.0", "online": true}))
+        .collect();
+    fs::write(&fleet, serde_json::to_vec(&nodes).unwrap()).unwrap();
+    let policy = workspace().join("policies/canary.rhai");
+    let simulate = |task: Value, agents: Option<Value>| {
+        let task_file = dir.path().join("task.json");
+        fs::write(&task_file, serde_json::to_vec(&task).unwrap()).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("simulate")
+            .arg("--fleet")
+            .arg(&fleet)
+            .arg("--task")
+            .arg(&task_file)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--json");
+        if let Some(a) = agents {
+            let f = dir.path().join("agents.json");
+            fs::write(&f, serde_json::to_vec(&a).unwrap()).unwrap();
+            cmd.arg("--agents").arg(f);
+        }
+        let out = cmd.output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "simulate printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), v)
+    };
+    let pull = json!({
+        "name": "pull", "package": "fw", "target": {"version": "2.0"},
+        "policy": "canary", "method": "pull",
+    });
+    let (code, v) = simulate(pull, None);
+    assert_eq!(v["task"]["state"]["state"], "succeeded", "{v}");
+    assert_eq!(v["counts"]["succeeded"], 4, "{v}");
+    assert_eq!(code, Some(0));
+
+    let push = json!({
+        "name": "push", "package": "fw", "target": {"version": "2.0"}, "policy": "canary",
+    });
+    let (code, v) = simulate(push, Some(json!({"nodes": {"d0": "fail"}})));
+    assert_ne!(v["task"]["state"]["state"], "succeeded", "{v}");
+    assert_eq!(code, Some(1), "a task that would not succeed exits 1");
+}

@@ -508,6 +508,35 @@ pub fn run(
     Ok(sim.into_timeline())
 }
 
+/// [`run`] over the engine's `fleet`, whose online devices also ask for
+/// work (pull tasks) every `agents.request_every_ms`, as real agents in
+/// pull mode do; 0 uses the agents' default interval (30 s).
+pub fn run_on(
+    engine: &mut Engine,
+    clock: &Arc<ManualClock>,
+    fleet: Arc<MemoryFleet>,
+    agents: &Agents,
+    tick_ms: u64,
+    max_ms: u64,
+) -> Result<Vec<Step>, EngineError> {
+    let start = clock.now();
+    let mut agents = agents.clone();
+    if agents.request_every_ms == 0 {
+        agents.request_every_ms = DEFAULT_PULL_INTERVAL_MS;
+    }
+    let mut sim = Sim::new(clock.clone(), agents).with_fleet(fleet, Vec::new());
+    while engine.has_active() && clock.now() - start <= max_ms {
+        if sim.step(engine)? {
+            clock.advance(tick_ms);
+        }
+    }
+    Ok(sim.into_timeline())
+}
+
+/// How often an agent in pull mode asks for work unless told otherwise
+/// (`flotilla-agent --pull-interval`).
+pub const DEFAULT_PULL_INTERVAL_MS: u64 = 30_000;
+
 /// Final counts per node-run state of a task.
 pub fn counts(engine: &Engine, task: &str) -> Result<BTreeMap<String, usize>, EngineError> {
     Ok(crate::count_states(&engine.runs(task)?))

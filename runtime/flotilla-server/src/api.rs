@@ -613,17 +613,19 @@ fn dry_run(state: &AppState, spec: TaskSpec) -> Result<serde_json::Value, ApiErr
     check_task(state, &spec)?;
     let start = state.clock.now();
     let clock = Arc::new(ManualClock::new(start));
+    let fleet = Arc::new(MemoryFleet::new(state.inventory.all_nodes()));
     let mut engine = Engine::new(
         Arc::new(MemoryStore::new()),
-        Arc::new(MemoryFleet::new(state.inventory.all_nodes())),
+        fleet.clone(),
         state.inventory.clone(),
         clock.clone(),
         state.policies.clone(),
     )?;
     let task = engine.create(spec)?;
-    sim::run(
+    sim::run_on(
         &mut engine,
         &clock,
+        fleet,
         &Agents::default(),
         60_000,
         30 * 86_400_000,
@@ -641,7 +643,7 @@ fn dry_run(state: &AppState, spec: TaskSpec) -> Result<serde_json::Value, ApiErr
         "final_state": task.state,
         "counts": counts,
         "events": events,
-        "note": "simulated on the current inventory with every agent succeeding; nodes busy in other tasks are not skipped here",
+        "note": "simulated on the current inventory with every agent succeeding (online devices of a pull task ask every 30 s); nodes busy in other tasks are not skipped here",
     }))
 }
 

@@ -84,9 +84,10 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     // Load once up front so a broken policy is reported before anything runs.
     source.load(&spec.policy, World::empty())?;
     let store = Arc::new(MemoryStore::new());
+    let fleet = Arc::new(MemoryFleet::new(nodes));
     let mut engine = Engine::new(
         store,
-        Arc::new(MemoryFleet::new(nodes)),
+        fleet.clone(),
         Arc::new(MemoryDelivery {
             releases: Vec::new(),
             control_plane,
@@ -95,13 +96,21 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         Arc::new(source),
     )?;
     let task = engine.create(spec)?;
-    sim::run(
+    // Online devices ask for work (pull tasks) as real agents do.
+    sim::run_on(
         &mut engine,
         &clock,
+        fleet,
         &agents,
         60_000,
         args.max_days * 86_400_000,
     )?;
+    // Like `task watch`: a script can tell a rollout that would not succeed.
+    let code = if task_succeeded(&engine, &task.id)? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
     let task = engine.task(&task.id)?;
     let events = engine.events(&task.id, 0, usize::MAX)?;
     let counts = sim::counts(&engine, &task.id)?;
@@ -113,7 +122,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
                 "task": task, "events": events, "counts": counts,
             }))?
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     for e in events
         .iter()
@@ -143,5 +152,15 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     }
     outln!("\ntask {} ({}): {}", task.id, task.spec.name, task.state);
     outln!("{table}");
-    Ok(ExitCode::SUCCESS)
+    if code != ExitCode::SUCCESS {
+        outln!(
+            "the task would end {}, not succeeded (exit code 1)",
+            task.state.name()
+        );
+    }
+    Ok(code)
+}
+
+fn task_succeeded(engine: &Engine, id: &str) -> anyhow::Result<bool> {
+    Ok(engine.task(id)?.state == flotilla_model::TaskState::Succeeded)
 }
