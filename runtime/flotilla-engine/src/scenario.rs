@@ -103,9 +103,9 @@ pub struct Generate {
     /// Index of the first node.
     #[serde(default)]
     pub from: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flotilla_model::pairs::deserialize")]
     pub labels: Vec<(String, String)>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flotilla_model::pairs::deserialize")]
     pub attributes: Vec<(String, String)>,
     #[serde(default)]
     pub asset_path: String,

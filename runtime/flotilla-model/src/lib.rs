@@ -3,6 +3,7 @@
 //! (JSON, WIT, Rhai maps) is derived from these.
 
 pub mod facts;
+pub mod pairs;
 pub mod protocol;
 pub mod run;
 pub mod task;
@@ -26,9 +27,9 @@ pub struct Node {
     pub id: String,
     #[serde(default)]
     pub version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pairs::deserialize")]
     pub labels: Vec<(String, String)>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pairs::deserialize")]
     pub attributes: Vec<(String, String)>,
     #[serde(default)]
     pub asset_path: String,
@@ -391,7 +392,9 @@ impl PolicyInfo {
 #[serde(default, deny_unknown_fields)]
 pub struct Selector {
     pub ids: Vec<String>,
+    #[serde(deserialize_with = "crate::pairs::deserialize")]
     pub labels: Vec<(String, String)>,
+    #[serde(deserialize_with = "crate::pairs::deserialize")]
     pub attributes: Vec<(String, String)>,
     /// Asset-tree roots; a node matches at the root or below it.
     pub asset_trees: Vec<String>,

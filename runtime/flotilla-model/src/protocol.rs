@@ -32,9 +32,9 @@ pub struct Enroll {
     pub secret: String,
     #[serde(default)]
     pub version: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pairs::deserialize")]
     pub labels: Vec<(String, String)>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pairs::deserialize")]
     pub attributes: Vec<(String, String)>,
     #[serde(default)]
     pub asset_path: String,
