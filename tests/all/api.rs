@@ -942,7 +942,7 @@ async fn the_github_release_example_starts_a_rollout() {
     let example = Config::from_file(&dir.join("runner.toml")).unwrap();
     example.check().unwrap();
     let h = Harness::start(|c| c.hooks = example.hooks.clone()).await;
-    h.release("edge-agent", "1.4.0", b"edge-agent 1.4.0").await;
+    // No release is added first (issue 17.9): the delivery registers it.
     let payload = std::fs::read(dir.join("payload.json")).unwrap();
     let send = || {
         h.http
@@ -960,6 +960,19 @@ async fn the_github_release_example_starts_a_rollout() {
     assert_eq!(task["spec"]["package"], "edge-agent");
     assert_eq!(task["spec"]["policy"], "canary");
     assert_eq!(task["spec"]["params"]["threshold"], 0.1);
+    let (s, rel) = h.get("/v1/releases?package=edge-agent").await;
+    assert_eq!(s, StatusCode::OK, "{rel}");
+    assert_eq!(rel.as_array().unwrap().len(), 1, "{rel}");
+    assert_eq!(rel[0]["version"], "1.4.0");
+    assert_eq!(
+        rel[0]["url"],
+        "https://github.com/example/edge-agent/releases/download/v1.4.0/edge-agent-1.4.0-linux-amd64.tar.gz"
+    );
+    assert_eq!(
+        rel[0]["sha256"],
+        "9f2c1b7e4c0a5d3e8f6a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5a6"
+    );
+    assert_eq!(rel[0]["size"], 5242880);
     let r = send().await.unwrap();
     assert_eq!(
         r.status(),

@@ -283,15 +283,15 @@ async fn allow_reenroll(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NewRelease {
-    package: String,
-    version: String,
+pub(crate) struct NewRelease {
+    pub(crate) package: String,
+    pub(crate) version: String,
     #[serde(default)]
-    kind: ReleaseKind,
+    pub(crate) kind: ReleaseKind,
     /// External artifact: its URL, with `sha256` and `size`.
-    url: Option<String>,
-    sha256: Option<String>,
-    size: Option<u64>,
+    pub(crate) url: Option<String>,
+    pub(crate) sha256: Option<String>,
+    pub(crate) size: Option<u64>,
 }
 
 async fn create_release(
@@ -299,6 +299,21 @@ async fn create_release(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let r: NewRelease = json(&body)?;
+    let rec = release_record(&state, r)?;
+    if let Some(existing) = state.inventory.release(&rec.package, &rec.version) {
+        return Err(ApiError::conflict(format!(
+            "release {} {} exists (sha256 {:?}); releases are immutable, publish a new version",
+            existing.package, existing.version, existing.sha256
+        )));
+    }
+    state.inventory.put_release(rec.clone())?;
+    state.store_flush()?;
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+/// A new release as the API takes it, checked: the same rules for
+/// `POST /v1/releases` and a webhook that registers its release.
+pub(crate) fn release_record(state: &AppState, r: NewRelease) -> Result<ReleaseRecord, ApiError> {
     valid_name("package", &r.package)?;
     let version = flotilla_version::parse(&r.version)
         .map_err(|e| ApiError::unprocessable(format!("version {:?}: {e}", r.version)))?;
@@ -323,13 +338,7 @@ async fn create_release(
             "sha256 and size come from the upload when there is no url; leave them out",
         ));
     }
-    if let Some(existing) = state.inventory.release(&r.package, &r.version) {
-        return Err(ApiError::conflict(format!(
-            "release {} {} exists (sha256 {:?}); releases are immutable, publish a new version",
-            existing.package, existing.version, existing.sha256
-        )));
-    }
-    let rec = ReleaseRecord {
+    Ok(ReleaseRecord {
         package: r.package,
         version: version.to_string(),
         kind: r.kind,
@@ -337,10 +346,7 @@ async fn create_release(
         sha256: r.sha256.map(|s| s.to_ascii_lowercase()).unwrap_or_default(),
         size: r.size.unwrap_or(0),
         created_at: state.clock.now(),
-    };
-    state.inventory.put_release(rec.clone())?;
-    state.store_flush()?;
-    Ok((StatusCode::CREATED, Json(rec)).into_response())
+    })
 }
 
 #[derive(Deserialize)]

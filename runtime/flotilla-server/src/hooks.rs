@@ -67,6 +67,152 @@ pub struct HookConfig {
     /// release event must not take a fleet back.
     #[serde(default)]
     pub allow_downgrade: bool,
+    /// Register the release from the payload too, so that the release event
+    /// alone starts the rollout (the agents download the artifact from its
+    /// URL and check its size and sha256).
+    #[serde(default)]
+    pub release: Option<HookRelease>,
+}
+
+/// Where a hook finds the artifact of the release it starts: a GitHub
+/// release asset chosen by name (`asset`), or JSON pointers to a URL, a
+/// sha256 and a size (`url`, `sha256`, `size`) for other senders.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HookRelease {
+    /// The asset's name, with at most one `*` (`edge-agent-*-arm64.tar.gz`):
+    /// exactly one asset of the release must match. GitHub sends each
+    /// asset's `browser_download_url`, `size` and `digest` (`sha256:...`).
+    #[serde(default)]
+    pub asset: Option<String>,
+    /// The list of assets (default `/release/assets`, GitHub's).
+    #[serde(default)]
+    pub assets: Option<String>,
+    /// JSON pointers, instead of `asset`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub size: Option<String>,
+}
+
+/// What a payload says about the release's artifact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Artifact {
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl HookRelease {
+    fn check(&self, hook: &str) -> Result<(), String> {
+        let pointers = [&self.url, &self.sha256, &self.size];
+        match (&self.asset, pointers.iter().filter(|p| p.is_some()).count()) {
+            (Some(a), 0) if a.matches('*').count() <= 1 && !a.is_empty() => Ok(()),
+            (Some(a), 0) => Err(format!(
+                "hook {hook:?}: release.asset {a:?}: give a name with at most one `*`"
+            )),
+            (None, 3) => Ok(()),
+            _ => Err(format!(
+                "hook {hook:?}: release: give `asset` (a GitHub release asset's name), or all of `url`, `sha256` and `size` (JSON pointers), not both"
+            )),
+        }
+    }
+
+    /// The artifact a payload names, or what is missing or wrong in it.
+    pub fn artifact(&self, payload: &Value) -> Result<Artifact, ApiError> {
+        let bad = |m: String| ApiError::unprocessable(m);
+        let (url, sha256, size) = match &self.asset {
+            Some(pattern) => {
+                let at = self.assets.as_deref().unwrap_or("/release/assets");
+                let assets = payload
+                    .pointer(at)
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad(format!("the payload has no list of assets at {at}")))?;
+                let named: Vec<&Value> = assets
+                    .iter()
+                    .filter(|a| a["name"].as_str().is_some_and(|n| glob(pattern, n)))
+                    .collect();
+                let asset = match named.as_slice() {
+                    [one] => *one,
+                    [] => {
+                        let names: Vec<&str> =
+                            assets.iter().filter_map(|a| a["name"].as_str()).collect();
+                        return Err(bad(format!(
+                            "no asset of the release is named {pattern:?} (it has: {})",
+                            if names.is_empty() {
+                                "none".to_string()
+                            } else {
+                                names.join(", ")
+                            }
+                        )));
+                    }
+                    many => {
+                        return Err(bad(format!(
+                            "{} assets match {pattern:?}: make release.asset name exactly one",
+                            many.len()
+                        )));
+                    }
+                };
+                let name = asset["name"].as_str().unwrap_or_default();
+                let digest = asset["digest"].as_str().ok_or_else(|| {
+                    bad(format!(
+                        "asset {name} has no `digest` (sha256:...): the agents could not verify it"
+                    ))
+                })?;
+                let sha = digest.strip_prefix("sha256:").ok_or_else(|| {
+                    bad(format!(
+                        "asset {name}: digest {digest:?} is not sha256:<hex>"
+                    ))
+                })?;
+                (
+                    asset["browser_download_url"].clone(),
+                    Value::String(sha.to_string()),
+                    asset["size"].clone(),
+                )
+            }
+            None => {
+                let field = |ptr: &Option<String>, what: &str| {
+                    let ptr = ptr.as_deref().unwrap_or_default();
+                    payload
+                        .pointer(ptr)
+                        .cloned()
+                        .ok_or_else(|| bad(format!("the payload has no {what} at {ptr}")))
+                };
+                (
+                    field(&self.url, "artifact url")?,
+                    field(&self.sha256, "sha256")?,
+                    field(&self.size, "size")?,
+                )
+            }
+        };
+        let url = url
+            .as_str()
+            .ok_or_else(|| bad("the artifact's url is not a string".into()))?;
+        let sha256 = sha256
+            .as_str()
+            .ok_or_else(|| bad("the artifact's sha256 is not a string".into()))?;
+        let size = size
+            .as_u64()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| bad("the artifact's size is not a positive number".into()))?;
+        Ok(Artifact {
+            url: url.to_string(),
+            sha256: sha256.to_ascii_lowercase(),
+            size,
+        })
+    }
+}
+
+/// `name` matches `pattern` (at most one `*`, any run of characters).
+fn glob(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            name.len() >= head.len() + tail.len() && name.starts_with(head) && name.ends_with(tail)
+        }
+    }
 }
 
 impl HookConfig {
@@ -100,6 +246,9 @@ impl HookConfig {
                 "hook {:?} sets `downgrade` but its config does not say `allow_downgrade = true`",
                 self.name
             ));
+        }
+        if let Some(r) = &self.release {
+            r.check(&self.name)?;
         }
         if !self.fields.contains_key("version") && !self.task.contains_key("target") {
             return Err(format!(
@@ -290,6 +439,9 @@ async fn handle(
             serde_json::json!({ "ignored": "the payload does not match this hook's `when`" }),
         ));
     };
+    if let Some(release) = &hook.release {
+        register_release(state, release, &payload, &spec)?;
+    }
     let s = state.clone();
     let checked = spec.clone();
     tokio::task::spawn_blocking(move || super::api::check_task(&s, &checked))
@@ -330,6 +482,52 @@ async fn handle(
             ))
         }
         Err(existing) => Ok((StatusCode::OK, duplicate(&existing))),
+    }
+}
+
+/// Registers the release a delivery names (a URL release), unless the same
+/// one is there already (a redelivery after a refused task). A release of
+/// that version with another artifact is a conflict: releases are immutable.
+fn register_release(
+    state: &AppState,
+    release: &HookRelease,
+    payload: &Value,
+    spec: &TaskSpec,
+) -> Result<(), ApiError> {
+    let flotilla_model::Target::Version(version) = &spec.target else {
+        return Err(ApiError::unprocessable(
+            "a hook that registers its release needs a target version (map `version` in `fields`)",
+        ));
+    };
+    let artifact = release.artifact(payload)?;
+    let rec = super::api::release_record(
+        state,
+        super::api::NewRelease {
+            package: spec.package.clone(),
+            version: version.clone(),
+            kind: Default::default(),
+            url: Some(artifact.url),
+            sha256: Some(artifact.sha256),
+            size: Some(artifact.size),
+        },
+    )?;
+    match state.inventory.release(&rec.package, &rec.version) {
+        Some(existing)
+            if existing.url == rec.url
+                && existing.sha256 == rec.sha256
+                && existing.size == rec.size =>
+        {
+            Ok(())
+        }
+        Some(existing) => Err(ApiError::conflict(format!(
+            "release {} {} exists with another artifact (sha256 {:?}); releases are immutable, publish a new version",
+            existing.package, existing.version, existing.sha256
+        ))),
+        None => {
+            tracing::info!(package = rec.package, version = rec.version, url = ?rec.url, "webhook registered a release");
+            state.inventory.put_release(rec)?;
+            state.store_flush()
+        }
     }
 }
 
@@ -410,6 +608,58 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(err.error.contains("release.tag_name"), "{}", err.error);
+    }
+
+    #[test]
+    fn a_release_asset_is_found_by_name_or_refused_saying_why() {
+        let mut h = hook();
+        h.release = Some(HookRelease {
+            asset: Some("edge-*-arm64.tar.gz".into()),
+            ..Default::default()
+        });
+        h.check().unwrap();
+        let asset = |name: &str, digest: Value| {
+            serde_json::json!({"name": name, "size": 10, "digest": digest,
+                "browser_download_url": format!("https://example.com/{name}")})
+        };
+        let payload = |assets: Vec<Value>| serde_json::json!({"action": "published", "release": {"tag_name": "v2.0.0", "assets": assets}});
+        let r = h.release.as_ref().unwrap();
+        let a = r
+            .artifact(&payload(vec![
+                asset("edge-2.0.0-amd64.tar.gz", "sha256:AA".into()),
+                asset("edge-2.0.0-arm64.tar.gz", "sha256:BB".into()),
+            ]))
+            .unwrap();
+        assert_eq!(
+            a,
+            Artifact {
+                url: "https://example.com/edge-2.0.0-arm64.tar.gz".into(),
+                sha256: "bb".into(),
+                size: 10
+            }
+        );
+        let none = r
+            .artifact(&payload(vec![asset("edge.zip", "sha256:AA".into())]))
+            .unwrap_err();
+        assert!(none.error.contains("it has: edge.zip"), "{}", none.error);
+        let two = r
+            .artifact(&payload(vec![
+                asset("edge-1-arm64.tar.gz", "sha256:AA".into()),
+                asset("edge-2-arm64.tar.gz", "sha256:AA".into()),
+            ]))
+            .unwrap_err();
+        assert!(two.error.contains("2 assets match"), "{}", two.error);
+        let undigested = r
+            .artifact(&payload(vec![asset("edge-2-arm64.tar.gz", Value::Null)]))
+            .unwrap_err();
+        assert!(
+            undigested.error.contains("no `digest`"),
+            "{}",
+            undigested.error
+        );
+        // Both ways at once, or half of the pointers: refused at config time.
+        h.release.as_mut().unwrap().url = Some("/url".into());
+        assert!(h.check().unwrap_err().contains("not both"));
     }
 
     #[test]
