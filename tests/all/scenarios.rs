@@ -48,6 +48,7 @@ fn every_shipped_scenario_passes_through_the_cli() {
         "hot-patch",
         "cluster",
         "thresholds",
+        "local-window",
     ] {
         let dir = format!("scenarios/{policy}/");
         assert!(

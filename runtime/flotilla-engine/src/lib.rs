@@ -27,7 +27,8 @@ pub mod scenario;
 pub mod sim;
 mod status;
 pub mod store;
-pub mod window;
+/// Maintenance windows (the `flotilla-window` crate, shared with the policy hosts).
+pub use flotilla_window as window;
 
 /// How often an increment task looks for nodes that registered later.
 const SCAN_EVERY_MS: u64 = 60_000;

@@ -36,6 +36,7 @@ use flotilla_model::{
     Admission, Hook, Node, Offer, PolicyInfo, Selection, Selector, SkipReason, TaskContext,
     Verdict, Wave, WaveReport,
 };
+use flotilla_window::{Window, local_time_in};
 use rhai::packages::{
     BasicArrayPackage, BasicBlobPackage, BasicMapPackage, BasicMathPackage, BitFieldPackage,
     CorePackage, LogicPackage, MoreStringPackage, Package,
@@ -643,6 +644,7 @@ fn new_engine(name: &str, world: &World, limits: &Limits, deadline: Arc<Deadline
     node::register(&mut engine);
     register_host(&mut engine, world, policy, deadline);
     register_version_helpers(&mut engine);
+    register_calendar(&mut engine);
     engine
 }
 
@@ -818,6 +820,50 @@ fn to_selector(mut selector: Map, func: &str) -> Result<Selector, RhaiError> {
             one_line(&e.to_string())
         ))
     })
+}
+
+/// Local time and maintenance windows in named IANA zones, the runner's own
+/// window logic (`flotilla-window`): a policy puts each node into its own
+/// night without writing daylight-saving rules.
+/// - `local_time(ms, zone)`: `#{year, month, day, hour, minute, second,
+///   weekday (1 = Monday), offset_minutes, abbreviation}`;
+/// - `window_open(cron, minutes, zone, ms)`: whether the window that opens
+///   at each `cron` match in `zone` for `minutes` is open at `ms`;
+/// - `window_next_open(cron, minutes, zone, ms)`: the first instant at or
+///   after `ms` at which it is open (`()` past the end of the calendar).
+///
+/// A bad zone or pattern is an error naming what to fix.
+fn register_calendar(engine: &mut Engine) {
+    fn at(ms: INT, func: &str) -> Result<u64, RhaiError> {
+        u64::try_from(ms).map_err(|_| throw(format!("{func}: instant {ms} is negative")))
+    }
+    fn window(cron: &str, minutes: INT, zone: &str, func: &str) -> Result<Window, RhaiError> {
+        let minutes = u32::try_from(minutes)
+            .map_err(|_| throw(format!("{func}: duration {minutes} min is out of range")))?;
+        Window::parse(cron, minutes, zone).map_err(|e| throw(format!("{func}: {e}")))
+    }
+    engine.register_fn(
+        "local_time",
+        |ms: INT, zone: &str| -> Result<Dynamic, RhaiError> {
+            let t = local_time_in(zone, at(ms, "local_time")?)
+                .map_err(|e| throw(format!("local_time: {e}")))?;
+            rhai::serde::to_dynamic(&t).map_err(|e| throw(format!("local_time: {e}")))
+        },
+    );
+    engine.register_fn(
+        "window_open",
+        |cron: &str, minutes: INT, zone: &str, ms: INT| -> Result<bool, RhaiError> {
+            Ok(window(cron, minutes, zone, "window_open")?.is_open(at(ms, "window_open")?))
+        },
+    );
+    engine.register_fn(
+        "window_next_open",
+        |cron: &str, minutes: INT, zone: &str, ms: INT| -> Result<Dynamic, RhaiError> {
+            let w = window(cron, minutes, zone, "window_next_open")?;
+            Ok(w.next_open(at(ms, "window_next_open")?)
+                .map_or(Dynamic::UNIT, |t| Dynamic::from_int(to_int(t))))
+        },
+    );
 }
 
 fn register_version_helpers(engine: &mut Engine) {
@@ -2374,5 +2420,40 @@ mod tests {
                 "select over 1,000,000 nodes: {elapsed:?} wall, {cpu:?} thread CPU ({included} included)"
             );
         }
+    }
+
+    /// Issue 17.5: local time and windows in named zones, the runner's rules.
+    #[test]
+    fn scripts_read_local_time_and_windows_in_named_zones() {
+        let mut p = load(
+            r#"
+            fn admit(ctx, node, now) {
+                let t = local_time(now, node.version);
+                if !window_open("0 2 * * *", 60, node.version, now) {
+                    return #{ admission: "defer-until", value: window_next_open("0 2 * * *", 60, node.version, now) };
+                }
+                #{ admission: "never", value: `${t.hour}:${t.minute} ${t.abbreviation} ${t.offset_minutes} ${t.weekday}` }
+            }
+            "#,
+        );
+        let ctx = TaskContext::new("1");
+        // 2026-03-29 00:30 UTC: 01:30 CET in Berlin, a Sunday; closed until
+        // 03:00 CEST (the 02:00 opening is in the spring-forward gap).
+        let at = 1_774_744_200_000;
+        assert_eq!(
+            p.admit(&ctx, &node("a", "Europe/Berlin"), at).unwrap(),
+            Admission::DeferUntil(1_774_746_000_000)
+        );
+        // Open at 02:30 JST in Tokyo (17:30 UTC the day before).
+        let tokyo = 1_774_719_000_000;
+        assert_eq!(
+            p.admit(&ctx, &node("a", "Asia/Tokyo"), tokyo).unwrap(),
+            Admission::Never("2:30 JST 540 7".into())
+        );
+        let err = p
+            .admit(&ctx, &node("a", "Europe/Berlln"), at)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown time zone 'Europe/Berlln'"), "{err}");
     }
 }

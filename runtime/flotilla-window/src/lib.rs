@@ -80,6 +80,8 @@ pub enum WindowError {
         /// A zone whose name differs only in case, if there is one.
         suggestion: Option<String>,
     },
+    #[error("instant {at_ms} ms is past the end of the calendar")]
+    OutOfRange { at_ms: u64 },
 }
 
 fn did_you_mean(suggestion: &Option<String>) -> String {
@@ -447,6 +449,45 @@ fn parse_timezone(name: &str) -> Result<Tz, WindowError> {
 
 /// `ms` in `tz`, truncated to the second: openings fall on whole seconds, so
 /// an opening `<= ms` is also `<=` the truncated time.
+/// The date and time on the wall clock of a named zone at an instant: what
+/// a policy needs to put each node into its own night.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalTime {
+    pub year: i32,
+    /// 1-12.
+    pub month: u32,
+    /// 1-31.
+    pub day: u32,
+    /// 0-23.
+    pub hour: u32,
+    pub minute: u32,
+    pub second: u32,
+    /// ISO 8601: 1 = Monday ... 7 = Sunday.
+    pub weekday: u32,
+    /// Minutes east of UTC in force at that instant (120 for CEST).
+    pub offset_minutes: i32,
+    /// The zone's abbreviation then (`CEST`, `EST`, or an offset like `+09`).
+    pub abbreviation: String,
+}
+
+/// The local date and time in the IANA zone `timezone` at `at_ms` (Unix ms).
+pub fn local_time_in(timezone: &str, at_ms: u64) -> Result<LocalTime, WindowError> {
+    use chrono::{Datelike, Timelike};
+    let tz = parse_timezone(timezone.trim())?;
+    let dt = local_time(tz, at_ms).ok_or(WindowError::OutOfRange { at_ms })?;
+    Ok(LocalTime {
+        year: dt.year(),
+        month: dt.month(),
+        day: dt.day(),
+        hour: dt.hour(),
+        minute: dt.minute(),
+        second: dt.second(),
+        weekday: dt.weekday().number_from_monday(),
+        offset_minutes: dt.offset().fix().local_minus_utc() / 60,
+        abbreviation: dt.format("%Z").to_string(),
+    })
+}
+
 fn local_time(tz: Tz, ms: u64) -> Option<DateTime<Tz>> {
     let secs = i64::try_from(ms / SECOND_MS).ok()?;
     DateTime::from_timestamp(secs, 0).map(|utc| utc.with_timezone(&tz))
@@ -959,5 +1000,27 @@ mod tests {
             Some(utc(2026, 11, 24, 3, 0, 0))
         );
         assert_eq!(schedule.close_of(utc(2026, 11, 24, 5, 0, 0)), None);
+    }
+
+    #[test]
+    fn local_time_follows_each_zone_and_its_daylight_saving() {
+        // 2026-03-29 00:30 UTC: Berlin still on CET (01:30); at 01:30 UTC it
+        // is 03:30 CEST (the clocks jumped from 02:00 to 03:00).
+        let before = 1_774_744_200_000;
+        let t = local_time_in("Europe/Berlin", before).unwrap();
+        assert_eq!((t.day, t.hour, t.minute, t.offset_minutes), (29, 1, 30, 60));
+        assert_eq!((t.weekday, t.abbreviation.as_str()), (7, "CET"));
+        let t = local_time_in("Europe/Berlin", before + 3_600_000).unwrap();
+        assert_eq!((t.hour, t.minute, t.offset_minutes), (3, 30, 120));
+        assert_eq!(t.abbreviation, "CEST");
+        let t = local_time_in("Asia/Tokyo", before).unwrap();
+        assert_eq!((t.day, t.hour, t.offset_minutes), (29, 9, 540));
+        let t = local_time_in("America/New_York", before).unwrap();
+        assert_eq!(
+            (t.month, t.day, t.hour, t.offset_minutes),
+            (3, 28, 20, -240)
+        );
+        let err = local_time_in("Europe/Berlln", before).unwrap_err();
+        assert!(err.to_string().contains("IANA"), "{err}");
     }
 }
