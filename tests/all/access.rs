@@ -423,7 +423,7 @@ async fn tokens_and_the_audit_log_survive_a_restart_and_an_audit_fault_refuses_t
     drop(state);
     stop(tx, served).await;
 
-    let (base, _state, tx, served) = runner_on(dir.path(), |_| {}).await;
+    let (base, _, tx, served) = runner_on(dir.path(), |_| {}).await;
     let (s, _) = call(&base, "GET", "/v1/tasks", None, &ci).await;
     assert_eq!(
         s,
@@ -448,7 +448,7 @@ async fn tokens_and_the_audit_log_survive_a_restart_and_an_audit_fault_refuses_t
     assert_eq!(items[1]["path"], "/v1/tokens/ci");
     stop(tx, served).await;
 
-    let (base, _state, tx, served) = runner_on(dir.path(), |_| {}).await;
+    let (base, _, tx, served) = runner_on(dir.path(), |_| {}).await;
     let (s, _) = call(&base, "GET", "/v1/tasks", None, &ci).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "a revoked token came back");
     stop(tx, served).await;
