@@ -170,17 +170,20 @@ pub struct AuditObject(pub String);
 /// outcome after.
 pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string());
+    // A cheap clone (an `Arc<str>`); reads build no strings.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map(MatchedPath::as_str);
     let audited = method != Method::GET && method != Method::HEAD;
-    let path = req.uri().path().to_string();
-    let object = route.as_deref().and_then(|r| object_of(r, &path));
+    let what = |req: &Request| {
+        let path = req.uri().path().to_string();
+        let object = route.and_then(|r| object_of(r, &path));
+        (path, object)
+    };
     let now = state.clock.now();
-    let caller = match authorize(&state, &method, route.as_deref(), req.headers()) {
+    let caller = match authorize(&state, &method, route, req.headers()) {
         Ok(c) => c,
         Err((who, err)) => {
+            let (path, object) = what(&req);
             if audited
                 && let Err(e) = state.audit.append(
                     now,
@@ -201,6 +204,7 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
         req.extensions_mut().insert(caller);
         return next.run(req).await;
     }
+    let (path, object) = what(&req);
     let rec = match state.audit.append(
         now,
         &caller.name,
