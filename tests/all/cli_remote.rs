@@ -629,3 +629,89 @@ fn remote_flags_parse_after_the_verb() {
     assert!(matches!(cli.command, Command::Node(_)));
     assert!(Cli::try_parse_from(["flotilla", "node", "list", "--label", "tier"]).is_err());
 }
+
+/// `flotilla token create|list|revoke|digest` and `flotilla audit` against a
+/// runner: a token made by the verb works with its role, is listed without
+/// its secret, stops working once revoked, and each call is in the audit
+/// table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_audit_verbs() {
+    let s = serve().await;
+    let c = s.client();
+    let out = remote::token_create(&c, "ci", "operate", false)
+        .await
+        .unwrap();
+    assert!(out.contains("shown only this once"), "{out}");
+    let secret = out
+        .lines()
+        .find(|l| l.starts_with("flt_"))
+        .expect("the secret on a line of its own")
+        .to_string();
+    let ci = Client::new(&s.url, Some(secret.clone())).unwrap();
+    // operate: may list tasks, may not list tokens (403 naming admin)
+    ci.tasks(None).await.unwrap();
+    let err = remote::token_list(&ci, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs role admin"), "{err}");
+
+    let table = remote::token_list(&c, false).await.unwrap();
+    assert!(table.contains("ci") && table.contains("operate"), "{table}");
+    assert!(
+        table.contains("config") && table.contains("admin"),
+        "{table}"
+    );
+    assert!(!table.contains(&secret[4..]), "{table}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&remote::token_list(&c, true).await.unwrap()).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+
+    let out = remote::token_revoke(&c, "ci", false).await.unwrap();
+    assert!(out.contains("revoked"), "{out}");
+    match ci.tasks(None).await {
+        Err(ClientError::Api { status: 401, .. }) => {}
+        other => panic!("a revoked token: {other:?}"),
+    }
+    let err = remote::token_revoke(&c, "ci", false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no token named ci"), "{err}");
+
+    // digest: what `[[tokens]]` lists
+    assert_eq!(
+        remote::token_digest("s3cret\n").unwrap(),
+        hex_sha256(b"s3cret")
+    );
+    assert!(remote::token_digest(" \n").is_err());
+
+    let table = remote::audit(&c, None, 50, false).await.unwrap();
+    for want in [
+        "POST /v1/tokens",
+        "201 ok",
+        "DELETE /v1/tokens/ci",
+        "404 refused: no token named ci",
+    ] {
+        assert!(table.contains(want), "{want}:\n{table}");
+    }
+    let page: serde_json::Value =
+        serde_json::from_str(&remote::audit(&c, Some(0), 1, true).await.unwrap()).unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["more"], true);
+    let table = remote::audit(&c, Some(0), 1, false).await.unwrap();
+    assert!(table.contains("more: flotilla audit --after 1"), "{table}");
+
+    // the verbs parse
+    for args in [
+        vec!["flotilla", "token", "create", "x", "--role", "read"],
+        vec!["flotilla", "token", "list", "--json"],
+        vec!["flotilla", "token", "revoke", "x"],
+        vec!["flotilla", "token", "digest"],
+        vec!["flotilla", "audit", "--limit", "5", "--after", "3"],
+    ] {
+        Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+    assert!(Cli::try_parse_from(["flotilla", "token", "create", "x", "--role", "root"]).is_err());
+    s.stop().await;
+}

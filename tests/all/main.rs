@@ -5,6 +5,7 @@
 #[global_allocator]
 static ALLOC: flotilla_policy::alloc::Counting = flotilla_policy::alloc::Counting;
 
+mod access;
 mod api;
 mod cli_remote;
 mod e2e;

@@ -162,6 +162,57 @@ pub struct NewRelease {
     pub size: Option<u64>,
 }
 
+/// A management token as the runner lists it (`GET /v1/tokens`): never
+/// the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    pub name: String,
+    /// `read`, `operate` or `admin`.
+    pub role: String,
+    /// `config` (from the runner's config) or `stored` (revocable).
+    pub source: String,
+    /// Unix ms.
+    pub created_at: Option<u64>,
+    /// Unix ms, to the minute.
+    pub last_used: Option<u64>,
+}
+
+/// A token just made (`POST /v1/tokens`): the only time its secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewToken {
+    pub name: String,
+    pub role: String,
+    pub token: String,
+    /// Unix ms.
+    pub created_at: u64,
+}
+
+/// One audited call (`GET /v1/audit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    /// Unix ms.
+    pub at: u64,
+    pub who: String,
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub object: Option<String>,
+    #[serde(default)]
+    pub status: Option<u16>,
+    pub outcome: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A page of the audit log; ask again with `after` = `next` for more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub items: Vec<AuditRecord>,
+    pub next: u64,
+    pub more: bool,
+}
+
 /// An operator action on a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -519,6 +570,42 @@ impl Client {
             .body(body);
         if let Some(n) = len {
             req = req.header(reqwest::header::CONTENT_LENGTH, n);
+        }
+        self.decode(req).await
+    }
+
+    // ----- tokens and the audit log -----
+
+    /// Makes a management token `name` with `role` (`read`, `operate`,
+    /// `admin`); its secret is in the answer only.
+    pub async fn create_token(&self, name: &str, role: &str) -> Result<NewToken, ClientError> {
+        self.decode(
+            self.request(reqwest::Method::POST, "/v1/tokens")
+                .json(&serde_json::json!({ "name": name, "role": role })),
+        )
+        .await
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenEntry>, ClientError> {
+        self.get("/v1/tokens").await
+    }
+
+    pub async fn revoke_token(&self, name: &str) -> Result<TokenEntry, ClientError> {
+        self.decode(self.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/tokens/{}", seg(name)),
+        ))
+        .await
+    }
+
+    /// Audit records after `after` (0: from the oldest kept), or with
+    /// `after` `None` the newest `limit`.
+    pub async fn audit(&self, after: Option<u64>, limit: usize) -> Result<AuditPage, ClientError> {
+        let mut req = self
+            .request(reqwest::Method::GET, "/v1/audit")
+            .query(&[("limit", limit)]);
+        if let Some(a) = after {
+            req = req.query(&[("after", a)]);
         }
         self.decode(req).await
     }

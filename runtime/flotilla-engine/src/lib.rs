@@ -36,6 +36,25 @@ const SCAN_EVERY_MS: u64 = 60_000;
 /// Loads the policy a task names, bound to the task's world.
 pub trait PolicySource: Send + Sync {
     fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError>;
+
+    /// Keeps the bytes `name` has now, so [`PolicySource::load_pinned`]
+    /// finds them whatever is uploaded later, and returns their hex SHA-256.
+    /// `None`: this source keeps no copies (tasks load by name).
+    fn pin(&self, name: &str) -> Result<Option<String>, PolicyError> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Loads the bytes of `name` whose SHA-256 is `sha256`, as pinned.
+    fn load_pinned(
+        &self,
+        name: &str,
+        sha256: &str,
+        world: World,
+    ) -> Result<Box<dyn Policy>, PolicyError> {
+        let _ = sha256;
+        self.load(name, world)
+    }
 }
 
 /// Work for an agent.
@@ -151,12 +170,16 @@ impl LiveTask {
     }
 
     fn event(&mut self, at: u64, node: Option<&str>, kind: &str, detail: impl Into<String>) {
+        let policy_sha256 = (kind.starts_with("policy.") || kind == "task.created")
+            .then(|| self.task.policy_sha256.clone())
+            .flatten();
         self.events.push(Event {
             seq: self.next_seq,
             at,
             node: node.map(str::to_string),
             kind: kind.to_string(),
             detail: detail.into(),
+            policy_sha256,
         });
         self.next_seq += 1;
     }
@@ -515,6 +538,7 @@ impl Engine {
         {
             self.refuse_a_downgrade_of_everyone(&spec, target)?;
         }
+        let policy_sha256 = self.policies.pin(&spec.policy)?;
         let now = self.clock.now();
         let task = Task {
             id: format!("t{:06}", self.next_id),
@@ -527,6 +551,7 @@ impl Engine {
             soak_until: None,
             awaiting_approval: false,
             draining: false,
+            policy_sha256,
             created_at: now,
             updated_at: now,
         };
@@ -537,7 +562,10 @@ impl Engine {
             now,
             None,
             "task.created",
-            format!("policy {}", task.spec.policy),
+            match &task.policy_sha256 {
+                Some(sha) => format!("policy {} sha256 {sha}", task.spec.policy),
+                None => format!("policy {}", task.spec.policy),
+            },
         );
         self.commit(&task.id)?;
         Ok(task)
@@ -750,7 +778,10 @@ impl Engine {
                 status: live.status.clone(),
                 ..world.clone()
             };
-            live.policy = Some(policies.load(&live.task.spec.policy, world)?);
+            live.policy = Some(match &live.task.policy_sha256 {
+                Some(sha) => policies.load_pinned(&live.task.spec.policy, sha, world)?,
+                None => policies.load(&live.task.spec.policy, world)?,
+            });
         }
         let policy = live.policy.as_mut().expect("just loaded");
         Ok(live.status.lend(&mut live.runs, || f(policy.as_mut()))?)

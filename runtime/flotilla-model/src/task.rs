@@ -632,6 +632,12 @@ pub struct Task {
     /// runs of every task that ever ended.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Hex SHA-256 of the policy's bytes when the task was created: the
+    /// task runs those bytes to its end, whatever is uploaded later under
+    /// the same name (`None` for tasks of older runners and engines whose
+    /// policy source keeps no copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_sha256: Option<String>,
     pub created_at: u64,
     pub updated_at: u64,
 }
@@ -648,4 +654,8 @@ pub struct Event {
     /// `task.start`, `node.skipped`, `policy.verdict`, ...
     pub kind: String,
     pub detail: String,
+    /// The policy's SHA-256 on `policy.*` events (and `task.created`): the
+    /// bytes that made the decision, to replay it with `flotilla policy eval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_sha256: Option<String>,
 }

@@ -138,7 +138,9 @@ pub fn long_routes(state: Arc<AppState>) -> Router {
         .route("/v1/agents/{node}/work", get(work))
         .route(
             "/v1/releases/{package}/{version}/artifact",
-            axum::routing::put(super::api::upload_artifact),
+            axum::routing::put(super::api::upload_artifact).layer(
+                axum::middleware::from_fn_with_state(state.clone(), super::api::guard),
+            ),
         )
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.max_body_bytes,
@@ -381,8 +383,8 @@ async fn report(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Artifact download for agents (node token) and operators (management
-/// token); honours `Range`, so an interrupted download resumes.
+/// Artifact download for agents (node token) and operators (a management
+/// token of any role); honours `Range`, so an interrupted download resumes.
 async fn artifact(
     State(state): State<Arc<AppState>>,
     Path((package, version)): Path<(String, String)>,
@@ -390,15 +392,19 @@ async fn artifact(
     req: Request,
 ) -> Result<Response, ApiError> {
     let token = bearer(&headers);
-    let allowed = match (&state.config.token, token) {
-        (_, Some(t)) if state.inventory.any_token(t) => true,
-        (Some(m), Some(t)) => crate::secret::matches(m, t),
-        (None, _) => true,
-        (Some(_), None) => false,
-    };
+    let allowed = token.is_some_and(|t| state.inventory.any_token(t))
+        || super::api::caller(&state, &headers).is_some_and(|c| {
+            c.role.allows(
+                super::access::role_of(
+                    &axum::http::Method::GET,
+                    "/v1/releases/{package}/{version}/artifact",
+                )
+                .unwrap_or(super::access::Role::Admin),
+            )
+        });
     if !allowed {
         return Err(ApiError::unauthorized(
-            "a node token or the management token is required",
+            "a node token or a management token is required",
         ));
     }
     let r = state

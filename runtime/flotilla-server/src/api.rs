@@ -1,14 +1,17 @@
-//! The management API under `/v1`: nodes, releases, policies, tasks, events.
-//! Every route here requires the management token when one is configured.
+//! The management API under `/v1`: nodes, releases, policies, tasks, events,
+//! tokens and the audit log. Every route here passes [`guard`]: a token
+//! whose role allows the route ([`crate::access::ROLES`]) when any token
+//! exists, and an audit record for every call that is not a GET.
 
 use super::AppState;
-use super::error::{ApiError, json, json_or_default};
+use super::access::{self, Caller, Role};
+use super::error::{ApiError, ErrorText, json, json_or_default};
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use flotilla_engine::sim::{self, Agents};
 use flotilla_engine::store::{MemoryStore, Store};
@@ -50,8 +53,11 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}/runs", get(list_runs))
         .route("/v1/tasks/{id}/events", get(list_events))
         .route("/v1/tasks/{id}/{action}", post(control_task))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", delete(revoke_token))
+        .route("/v1/audit", get(audit_log))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -62,31 +68,178 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn management_ok(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(want) = state.config.token.as_deref() else {
-        return true;
-    };
-    let got = headers
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .unwrap_or("");
-    crate::secret::matches(want, got)
 }
 
-async fn require_token(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if management_ok(&state, req.headers()) {
-        Ok(next.run(req).await)
+/// Who presents the request's bearer token, as a management caller: `None`
+/// for no token or an unknown one. Everyone is `anonymous` admin while no
+/// token exists.
+pub fn caller(state: &AppState, headers: &HeaderMap) -> Option<Caller> {
+    if !state.access.enabled() {
+        return Some(Caller {
+            name: access::ANONYMOUS.into(),
+            role: Role::Admin,
+        });
+    }
+    bearer(headers).and_then(|t| state.access.authenticate(t, state.clock.now()))
+}
+
+/// Who calls and whether their role allows `method` on `route`: the
+/// caller, or the name to audit (`-` for no or an unknown token) and the
+/// refusal.
+fn authorize(
+    state: &AppState,
+    method: &Method,
+    route: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Caller, (String, ApiError)> {
+    let Some(caller) = caller(state, headers) else {
+        let err = if bearer(headers).is_some() {
+            ApiError::unauthorized(
+                "missing or wrong management token: this one is unknown or revoked",
+            )
+        } else {
+            ApiError::unauthorized(
+                "missing or wrong management token: none was sent (`Authorization: Bearer <token>`)",
+            )
+        };
+        return Err(("-".into(), err.hint("pass --token or set FLOTILLA_TOKEN")));
+    };
+    let method = if method == Method::HEAD {
+        &Method::GET
     } else {
-        Err(ApiError::unauthorized(
-            "missing or wrong management token (`Authorization: Bearer <token>`)",
-        )
-        .hint("pass --token or set FLOTILLA_TOKEN"))
+        method
+    };
+    let Some(need) = route.and_then(|r| access::role_of(method, r)) else {
+        // Fails closed: a route nobody gave a role is served to no one.
+        return Err((
+            caller.name,
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "no role is defined for {method} {}; refused",
+                    route.unwrap_or("this route")
+                ),
+            ),
+        ));
+    };
+    if !caller.role.allows(need) {
+        let err = ApiError::forbidden(format!(
+            "token {} has role {}; {method} {} needs role {need}",
+            caller.name,
+            caller.role,
+            route.unwrap_or("")
+        ))
+        .hint(format!(
+            "use a token with role {need} (an admin makes one: flotilla token create NAME --role {need})"
+        ));
+        return Err((caller.name, err));
+    }
+    Ok(caller)
+}
+
+/// What a call is about, from its path: the values of the route's
+/// parameters but `{action}` (`package@version` for releases).
+fn object_of(route: &str, path: &str) -> Option<String> {
+    let mut values = Vec::new();
+    for (pattern, value) in route.split('/').zip(path.split('/')) {
+        if pattern.starts_with('{') && pattern != "{action}" {
+            values.push(value);
+        }
+    }
+    match values.len() {
+        0 => None,
+        _ => Some(values.join("@")),
+    }
+}
+
+/// Set on a response by a handler that made something the path does not
+/// name (a task, a release, a token): the audit record's object.
+#[derive(Debug, Clone)]
+pub struct AuditObject(pub String);
+
+/// The guard of every management route: who calls (401), whether their
+/// role allows the route (403, see [`access::ROLES`]), and the audit record
+/// of every call that is not a GET (see [`crate::audit`]): written before
+/// the handler runs (a store fault answers 503 and nothing runs), its
+/// outcome after.
+pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    // A cheap clone (an `Arc<str>`); reads build no strings.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map(MatchedPath::as_str);
+    let audited = method != Method::GET && method != Method::HEAD;
+    let what = |req: &Request| {
+        let path = req.uri().path().to_string();
+        let object = route.and_then(|r| object_of(r, &path));
+        (path, object)
+    };
+    let now = state.clock.now();
+    let caller = match authorize(&state, &method, route, req.headers()) {
+        Ok(c) => c,
+        Err((who, err)) => {
+            let (path, object) = what(&req);
+            if audited
+                && let Err(e) = state.audit.append(
+                    now,
+                    &who,
+                    method.as_str(),
+                    &path,
+                    object,
+                    Some(err.status.as_u16()),
+                    Some(err.error.clone()),
+                )
+            {
+                tracing::error!("the audit record of a refused call was not stored: {e}");
+            }
+            return err.into_response();
+        }
+    };
+    if !audited {
+        req.extensions_mut().insert(caller);
+        return next.run(req).await;
+    }
+    let (path, object) = what(&req);
+    let rec = match state.audit.append(
+        now,
+        &caller.name,
+        method.as_str(),
+        &path,
+        object,
+        None,
+        None,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::store_fault(format!("writing the audit record: {e}")).into_response();
+        }
+    };
+    req.extensions_mut().insert(caller);
+    let res = next.run(req).await;
+    finish_audit(&state, rec, &res);
+    res
+}
+
+/// Fills in an audit record's outcome from the response.
+pub fn finish_audit(state: &AppState, rec: crate::audit::AuditRecord, res: &Response) {
+    let status = res.status();
+    let reason = res
+        .extensions()
+        .get::<ErrorText>()
+        .map(|e| e.0.clone())
+        .or_else(|| {
+            (status.is_client_error() || status.is_server_error())
+                .then(|| status.canonical_reason().unwrap_or("error").to_string())
+        });
+    let object = res.extensions().get::<AuditObject>().map(|o| o.0.clone());
+    let seq = rec.seq;
+    if let Err(e) = state.audit.finish(rec, object, status.as_u16(), reason) {
+        tracing::error!(seq, "the outcome of an audited call was not stored: {e}");
     }
 }
 
@@ -308,7 +461,10 @@ async fn create_release(
     }
     state.inventory.put_release(rec.clone())?;
     state.store_flush()?;
-    Ok((StatusCode::CREATED, Json(rec)).into_response())
+    let object = AuditObject(format!("{}@{}", rec.package, rec.version));
+    let mut res = (StatusCode::CREATED, Json(rec)).into_response();
+    res.extensions_mut().insert(object);
+    Ok(res)
 }
 
 /// A new release as the API takes it, checked: the same rules for
@@ -364,18 +520,12 @@ async fn list_releases(
 }
 
 /// `PUT /v1/releases/{package}/{version}/artifact`: the bytes, streamed to
-/// disk and hashed. Management token.
+/// disk and hashed. Behind [`guard`] (admin).
 pub async fn upload_artifact(
     State(state): State<Arc<AppState>>,
     Path((package, version)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if !management_ok(&state, &headers) {
-        return Err(ApiError::unauthorized(
-            "the management token is required to upload",
-        ));
-    }
     let mut rec = state.inventory.release(&package, &version).ok_or_else(|| {
         ApiError::not_found(format!("no release {package} {version}"))
             .hint("create it first: POST /v1/releases")
@@ -609,7 +759,10 @@ async fn create_task(
         return Ok(Json(out).into_response());
     }
     let task = create(&state, spec).await?;
-    Ok((StatusCode::CREATED, Json(task)).into_response())
+    let object = AuditObject(task.id.clone());
+    let mut res = (StatusCode::CREATED, Json(task)).into_response();
+    res.extensions_mut().insert(object);
+    Ok(res)
 }
 
 /// Runs the task on a copy of the current inventory with agents that all
@@ -836,4 +989,78 @@ async fn control_task(
         })
         .await??;
     Ok(Json(task))
+}
+
+// ----- tokens -----
+
+async fn list_tokens(State(state): State<Arc<AppState>>) -> Json<Vec<access::TokenInfo>> {
+    Json(state.access.list())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: Role,
+}
+
+/// `POST /v1/tokens`: the secret is in this answer and nowhere else.
+async fn create_token(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t: NewToken = json(&body)?;
+    let now = state.clock.now();
+    let token = state.access.create(&t.name, t.role, now)?;
+    state.store_flush()?;
+    tracing::info!(token = %t.name, role = %t.role, "management token created");
+    let mut res = (
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "name": t.name, "role": t.role, "token": token, "created_at": now,
+        })),
+    )
+        .into_response();
+    res.extensions_mut().insert(AuditObject(t.name));
+    Ok(res)
+}
+
+async fn revoke_token(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<access::TokenInfo>, ApiError> {
+    let info = state.access.revoke(&name)?;
+    state.store_flush()?;
+    tracing::info!(token = %name, "management token revoked");
+    Ok(Json(info))
+}
+
+// ----- audit -----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/audit?after=CURSOR&limit=N`: records after the cursor (0: from
+/// the oldest kept); without `after`, the newest `limit` (default 100).
+async fn audit_log(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<crate::audit::AuditPage>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > crate::audit::MAX_PAGE {
+        return Err(ApiError::unprocessable(format!(
+            "limit must be between 1 and {}",
+            crate::audit::MAX_PAGE
+        )));
+    }
+    let s = state.clone();
+    let page = tokio::task::spawn_blocking(move || s.audit.page(q.after, limit))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(Json(page))
 }

@@ -7,6 +7,10 @@ use flotilla_engine::EngineError;
 use flotilla_engine::store::StoreError;
 use serde::de::DeserializeOwned;
 
+/// An error response's message, kept on the response for the audit log.
+#[derive(Debug, Clone)]
+pub struct ErrorText(pub String);
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -90,11 +94,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = serde_json::json!({ "error": self.error });
+        let mut body = serde_json::json!({ "error": self.error.clone() });
         if let Some(h) = self.hint {
             body["hint"] = h.into();
         }
         let mut res = (self.status, axum::Json(body)).into_response();
+        // For the audit log: why the call was refused.
+        res.extensions_mut().insert(ErrorText(self.error));
         if let Some(secs) = self.retry_after {
             res.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());

@@ -360,7 +360,37 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.max_body_bytes,
         ))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), audited))
         .with_state(state)
+}
+
+/// Every delivery gets an audit record under `hook:NAME` (see
+/// [`crate::audit`]), written before it is handled: a store fault there
+/// answers 503 and handles nothing.
+async fn audited(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    let name = path.rsplit('/').next().unwrap_or_default().to_string();
+    let rec = match state.audit.append(
+        state.clock.now(),
+        &format!("hook:{name}"),
+        req.method().as_str(),
+        &path,
+        None,
+        None,
+        None,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::store_fault(format!("writing the audit record: {e}")).into_response();
+        }
+    };
+    let res = next.run(req).await;
+    super::api::finish_audit(&state, rec, &res);
+    res
 }
 
 #[derive(Serialize, Deserialize)]
@@ -389,7 +419,15 @@ async fn hook(
         .metrics
         .webhook(configured.then_some(name.as_str()), label);
     let (status, body) = outcome?;
-    Ok((status, Json(body)).into_response())
+    let task = body["task"]
+        .as_str()
+        .or_else(|| body["id"].as_str())
+        .map(str::to_string);
+    let mut res = (status, Json(body)).into_response();
+    if let Some(t) = task {
+        res.extensions_mut().insert(super::api::AuditObject(t));
+    }
+    Ok(res)
 }
 
 async fn handle(

@@ -555,16 +555,91 @@ impl PolicyDir {
             policy: name.into(),
             reason: format!("reading {}: {e}", path.display()),
         })?;
-        let digest = hex::encode(Sha256::digest(&bytes));
+        self.compiled_bytes(name, name, &bytes)
+    }
+
+    /// Compiles `bytes` once per `key` and digest.
+    fn compiled_bytes(
+        &self,
+        name: &str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<Arc<CompiledPolicy>, PolicyError> {
+        let digest = hex::encode(Sha256::digest(bytes));
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((d, c)) = compiled.get(name)
+        if let Some((d, c)) = compiled.get(key)
             && *d == digest
         {
             return Ok(c.clone());
         }
-        let c = Arc::new(self.runtime.load_bytes(name, &bytes)?);
-        compiled.insert(name.to_string(), (digest, c.clone()));
+        let c = Arc::new(self.runtime.load_bytes(name, bytes)?);
+        compiled.insert(key.to_string(), (digest, c.clone()));
         Ok(c)
+    }
+
+    /// Where pinned copies of policies live: `DATA/policies/.pinned/SHA256.KIND`
+    /// (a task's bytes, kept whatever is uploaded later under its name).
+    pub fn pinned_dir(&self) -> PathBuf {
+        self.dir.join(".pinned")
+    }
+
+    /// Keeps a copy of `name`'s current bytes under their digest.
+    fn pin_bytes(&self, name: &str) -> Result<String, PolicyError> {
+        let err = |reason: String| PolicyError::Load {
+            policy: name.into(),
+            reason,
+        };
+        let (bytes, kind) = match self.source(name) {
+            None => return Err(err("no such policy".into())),
+            Some(Source::Wasm(p)) => (
+                std::fs::read(&p).map_err(|e| err(format!("reading {}: {e}", p.display())))?,
+                "wasm",
+            ),
+            Some(Source::Rhai { text, .. }) => (text.into_bytes(), "rhai"),
+        };
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let dir = self.pinned_dir();
+        let path = dir.join(format!("{sha}.{kind}"));
+        if !path.is_file() {
+            let io = |e: std::io::Error| err(format!("keeping a copy of the policy: {e}"));
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            let tmp = dir.join(format!(".{sha}.{kind}.tmp"));
+            std::fs::write(&tmp, &bytes).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        Ok(sha)
+    }
+
+    /// The pinned bytes of `sha256` and their kind, checked against the digest.
+    pub fn pinned(&self, name: &str, sha256: &str) -> Result<(Vec<u8>, &'static str), PolicyError> {
+        let err = |reason: String| PolicyError::Load {
+            policy: name.into(),
+            reason,
+        };
+        if sha256.len() != 64
+            || !sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(err(format!("{sha256:?} is not a lowercase hex SHA-256")));
+        }
+        let dir = self.pinned_dir();
+        for kind in ["wasm", "rhai"] {
+            let path = dir.join(format!("{sha256}.{kind}"));
+            if let Ok(bytes) = std::fs::read(&path) {
+                if hex::encode(Sha256::digest(&bytes)) != sha256 {
+                    return Err(err(format!(
+                        "{} does not hash to its name: the task's policy bytes were changed",
+                        path.display()
+                    )));
+                }
+                return Ok((bytes, kind));
+            }
+        }
+        Err(err(format!(
+            "the bytes this task was created with (sha256 {sha256}) are gone from {}",
+            dir.display()
+        )))
     }
 
     fn instantiate(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
@@ -692,6 +767,35 @@ impl PolicySource for PolicyDir {
             metrics: self.metrics.clone(),
         }))
     }
+
+    fn pin(&self, name: &str) -> Result<Option<String>, PolicyError> {
+        self.pin_bytes(name).map(Some)
+    }
+
+    fn load_pinned(
+        &self,
+        name: &str,
+        sha256: &str,
+        world: World,
+    ) -> Result<Box<dyn Policy>, PolicyError> {
+        let (bytes, kind) = self.pinned(name, sha256)?;
+        let inner: Box<dyn Policy> = if kind == "wasm" {
+            Box::new(
+                self.compiled_bytes(name, &format!("@{sha256}"), &bytes)?
+                    .instantiate(world, self.limits)?,
+            )
+        } else {
+            let text = String::from_utf8(bytes).map_err(|_| PolicyError::Load {
+                policy: name.into(),
+                reason: "a pinned Rhai policy is not UTF-8".into(),
+            })?;
+            Box::new(RhaiPolicy::load_str(name, &text, world, self.limits)?)
+        };
+        Ok(Box::new(Timed {
+            inner,
+            metrics: self.metrics.clone(),
+        }))
+    }
 }
 
 /// Records each hook call's latency for `/metrics`.
@@ -809,6 +913,49 @@ mod tests {
             Reenroll::Expired(500)
         );
         assert_eq!(inv.reenroll_allowed("n1", 0).unwrap(), Reenroll::No);
+    }
+
+    #[test]
+    fn a_pinned_policy_keeps_its_bytes_after_a_new_upload() {
+        let tmp = tempfile::tempdir().unwrap();
+        let policies = PolicyDir::new(
+            tmp.path().join("policies"),
+            Limits::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let v1 =
+            "const VERSION = \"1.0.0\";\nfn select(ctx, nodes) { nodes.map(|n| \"include\") }\n";
+        let v2 = v1.replace("1.0.0", "2.0.0");
+        policies.save("gate", v1.as_bytes()).unwrap();
+        let sha1 = policies.pin("gate").unwrap().unwrap();
+        assert_eq!(sha1, hex::encode(Sha256::digest(v1.as_bytes())));
+        policies.save("gate", v2.as_bytes()).unwrap();
+        let pinned = policies.load_pinned("gate", &sha1, World::empty()).unwrap();
+        assert_eq!(pinned.info().version, "1.0.0");
+        assert_eq!(
+            policies
+                .load("gate", World::empty())
+                .unwrap()
+                .info()
+                .version,
+            "2.0.0"
+        );
+        // The pinned copy is not listed as a policy, and a changed copy is refused.
+        assert_eq!(policies.names(), ["canary", "gate", "version-gate"]);
+        std::fs::write(policies.pinned_dir().join(format!("{sha1}.rhai")), &v2).unwrap();
+        let err = policies
+            .load_pinned("gate", &sha1, World::empty())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not hash to its name"), "{err}");
+        let err = policies
+            .load_pinned("gate", "../../etc", World::empty())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a lowercase hex"), "{err}");
     }
 
     #[test]

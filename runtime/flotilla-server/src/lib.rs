@@ -13,9 +13,11 @@
 //!
 //! Configuration: [`Config`], from a TOML file and flags.
 
+pub mod access;
 pub mod actor;
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod connections;
 mod error;
 pub mod hooks;
@@ -46,10 +48,16 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Data directory (sled database, artifacts, policies).
     pub data: PathBuf,
-    /// Bearer token for the management API. Required, of at least 32
-    /// characters, to listen on anything but loopback. `FLOTILLA_TOKEN`
+    /// Bearer token for the management API: an `admin` token named
+    /// `config`. Required, of at least 32 characters, to listen on anything
+    /// but loopback unless `tokens` lists an admin. `FLOTILLA_TOKEN`
     /// overrides.
     pub token: Option<String>,
+    /// Named tokens with roles, listed as SHA-256 digests (`[[tokens]]`;
+    /// see [`access`]).
+    pub tokens: Vec<access::TokenConfig>,
+    /// How many audit records are kept (the newest).
+    pub audit_keep: u64,
     /// Secret agents present to enroll. Required, of at least 32 characters,
     /// to listen on anything but loopback. `FLOTILLA_ENROLL_SECRET` overrides.
     pub enroll_secret: Option<String>,
@@ -157,6 +165,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             data: default_data_dir(),
             token: None,
+            tokens: Vec::new(),
+            audit_keep: audit::DEFAULT_KEEP,
             enroll_secret: None,
             tick_ms: 250,
             offline_after_seconds: 30,
@@ -202,7 +212,9 @@ impl Config {
     /// Refuses configurations that would be unsafe or cannot work. Called
     /// by [`Runner::open`], so before anything listens.
     pub fn check(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() {
+        if !self.listen.ip().is_loopback()
+            && (self.token.is_some() || !self.tokens.iter().any(|t| t.role == access::Role::Admin))
+        {
             secret::check(
                 "a management token",
                 "token",
@@ -210,6 +222,8 @@ impl Config {
                 self.token.as_deref(),
                 self.listen,
             )?;
+        }
+        if !self.listen.ip().is_loopback() {
             secret::check(
                 "an enrollment secret",
                 "enroll_secret",
@@ -221,6 +235,22 @@ impl Config {
         self.http.check()?;
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return Err("tick_ms must be between 1 and 60000".into());
+        }
+        let mut token_names = std::collections::BTreeSet::new();
+        if self.token.is_some() {
+            token_names.insert(access::CONFIG_TOKEN_NAME);
+        }
+        for t in &self.tokens {
+            t.check()?;
+            if !token_names.insert(t.name.as_str()) {
+                return Err(format!(
+                    "token {:?} is configured twice (`config` is the name of `token`)",
+                    t.name
+                ));
+            }
+        }
+        if !(1..=100_000_000).contains(&self.audit_keep) {
+            return Err("audit_keep must be between 1 and 100000000".into());
         }
         let mut names = std::collections::BTreeSet::new();
         for h in &self.hooks {
@@ -246,6 +276,10 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub clock: Arc<dyn Clock>,
     pub policies: Arc<inventory::PolicyDir>,
+    /// The management tokens and their roles.
+    pub access: access::Tokens,
+    /// The audit log.
+    pub audit: audit::Audit,
 }
 
 impl AppState {
@@ -293,6 +327,8 @@ impl Runner {
             config.policy.limits(),
             metrics.clone(),
         )?);
+        let access = access::Tokens::open(&store, config.token.as_deref(), &config.tokens)?;
+        let audit = audit::Audit::open(&store, config.audit_keep)?;
         let durable = wrap(store.clone());
         let engine = Engine::new(
             durable.clone(),
@@ -320,6 +356,8 @@ impl Runner {
             metrics,
             clock,
             policies,
+            access,
+            audit,
         });
         let router = router(state.clone());
         Ok(Runner {

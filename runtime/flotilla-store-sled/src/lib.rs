@@ -425,6 +425,72 @@ impl Kv {
         Ok(())
     }
 
+    /// Up to `limit` records with keys strictly after `key`, in key order.
+    pub fn after<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        use std::ops::Bound;
+        let mut out = Vec::new();
+        let range = (
+            Bound::Excluded(key.as_bytes().to_vec()),
+            Bound::Unbounded::<Vec<u8>>,
+        );
+        for item in self.tree.range(range).take(limit) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.push((
+                String::from_utf8_lossy(&k).into_owned(),
+                decode_kv(&self.name, &k, &v)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The last `n` records, in key order.
+    pub fn last_n<T: DeserializeOwned>(&self, n: usize) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter().rev().take(n) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.push((
+                String::from_utf8_lossy(&k).into_owned(),
+                decode_kv(&self.name, &k, &v)?,
+            ));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The greatest key, if any.
+    pub fn last_key(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .last()
+            .map_err(|e| self.err(e))?
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned()))
+    }
+
+    /// Removes every record whose key sorts before `key`; returns how many.
+    pub fn remove_before(&self, key: &str) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.tree.range(..key.as_bytes()) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            self.tree.remove(k).map_err(|e| self.err(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many records there are (walks the tree).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
     /// Every record, in key order.
     pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
         let mut out = Vec::new();
@@ -452,6 +518,8 @@ struct TaskHead<'a> {
     soak_until: Option<u64>,
     awaiting_approval: bool,
     draining: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_sha256: &'a Option<String>,
     created_at: u64,
     updated_at: u64,
 }
@@ -469,6 +537,7 @@ impl<'a> TaskHead<'a> {
             soak_until,
             awaiting_approval,
             draining,
+            policy_sha256,
             created_at,
             updated_at,
         } = task;
@@ -483,6 +552,7 @@ impl<'a> TaskHead<'a> {
             soak_until: *soak_until,
             awaiting_approval: *awaiting_approval,
             draining: *draining,
+            policy_sha256,
             created_at: *created_at,
             updated_at: *updated_at,
         }

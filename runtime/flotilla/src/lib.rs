@@ -50,6 +50,11 @@ pub enum Command {
     Node(remote::NodeArgs),
     /// Add and list releases on a runner.
     Release(remote::ReleaseArgs),
+    /// Make, list and revoke a runner's management tokens (roles: read,
+    /// operate, admin); `token digest` hashes one for the config.
+    Token(remote::TokenArgs),
+    /// The runner's audit log: every state-changing call and webhook.
+    Audit(remote::AuditArgs),
     /// Start a runner and N agents on loopback and watch a canary rollout.
     Demo(demo::DemoArgs),
 }
@@ -65,6 +70,8 @@ pub fn main() -> ExitCode {
         Command::Task(args) => remote::run_task(args),
         Command::Node(args) => remote::run_node(args),
         Command::Release(args) => remote::run_release(args),
+        Command::Token(args) => remote::run_token(args),
+        Command::Audit(args) => remote::run_audit(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

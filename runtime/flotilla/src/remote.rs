@@ -148,6 +148,47 @@ pub enum NodeCommand {
     },
 }
 
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a management token (admin only). Its secret is printed once;
+    /// the runner keeps only its SHA-256.
+    Create {
+        name: String,
+        /// read (GET only), operate (tasks) or admin (everything).
+        #[arg(long, value_parser = ["read", "operate", "admin"])]
+        role: String,
+    },
+    /// The runner's management tokens: names, roles, when made and last used.
+    List,
+    /// Revoke a token made with `token create` (config tokens are removed
+    /// from the config).
+    Revoke { name: String },
+    /// Read a token on stdin and print its SHA-256, for `[[tokens]]` in the
+    /// runner's config. Talks to no runner.
+    Digest,
+}
+
+/// `flotilla audit`: the runner's audit log (admin only).
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// How many records (the newest, or the first after --after).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Records after this sequence number (0: from the oldest kept).
+    #[arg(long)]
+    pub after: Option<u64>,
+}
+
 fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -323,6 +364,35 @@ pub fn run_release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
             ReleaseCommand::List { package } => release_list(&c, package.as_deref(), json).await?,
         };
         print(&text);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    if let TokenCommand::Digest = args.command {
+        let text = std::io::read_to_string(std::io::stdin()).context("reading stdin")?;
+        print(&token_digest(&text)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = args.remote.client()?;
+    let json = args.remote.json;
+    runtime()?.block_on(async move {
+        let text = match args.command {
+            TokenCommand::Create { name, role } => token_create(&c, &name, &role, json).await?,
+            TokenCommand::List => token_list(&c, json).await?,
+            TokenCommand::Revoke { name } => token_revoke(&c, &name, json).await?,
+            TokenCommand::Digest => unreachable!("handled above"),
+        };
+        print(&text);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let c = args.remote.client()?;
+    let json = args.remote.json;
+    runtime()?.block_on(async move {
+        print(&audit(&c, args.after, args.limit, json).await?);
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -604,6 +674,9 @@ pub fn render_task(view: &TaskView, runs: &[NodeRun]) -> String {
         ago(now, task.created_at),
         ago(now, task.updated_at),
     ));
+    if let Some(sha) = &task.policy_sha256 {
+        out.push_str(&format!("policy sha256 {sha}\n"));
+    }
     if task.awaiting_approval && task.state.active() {
         out.push_str(&format!(
             "wave {} waits for approval: `flotilla task promote {}`\n",
@@ -944,6 +1017,107 @@ pub async fn node_reenroll(
         r.node_id,
         clock_time(r.expires_at)
     ))
+}
+
+// ----- tokens and the audit log -----
+
+/// `token digest`: the SHA-256 the runner's `[[tokens]]` lists for `text`
+/// (surrounding whitespace, as a trailing newline, is not part of a token).
+pub fn token_digest(text: &str) -> anyhow::Result<String> {
+    let t = text.trim();
+    if t.is_empty() {
+        bail!("no token on stdin");
+    }
+    Ok(flotilla_server::access::token_digest(t))
+}
+
+/// `token create NAME --role R`.
+pub async fn token_create(
+    c: &Client,
+    name: &str,
+    role: &str,
+    json: bool,
+) -> anyhow::Result<String> {
+    let t = c.create_token(name, role).await?;
+    if json {
+        return to_json(&t);
+    }
+    Ok(format!(
+        "Token {} (role {}), shown only this once:\n{}\n\
+         Callers pass it as --token or FLOTILLA_TOKEN; revoke it with `flotilla token revoke {}`.",
+        t.name, t.role, t.token, t.name
+    ))
+}
+
+/// `token list`.
+pub async fn token_list(c: &Client, json: bool) -> anyhow::Result<String> {
+    let tokens = c.tokens().await?;
+    if json {
+        return to_json(&tokens);
+    }
+    if tokens.is_empty() {
+        return Ok("no tokens: the runner's API is open (loopback only)".into());
+    }
+    let now = now_ms();
+    let mut t = table(&["name", "role", "source", "created", "last used"]);
+    for k in &tokens {
+        t.add_row(vec![
+            k.name.clone(),
+            k.role.clone(),
+            k.source.clone(),
+            k.created_at.map(clock_time).unwrap_or_else(|| "-".into()),
+            k.last_used
+                .map(|u| ago(now, u))
+                .unwrap_or_else(|| "never".into()),
+        ]);
+    }
+    Ok(t.to_string())
+}
+
+/// `token revoke NAME`.
+pub async fn token_revoke(c: &Client, name: &str, json: bool) -> anyhow::Result<String> {
+    let t = c.revoke_token(name).await?;
+    if json {
+        return to_json(&t);
+    }
+    Ok(format!("Token {} (role {}) revoked.", t.name, t.role))
+}
+
+/// `audit [--after N] [--limit N]`.
+pub async fn audit(
+    c: &Client,
+    after: Option<u64>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<String> {
+    let page = c.audit(after, limit).await?;
+    if json {
+        return to_json(&page);
+    }
+    if page.items.is_empty() {
+        return Ok("no audit records".into());
+    }
+    let mut t = table(&["seq", "time (UTC)", "who", "call", "object", "outcome"]);
+    for r in &page.items {
+        let outcome = match (&r.status, &r.reason) {
+            (Some(s), Some(why)) => format!("{s} {}: {why}", r.outcome),
+            (Some(s), None) => format!("{s} {}", r.outcome),
+            (None, _) => r.outcome.clone(),
+        };
+        t.add_row(vec![
+            r.seq.to_string(),
+            clock_time(r.at),
+            r.who.clone(),
+            format!("{} {}", r.method, r.path),
+            r.object.clone().unwrap_or_else(|| "-".into()),
+            outcome,
+        ]);
+    }
+    let mut out = t.to_string();
+    if page.more {
+        out.push_str(&format!("\nmore: flotilla audit --after {}", page.next));
+    }
+    Ok(out)
 }
 
 pub fn render_nodes(nodes: &[Node], total: usize, now: u64) -> String {

@@ -61,6 +61,7 @@ fn update_task(stored: &mut Task, new: &Task) {
         soak_until,
         awaiting_approval,
         draining,
+        policy_sha256,
         created_at,
         updated_at,
     } = new;
@@ -76,6 +77,7 @@ fn update_task(stored: &mut Task, new: &Task) {
     stored.soak_until = *soak_until;
     stored.awaiting_approval = *awaiting_approval;
     stored.draining = *draining;
+    stored.policy_sha256.clone_from(policy_sha256);
     stored.created_at = *created_at;
     stored.updated_at = *updated_at;
 }
@@ -189,6 +191,7 @@ pub mod conformance {
             soak_until: None,
             awaiting_approval: false,
             draining: false,
+            policy_sha256: Some("ab".repeat(32)),
             created_at,
             updated_at: created_at,
         }
@@ -205,6 +208,7 @@ pub mod conformance {
             node: seq.is_multiple_of(2).then(|| format!("n{seq}")),
             kind: kind.into(),
             detail: format!("detail {seq}"),
+            policy_sha256: None,
         }
     }
 
