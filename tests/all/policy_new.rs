@@ -59,6 +59,8 @@ fn new_rhai_python_and_js_projects_pass_their_scenario_as_generated() {
 /// workspace) that depends on flotilla-sdk by path; the SDK's test harness
 /// builds the guest with a `guest` profile the crate does not define.
 #[test]
+#[ignore = "a cold build of wasmtime and the SDK in a target dir of its own (20+ min on a 2-core machine); \
+            not yet run green: `cargo test -p flotilla-tests --test all -- --ignored policy_new::`"]
 fn new_rust_project_builds_and_passes_its_scenario_outside_the_workspace() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("edge-rust");
