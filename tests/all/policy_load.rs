@@ -138,7 +138,7 @@ fn a_component_beyond_the_pools_limits_loads_and_runs_on_the_on_demand_engine() 
         .unwrap();
     let ctx = flotilla_model::TaskContext::new("2.0.0");
     let nodes: Vec<_> = (0..20)
-        .map(|i| flotilla_model::Node::new(&format!("n{i:02}"), "1.0.0"))
+        .map(|i| flotilla_model::Node::new(format!("n{i:02}"), "1.0.0"))
         .collect();
     let waves = p.plan(&ctx, &nodes).unwrap();
     assert_eq!(
