@@ -297,6 +297,41 @@ pub mod host {
     }
 }
 
+/// `plan` over chunks: keeps a copy of each chunk's nodes (out of the
+/// argument arena) until the last one, then calls `plan` on all of them.
+/// Used by the export glue.
+#[doc(hidden)]
+pub fn __plan_chunk(
+    ctx: TaskContext,
+    nodes: &[Node],
+    offset: u32,
+    total: u32,
+    plan: impl FnOnce(&Context, &[Node]) -> Vec<Wave>,
+) -> Vec<Wave> {
+    thread_local! {
+        static NODES: RefCell<Vec<Node>> = const { RefCell::new(Vec::new()) };
+    }
+    let last = u64::from(offset) + nodes.len() as u64 >= u64::from(total);
+    if offset == 0 && last {
+        // One chunk: no copy.
+        NODES.with(|n| *n.borrow_mut() = Vec::new());
+        return plan(&Context::new(ctx), nodes);
+    }
+    NODES.with(|n| {
+        let mut kept = n.borrow_mut();
+        if offset == 0 {
+            kept.clear();
+            kept.reserve_exact(total as usize);
+        }
+        kept.extend(nodes.iter().cloned());
+    });
+    if !last {
+        return Vec::new();
+    }
+    let all = NODES.with(|n| std::mem::take(&mut *n.borrow_mut()));
+    plan(&Context::new(ctx), &all)
+}
+
 /// Glue between a [`Policy`] and the generated `Guest` trait; used by the macro.
 #[doc(hidden)]
 #[macro_export]
@@ -304,7 +339,7 @@ macro_rules! __export_policy {
     ($ty:ty) => {
         const _: () = {
             struct __FlotillaGlue;
-            impl $crate::bindings::Guest for __FlotillaGlue {
+            impl $crate::bindings::exports::flotilla::policy::hooks::Guest for __FlotillaGlue {
                 fn describe() -> $crate::PolicyInfo {
                     $crate::PolicyInfo {
                         name: <$ty as $crate::Describe>::NAME.into(),
@@ -323,11 +358,19 @@ macro_rules! __export_policy {
                     $crate::arena::reset();
                     out
                 }
+                // `plan` gets the selected nodes chunk by chunk (contract
+                // 0.2); the policy's `plan` gets them all at once: they are
+                // copied out of the argument arena and kept until the last
+                // chunk, then the waves are returned from that call.
                 fn plan(
                     ctx: $crate::TaskContext,
                     nodes: ::std::vec::Vec<$crate::Node>,
+                    offset: u32,
+                    total: u32,
                 ) -> ::std::vec::Vec<$crate::Wave> {
-                    let out = <$ty as $crate::Policy>::plan(&$crate::Context::new(ctx), &nodes);
+                    let out = $crate::__plan_chunk(ctx, &nodes, offset, total, |ctx, all| {
+                        <$ty as $crate::Policy>::plan(ctx, all)
+                    });
                     ::std::mem::drop(nodes);
                     $crate::arena::reset();
                     out

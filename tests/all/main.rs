@@ -14,6 +14,7 @@ mod engine_on_sled;
 mod hardening_faults;
 mod hardening_policies;
 mod policy_load;
+mod policy_new;
 mod policy_safety;
 mod policy_twins;
 mod scenarios;

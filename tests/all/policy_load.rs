@@ -15,10 +15,50 @@ fn a_component_of_another_world_is_rejected_with_what_is_missing() {
     let msg = err.to_string();
     assert!(matches!(err, PolicyError::Load { .. }), "{msg}");
     assert!(
-        msg.contains("missing export(s) select, plan, admit, evaluate, on-request"),
+        msg.contains("missing export flotilla:policy/hooks@0.2.0"),
         "{msg}"
     );
     assert!(msg.contains("it exports: describe, greet"), "{msg}");
+}
+
+/// A component of contract 0.1.0: the hooks as top-level exports (what
+/// componentize-py could not build: `select` collided with libc's), and
+/// optionally a 0.1.0 import.
+fn contract_0_1(with_import: bool) -> Vec<u8> {
+    let import = if with_import {
+        r#"(import "flotilla:policy/clock@0.1.0" (instance (export "now" (func (result u64)))))"#
+    } else {
+        ""
+    };
+    wat::parse_str(format!(
+        r#"(component
+            {import}
+            (core module $m (func (export "describe")) (func (export "select")))
+            (core instance $i (instantiate $m))
+            (func (export "describe") (canon lift (core func $i "describe")))
+            (func (export "select") (canon lift (core func $i "select"))))"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn a_component_of_contract_0_1_is_refused_naming_the_version_and_what_to_rebuild() {
+    let rt = WasmRuntime::new(None).unwrap();
+    for with_import in [true, false] {
+        let err = rt
+            .load_bytes("old", &contract_0_1(with_import))
+            .err()
+            .expect("a 0.1 component must be refused");
+        let msg = err.to_string();
+        assert!(matches!(err, PolicyError::Load { .. }), "{msg}");
+        assert!(msg.contains("flotilla:policy@0.1.0"), "{msg}");
+        assert!(msg.contains("speaks flotilla:policy@0.2.0"), "{msg}");
+        assert!(
+            msg.contains("rebuild it against flotilla:policy@0.2.0"),
+            "{msg}"
+        );
+        assert!(msg.contains("flotilla-sdk"), "{msg}");
+    }
 }
 
 #[test]
@@ -78,5 +118,99 @@ fn compiled_components_are_cached_on_disk_and_a_damaged_cache_is_recompiled() {
     let rt3 = WasmRuntime::new(Some(dir.clone())).unwrap();
     rt3.load_file(&wasm).unwrap();
     assert!(std::fs::metadata(&cached[0]).unwrap().len() > 1000);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_component_beyond_the_pools_limits_loads_and_runs_on_the_on_demand_engine() {
+    // A pool whose slots hold one core instance: every SDK component (module,
+    // WASI adapter, shims) is beyond it, as an interpreter's dozen are beyond
+    // the default 8.
+    let limits = flotilla_policy::wasm::PoolLimits {
+        core_instances_per_component: 1,
+        ..Default::default()
+    };
+    let rt = WasmRuntime::with_pool_limits(None, limits).unwrap();
+    let canary = rt.load_file(&component("canary")).unwrap();
+    assert_eq!(canary.info().hooks, vec![Hook::Plan, Hook::Evaluate]);
+    let mut p = canary
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let ctx = flotilla_model::TaskContext::new("2.0.0");
+    let nodes: Vec<_> = (0..20)
+        .map(|i| flotilla_model::Node::new(format!("n{i:02}"), "1.0.0"))
+        .collect();
+    let waves = p.plan(&ctx, &nodes).unwrap();
+    assert_eq!(
+        waves.iter().map(|w| w.nodes.len()).collect::<Vec<_>>(),
+        vec![1, 1, 8, 10]
+    );
+
+    // With the default pool: a component of 9 core instances is not refused
+    // by the pool (it is refused for what it is: not a policy).
+    let mut text = String::from("(component (core module $m)");
+    for i in 0..9 {
+        text.push_str(&format!(" (core instance $i{i} (instantiate $m))"));
+    }
+    text.push(')');
+    let rt = WasmRuntime::new(None).unwrap();
+    let err = rt
+        .load_bytes("wide", &wat::parse_str(&text).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(!err.contains("pooling allocator"), "{err}");
+    assert!(
+        err.contains("missing export flotilla:policy/hooks@0.2.0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_compile_cache_is_bounded_and_evicts_the_least_recently_used() {
+    let dir = std::env::temp_dir().join(format!("flotilla-lru-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let files = || -> Vec<(std::path::PathBuf, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.path(), e.metadata().unwrap().len()))
+            .collect();
+        v.sort();
+        v
+    };
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(20));
+    let (gate, canary, misbehave) = (
+        component("version-gate"),
+        component("canary"),
+        component("misbehave"),
+    );
+    let rt = WasmRuntime::new(Some(dir.clone())).unwrap();
+    rt.load_file(&gate).unwrap();
+    let gate_file = files()[0].clone();
+    pause();
+    rt.load_file(&canary).unwrap();
+    let both = files();
+    assert_eq!(both.len(), 2);
+    let canary_file = both.iter().find(|f| f.0 != gate_file.0).unwrap().clone();
+    pause();
+    // A hit makes version-gate the most recently used...
+    assert!(rt.is_cached(&std::fs::read(&gate).unwrap()));
+    rt.load_file(&gate).unwrap();
+    pause();
+    // ...so a third compile past the bound evicts canary, not version-gate.
+    let mut rt = rt;
+    rt.set_cache_limit(gate_file.1 + canary_file.1);
+    rt.load_file(&misbehave).unwrap();
+    let left: Vec<_> = files().into_iter().map(|f| f.0).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&gate_file.0), "{left:?}");
+    assert!(!left.contains(&canary_file.0), "{left:?}");
+    assert!(!rt.is_cached(&std::fs::read(&canary).unwrap()));
+    // A bound smaller than one artifact still keeps the one just compiled.
+    rt.set_cache_limit(1);
+    rt.load_file(&canary).unwrap();
+    let left: Vec<_> = files().into_iter().map(|f| f.0).collect();
+    assert_eq!(left, vec![canary_file.0.clone()]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,7 +4,7 @@
 use flotilla_model::{Node, TaskContext, WaveReport};
 use flotilla_policy::world::World;
 use flotilla_policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
-use flotilla_tests::{component, fleet, script};
+use flotilla_tests::{component, fleet, interpreted, script};
 use serde_json::json;
 
 fn twins(name: &str) -> (Box<dyn Policy>, Box<dyn Policy>) {
@@ -65,9 +65,30 @@ fn version_gate_twins_agree() {
     }
 }
 
+/// The canary's Python and JavaScript twins, built by their pinned tools.
+fn canary_interpreted() -> Vec<(&'static str, Box<dyn Policy>)> {
+    let rt = WasmRuntime::new(None).unwrap();
+    ["canary-py", "canary-js"]
+        .into_iter()
+        .map(|name| {
+            let p = rt
+                .load_file(&interpreted(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .instantiate(World::empty(), Limits::default())
+                .unwrap();
+            (name, Box::new(p) as Box<dyn Policy>)
+        })
+        .collect()
+}
+
 #[test]
 fn canary_plan_twins_agree() {
     let (mut rust, mut rhai) = twins("canary");
+    let mut others = canary_interpreted();
+    for (name, p) in &others {
+        assert_eq!(p.info().hooks, rust.info().hooks, "{name}: same hooks");
+        assert_eq!(p.info().name, "canary", "{name}");
+    }
     for n in [0, 1, 2, 5, 9, 10, 11, 19, 20, 21, 99, 100, 101, 1000, 5000] {
         let nodes: Vec<Node> = fleet(n, &["1.0.0"]);
         for params in [
@@ -80,6 +101,10 @@ fn canary_plan_twins_agree() {
             let a = rust.plan(&ctx, &nodes).unwrap();
             let b = rhai.plan(&ctx, &nodes).unwrap();
             assert_eq!(a, b, "n = {n}, params {params}");
+            for (name, p) in &mut others {
+                let c = p.plan(&ctx, &nodes).unwrap();
+                assert_eq!(a, c, "{name}: n = {n}, params {params}");
+            }
             if n >= 10 {
                 let sizes: Vec<usize> = a.iter().map(|w| w.nodes.len()).collect();
                 assert_eq!(sizes[0], 1, "the canary is one node");
@@ -92,6 +117,7 @@ fn canary_plan_twins_agree() {
 #[test]
 fn canary_evaluate_twins_agree() {
     let (mut rust, mut rhai) = twins("canary");
+    let mut others = canary_interpreted();
     let mut verdicts = std::collections::BTreeSet::new();
     for (succeeded, rolled_back, rb_failed, timed_out, unknown) in [
         (0, 0, 0, 0, 0),
@@ -127,6 +153,10 @@ fn canary_evaluate_twins_agree() {
                 let a = rust.evaluate(&ctx, &report).unwrap();
                 let b = rhai.evaluate(&ctx, &report).unwrap();
                 assert_eq!(a, b, "{report:?} threshold {threshold} min {min_finished}");
+                for (name, p) in &mut others {
+                    let c = p.evaluate(&ctx, &report).unwrap();
+                    assert_eq!(a, c, "{name}: {report:?} threshold {threshold}");
+                }
                 verdicts.insert(format!("{a:?}").split('(').next().unwrap().to_string());
             }
         }

@@ -169,3 +169,20 @@ fn a_typo_in_a_scenario_fails_it_with_the_line() {
     assert!(out.contains("line 7"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The canary's Python and JavaScript twins pass the canary's scenarios.
+#[test]
+fn python_and_javascript_canaries_pass_the_canary_scenarios() {
+    for name in ["canary-py", "canary-js"] {
+        let wasm = flotilla_tests::interpreted(name);
+        let reports = flotilla_sdk::testing::run_scenarios(
+            &wasm,
+            &[workspace().join("policies/scenarios/canary")],
+        )
+        .unwrap();
+        assert!(reports.len() >= 3, "{name}: {}", reports.len());
+        for r in &reports {
+            assert!(r.passed, "{name}:\n{}", r.explain());
+        }
+    }
+}

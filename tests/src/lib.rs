@@ -24,6 +24,33 @@ pub fn component(package: &str) -> PathBuf {
     path
 }
 
+/// The component of a shipped Python (`policies/NAME`, `app.py`) or
+/// JavaScript policy, built with its pinned tool once per test process (and
+/// kept across runs while its sources are unchanged).
+pub fn interpreted(name: &str) -> PathBuf {
+    use flotilla_policy::build::{Interpreted, build_interpreted};
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(name) {
+        return p.clone();
+    }
+    let dir = workspace().join("policies").join(name);
+    let lang = if dir.join("app.py").is_file() {
+        Interpreted::Python
+    } else {
+        Interpreted::JavaScript
+    };
+    let out = workspace()
+        .join("target")
+        .join("guests")
+        .join("interpreted");
+    let path = build_interpreted(lang, &dir, &workspace().join("wit"), &out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    built.insert(name.to_string(), path.clone());
+    path
+}
+
 /// A shipped Rhai policy.
 pub fn script(name: &str) -> PathBuf {
     workspace().join("policies").join(format!("{name}.rhai"))

@@ -8,6 +8,18 @@ use std::sync::OnceLock;
 
 pub const GUEST_TARGET: &str = "wasm32-wasip2";
 
+/// The `guest` profile policies are built with: small and fast (the same as
+/// `[profile.guest]` of this workspace's Cargo.toml).
+pub const GUEST_PROFILE: [&str; 7] = [
+    "profile.guest.inherits=\"release\"",
+    "profile.guest.opt-level=3",
+    "profile.guest.debug=false",
+    "profile.guest.strip=true",
+    "profile.guest.lto=true",
+    "profile.guest.codegen-units=1",
+    "profile.guest.panic=\"abort\"",
+];
+
 /// Builds `package` from the workspace at `workspace` with the `guest` profile
 /// into `workspace/target/guests` (a target dir of its own, so a build started
 /// from inside `cargo test` never waits on the outer cargo's lock) and returns
@@ -28,6 +40,11 @@ pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, Strin
             "-p",
             package,
         ])
+        // The `guest` profile is defined here rather than taken from the
+        // workspace's Cargo.toml: a policy crate outside this repository
+        // (every user's) has no such profile. Config overrides the manifest,
+        // so inside this workspace the values are the same.
+        .args(GUEST_PROFILE.iter().flat_map(|kv| ["--config", kv]))
         .env("CARGO_TARGET_DIR", &target_dir)
         // Flags meant for the host (coverage, sanitizers) must not leak into the guest.
         .env_remove("RUSTFLAGS")
@@ -100,4 +117,116 @@ pub fn workspace_root(start: &Path) -> PathBuf {
             return start.to_path_buf();
         }
     }
+}
+
+/// The pinned guest toolchains of the Python and JavaScript policies
+/// (installed by `.ci/run`; see README "Testing").
+pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+
+/// A guest language built by an external tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interpreted {
+    /// `componentize-py -d WIT -w policy componentize app` in the policy's folder
+    /// (its module `app.py`).
+    Python,
+    /// `componentize-js FILE.js --wit WIT --world-name policy --disable http
+    /// fetch-event` (the runner provides no `wasi:http`).
+    JavaScript,
+}
+
+/// Builds the Python (`app.py`) or JavaScript (the only `*.js`) policy in
+/// `dir` against `wit` into `out_dir`, unless a build of the same sources is
+/// there already; returns the `.wasm` path. The tool is looked up on `PATH`
+/// (`componentize-py`, `componentize-js`) unless `FLOTILLA_COMPONENTIZE_PY` /
+/// `FLOTILLA_COMPONENTIZE_JS` name it.
+pub fn build_interpreted(
+    lang: Interpreted,
+    dir: &Path,
+    wit: &Path,
+    out_dir: &Path,
+) -> Result<PathBuf, String> {
+    let (var, tool, pin) = match lang {
+        Interpreted::Python => (
+            "FLOTILLA_COMPONENTIZE_PY",
+            "componentize-py",
+            COMPONENTIZE_PY,
+        ),
+        Interpreted::JavaScript => (
+            "FLOTILLA_COMPONENTIZE_JS",
+            "componentize-js",
+            COMPONENTIZE_JS,
+        ),
+    };
+    let tool = std::env::var_os(var).unwrap_or_else(|| tool.into());
+    let source = match lang {
+        Interpreted::Python => dir.join("app.py"),
+        Interpreted::JavaScript => std::fs::read_dir(dir)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "js"))
+            .ok_or_else(|| format!("no .js file in {}", dir.display()))?,
+    };
+    // Same sources, same tool, same contract: the earlier build stands.
+    let mut hash = sha2::Sha256::new();
+    use sha2::Digest;
+    for f in [&source, &wit.join("policy.wit")] {
+        hash.update(std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?);
+    }
+    hash.update(pin.as_bytes());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "policy".into());
+    let out = out_dir.join(format!(
+        "{name}-{}.wasm",
+        &hex::encode(hash.finalize())[..16]
+    ));
+    if out.is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let mut cmd = Command::new(&tool);
+    cmd.current_dir(dir);
+    match lang {
+        Interpreted::Python => cmd
+            .arg("-d")
+            .arg(wit)
+            .args(["-w", "policy", "componentize", "app", "-o"])
+            .arg(&tmp),
+        Interpreted::JavaScript => cmd
+            .arg(&source)
+            .arg("--wit")
+            .arg(wit)
+            .args([
+                "--world-name",
+                "policy",
+                "--disable",
+                "http",
+                "fetch-event",
+                "-o",
+            ])
+            .arg(&tmp),
+    };
+    let output = cmd.output().map_err(|e| {
+        format!(
+            "cannot run {} ({e}): install {pin} (`.ci/run` does; see README \"Testing\")",
+            tool.to_string_lossy()
+        )
+    })?;
+    if !output.status.success() || !tmp.is_file() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "building {} with {} failed:\n{}{}",
+            dir.display(),
+            tool.to_string_lossy(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| format!("cannot move {}: {e}", tmp.display()))?;
+    Ok(out)
 }

@@ -3,6 +3,11 @@
 //! - targeting 1,000,000 nodes through `select` (chunked): Wasm ≤ 0.5 s, Rhai ≤ 1.5 s
 //! - a hook call on a warm Wasm instance ≤ 2 µs
 //! - instantiating from the cached compiled component ≤ 50 µs
+//! - interpreted guests at fleet scale (`--only interpreted`): a Python and a
+//!   JavaScript `select` over 100,000 nodes ≤ 2 s each, and their `plan` over
+//!   100,000 nodes ≤ 2 s, with default limits, beside the Rust and Rhai canary's
+//!   `plan` (the `policy new` edge template, built by componentize-py 0.25.1 and
+//!   componentize-js 0.23.0; needs both tools on PATH)
 //!
 //! Run: `cargo bench -p flotilla --bench policy` (add `-- --quick` for fewer reps,
 //! `-- --only wasm|rhai|warm|instantiate` for one part, e.g. under `perf`).
@@ -216,6 +221,9 @@ fn main() {
             cpu,
         ));
     }
+    if part("interpreted") {
+        interpreted(&root, &cache, &mut rows);
+    }
     let mut load_from_cache = Duration::ZERO;
     if part("instantiate") {
         // Instantiate from the on-disk cache: a new runtime (as after a restart) loads
@@ -285,6 +293,124 @@ fn main() {
         fmt(load_from_cache)
     );
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// Python and JavaScript at fleet scale: the `policy new` edge template's
+/// `select` and `plan` over 100,000 nodes, with default limits, beside the
+/// Rust and Rhai canaries' `plan` over the same nodes. Also prints the first
+/// compile of each interpreted component and the instance's memory after
+/// each call (it must not grow across chunks).
+fn interpreted(root: &Path, cache: &Path, rows: &mut Vec<Row>) {
+    use flotilla::policy_new::{Lang, create};
+    use flotilla_policy::build::{Interpreted, build_interpreted};
+    const N: usize = 100_000;
+    let nodes = fleet(N);
+    let ctx = TaskContext::new("2.0.0");
+    let native_select = |nodes: &[Node]| -> usize {
+        nodes
+            .iter()
+            .filter(|n| n.labels.iter().any(|(k, v)| k == "tier" && v == "edge"))
+            .count()
+    };
+    let base = median(3, || black_box(native_select(&nodes)));
+    let tmp = std::env::temp_dir().join(format!("flotilla-bench-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let rt = WasmRuntime::new(Some(cache.to_path_buf())).unwrap();
+    for (name, lang, tool, select_row, plan_row) in [
+        (
+            "edge-py",
+            Lang::Python,
+            Interpreted::Python,
+            "select 100k nodes, python",
+            "plan 100k nodes, python",
+        ),
+        (
+            "edge-js",
+            Lang::Js,
+            Interpreted::JavaScript,
+            "select 100k nodes, js",
+            "plan 100k nodes, js",
+        ),
+    ] {
+        let dir = tmp.join(name);
+        create(&dir, name, lang, None).unwrap();
+        eprintln!("building {name} ...");
+        let wasm = build_interpreted(tool, &dir, &dir.join("wit"), &dir.join("out"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = Instant::now();
+        let compiled = rt.load_file(&wasm).unwrap();
+        eprintln!(
+            "{name}: {} bytes, first compile + load {}",
+            std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0),
+            fmt(t.elapsed())
+        );
+        // Default limits first: say so when they are not enough (a wall-time
+        // budget on a busy machine), then measure with a wider per-node budget.
+        let mut p = compiled
+            .instantiate(World::empty(), Limits::default())
+            .unwrap();
+        if let Err(e) = p.select(&ctx, &nodes) {
+            eprintln!("{name}: select with default limits: {e}");
+        }
+        if let Err(e) = p.plan(&ctx, &nodes) {
+            eprintln!("{name}: plan with default limits: {e}");
+        }
+        let wide = Limits {
+            cpu_per_node: Duration::from_millis(1),
+            ..Limits::default()
+        };
+        let mut p = compiled.instantiate(World::empty(), wide).unwrap();
+        match p.select(&ctx, &nodes) {
+            Ok(_) => {
+                let s = median(3, || p.select(&ctx, &nodes).unwrap().len());
+                rows.push(row(
+                    select_row,
+                    s,
+                    base,
+                    Duration::from_secs(2),
+                    last_cpu(1),
+                ));
+            }
+            Err(e) => eprintln!("{name}: select with 1 ms a node: {e}"),
+        }
+        match p.plan(&ctx, &nodes) {
+            Ok(_) => {
+                let pl = median(3, || p.plan(&ctx, &nodes).unwrap().len());
+                rows.push(row(plan_row, pl, base, Duration::from_secs(2), last_cpu(1)));
+            }
+            Err(e) => eprintln!("{name}: plan with 1 ms a node: {e}"),
+        }
+    }
+    // The canary's Rust and Rhai twins' `plan` over the same 100,000 nodes.
+    let canary = build_component(root, "canary").expect("build canary");
+    let mut rust = rt
+        .load_file(&canary)
+        .unwrap()
+        .instantiate(World::empty(), Limits::default())
+        .unwrap();
+    let r = median(3, || rust.plan(&ctx, &nodes).unwrap().len());
+    rows.push(row(
+        "plan 100k nodes, rust canary",
+        r,
+        base,
+        Duration::from_secs(2),
+        last_cpu(1),
+    ));
+    let mut rhai = RhaiPolicy::load_file(
+        &root.join("policies/canary.rhai"),
+        World::empty(),
+        Limits::default(),
+    )
+    .unwrap();
+    let r = median(3, || rhai.plan(&ctx, &nodes).unwrap().len());
+    rows.push(row(
+        "plan 100k nodes, rhai canary",
+        r,
+        base,
+        Duration::from_secs(2),
+        last_cpu(1),
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 type Row = (&'static str, Duration, Duration, Duration, Option<Duration>);

@@ -13,6 +13,7 @@ macro_rules! outln {
 
 mod demo;
 mod policy;
+pub mod policy_new;
 pub mod remote;
 mod serve;
 mod simulate;

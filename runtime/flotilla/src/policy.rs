@@ -32,6 +32,9 @@ pub enum PolicyCommand {
     Upload(super::remote::PolicyUpload),
     /// List the policies a runner has.
     List(super::remote::PolicyList),
+    /// Create a policy project (policy, a scenario, build and test commands)
+    /// in Rust, Rhai, Python or JavaScript.
+    New(super::policy_new::NewArgs),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +75,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Test(args) => super::test::run(args),
         PolicyCommand::Upload(args) => super::remote::run_policy_upload(args),
         PolicyCommand::List(args) => super::remote::run_policy_list(args),
+        PolicyCommand::New(args) => super::policy_new::run(args),
     }
 }
 
@@ -79,8 +83,68 @@ fn runtime() -> anyhow::Result<WasmRuntime> {
     Ok(WasmRuntime::new(WasmRuntime::default_cache_dir())?)
 }
 
+/// A line on stderr while something slow runs: at once when `now` is true
+/// (a compile known to be needed), else once it has taken longer than a
+/// second; and how long it took when it ends, if anything was said.
+pub struct Progress {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(message: String, now: bool) -> Progress {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let started = std::time::Instant::now();
+        let thread = std::thread::spawn(move || {
+            if !now
+                && rx.recv_timeout(Duration::from_secs(1))
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            {
+                return;
+            }
+            eprintln!("{message}");
+            let _ = rx.recv();
+            eprintln!("  ... done in {:.1} s", started.elapsed().as_secs_f64());
+        });
+        Progress {
+            done: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The progress line of loading `file`: a Wasm component not in the compile
+/// cache is compiled first (10 s and more for an interpreter-based one).
+fn load_progress(file: &Path, rt: &WasmRuntime) -> Progress {
+    let wasm =
+        flotilla_policy::PolicyKind::of(file).is_ok_and(|k| k == flotilla_policy::PolicyKind::Wasm);
+    let miss = wasm && std::fs::read(file).is_ok_and(|b| !rt.is_cached(&b));
+    let message = if miss {
+        format!(
+            "compiling {} (first load of this component; cached afterwards; an \
+             interpreter-based component takes 10 s and more)...",
+            file.display()
+        )
+    } else {
+        format!("loading {}...", file.display())
+    };
+    Progress::start(message, miss)
+}
+
 fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let loaded = flotilla_policy::load(file, &runtime()?, World::empty(), Limits::default());
+    let rt = runtime()?;
+    let progress = load_progress(file, &rt);
+    let loaded = flotilla_policy::load(file, &rt, World::empty(), Limits::default());
+    drop(progress);
     let kind = flotilla_policy::PolicyKind::of(file).map_or("unknown", |k| k.describe());
     match loaded {
         Ok(p) => {

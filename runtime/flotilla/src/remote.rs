@@ -400,7 +400,18 @@ pub fn run_audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
 pub fn run_policy_upload(args: PolicyUpload) -> anyhow::Result<ExitCode> {
     let c = args.remote.client()?;
     runtime()?.block_on(async move {
-        print(&policy_upload(&c, &args.name, &args.file, args.remote.json).await?);
+        // The runner compiles a new component before it answers.
+        let progress = super::policy::Progress::start(
+            format!(
+                "uploading {}: the runner compiles a new component before it answers \
+                 (10 s and more for an interpreter-based one)...",
+                args.file.display()
+            ),
+            false,
+        );
+        let uploaded = policy_upload(&c, &args.name, &args.file, args.remote.json).await;
+        drop(progress);
+        print(&uploaded?);
         Ok(ExitCode::SUCCESS)
     })
 }

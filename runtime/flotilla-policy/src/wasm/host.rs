@@ -58,6 +58,8 @@ pub(super) struct State {
 pub(super) struct Limiter {
     pub(super) memory_cap: usize,
     pub(super) hit_cap: bool,
+    /// The largest size a memory of the instance was allowed to grow to.
+    pub(super) largest: usize,
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
@@ -69,6 +71,9 @@ impl wasmtime::ResourceLimiter for Limiter {
     ) -> wasmtime::Result<bool> {
         let ok = desired <= self.memory_cap;
         self.hit_cap |= !ok;
+        if ok {
+            self.largest = self.largest.max(desired);
+        }
         Ok(ok)
     }
 

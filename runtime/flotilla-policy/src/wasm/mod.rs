@@ -13,7 +13,14 @@
 //! ([`POOL_INSTANCES`] component instances); when it is exhausted (or a
 //! component needs more memories or tables than a slot has) an instance is
 //! made by a second engine with the on-demand allocator instead, so a runner
-//! holding many policies at once never fails for want of a slot. The memory cap
+//! holding many policies at once never fails for want of a slot. A component
+//! beyond a slot's limits (core instances, memories, tables: an interpreter
+//! such as componentize-py's links a dozen core instances) is compiled once
+//! and loaded into the on-demand engine only: wasmtime's pooled engine refuses
+//! such a component when it is loaded, so the artifact is compiled without an
+//! allocator in sight (`precompile_component`) and tried on the pooled engine
+//! first. The on-disk cache is bounded in size, least recently used evicted
+//! first ([`DEFAULT_CACHE_BYTES`]). The memory cap
 //! ([`Limits::memory_bytes`]) is enforced by the store's limiter either way; pool
 //! slots keep wasmtime's default maximum so any cap a user sets fits.
 //!
@@ -26,6 +33,7 @@ use super::{Limits, Policy, PolicyError};
 use crate::world::World;
 use flotilla_model::{self as model, Hook, PolicyInfo};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,7 +72,11 @@ use bindings::{Policy as PolicyWorld, PolicyIndices, PolicyPre};
 const TICK: Duration = Duration::from_millis(1);
 /// Bytes of guest stderr kept to explain a trap (a Rust panic message lands here).
 const STDERR_CAP: usize = 16 << 10;
-/// Exports a component must have to be a policy.
+/// The contract this runner speaks.
+pub const CONTRACT: &str = "flotilla:policy@0.2.0";
+/// The exported interface with the hooks.
+const HOOKS: &str = "flotilla:policy/hooks@0.2.0";
+/// Functions the `hooks` interface must have.
 const EXPORTS: [&str; 6] = [
     "describe",
     "select",
@@ -73,6 +85,11 @@ const EXPORTS: [&str; 6] = [
     "evaluate",
     "on-request",
 ];
+/// What to do with a component built against another contract version.
+const REBUILD: &str = "rebuild it against flotilla:policy@0.2.0 (wit/policy.wit): \
+    a Rust policy with the current flotilla-sdk (`cargo build --target wasm32-wasip2`), \
+    any other with its bindings regenerated from the 0.2.0 WIT (the hooks are now the \
+    exported interface `hooks`; `plan` takes its nodes in chunks)";
 
 /// Component instances the pooling allocator has slots for. A policy instance
 /// takes one (and `select` up to 4 while it spreads chunks over cores); past
@@ -87,6 +104,32 @@ pub const POOL_INSTANCES: u32 = 64;
 const POOL_CORE_PER_COMPONENT: u32 = 8;
 const POOL_MEMORIES_PER_COMPONENT: u32 = 2;
 const POOL_TABLES_PER_COMPONENT: u32 = 4;
+/// Bytes of compiled components the on-disk cache keeps (least recently used
+/// evicted past this; `FLOTILLA_CACHE_MAX_MB` overrides). An interpreter-based
+/// component compiles to 30-60 MB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
+/// The pool's room: instances, and per component the core instances,
+/// memories and tables a slot holds. A component that needs more runs on the
+/// on-demand engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    pub instances: u32,
+    pub core_instances_per_component: u32,
+    pub memories_per_component: u32,
+    pub tables_per_component: u32,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            instances: POOL_INSTANCES,
+            core_instances_per_component: POOL_CORE_PER_COMPONENT,
+            memories_per_component: POOL_MEMORIES_PER_COMPONENT,
+            tables_per_component: POOL_TABLES_PER_COMPONENT,
+        }
+    }
+}
 
 /// The engines, linkers and compile cache shared by every Wasm policy of a runner.
 #[derive(Clone)]
@@ -98,6 +141,8 @@ pub struct WasmRuntime {
     fallback: Engine,
     fallback_linker: Arc<Linker<State>>,
     cache_dir: Option<PathBuf>,
+    /// Bytes the cache directory may hold.
+    cache_bytes: u64,
     ticker: Arc<Ticker>,
 }
 
@@ -119,7 +164,24 @@ impl WasmRuntime {
     /// Like [`WasmRuntime::new`], with room for `instances` policy instances in
     /// the pool (at least 1) before instances are allocated on demand.
     pub fn with_pool(cache_dir: Option<PathBuf>, instances: u32) -> Result<Self, PolicyError> {
-        let instances = instances.max(1);
+        Self::with_pool_limits(
+            cache_dir,
+            PoolLimits {
+                instances,
+                ..PoolLimits::default()
+            },
+        )
+    }
+
+    /// Like [`WasmRuntime::new`], with the pool's room given (each at least 1).
+    pub fn with_pool_limits(
+        cache_dir: Option<PathBuf>,
+        limits: PoolLimits,
+    ) -> Result<Self, PolicyError> {
+        let instances = limits.instances.max(1);
+        let core = limits.core_instances_per_component.max(1);
+        let memories = limits.memories_per_component.max(1);
+        let tables = limits.tables_per_component.max(1);
         let err = |e: wasmtime::Error| PolicyError::Load {
             policy: "<runtime>".into(),
             reason: format!("cannot set up the Wasm engine: {e:#}"),
@@ -129,12 +191,12 @@ impl WasmRuntime {
         let fallback = Engine::new(&config).map_err(err)?;
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(instances)
-            .total_core_instances(instances * POOL_CORE_PER_COMPONENT)
-            .total_memories(instances * POOL_MEMORIES_PER_COMPONENT)
-            .total_tables(instances * POOL_TABLES_PER_COMPONENT)
-            .max_core_instances_per_component(POOL_CORE_PER_COMPONENT)
-            .max_memories_per_component(POOL_MEMORIES_PER_COMPONENT)
-            .max_tables_per_component(POOL_TABLES_PER_COMPONENT);
+            .total_core_instances(instances.saturating_mul(core))
+            .total_memories(instances.saturating_mul(memories))
+            .total_tables(instances.saturating_mul(tables))
+            .max_core_instances_per_component(core)
+            .max_memories_per_component(memories)
+            .max_tables_per_component(tables);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(err)?;
 
@@ -169,8 +231,39 @@ impl WasmRuntime {
             fallback,
             fallback_linker,
             cache_dir,
+            cache_bytes: std::env::var("FLOTILLA_CACHE_MAX_MB")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(DEFAULT_CACHE_BYTES, |mb| mb.saturating_mul(1 << 20)),
             ticker: Arc::new(Ticker(stop)),
         })
+    }
+
+    /// Bounds the on-disk cache to `bytes` (least recently used evicted first).
+    pub fn set_cache_limit(&mut self, bytes: u64) {
+        self.cache_bytes = bytes;
+    }
+
+    /// Is the compiled form of `bytes` in the on-disk cache (so loading it
+    /// skips the compile)? `false` without a cache.
+    pub fn is_cached(&self, bytes: &[u8]) -> bool {
+        self.cache_path(bytes).is_some_and(|p| p.is_file())
+    }
+
+    fn cache_path(&self, bytes: &[u8]) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        // Keyed by content and by everything that makes a compiled artifact
+        // incompatible (wasmtime version, target, settings).
+        let mut compat = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut compat);
+        let key = format!(
+            "{}-{:016x}",
+            hex::encode(Sha256::digest(bytes)),
+            compat.finish()
+        );
+        Some(dir.join(format!("{key}.cwasm")))
     }
 
     /// The default cache location: `$FLOTILLA_CACHE_DIR`, else the user cache dir.
@@ -203,7 +296,7 @@ impl WasmRuntime {
             policy: name.to_string(),
             reason,
         };
-        let component = self.compile(bytes).map_err(|e| {
+        let (component, in_pool) = self.compile(bytes).map_err(|e| {
             let hint = if bytes.starts_with(b"\0asm\x01\0\0\0") {
                 " (this is a core Wasm module, not a component: build the policy for \
                  `--target wasm32-wasip2` with the flotilla SDK)"
@@ -213,27 +306,18 @@ impl WasmRuntime {
             load_err(format!("not a valid component: {e:#}{hint}"))
         })?;
 
-        let ty = component.component_type();
-        let exported: Vec<&str> = ty.exports(&self.engine).map(|(n, _)| n).collect();
-        let missing: Vec<&str> = EXPORTS
-            .iter()
-            .copied()
-            .filter(|e| !exported.contains(e))
-            .collect();
-        if !missing.is_empty() {
-            return Err(load_err(format!(
-                "does not implement world flotilla:policy/policy@0.1.0: missing export(s) {} \
-                 (it exports: {}); put `#[flotilla_sdk::policy]` on the `impl Policy` of a Rust policy",
-                missing.join(", "),
-                if exported.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    exported.join(", ")
-                }
-            )));
-        }
+        let engine = if in_pool {
+            &self.engine
+        } else {
+            &self.fallback
+        };
+        contract_check(engine, &component).map_err(load_err)?;
 
-        let pooled = link(&self.linker, &component).map_err(load_err)?;
+        let pooled = if in_pool {
+            Some(link(&self.linker, &component).map_err(load_err)?)
+        } else {
+            None
+        };
         let mut compiled = CompiledPolicy {
             name: name.to_string(),
             args_arena: args_arena(bytes),
@@ -243,6 +327,7 @@ impl WasmRuntime {
                 engine: self.fallback.clone(),
                 linker: self.fallback_linker.clone(),
                 component,
+                in_pool,
                 linked: std::sync::OnceLock::new(),
             }),
             info: PolicyInfo {
@@ -258,7 +343,7 @@ impl WasmRuntime {
             .typed::<NodesParams<'_>, (Vec<wit::Selection>,)>(&live.store)
             .and(
                 live.plan
-                    .typed::<NodesParams<'_>, (Vec<wit::Wave>,)>(&live.store),
+                    .typed::<PlanParams<'_>, (Vec<wit::Wave>,)>(&live.store),
             )
             .and(
                 live.evaluate
@@ -282,42 +367,90 @@ impl WasmRuntime {
         Ok(compiled)
     }
 
-    fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
-        let Some(dir) = &self.cache_dir else {
-            return Component::new(&self.engine, bytes);
+    /// The component in the pooled engine (`true`), or in the on-demand one
+    /// when it is beyond a pool slot's limits (`false`). Compiled once, from
+    /// the cache when it is there.
+    fn compile(&self, bytes: &[u8]) -> wasmtime::Result<(Component, bool)> {
+        let Some(path) = self.cache_path(bytes) else {
+            let artifact = self.engine.precompile_component(bytes)?;
+            return self.place(&artifact);
         };
-        // Keyed by content and by everything that makes a compiled artifact
-        // incompatible (wasmtime version, target, settings).
-        let mut compat = std::collections::hash_map::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut compat);
-        let key = format!(
-            "{}-{:016x}",
-            hex::encode(Sha256::digest(bytes)),
-            compat.finish()
-        );
-        let path = dir.join(format!("{key}.cwasm"));
+        let dir = path.parent().unwrap_or(Path::new("."));
         // Read into memory rather than mmap the file: a cache file truncated or
         // rewritten in place while mapped would take the process down (SIGBUS).
         if let Ok(cached) = std::fs::read(&path) {
-            // SAFETY: the bytes are an artifact this runtime serialized into its
-            // own cache directory (written to a temp file, renamed into place),
-            // keyed by the engine's compatibility hash; wasmtime checks the header
-            // and metadata, and a damaged file is recompiled below.
-            match unsafe { Component::deserialize(&self.engine, &cached) } {
-                Ok(c) => return Ok(c),
+            match self.place(&cached) {
+                Ok(c) => {
+                    // Recently used: last to be evicted.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok(c);
+                }
                 Err(e) => tracing::warn!(
                     path = %path.display(),
                     "recompiling: cached component unusable: {e:#}"
                 ),
             }
         }
-        let component = Component::new(&self.engine, bytes)?;
-        if let Err(e) = write_atomic(dir, &path, &component.serialize()?) {
+        let artifact = self.engine.precompile_component(bytes)?;
+        if let Err(e) = write_atomic(dir, &path, &artifact) {
             tracing::warn!(dir = %dir.display(), "cannot cache compiled component: {e}");
         }
-        Ok(component)
+        evict(dir, self.cache_bytes, &path);
+        self.place(&artifact)
+    }
+
+    /// Loads a compiled artifact into the pooled engine, or into the
+    /// on-demand one when the pool's limits refuse it.
+    fn place(&self, artifact: &[u8]) -> wasmtime::Result<(Component, bool)> {
+        // SAFETY: the bytes are an artifact this runtime compiled just now or
+        // serialized into its own cache directory (written to a temp file,
+        // renamed into place), keyed by the engine's compatibility hash;
+        // wasmtime checks the header and metadata, and a damaged file is
+        // recompiled by the caller.
+        match unsafe { Component::deserialize(&self.engine, artifact) } {
+            Ok(c) => Ok((c, true)),
+            Err(pool) => {
+                // Both engines have the same compilation settings.
+                // SAFETY: as above.
+                let c = unsafe { Component::deserialize(&self.fallback, artifact) }?;
+                tracing::info!("component runs on the on-demand engine: {pool:#}");
+                Ok((c, false))
+            }
+        }
+    }
+}
+
+/// Keeps the `*.cwasm` files of `dir` within `max` bytes, removing the least
+/// recently used (oldest modification time; a cache hit touches its file)
+/// first, never `keep` (the one just written).
+fn evict(dir: &Path, max: u64, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    for (_, len, path) in files {
+        if total <= max {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::debug!(path = %path.display(), "evicted from the compile cache");
+            total = total.saturating_sub(len);
+        }
     }
 }
 
@@ -328,10 +461,13 @@ fn link(linker: &Linker<State>, component: &Component) -> Result<Linked, String>
         .map_err(|e| format!("cannot link (imports outside the policy world?): {e:#}"))?;
     let pre =
         PolicyPre::new(pre).map_err(|e| format!("exports do not match the policy world: {e:#}"))?;
+    let hooks = component
+        .get_export_index(None, HOOKS)
+        .ok_or_else(|| format!("missing export {HOOKS}"))?;
     let export = |name: &str| {
         component
-            .get_export_index(None, name)
-            .ok_or_else(|| format!("missing export {name}"))
+            .get_export_index(Some(&hooks), name)
+            .ok_or_else(|| format!("missing export {HOOKS}#{name}"))
     };
     let (select, plan) = (export("select")?, export("plan")?);
     let evaluate = export("evaluate")?;
@@ -360,8 +496,9 @@ pub struct CompiledPolicy {
     /// Keeps the epoch ticker (and so every CPU budget) alive while a policy
     /// outlives the runtime handle it was loaded from.
     _ticker: Arc<Ticker>,
-    /// Linked in the pooling engine.
-    pooled: Linked,
+    /// Linked in the pooling engine; `None` when the component is beyond a
+    /// pool slot's limits.
+    pooled: Option<Linked>,
     /// Linked in the on-demand engine on first need (pool exhausted).
     fallback: Arc<Fallback>,
     info: PolicyInfo,
@@ -388,8 +525,10 @@ struct Linked {
 struct Fallback {
     engine: Engine,
     linker: Arc<Linker<State>>,
-    /// The component in the pooling engine.
+    /// The component: in the pooling engine, or (`in_pool` false) already in
+    /// the on-demand one.
     component: Component,
+    in_pool: bool,
     linked: std::sync::OnceLock<Result<Linked, String>>,
 }
 
@@ -397,6 +536,9 @@ impl Fallback {
     fn get(&self) -> Result<&Linked, String> {
         self.linked
             .get_or_init(|| {
+                if !self.in_pool {
+                    return link(&self.linker, &self.component);
+                }
                 let bytes = self
                     .component
                     .serialize()
@@ -475,6 +617,22 @@ impl WasmPolicy {
         self.spare.truncate(self.workers - 1);
     }
 
+    /// Drops instances whose memory grew past half the cap: linear memory
+    /// never shrinks, and an interpreter's heap (a JavaScript or Python
+    /// runtime's) grows over calls until it collects; a fresh instance (cheap:
+    /// copy-on-write from the compiled image) starts small again. Called before
+    /// `select` and before the first chunk of a `plan`, never between a plan's
+    /// chunks (a policy may keep state across them).
+    fn recycle_grown(&mut self) {
+        let limit = self.limits.memory_bytes / 2;
+        let grown = |l: &LiveInstance| l.store.data().limiter.largest > limit;
+        if self.live.as_ref().is_some_and(grown) {
+            tracing::debug!(policy = %self.compiled.name, "instance memory past half the cap: recycled");
+            self.live = None;
+        }
+        self.spare.retain(|l| !grown(l));
+    }
+
     fn live(&mut self, hook: Hook) -> Result<&mut LiveInstance, PolicyError> {
         if self.live.is_none() {
             self.live = Some(self.new_live(hook)?);
@@ -490,7 +648,13 @@ impl WasmPolicy {
             hook,
             message: format!("cannot instantiate: {message}"),
         };
-        match self.instantiate_in(&self.compiled.pooled) {
+        let Some(pooled) = &self.compiled.pooled else {
+            let linked = self.compiled.fallback.get().map_err(err)?;
+            return self
+                .instantiate_in(linked)
+                .map_err(|e| err(format!("{e:#}")));
+        };
+        match self.instantiate_in(pooled) {
             Ok(live) => Ok(live),
             // The pool is full, or the component needs more than a slot has
             // (any other failure happens again below and is reported from there).
@@ -515,6 +679,7 @@ impl WasmPolicy {
             limiter: Limiter {
                 memory_cap: self.limits.memory_bytes,
                 hit_cap: false,
+                largest: 0,
             },
             world: self.world.clone(),
             policy: self.compiled.name.clone(),
@@ -609,7 +774,11 @@ impl WasmPolicy {
     }
 
     fn describe(&mut self) -> Result<PolicyInfo, PolicyError> {
-        let info = self.call(Hook::Select, 0, |l| l.bindings.call_describe(&mut l.store))?;
+        let info = self.call(Hook::Select, 0, |l| {
+            l.bindings
+                .flotilla_policy_hooks()
+                .call_describe(&mut l.store)
+        })?;
         Ok(PolicyInfo {
             name: info.name,
             version: info.version,
@@ -631,6 +800,7 @@ impl Policy for WasmPolicy {
         ctx: &model::TaskContext,
         chunks: &[&[model::Node]],
     ) -> Result<Vec<Vec<model::Selection>>, PolicyError> {
+        self.recycle_grown();
         let per = chunks.len().div_ceil(self.workers.max(1)).max(1);
         let groups: Vec<&[&[model::Node]]> = chunks.chunks(per).collect();
         if groups.len() <= 1 {
@@ -724,6 +894,7 @@ impl Policy for WasmPolicy {
         ctx: &model::TaskContext,
         nodes: &[model::Node],
     ) -> Result<Vec<model::Selection>, PolicyError> {
+        self.recycle_grown();
         let out: Vec<wit::Selection> = self.call_nodes(Hook::Select, ctx, nodes)?;
         Ok(out.into_iter().map(selection_from).collect())
     }
@@ -733,17 +904,41 @@ impl Policy for WasmPolicy {
         ctx: &model::TaskContext,
         nodes: &[model::Node],
     ) -> Result<Vec<model::Wave>, PolicyError> {
-        let out: Vec<wit::Wave> = self.call_nodes(Hook::Plan, ctx, nodes)?;
-        Ok(out
-            .into_iter()
-            .map(|w| model::Wave {
-                name: w.name,
-                nodes: w.nodes,
-                concurrency: w.concurrency,
-                soak_seconds: w.soak_seconds,
-                needs_approval: w.needs_approval,
-            })
-            .collect())
+        // Chunks in order, in this policy's one instance; each call's budget
+        // covers the nodes handed over so far (a policy may keep them and
+        // decide on the last call). Waves of the same name are merged.
+        let total = u32::try_from(nodes.len()).map_err(|_| {
+            PolicyError::invalid(&self.compiled.name, Hook::Plan, "more than 2^32 nodes")
+        })?;
+        self.recycle_grown();
+        let mut waves: Vec<model::Wave> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut offset = 0usize;
+        for chunk in nodes.chunks(model::CHUNK) {
+            let handed = offset + chunk.len();
+            let out: Vec<wit::Wave> = self.with_ctx(ctx, |this, ctx| {
+                this.call(Hook::Plan, handed, |live| {
+                    call_plan(live, ctx, chunk, offset as u32, total)
+                })
+            })?;
+            for w in out {
+                match by_name.get(&w.name) {
+                    Some(&i) => waves[i].nodes.extend(w.nodes),
+                    None => {
+                        by_name.insert(w.name.clone(), waves.len());
+                        waves.push(model::Wave {
+                            name: w.name,
+                            nodes: w.nodes,
+                            concurrency: w.concurrency,
+                            soak_seconds: w.soak_seconds,
+                            needs_approval: w.needs_approval,
+                        });
+                    }
+                }
+            }
+            offset = handed;
+        }
+        Ok(waves)
     }
 
     fn call_admit(
@@ -755,7 +950,9 @@ impl Policy for WasmPolicy {
         let node = wit_node(node);
         let out = self.with_ctx(ctx, |this, ctx| {
             this.call(Hook::Admit, 1, |l| {
-                l.bindings.call_admit(&mut l.store, ctx, &node, now)
+                l.bindings
+                    .flotilla_policy_hooks()
+                    .call_admit(&mut l.store, ctx, &node, now)
             })
         })?;
         Ok(match out {
@@ -816,7 +1013,9 @@ impl Policy for WasmPolicy {
         let node = wit_node(node);
         let out = self.with_ctx(ctx, |this, ctx| {
             this.call(Hook::OnRequest, 1, |l| {
-                l.bindings.call_on_request(&mut l.store, ctx, &node)
+                l.bindings
+                    .flotilla_policy_hooks()
+                    .call_on_request(&mut l.store, ctx, &node)
             })
         })?;
         Ok(match out {
@@ -879,6 +1078,7 @@ type WorkerResult = (
 );
 
 type NodesParams<'a> = (CtxArg<'a>, NodeList<'a>);
+type PlanParams<'a> = (CtxArg<'a>, NodeList<'a>, u32, u32);
 type EvaluateParams<'a> = (CtxArg<'a>, &'a wit::WaveReport);
 
 /// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
@@ -888,15 +1088,11 @@ fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift 
     ctx: &wit::TaskContext,
     nodes: &[model::Node],
 ) -> wasmtime::Result<R> {
-    let func = match hook {
-        Hook::Plan => live.plan,
-        _ => live.select,
-    };
+    debug_assert_eq!(hook, Hook::Select);
     // SAFETY: `load_bytes` type-checked `select` against
-    // `(ctx, list<node>) -> list<selection>` and `plan` against
-    // `(ctx, list<node>) -> list<wave>` for this component, and callers pass the
-    // matching `R`; skipping the check on every call saves microseconds.
-    let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(func) };
+    // `(ctx, list<node>) -> list<selection>` for this component, and callers
+    // pass the matching `R`; skipping the check on every call saves microseconds.
+    let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(live.select) };
     let arena = live.arena;
     let reserved = AtomicUsize::new(NOT_RESERVED);
     let args = (
@@ -912,6 +1108,100 @@ fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift 
         },
     );
     Ok(f.call(&mut live.store, args)?.0)
+}
+
+/// Calls `plan` on one chunk of borrowed nodes in `live`.
+fn call_plan(
+    live: &mut LiveInstance,
+    ctx: &wit::TaskContext,
+    nodes: &[model::Node],
+    offset: u32,
+    total: u32,
+) -> wasmtime::Result<Vec<wit::Wave>> {
+    // SAFETY: `load_bytes` type-checked `plan` against
+    // `(ctx, list<node>, u32, u32) -> list<wave>` for this component.
+    let f: TypedFunc<PlanParams<'_>, (Vec<wit::Wave>,)> =
+        unsafe { TypedFunc::new_unchecked(live.plan) };
+    let arena = live.arena;
+    let reserved = AtomicUsize::new(NOT_RESERVED);
+    let args = (
+        CtxArg {
+            ctx,
+            arena,
+            nodes: Some((nodes, &reserved)),
+        },
+        NodeList {
+            nodes,
+            arena,
+            reserved: Some(&reserved),
+        },
+        offset,
+        total,
+    );
+    Ok(f.call(&mut live.store, args)?.0)
+}
+
+/// Is `component` a policy of this runner's contract? A component built
+/// against another version of `flotilla:policy` (0.1.0 exported the hooks at
+/// the top level) is named as such, with what to rebuild.
+fn contract_check(engine: &Engine, component: &Component) -> Result<(), String> {
+    use wasmtime::component::types::ComponentItem;
+    let ty = component.component_type();
+    let exports: Vec<(&str, ComponentItem)> = ty.exports(engine).map(|(n, e)| (n, e.ty)).collect();
+    let names: Vec<&str> = exports.iter().map(|(n, _)| *n).collect();
+    let imports: Vec<&str> = ty.imports(engine).map(|(n, _)| n).collect();
+    // Another version of the contract, by an interface it names.
+    let other = names
+        .iter()
+        .chain(imports.iter())
+        .filter_map(|n| n.strip_prefix("flotilla:policy/"))
+        .filter_map(|n| n.split_once('@').map(|(_, v)| v))
+        .find(|v| *v != CONTRACT.rsplit('@').next().unwrap_or_default());
+    let top_level_hooks = names.contains(&"describe") && names.contains(&"select");
+    if let Some(version) = other {
+        return Err(format!(
+            "built against flotilla:policy@{version}, which this runner does not load \
+             (it speaks {CONTRACT}): {REBUILD}"
+        ));
+    }
+    if top_level_hooks && !names.contains(&HOOKS) {
+        return Err(format!(
+            "exports its hooks at the top level as flotilla:policy@0.1.0 did; this runner \
+             speaks {CONTRACT}: {REBUILD}"
+        ));
+    }
+    let listing = || {
+        if names.is_empty() {
+            "nothing".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    let Some((_, hooks)) = exports.iter().find(|(n, _)| *n == HOOKS) else {
+        return Err(format!(
+            "does not implement world flotilla:policy/policy@0.2.0: missing export {HOOKS} \
+             (it exports: {}); put `#[flotilla_sdk::policy]` on the `impl Policy` of a Rust policy",
+            listing()
+        ));
+    };
+    let ComponentItem::ComponentInstance(hooks) = hooks else {
+        return Err(format!("export {HOOKS} is not an interface instance"));
+    };
+    let inner: Vec<&str> = hooks.exports(engine).map(|(n, _)| n).collect();
+    let missing: Vec<&str> = EXPORTS
+        .iter()
+        .copied()
+        .filter(|e| !inner.contains(e))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "does not implement world flotilla:policy/policy@0.2.0: {HOOKS} lacks {} \
+             (it has: {})",
+            missing.join(", "),
+            inner.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
