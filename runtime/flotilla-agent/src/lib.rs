@@ -606,6 +606,7 @@ mod tests {
                 heartbeat: Duration::from_millis(100),
                 pull: pull.then_some(Duration::from_millis(100)),
                 wait_seconds: 1,
+                tls: Default::default(),
             }
         }
 
