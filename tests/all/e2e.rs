@@ -140,15 +140,23 @@ struct Api {
 
 impl Api {
     fn new(base: String) -> Api {
+        Api::with_ca(base, None)
+    }
+
+    /// Over TLS, trusting the CA in the PEM file `ca` (beside the public roots).
+    fn with_ca(base: String, ca: Option<&Path>) -> Api {
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(20));
+        if let Some(ca) = ca {
+            http = http.add_root_certificate(
+                reqwest::Certificate::from_pem(&fs::read(ca).unwrap()).unwrap(),
+            );
+        }
         Api {
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
+            http: http.build().unwrap(),
             base,
         }
     }
@@ -318,6 +326,8 @@ struct Cluster {
     starts: u32,
     addr: SocketAddr,
     api: Api,
+    /// The CA of the runner's certificate when it serves TLS (`https://`).
+    ca: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -328,6 +338,13 @@ impl Cluster {
 
     /// A runner with `extra` TOML in its config.
     fn start_with(extra: &str) -> Cluster {
+        Cluster::start_tls(extra, None)
+    }
+
+    /// A runner with `extra` TOML in its config (its `tls = {...}`, say,
+    /// from [`crate::tls::Pki::runner_toml`]), reached over TLS trusting
+    /// the CA in the PEM file `ca`, if given.
+    fn start_tls(extra: &str, ca: Option<&Path>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-e2e")
             .tempdir()
@@ -346,6 +363,7 @@ impl Cluster {
             starts: 0,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             api: Api::new(String::new()),
+            ca: ca.map(Path::to_path_buf),
             dir,
         };
         c.start_runner();
@@ -357,7 +375,8 @@ impl Cluster {
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Starts the runner (on the port it had before, after a restart) and
@@ -387,11 +406,13 @@ impl Cluster {
                 );
             }
             let text = fs::read_to_string(&out).ok()?;
-            let rest = text.split("listening on http://").nth(1)?;
-            rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+            let rest = text.split("listening on ").nth(1)?;
+            let url = rest.split_whitespace().next()?;
+            let addr = url.split_once("://")?.1;
+            addr.parse::<SocketAddr>().ok()
         });
         self.addr = addr;
-        self.api = Api::new(self.url());
+        self.api = Api::with_ca(self.url(), self.ca.as_deref());
     }
 
     /// SIGKILL to the runner.
@@ -1341,4 +1362,194 @@ fn simulate_covers_pull_and_fails_when_the_task_would_not_succeed() {
     let (code, v) = simulate(push, Some(json!({"nodes": {"d0": "fail"}})));
     assert_ne!(v["task"]["state"]["state"], "succeeded", "{v}");
     assert_eq!(code, Some(1), "a task that would not succeed exits 1");
+}
+
+// ----- over TLS (certificates from crate::tls::Pki) -----
+
+mod over_tls {
+    use super::*;
+    use crate::tls::Pki;
+
+    /// The certificate the runner at `url` serves on a new connection.
+    fn served_cert(url: &str, ca: &Path) -> Option<Vec<u8>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let http = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&fs::read(ca).unwrap()).ok()?)
+                .tls_info(true)
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(10))
+                .build()
+                .ok()?;
+            let res = http.get(format!("{url}/healthz")).send().await.ok()?;
+            let info = res.extensions().get::<reqwest::tls::TlsInfo>()?;
+            info.peer_certificate().map(<[u8]>::to_vec)
+        })
+    }
+
+    #[test]
+    fn agents_with_the_private_ca_roll_out_over_tls_and_one_without_it_cannot_connect() {
+        let pki_dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(pki_dir.path(), &[]);
+        let mut c = Cluster::start_tls(
+            &format!("enroll_secret = {SECRET:?}\n{}", pki.runner_toml(false)),
+            Some(&pki.ca),
+        );
+        assert!(c.url().starts_with("https://"), "{}", c.url());
+        for _ in 0..3 {
+            c.add_agent(AgentSpec {
+                extra: pki.agent_args("", false),
+                ..AgentSpec::default()
+            });
+        }
+        c.wait_enrolled();
+        // This one trusts only the public roots.
+        let lost = c.add_agent(AgentSpec::default());
+        c.release("1.1.0", 0);
+        let task = c.task("tls-e2e", "1.1.0", json!({}));
+        let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(60));
+        assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 3)]));
+        for a in &c.agents[..3] {
+            assert_eq!(current(&a.dir).as_deref(), Some("1.1.0"), "{}", a.id);
+        }
+        // It never enrolled, and its log says why and what to do.
+        let log = c.path().join(format!("{}.log", c.agents[lost].id));
+        wait_for(
+            "the agent without the CA to say why",
+            Duration::from_secs(20),
+            || {
+                let text = fs::read_to_string(&log).ok()?;
+                (text.contains("UnknownIssuer") && text.contains("--ca-file")).then_some(())
+            },
+        );
+        let nodes = c.api.get("/v1/nodes");
+        assert_eq!(nodes["items"].as_array().unwrap().len(), 3, "{nodes}");
+        assert_eq!(current(&c.agents[lost].dir).as_deref(), Some("1.0.0"));
+
+        // Plain HTTP to the TLS listener gets nothing from the API.
+        let plain = Api::new(format!("http://{}", c.addr));
+        assert!(plain.try_get("/v1/nodes").is_none());
+    }
+
+    #[test]
+    fn mutual_tls_refuses_a_certificate_of_another_node_and_takes_its_own() {
+        let pki_dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(pki_dir.path(), &["node-00", "node-01"]);
+        let mut c = Cluster::start_tls(
+            &format!("enroll_secret = {SECRET:?}\n{}", pki.runner_toml(true)),
+            Some(&pki.ca),
+        );
+        // node-00 with its own certificate.
+        c.add_agent(AgentSpec {
+            extra: pki.agent_args("node-00", true),
+            ..AgentSpec::default()
+        });
+        c.wait_enrolled();
+        // node-01 presents node-00's certificate (and has the secret).
+        let thief = c.add_agent(AgentSpec {
+            extra: pki.agent_args("node-00", true),
+            ..AgentSpec::default()
+        });
+        assert_eq!(c.agents[thief].id, "node-01");
+        let log = c.path().join(format!("{}.log", c.agents[thief].id));
+        wait_for("node-01 to be refused", Duration::from_secs(20), || {
+            let text = fs::read_to_string(&log).ok()?;
+            text.contains("403").then_some(text)
+        });
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains(
+                "the client certificate names node node-00; it cannot act for node node-01"
+            ),
+            "{text}"
+        );
+        // The management API (token-authenticated) needs no client certificate.
+        let nodes = c.api.get("/v1/nodes");
+        let ids: Vec<&str> = nodes["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["node-00"], "node-01 is not enrolled");
+
+        // node-00's own certificate carries a whole rollout (work, reports,
+        // the artifact download).
+        c.release("1.1.0", 0);
+        let task = c.task("mtls-e2e", "1.1.0", json!({}));
+        let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(60));
+        assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 1)]));
+        assert_eq!(current(&c.agents[0].dir).as_deref(), Some("1.1.0"));
+    }
+
+    #[test]
+    fn sighup_reloads_the_certificate_on_the_same_listener_and_a_bad_file_keeps_the_old_one() {
+        let pki_dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(pki_dir.path(), &[]);
+        let (next_cert, next_key) = pki.server_cert("next");
+        let live_cert = pki.dir.join("live.crt");
+        let live_key = pki.dir.join("live.key");
+        fs::copy(&pki.cert, &live_cert).unwrap();
+        fs::copy(&pki.key, &live_key).unwrap();
+        let mut c = Cluster::start_tls(
+            &format!("tls = {{ cert = {live_cert:?}, key = {live_key:?} }}\n"),
+            Some(&pki.ca),
+        );
+        let url = c.url();
+        assert_eq!(served_cert(&url, &pki.ca), Some(pki.der("runner")));
+        let pid = c.runner.as_ref().unwrap().child.as_ref().unwrap().id();
+
+        // A connection opened before the reload.
+        let before = Api::with_ca(url.clone(), Some(&pki.ca));
+        before.get("/healthz");
+
+        fs::copy(&next_cert, &live_cert).unwrap();
+        fs::copy(&next_key, &live_key).unwrap();
+        c.runner
+            .as_ref()
+            .unwrap()
+            .signal(nix::sys::signal::Signal::SIGHUP);
+        wait_for(
+            "the new certificate to be served",
+            Duration::from_secs(10),
+            || (served_cert(&url, &pki.ca)? == pki.der("next")).then_some(()),
+        );
+        // The same process and listener; the earlier connection still works.
+        assert_eq!(c.runner.as_ref().unwrap().child.as_ref().unwrap().id(), pid);
+        before.get("/healthz");
+
+        // A broken file: logged, and the certificate in force stays.
+        fs::write(&live_cert, "not a certificate").unwrap();
+        c.runner
+            .as_ref()
+            .unwrap()
+            .signal(nix::sys::signal::Signal::SIGHUP);
+        let log = c.path().join("runner.log");
+        wait_for(
+            "the failed reload to be logged",
+            Duration::from_secs(10),
+            || {
+                let text = fs::read_to_string(&log).ok()?;
+                text.contains("TLS not reloaded").then_some(())
+            },
+        );
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(text.contains("no `BEGIN CERTIFICATE`"), "{text}");
+        assert_eq!(served_cert(&url, &pki.ca), Some(pki.der("next")));
+        assert!(
+            c.runner
+                .as_mut()
+                .unwrap()
+                .child
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .unwrap()
+                .is_none(),
+            "the runner is still up"
+        );
+    }
 }

@@ -428,6 +428,7 @@ fn a_public_listener_refuses_short_secrets_before_it_binds() {
             data: data.clone(),
             token: Some(token.into()),
             enroll_secret: Some(secret.into()),
+            tls: Some(flotilla_server::tls::TlsConfig::Proxy),
             ..Config::default()
         });
         (r.err().map(|e| e.to_string()), data.exists())

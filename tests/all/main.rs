@@ -18,4 +18,5 @@ mod policy_new;
 mod policy_safety;
 mod policy_twins;
 mod scenarios;
+mod tls;
 mod trust;

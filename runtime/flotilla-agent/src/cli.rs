@@ -104,6 +104,17 @@ pub struct RunArgs {
     /// the state dir's `backups/`.
     #[arg(long = "backup-root", value_name = "DIR")]
     pub backup_roots: Vec<PathBuf>,
+    /// A PEM file of CA certificates trusted for the runner's TLS
+    /// certificate, beside the built-in public roots (a private CA).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate for a runner with mutual TLS; its subject
+    /// CN must be this node's id.
+    #[arg(long, value_name = "PATH")]
+    pub client_cert: Option<PathBuf>,
+    /// The PEM private key of --client-cert.
+    #[arg(long, value_name = "PATH")]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +174,9 @@ struct FileConfig {
     schedulable: Option<bool>,
     #[serde(default)]
     backup_roots: Vec<PathBuf>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -307,6 +321,11 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
             .or(file.wait_seconds)
             .unwrap_or(DEFAULT_WAIT_SECONDS)
             .min(DEFAULT_WAIT_SECONDS),
+        tls: crate::client::ClientTls {
+            ca_file: args.ca_file.or(file.ca_file),
+            client_cert: args.client_cert.or(file.client_cert),
+            client_key: args.client_key.or(file.client_key),
+        },
         server,
         node_id,
         state_dir,
@@ -429,6 +448,9 @@ mod tests {
             unpack_max_entries,
             schedulable,
             backup_roots,
+            ca_file,
+            client_cert,
+            client_key,
         } = toml::from_str(&all_on).unwrap();
         assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
         assert!(enroll_secret.is_some() && asset_path.is_some());
@@ -440,6 +462,7 @@ mod tests {
         assert!(!backup_roots.is_empty());
         assert!(unpack_ratio.is_some() && unpack_min_bytes.is_some());
         assert!(unpack_max_entries.is_some());
+        assert!(ca_file.is_some() && client_cert.is_some() && client_key.is_some());
     }
 
     #[test]

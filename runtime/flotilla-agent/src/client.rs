@@ -3,6 +3,7 @@
 
 use flotilla_model::protocol::{Enroll, Enrolled, Heartbeat, MAX_WAIT_SECONDS, Report, Work};
 use reqwest::{StatusCode, Url};
+use std::path::PathBuf;
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -11,7 +12,10 @@ use std::time::Duration;
 pub enum ClientError {
     #[error("`{0}` is not a usable server URL: give one like http://127.0.0.1:7878")]
     BadUrl(String),
-    #[error("cannot reach the runner: {}", chain(.0))]
+    /// A CA file or client certificate that cannot be used.
+    #[error("{0}")]
+    Tls(String),
+    #[error("cannot reach the runner: {}{}", chain(.0), tls_hint(.0))]
     Unreachable(reqwest::Error),
     #[error("the runner does not accept this node's token (401); enrolling again")]
     Unauthorized,
@@ -45,6 +49,20 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// What to do about a TLS failure, which reqwest words for experts.
+fn tls_hint(e: &reqwest::Error) -> &'static str {
+    let text = chain(e);
+    if text.contains("UnknownIssuer") {
+        " (the runner's certificate is not issued by a CA this agent trusts: give --ca-file with the CA that issued it)"
+    } else if text.contains("NotValidForName") {
+        " (the runner's certificate does not name the host in --server)"
+    } else if text.contains("certificate") && text.contains("required") {
+        " (the runner requires a client certificate: give --client-cert and --client-key)"
+    } else {
+        ""
+    }
+}
+
 /// The longest `Retry-After` the agent honours: a runner (or something in
 /// between) asking for more must not park the agent for good.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -73,6 +91,70 @@ impl ClientError {
     }
 }
 
+/// The agent's TLS files: a private CA trusted beside the built-in (Mozilla)
+/// roots, and a client certificate for runners with mutual TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM CA certificate(s) (`--ca-file`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain naming this node as its subject CN (`--client-cert`).
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key (`--client-key`).
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn apply(&self, mut b: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, ClientError> {
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).map_err(|e| {
+                ClientError::Tls(format!("cannot read the {what} {}: {e}", p.display()))
+            })
+        };
+        if let Some(ca) = &self.ca_file {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca, "CA file (--ca-file)")?)
+                .map_err(|e| {
+                    ClientError::Tls(format!(
+                        "the CA file (--ca-file) {} is not PEM certificates: {}",
+                        ca.display(),
+                        chain(&e)
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(ClientError::Tls(format!(
+                    "the CA file (--ca-file) {} holds no certificate",
+                    ca.display()
+                )));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        match (&self.client_cert, &self.client_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                let mut pem = read(cert, "client certificate (--client-cert)")?;
+                pem.push(b'\n');
+                pem.extend(read(key, "client key (--client-key)")?);
+                let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    ClientError::Tls(format!(
+                        "the client certificate {} and key {} are not a usable PEM pair: {}",
+                        cert.display(),
+                        key.display(),
+                        chain(&e)
+                    ))
+                })?;
+                b = b.identity(id);
+            }
+            _ => {
+                return Err(ClientError::Tls(
+                    "--client-cert and --client-key go together: give both or neither".into(),
+                ));
+            }
+        }
+        Ok(b)
+    }
+}
+
 pub struct RunnerClient {
     http: reqwest::Client,
     server: Url,
@@ -82,6 +164,11 @@ pub struct RunnerClient {
 
 impl RunnerClient {
     pub fn new(server: &str, node: &str) -> Result<Self, ClientError> {
+        Self::with_tls(server, node, &ClientTls::default())
+    }
+
+    /// [`RunnerClient::new`] with a private CA and/or a client certificate.
+    pub fn with_tls(server: &str, node: &str, tls: &ClientTls) -> Result<Self, ClientError> {
         let mut server = Url::parse(server).map_err(|_| ClientError::BadUrl(server.to_string()))?;
         if !matches!(server.scheme(), "http" | "https") || server.cannot_be_a_base() {
             return Err(ClientError::BadUrl(server.to_string()));
@@ -91,7 +178,8 @@ impl RunnerClient {
             let p = format!("{}/", server.path());
             server.set_path(&p);
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .apply(reqwest::Client::builder())?
             .connect_timeout(Duration::from_secs(10))
             // Longer than the longest long poll; a stalled download fails after this.
             .read_timeout(Duration::from_secs(MAX_WAIT_SECONDS + 30))

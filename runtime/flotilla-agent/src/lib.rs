@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub pull: Option<Duration>,
     /// Seconds a push long poll is held open (at most the protocol's limit).
     pub wait_seconds: u64,
+    /// A private CA and a client certificate (mutual TLS).
+    pub tls: client::ClientTls,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +128,7 @@ pub async fn run(
             }
         }
     }
-    let client = RunnerClient::new(&config.server, &config.node_id)?;
+    let client = RunnerClient::with_tls(&config.server, &config.node_id, &config.tls)?;
     client.set_token(read_token(&config.state_dir));
     let (stop_tx, stop) = watch::channel(false);
     let upgrader = Upgrader::new(store, config.steps.clone())?;
@@ -604,6 +606,7 @@ mod tests {
                 heartbeat: Duration::from_millis(100),
                 pull: pull.then_some(Duration::from_millis(100)),
                 wait_seconds: 1,
+                tls: Default::default(),
             }
         }
 
@@ -661,6 +664,7 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             pull: None,
             wait_seconds: 1,
+            tls: Default::default(),
         };
         let agent = Agent {
             upgrader: Upgrader::new(store, config.steps.clone()).unwrap(),

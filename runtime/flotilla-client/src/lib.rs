@@ -247,6 +247,17 @@ impl Client {
     /// `server` is the runner's base URL (`http://127.0.0.1:7878`); `token`
     /// the management token, when the runner has one.
     pub fn new(server: &str, token: Option<String>) -> Result<Client, ClientError> {
+        Self::with_ca(server, token, None)
+    }
+
+    /// [`Client::new`] that also trusts the CA certificates in `ca_pem` (PEM,
+    /// a private CA) for the runner's TLS certificate, beside the built-in
+    /// public roots.
+    pub fn with_ca(
+        server: &str,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Client, ClientError> {
         let base = server.trim().trim_end_matches('/').to_string();
         let host = base
             .strip_prefix("http://")
@@ -254,13 +265,21 @@ impl Client {
         if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
             return Err(ClientError::BadServer(server.to_string()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|err| ClientError::Http {
-                url: base.clone(),
-                err,
-            })?;
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(pem) = ca_pem {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|err| ClientError::Http {
+                    url: base.clone(),
+                    err,
+                })?;
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder.build().map_err(|err| ClientError::Http {
+            url: base.clone(),
+            err,
+        })?;
         Ok(Client {
             base,
             token: token.filter(|t| !t.is_empty()),

@@ -6,10 +6,15 @@
 //! one-time node token an operator issued for it (`flotilla node token`), or
 //! once after an operator allowed it (`flotilla node reenroll`); otherwise 409,
 //! and its token and labels stay as they were.
+//!
+//! With mutual TLS (`tls.client_ca`), every agent route also needs a client
+//! certificate that names the node the request is for ([`cert_auth`]): a
+//! certificate of one node cannot act for another, even with its token.
 
 use super::AppState;
 use super::error::{ApiError, json};
 use super::inventory::{NodeToken, Reenroll};
+use super::tls::ClientCert;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -179,6 +184,49 @@ fn node_auth(state: &AppState, headers: &HeaderMap, node: &str) -> Result<(), Ap
     }
 }
 
+/// The client certificate of the request's connection, if the runner asks
+/// for them (set by the accept loop).
+pub struct Peer(Option<ClientCert>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Peer(parts.extensions.get::<ClientCert>().cloned()))
+    }
+}
+
+/// With `tls.client_ca`: the connection's client certificate names `node`.
+fn cert_auth(state: &AppState, peer: &Peer, node: &str) -> Result<(), ApiError> {
+    if !state
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.requires_client_cert())
+    {
+        return Ok(());
+    }
+    match peer.0.as_ref().and_then(|c| c.node.as_deref()) {
+        Some(named) if named == node => Ok(()),
+        Some(named) => {
+            tracing::warn!(node, certificate = named, "an agent's client certificate names another node");
+            Err(ApiError::forbidden(format!(
+                "the client certificate names node {named}; it cannot act for node {node}"
+            ))
+            .hint("each agent needs its own certificate, with its node id as the subject's CN"))
+        }
+        None => Err(ApiError::forbidden(format!(
+            "this runner requires a client certificate for node {node} (tls.client_ca is set), and the connection has none with a usable subject CN"
+        ))
+        .hint(format!(
+            "give the agent --client-cert and --client-key: a certificate issued by the runner's client CA with CN={node}"
+        ))),
+    }
+}
+
 pub(crate) fn valid_node_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 253 {
         return Err(ApiError::unprocessable("node_id must be 1-253 characters"));
@@ -196,11 +244,13 @@ pub(crate) fn valid_node_id(id: &str) -> Result<(), ApiError> {
 
 async fn enroll(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let e: Enroll = json(&body)?;
     valid_node_id(&e.node_id)?;
+    cert_auth(&state, &peer, &e.node_id)?;
     e.check().map_err(ApiError::unprocessable)?;
     let now = state.clock.now();
     let inventory = &state.inventory;
@@ -292,9 +342,11 @@ async fn enroll(
 async fn heartbeat(
     State(state): State<Arc<AppState>>,
     Path(node): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
+    cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
     let hb: Heartbeat = json(&body)?;
     hb.check().map_err(ApiError::unprocessable)?;
@@ -335,8 +387,10 @@ async fn work(
     State(state): State<Arc<AppState>>,
     Path(node): Path<String>,
     Query(q): Query<WaitQuery>,
+    peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
     seen(&state, &node)?;
     let wait = Duration::from_secs(q.wait.min(MAX_WAIT_SECONDS));
@@ -349,8 +403,10 @@ async fn work(
 async fn request(
     State(state): State<Arc<AppState>>,
     Path(node): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
     seen(&state, &node)?;
     if let Some(w) = state.outbox.get(&node) {
@@ -374,25 +430,33 @@ async fn request(
 async fn report(
     State(state): State<Arc<AppState>>,
     Path(node): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
+    cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
     let r: Report = json(&body)?;
     state.engine.report(node, r).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Artifact download for agents (node token) and operators (a management
-/// token of any role); honours `Range`, so an interrupted download resumes.
+/// Artifact download for agents (node token; with mutual TLS, and that
+/// node's client certificate) and operators (a management token of any
+/// role); honours `Range`, so an interrupted download resumes.
 async fn artifact(
     State(state): State<Arc<AppState>>,
     Path((package, version)): Path<(String, String)>,
+    peer: Peer,
     headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
     let token = bearer(&headers);
-    let allowed = token.is_some_and(|t| state.inventory.any_token(t))
+    let node = token.and_then(|t| state.inventory.token_node(t));
+    if let Some(node) = &node {
+        cert_auth(&state, &peer, node)?;
+    }
+    let allowed = node.is_some()
         || super::api::caller(&state, &headers).is_some_and(|c| {
             c.role.allows(
                 super::access::role_of(

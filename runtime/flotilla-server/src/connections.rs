@@ -17,9 +17,18 @@
 //! enrollment; when every connection is handling or responding, new ones
 //! wait in the listen backlog until one ends.
 //!
+//! Over TLS the clocks watch the socket's bytes (the encrypted records),
+//! and the handshake must end within `header_read_timeout` of the accept,
+//! so a client that handshakes slowly (or not at all) cannot hold a socket
+//! longer than one that sends its request head slowly. After a TLS
+//! handshake each request carries a [`ClientCert`] extension (the node its
+//! client certificate names, if any) when the runner asks for client
+//! certificates.
+//!
 //! [`MAX_WAIT_SECONDS`]: flotilla_model::protocol::MAX_WAIT_SECONDS
 
 use crate::HttpLimits;
+use crate::tls::{ClientCert, TlsState};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use http_body_util::BodyExt as _;
@@ -45,11 +54,14 @@ use tower::ServiceExt as _;
 const RESERVED_FDS: usize = 64;
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
-/// requests in progress finish (idle connections close at once).
+/// requests in progress finish (idle connections close at once). With
+/// `tls`, every connection is TLS, with the configuration in force when it
+/// was accepted.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<Arc<TlsState>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let table = Arc::new(Table::new(connection_cap(limits.max_connections)));
@@ -88,33 +100,57 @@ pub async fn serve(
             p = table.admit() => p,
         };
         let conn = table.register();
-        let io = TokioIo::new(Watched {
+        let io = Watched {
             io: stream,
             conn: conn.clone(),
-        });
-        let service = {
-            let conn = conn.clone();
-            let router = router.clone();
-            hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let in_flight = InFlight::start(&conn);
-                let handled = router.clone().oneshot(req);
-                async move {
-                    let res = handled.await?;
-                    let in_flight = in_flight.handled();
-                    // The request is over when its body is written (or dropped).
-                    Ok::<_, std::convert::Infallible>(res.map(move |body| {
-                        body.map_frame(move |frame| {
-                            let _ = &in_flight;
-                            frame
-                        })
-                    }))
-                }
-            })
         };
-        let served = graceful.watch(http.serve_connection(io, service));
+        let http = http.clone();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        let tls = tls
+            .as_ref()
+            .map(|t| (t.config(), t.files().client_ca.is_some()));
         tokio::spawn(async move {
             let _permit: OwnedSemaphorePermit = permit;
+            let served = async {
+                match tls {
+                    None => {
+                        let service = service(&conn, peer, router, None);
+                        watcher
+                            .watch(http.serve_connection(TokioIo::new(io), service))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    Some((config, wants_cert)) => {
+                        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(io);
+                        let limit = Duration::from_secs(limits.header_read_timeout_seconds);
+                        let stream = match tokio::time::timeout(limit, handshake).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
+                            Err(_) => {
+                                return Err(
+                                    "the TLS handshake took longer than header_read_timeout".into(),
+                                );
+                            }
+                        };
+                        conn.ready();
+                        let cert = wants_cert.then(|| ClientCert {
+                            node: stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(crate::tls::cert_node)
+                                .map(Arc::from),
+                        });
+                        let service = service(&conn, peer, router, cert);
+                        watcher
+                            .watch(http.serve_connection(TokioIo::new(stream), service))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            };
             tokio::select! {
                 r = served => {
                     if let Err(e) = r {
@@ -131,6 +167,42 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// The per-connection service: the router, with the peer's address (and
+/// its client certificate's node, over TLS) on every request, and the
+/// connection's phase kept in step with its requests.
+fn service(
+    conn: &Arc<Conn>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    cert: Option<ClientCert>,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone {
+    let conn = conn.clone();
+    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(c) = &cert {
+            req.extensions_mut().insert(c.clone());
+        }
+        let in_flight = InFlight::start(&conn);
+        let handled = router.clone().oneshot(req);
+        async move {
+            let res = handled.await?;
+            let in_flight = in_flight.handled();
+            // The request is over when its body is written (or dropped).
+            Ok::<_, std::convert::Infallible>(res.map(move |body| {
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    let _ = &in_flight;
+                    frame
+                }))
+            }))
+        }
+    })
 }
 
 /// `max_connections`, lowered to what the process's file limit allows, so
@@ -372,6 +444,14 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// A TLS handshake finished: the connection now waits for its first
+    /// request, on the idle clock (the handshake's bytes were no request head).
+    fn ready(&self) {
+        let now = self.table.now();
+        self.head_from.store(0, SeqCst);
+        self.waiting_since.store(now, SeqCst);
     }
 
     fn moved(&self, read: bool) {

@@ -377,9 +377,14 @@ impl Inventory {
 
     /// Whether `token` belongs to any enrolled node (artifact downloads).
     pub fn any_token(&self, token: &str) -> bool {
+        self.token_node(token).is_some()
+    }
+
+    /// The node whose token `token` is.
+    pub fn token_node(&self, token: &str) -> Option<String> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        tokens.by_hash.contains_key(&hash)
+        tokens.by_hash.get(&hash).cloned()
     }
 
     /// The agent-facing form of an engine command.

@@ -7,7 +7,7 @@
 //! - [`inventory`] keeps nodes, releases, artifacts, policies and agent tokens
 //!   in the same sled database as the engine.
 //! - [`connections`] accepts TCP connections and serves HTTP/1.1 on them
-//!   within [`HttpLimits`].
+//!   within [`HttpLimits`], over TLS when [`tls`] is configured.
 //! - [`agents`] serves the agent protocol ([`flotilla_model::protocol`]), [`api`] the
 //!   management API, [`hooks`] the signed webhooks, [`metrics`] `/metrics`.
 //!
@@ -24,6 +24,7 @@ pub mod hooks;
 pub mod inventory;
 pub mod metrics;
 mod secret;
+pub mod tls;
 
 use axum::Router;
 use flotilla_engine::Engine;
@@ -77,6 +78,10 @@ pub struct Config {
     pub control_plane: BTreeMap<String, String>,
     /// Webhooks that start tasks.
     pub hooks: Vec<hooks::HookConfig>,
+    /// `tls = { cert, key, client_ca }` (TLS here) or `tls = "proxy"` (a
+    /// TLS-terminating proxy in front). Required to listen on anything but
+    /// loopback. See [`tls`].
+    pub tls: Option<tls::TlsConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -176,6 +181,7 @@ impl Default for Config {
             http: HttpLimits::default(),
             control_plane: BTreeMap::new(),
             hooks: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -231,6 +237,12 @@ impl Config {
                 self.enroll_secret.as_deref(),
                 self.listen,
             )?;
+            if self.tls.is_none() {
+                return Err(format!(
+                    "refusing to listen on {} without TLS: agents' tokens and the management token would cross the network in clear. Set `tls = {{ cert = \"/etc/flotilla/runner.crt\", key = \"/etc/flotilla/runner.key\" }}` in the config (PEM files; see \"Secure a fleet\" in the README), or `tls = \"proxy\"` when a TLS-terminating proxy is in front, or listen on 127.0.0.1",
+                    self.listen
+                ));
+            }
         }
         self.http.check()?;
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
@@ -293,6 +305,9 @@ impl AppState {
 pub struct Runner {
     pub state: Arc<AppState>,
     pub router: Router,
+    /// The TLS configuration in force (`tls = { cert, key, ... }`); reloaded
+    /// on SIGHUP while serving.
+    pub tls: Option<Arc<tls::TlsState>>,
     actor: Option<actor::ActorThread>,
 }
 
@@ -311,6 +326,13 @@ impl Runner {
         wrap: impl FnOnce(Arc<SledStore>) -> Arc<dyn Store>,
     ) -> anyhow::Result<Runner> {
         config.check().map_err(|e| anyhow::anyhow!(e))?;
+        // The files are read before anything is opened or bound.
+        let tls = match config.tls.as_ref().and_then(tls::TlsConfig::files) {
+            Some(files) => Some(Arc::new(
+                tls::TlsState::load(files).map_err(|e| anyhow::anyhow!(e))?,
+            )),
+            None => None,
+        };
         std::fs::create_dir_all(&config.data).map_err(|e| {
             anyhow::anyhow!("cannot create data dir {}: {e}", config.data.display())
         })?;
@@ -363,6 +385,7 @@ impl Runner {
         Ok(Runner {
             state,
             router,
+            tls,
             actor: Some(thread),
         })
     }
@@ -375,13 +398,21 @@ impl Runner {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let sweeper = tokio::spawn(agents::sweep_offline(self.state.clone()));
+        let reloader = self
+            .tls
+            .clone()
+            .map(|tls| tokio::spawn(tls::reload_on_sighup(tls)));
         connections::serve(
             listener,
             self.router.clone(),
             self.state.config.http,
+            self.tls.clone(),
             shutdown,
         )
         .await?;
+        if let Some(r) = reloader {
+            r.abort();
+        }
         sweeper.abort();
         // The sweeper holds the state (and so the store): wait until it is gone.
         let _ = sweeper.await;

@@ -7,6 +7,9 @@
 //!   upgrading, verifying, succeeded) to `POST /v1/agents/{node}/report` with
 //!   its node token; every report is parsed, authenticated, applied by the
 //!   engine and flushed to disk before the 204;
+//! - the same runner over TLS (its own `tls = { cert, key }`, a certificate
+//!   from a private CA made in process; another data dir and fleet), so the
+//!   ratio says what TLS costs on keep-alive connections;
 //! - a bare axum server whose handler reads the body and answers 204.
 //!
 //! The client is reqwest over keep-alive connections, C requests in flight.
@@ -66,6 +69,181 @@ async fn load(
     start.elapsed()
 }
 
+/// A runner with `nodes` enrolled nodes in one running task, every node offered.
+struct Fleet {
+    base: String,
+    tokens: Vec<(String, String)>,
+    task: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fleet(
+    client: &reqwest::Client,
+    nodes: usize,
+    tls: Option<flotilla_server::tls::TlsConfig>,
+) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let runner = Runner::open(Config {
+        data: dir.path().join("data"),
+        enroll_secret: Some("bench".into()),
+        tls,
+        ..Config::default()
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(runner.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    // Setup: enroll, a release, a policy with one wave of everyone.
+    eprintln!("setup ({scheme}): enrolling {nodes} nodes ...");
+    let mut tokens = Vec::with_capacity(nodes);
+    for i in 0..nodes {
+        let node = format!("n{i:06}");
+        let r: serde_json::Value = client
+            .post(format!("{base}/v1/agents/enroll"))
+            .json(&json!({"node_id": node, "secret": "bench", "version": "1.0.0"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tokens.push((node, r["token"].as_str().unwrap().to_string()));
+    }
+    let post = |path: &str, body: serde_json::Value| {
+        client.post(format!("{base}{path}")).json(&body).send()
+    };
+    post(
+        "/v1/releases",
+        json!({"package": "edge", "version": "2.0.0"}),
+    )
+    .await
+    .unwrap();
+    client
+        .put(format!("{base}/v1/releases/edge/2.0.0/artifact"))
+        .body(vec![1u8; 1024])
+        .send()
+        .await
+        .unwrap();
+    client
+        .put(format!("{base}/v1/policies/everyone"))
+        .body("// every hook at its default: one wave of every node\n")
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let task: serde_json::Value = post(
+        "/v1/tasks",
+        json!({"name": "bench", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = task["id"].as_str().expect("task created").to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let t: serde_json::Value = client
+            .get(format!("{base}/v1/tasks/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if t["counts"]["offered"].as_u64() == Some(nodes as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every node was offered: {}",
+            t["counts"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Fleet {
+        base,
+        tokens,
+        task: id,
+        stop,
+        served,
+        _dir: dir,
+    }
+}
+
+impl Fleet {
+    /// Each node's four reports, to `base` (this runner or the bare handler).
+    fn jobs(&self, base: &str) -> Vec<Vec<(String, String, String)>> {
+        self.tokens
+            .iter()
+            .map(|(node, token)| {
+                ["downloading", "upgrading", "verifying", "succeeded"]
+                    .iter()
+                    .map(|s| {
+                        (
+                            format!("{base}/v1/agents/{node}/report"),
+                            token.clone(),
+                            json!({"task": self.task, "state": s}).to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Every node succeeded; then the runner stops.
+    async fn finish(self, client: &reqwest::Client, nodes: usize) {
+        let t: serde_json::Value = client
+            .get(format!("{}/v1/tasks/{}", self.base, self.task))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            t["counts"]["succeeded"].as_u64(),
+            Some(nodes as u64),
+            "{}",
+            t["counts"]
+        );
+        let _ = self.stop.send(());
+        self.served.await.unwrap().unwrap();
+    }
+}
+
+/// A private CA and the runner's certificate for 127.0.0.1, in `dir`.
+fn certificates(dir: &std::path::Path) -> (flotilla_server::tls::TlsConfig, reqwest::Certificate) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("runner.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("runner.key"), key.serialize_pem()).unwrap();
+    (
+        flotilla_server::tls::TlsConfig::Files(flotilla_server::tls::TlsFiles {
+            cert: dir.join("runner.crt"),
+            key: dir.join("runner.key"),
+            client_ca: None,
+        }),
+        reqwest::Certificate::from_pem(ca_cert.pem().as_bytes()).unwrap(),
+    )
+}
+
 fn main() {
     let nodes = arg("--nodes", 10_000);
     let conns = arg("--conns", 64);
@@ -74,19 +252,15 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let runner = Runner::open(Config {
-            data: dir.path().join("data"),
-            enroll_secret: Some("bench".into()),
-            ..Config::default()
-        })
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(runner.serve(listener, async {
-            let _ = stopped.await;
-        }));
+        let pki = tempfile::tempdir().unwrap();
+        let (tls, ca) = certificates(pki.path());
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(conns)
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let plain = fleet(&client, nodes, None).await;
+        let over_tls = fleet(&client, nodes, Some(tls)).await;
 
         // The bare handler.
         let bare = axum::Router::new().route(
@@ -97,106 +271,17 @@ fn main() {
         let bare_base = format!("http://{}", bare_listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(bare_listener, bare).await.unwrap() });
 
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(conns)
-            .build()
-            .unwrap();
-        // Setup: enroll, a release, a policy with one wave of everyone.
-        eprintln!("setup: enrolling {nodes} nodes ...");
-        let mut tokens = Vec::with_capacity(nodes);
-        for i in 0..nodes {
-            let node = format!("n{i:06}");
-            let r: serde_json::Value = client
-                .post(format!("{base}/v1/agents/enroll"))
-                .json(&json!({"node_id": node, "secret": "bench", "version": "1.0.0"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            tokens.push((node, r["token"].as_str().unwrap().to_string()));
-        }
-        let post = |path: &str, body: serde_json::Value| {
-            client.post(format!("{base}{path}")).json(&body).send()
-        };
-        post("/v1/releases", json!({"package": "edge", "version": "2.0.0"})).await.unwrap();
-        client
-            .put(format!("{base}/v1/releases/edge/2.0.0/artifact"))
-            .body(vec![1u8; 1024])
-            .send()
-            .await
-            .unwrap();
-        client
-            .put(format!("{base}/v1/policies/everyone"))
-            .body("// every hook at its default: one wave of every node\n")
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap();
-        let task: serde_json::Value = post(
-            "/v1/tasks",
-            json!({"name": "bench", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"}),
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-        let id = task["id"].as_str().expect("task created").to_string();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let t: serde_json::Value = client
-                .get(format!("{base}/v1/tasks/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if t["counts"]["offered"].as_u64() == Some(nodes as u64) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "not every node was offered: {}", t["counts"]);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-
-        let jobs = |base: &str| -> Vec<Vec<(String, String, String)>> {
-            tokens
-                .iter()
-                .map(|(node, token)| {
-                    ["downloading", "upgrading", "verifying", "succeeded"]
-                        .iter()
-                        .map(|s| {
-                            (
-                                format!("{base}/v1/agents/{node}/report"),
-                                token.clone(),
-                                json!({"task": id, "state": s}).to_string(),
-                            )
-                        })
-                        .collect()
-                })
-                .collect()
-        };
         let reports = nodes * 4;
-        // Warm the bare path's connections, then measure both in one run.
-        load(&client, jobs(&bare_base).into_iter().take(conns).collect(), conns).await;
-        let bare_time = load(&client, jobs(&bare_base), conns).await;
-        let ours_time = load(&client, jobs(&base), conns).await;
-
-        let t: serde_json::Value = client
-            .get(format!("{base}/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(t["counts"]["succeeded"].as_u64(), Some(nodes as u64), "{}", t["counts"]);
+        // Warm the bare path's connections, then measure all three in one run.
+        load(&client, plain.jobs(&bare_base).into_iter().take(conns).collect(), conns).await;
+        let bare_time = load(&client, plain.jobs(&bare_base), conns).await;
+        let ours_time = load(&client, plain.jobs(&plain.base), conns).await;
+        let tls_time = load(&client, over_tls.jobs(&over_tls.base), conns).await;
+        plain.finish(&client, nodes).await;
+        over_tls.finish(&client, nodes).await;
 
         let rate = |d: Duration| reports as f64 / d.as_secs_f64();
-        let (ours, bare) = (rate(ours_time), rate(bare_time));
+        let (ours, bare, tls) = (rate(ours_time), rate(bare_time), rate(tls_time));
         println!("agent reports over HTTP on loopback: {reports} reports from {nodes} nodes, {conns} in flight");
         println!(
             "  bare axum handler     {:>9.0} reports/s  ({:.2} s)",
@@ -214,7 +299,15 @@ fn main() {
             100.0 * ours / bare,
             if ours >= 0.5 * bare { "met" } else { "NOT met" }
         );
-        let _ = stop.send(());
-        served.await.unwrap().unwrap();
+        println!(
+            "  flotilla over TLS     {:>9.0} reports/s  ({:.2} s)  keep-alive, TLS 1.3, ring",
+            tls,
+            tls_time.as_secs_f64()
+        );
+        println!(
+            "  TLS ratio             {:>9.1} % of plain HTTP, {:.1} % of bare",
+            100.0 * tls / ours,
+            100.0 * tls / bare
+        );
     });
 }

@@ -30,11 +30,26 @@ pub struct Remote {
     /// Print the server's JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     pub json: bool,
+    /// A PEM file of CA certificates trusted for the runner's TLS
+    /// certificate, beside the built-in public roots (a private CA).
+    #[arg(long, env = "FLOTILLA_CA_FILE", value_name = "PATH", global = true)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Remote {
     pub fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::new(&self.server, self.token.clone())?)
+        let ca =
+            match &self.ca_file {
+                Some(p) => Some(std::fs::read(p).with_context(|| {
+                    format!("cannot read the CA file (--ca-file) {}", p.display())
+                })?),
+                None => None,
+            };
+        Ok(Client::with_ca(
+            &self.server,
+            self.token.clone(),
+            ca.as_deref(),
+        )?)
     }
 }
 

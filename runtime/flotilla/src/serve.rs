@@ -14,7 +14,8 @@ pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:7878).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// TOML config file (token, enroll_secret, hooks, limits, ...).
+    /// TOML config file (token, enroll_secret, tls, hooks, limits, ...).
+    /// On SIGHUP the runner reads its TLS files again.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -40,6 +41,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let listen = config.listen;
         let data = config.data.clone();
+        let scheme = match config.tls.as_ref().and_then(|t| t.files()) {
+            Some(_) => "https",
+            None => "http",
+        };
         let runner = Runner::open(config)?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -47,7 +52,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let addr = listener.local_addr()?;
         // One line on stdout that scripts (and `flotilla demo`) can wait for.
         outln!(
-            "flotilla listening on http://{addr} (data in {})",
+            "flotilla listening on {scheme}://{addr} (data in {})",
             data.display()
         );
         runner.serve(listener, shutdown_signal()).await?;
