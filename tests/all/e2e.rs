@@ -1212,3 +1212,6 @@ fn flotilla_demo_rolls_out_and_stops_its_children_also_on_ctrl_c() {
     let text = fs::read_to_string(&stdout_path).unwrap();
     assert!(text.contains("Interrupted; stopping"), "{text}");
 }
+
+// Signed releases and remote downgrades (issue 14), on the helpers above.
+mod signed;

@@ -16,4 +16,5 @@ mod policy_load;
 mod policy_safety;
 mod policy_twins;
 mod scenarios;
+mod signed_releases;
 mod trust;

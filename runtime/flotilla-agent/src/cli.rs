@@ -104,6 +104,14 @@ pub struct RunArgs {
     /// the state dir's `backups/`.
     #[arg(long = "backup-root", value_name = "DIR")]
     pub backup_roots: Vec<PathBuf>,
+    /// A minisign public key (its base64 line, or a .pub file) whose
+    /// signatures this node trusts for releases; repeatable (key rotation).
+    /// With any, unsigned or wrongly signed releases are refused.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    pub trusted_keys: Vec<String>,
+    /// Take remote work that moves this node below its permanent release.
+    #[arg(long)]
+    pub allow_remote_downgrade: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +171,9 @@ struct FileConfig {
     schedulable: Option<bool>,
     #[serde(default)]
     backup_roots: Vec<PathBuf>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    allow_remote_downgrade: Option<bool>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -254,6 +265,14 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
             );
         }
     }
+    // Flags replace the file's list here too.
+    let trusted_keys = if args.trusted_keys.is_empty() {
+        file.trusted_keys
+    } else {
+        args.trusted_keys
+    };
+    let trusted_keys =
+        crate::verify::TrustedKeys::load(&trusted_keys).map_err(anyhow::Error::msg)?;
     Ok(AgentConfig {
         enroll_secret: args.enroll_secret.or(env_secret).or(file.enroll_secret),
         labels: pairs(args.labels, file.labels, "label")?,
@@ -286,6 +305,9 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
                 .or(file.unpack_max_entries)
                 .unwrap_or(UnpackLimits::MAX_ENTRIES)
                 .max(1),
+            trusted_keys,
+            allow_remote_downgrade: args.allow_remote_downgrade
+                || file.allow_remote_downgrade.unwrap_or(false),
             ..Steps::default()
         },
         heartbeat: Duration::from_secs(
@@ -429,6 +451,8 @@ mod tests {
             unpack_max_entries,
             schedulable,
             backup_roots,
+            trusted_keys,
+            allow_remote_downgrade,
         } = toml::from_str(&all_on).unwrap();
         assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
         assert!(enroll_secret.is_some() && asset_path.is_some());
@@ -440,6 +464,7 @@ mod tests {
         assert!(!backup_roots.is_empty());
         assert!(unpack_ratio.is_some() && unpack_min_bytes.is_some());
         assert!(unpack_max_entries.is_some());
+        assert!(!trusted_keys.is_empty() && allow_remote_downgrade.is_some());
     }
 
     #[test]

@@ -167,6 +167,11 @@ pub struct Artifact {
     pub size: u64,
     #[serde(default)]
     pub kind: ReleaseKind,
+    /// The release's minisign signature (the `.minisig` text), when it has
+    /// one. An agent with `trusted_keys` refuses work without it. Absent
+    /// from older runners' work (and ignored by older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// A step or the outcome of a node's work, for the task named.

@@ -249,10 +249,15 @@ impl RunState {
                 | S::RollingBack { wave },
                 E::FailedRollbackFailed { error },
             ) => S::FailedRollbackFailed { wave: *wave, error },
-            (S::Offered { wave }, E::Rejected { reason }) => S::Rejected {
-                wave: *wave,
-                reason,
-            },
+            // Downloading too: a node refuses a release whose bytes fail
+            // its signature, after it downloaded them and before it
+            // unpacks anything.
+            (S::Offered { wave } | S::Downloading { wave }, E::Rejected { reason }) => {
+                S::Rejected {
+                    wave: *wave,
+                    reason,
+                }
+            }
             (
                 S::Downloading { wave } | S::Upgrading { wave } | S::Verifying { wave },
                 E::Timeout,

@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod inventory;
 pub mod metrics;
 mod secret;
+pub mod signing;
 
 use axum::Router;
 use flotilla_engine::Engine;
@@ -69,6 +70,13 @@ pub struct Config {
     pub control_plane: BTreeMap<String, String>,
     /// Webhooks that start tasks.
     pub hooks: Vec<hooks::HookConfig>,
+    /// Minisign public keys (the base64 line of a `.pub` file, or the
+    /// path of one) that release signatures must verify against. Several
+    /// for a key rotation. With none, a given signature is stored as given
+    /// (the agents with `trusted_keys` check it).
+    pub release_keys: Vec<String>,
+    /// Refuse releases without a signature by one of `release_keys`.
+    pub require_signed_releases: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -166,6 +174,8 @@ impl Default for Config {
             http: HttpLimits::default(),
             control_plane: BTreeMap::new(),
             hooks: Vec::new(),
+            release_keys: Vec::new(),
+            require_signed_releases: false,
         }
     }
 }
@@ -221,6 +231,13 @@ impl Config {
         self.http.check()?;
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return Err("tick_ms must be between 1 and 60000".into());
+        }
+        let keys = signing::ReleaseKeys::load(&self.release_keys)?;
+        if self.require_signed_releases && keys.is_empty() {
+            return Err(
+                "require_signed_releases needs at least one key in release_keys (a minisign public key)"
+                    .into(),
+            );
         }
         let mut names = std::collections::BTreeSet::new();
         for h in &self.hooks {
