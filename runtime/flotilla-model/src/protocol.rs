@@ -275,6 +275,31 @@ mod tests {
     }
 
     #[test]
+    fn a_signature_travels_in_the_artifact_and_older_json_still_reads() {
+        // An older runner's work: no signature field.
+        let old: Work = serde_json::from_str(
+            r#"{"action":"install","task":"t1","package":"edge","version":"2.0.0",
+                "artifact":{"url":"/a","sha256":"ab","size":1},
+                "backup":"default","permanent":true}"#,
+        )
+        .unwrap();
+        let Work::Install { artifact, .. } = &old else {
+            panic!("{old:?}")
+        };
+        assert_eq!(artifact.signature, None);
+        // None is left out, so an older agent sees the JSON it knows.
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(json["artifact"].get("signature").is_none(), "{json}");
+        let mut signed = old.clone();
+        if let Work::Install { artifact, .. } = &mut signed {
+            artifact.signature = Some("untrusted comment: x\n...".into());
+        }
+        let json = serde_json::to_value(&signed).unwrap();
+        assert_eq!(json["artifact"]["signature"], "untrusted comment: x\n...");
+        assert_eq!(serde_json::from_value::<Work>(json).unwrap(), signed);
+    }
+
+    #[test]
     fn a_report_maps_to_its_engine_event() {
         let r: Report = serde_json::from_str(
             r#"{"task":"t1","state":"failed_rolled_back","detail":"install exited 3"}"#,

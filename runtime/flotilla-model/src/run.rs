@@ -347,6 +347,31 @@ mod tests {
     }
 
     #[test]
+    fn a_node_may_reject_work_after_downloading_it_but_not_once_it_upgrades() {
+        // A signature that fails over the downloaded bytes.
+        let reason = || E::Rejected {
+            reason: "bad signature".into(),
+        };
+        assert_eq!(
+            run([E::Queue { wave: 1 }, E::Offer, E::Downloading, reason()]).unwrap(),
+            S::Rejected {
+                wave: 1,
+                reason: "bad signature".into()
+            }
+        );
+        assert!(
+            run([
+                E::Queue { wave: 1 },
+                E::Offer,
+                E::Downloading,
+                E::Upgrading,
+                reason()
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
     fn failures_retries_and_rollback() {
         let failed = run([
             E::Queue { wave: 1 },
