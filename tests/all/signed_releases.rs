@@ -300,3 +300,55 @@ async fn a_signature_made_by_the_minisign_cli_is_accepted() {
     let (s, r) = upload(&h, "2.0.0", &bytes).await;
     assert_eq!(s, StatusCode::OK, "{r}");
 }
+
+/// `flotilla release sign` with a password-less key made by the minisign
+/// CLI (`-G -W`): the signature verifies with `minisign -V` and names the
+/// release in its trusted comment (the version normalised).
+#[test]
+fn flotilla_release_sign_makes_a_signature_the_minisign_cli_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |prog: &str, args: &[&str]| {
+        let out = Command::new(prog)
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{prog} (the minisign CLI: apt-get install minisign): {e}"));
+        assert!(out.status.success(), "{prog} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run("minisign", &["-G", "-W", "-p", "k.pub", "-s", "k.key"]);
+    let bytes = b"edge 1.4 artifact".to_vec();
+    std::fs::write(tmp.path().join("edge.tar.gz"), &bytes).unwrap();
+    let out = run(
+        env!("CARGO_BIN_EXE_flotilla-e2e"),
+        &[
+            "release",
+            "sign",
+            "--key",
+            "k.key",
+            "edge.tar.gz",
+            "--package",
+            "edge",
+            "--version",
+            "1.4",
+        ],
+    );
+    assert!(out.contains("edge.tar.gz.minisig"), "{out}");
+    run(
+        "minisign",
+        &[
+            "-V",
+            "-p",
+            "k.pub",
+            "-m",
+            "edge.tar.gz",
+            "-x",
+            "edge.tar.gz.minisig",
+        ],
+    );
+    let sig = std::fs::read_to_string(tmp.path().join("edge.tar.gz.minisig")).unwrap();
+    assert_eq!(
+        flotilla_model::signing::signature_comment(&sig),
+        Some(trusted_comment("edge", "1.4.0", &sha256(&bytes), bytes.len() as u64).as_str())
+    );
+}

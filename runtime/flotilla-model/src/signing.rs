@@ -150,7 +150,7 @@ fn key_id_hex(bytes: &[u8]) -> String {
 }
 
 /// Standard base64 with padding (what minisign writes); `None` if malformed.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     fn value(c: u8) -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',

@@ -1118,8 +1118,27 @@ pub fn release_sign(args: &ReleaseSign) -> anyhow::Result<String> {
     flotilla_model::check_name("package", &args.package).map_err(|e| anyhow::anyhow!(e.0))?;
     let text = std::fs::read_to_string(&args.key)
         .with_context(|| format!("reading the secret key {}", args.key.display()))?;
+    // The minisign 0.11 CLI writes a password-less key (`-G -W`) with a
+    // zero checksum, which the crate's box reader refuses as corrupted: such
+    // a key (no KDF) is read as its bytes.
+    let raw = text
+        .lines()
+        .nth(1)
+        .and_then(|l| flotilla_model::signing::base64_decode(l.trim()));
     let sk = match minisign::SecretKey::from_unencrypted_box(text.clone().into()) {
         Ok(sk) => sk,
+        Err(_)
+            if raw
+                .as_ref()
+                .is_some_and(|b| b.len() == 158 && b[2..4] == [0, 0]) =>
+        {
+            minisign::SecretKey::from_bytes(raw.as_deref().unwrap_or_default()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a usable minisign secret key: {e}",
+                    args.key.display()
+                )
+            })?
+        }
         Err(_) => {
             let password = std::env::var("FLOTILLA_SIGN_PASSWORD").ok();
             minisign::SecretKey::from_box(text.into(), password).map_err(|e| {
