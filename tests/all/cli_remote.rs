@@ -97,6 +97,7 @@ async fn add_release(c: &Client, dir: &std::path::Path, version: &str) -> (Strin
         sha256: None,
         size: None,
         kind: Kind::Full,
+        signature: None,
     };
     let out = remote::release_add(c, &add, false, true).await.unwrap();
     let rec: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -1553,3 +1553,6 @@ mod over_tls {
         );
     }
 }
+
+// Signed releases and remote downgrades (issue 14), on the helpers above.
+mod signed;

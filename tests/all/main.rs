@@ -18,5 +18,6 @@ mod policy_new;
 mod policy_safety;
 mod policy_twins;
 mod scenarios;
+mod signed_releases;
 mod tls;
 mod trust;

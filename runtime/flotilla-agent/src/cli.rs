@@ -115,6 +115,14 @@ pub struct RunArgs {
     /// The PEM private key of --client-cert.
     #[arg(long, value_name = "PATH")]
     pub client_key: Option<PathBuf>,
+    /// A minisign public key (its base64 line, or a .pub file) whose
+    /// signatures this node trusts for releases; repeatable (key rotation).
+    /// With any, unsigned or wrongly signed releases are refused.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    pub trusted_keys: Vec<String>,
+    /// Take remote work that moves this node below its permanent release.
+    #[arg(long)]
+    pub allow_remote_downgrade: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +185,9 @@ struct FileConfig {
     ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    allow_remote_downgrade: Option<bool>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -268,6 +279,14 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
             );
         }
     }
+    // Flags replace the file's list here too.
+    let trusted_keys = if args.trusted_keys.is_empty() {
+        file.trusted_keys
+    } else {
+        args.trusted_keys
+    };
+    let trusted_keys =
+        crate::verify::TrustedKeys::load(&trusted_keys).map_err(anyhow::Error::msg)?;
     Ok(AgentConfig {
         enroll_secret: args.enroll_secret.or(env_secret).or(file.enroll_secret),
         labels: pairs(args.labels, file.labels, "label")?,
@@ -300,6 +319,9 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
                 .or(file.unpack_max_entries)
                 .unwrap_or(UnpackLimits::MAX_ENTRIES)
                 .max(1),
+            trusted_keys,
+            allow_remote_downgrade: args.allow_remote_downgrade
+                || file.allow_remote_downgrade.unwrap_or(false),
             ..Steps::default()
         },
         heartbeat: Duration::from_secs(
@@ -451,6 +473,8 @@ mod tests {
             ca_file,
             client_cert,
             client_key,
+            trusted_keys,
+            allow_remote_downgrade,
         } = toml::from_str(&all_on).unwrap();
         assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
         assert!(enroll_secret.is_some() && asset_path.is_some());
@@ -463,6 +487,7 @@ mod tests {
         assert!(unpack_ratio.is_some() && unpack_min_bytes.is_some());
         assert!(unpack_max_entries.is_some());
         assert!(ca_file.is_some() && client_cert.is_some() && client_key.is_some());
+        assert!(!trusted_keys.is_empty() && allow_remote_downgrade.is_some());
     }
 
     #[test]

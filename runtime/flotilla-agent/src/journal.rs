@@ -87,6 +87,23 @@ impl WorkJournal {
         write_atomic(&path, &bytes)
     }
 
+    /// Whether an install of `task` moved this node off `version` (the
+    /// release a rollback of that task goes back to).
+    pub fn left(&self, task: &str, version: &str) -> bool {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return false;
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice::<Entry>(&b).ok())
+            .any(|e| {
+                e.task == task
+                    && e.action == Action::Install
+                    && e.previous.as_deref() == Some(version)
+            })
+    }
+
     /// The backup an install of `task` made of `version`, if any.
     pub fn backup_of(&self, task: &str, version: &str) -> Option<PathBuf> {
         let entries = fs::read_dir(&self.dir).ok()?;

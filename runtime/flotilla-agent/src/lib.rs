@@ -9,6 +9,7 @@ pub mod client;
 pub mod journal;
 pub mod releases;
 pub mod upgrade;
+pub mod verify;
 
 #[cfg(test)]
 mod testserver;
@@ -522,6 +523,7 @@ mod tests {
                     sha256: hex::encode(Sha256::digest(&bytes)),
                     size: bytes.len() as u64,
                     kind: Default::default(),
+                    signature: None,
                 },
                 backup: Backup::Default,
                 permanent,

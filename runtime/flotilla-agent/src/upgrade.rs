@@ -7,6 +7,7 @@
 use super::client::{ClientError, RunnerClient};
 use super::journal::{Action, Entry, WorkJournal};
 use super::releases::{ReleaseStore, UnpackLimits, check_version};
+use super::verify::TrustedKeys;
 use flotilla_model::protocol::{Artifact, Report, ReportState, Work};
 use flotilla_model::{Backup, BackupPlace, ReleaseKind, backup_place};
 use reqwest::StatusCode;
@@ -40,6 +41,11 @@ pub struct Steps {
     pub unpack_min_bytes: u64,
     /// ...and at most this many entries (files, directories, links).
     pub unpack_max_entries: u64,
+    /// Release signing keys this node trusts; when set, an install needs a
+    /// signature by one of them (see [`crate::verify`]).
+    pub trusted_keys: TrustedKeys,
+    /// Take remote work that moves the node below its permanent release.
+    pub allow_remote_downgrade: bool,
 }
 
 impl Default for Steps {
@@ -56,6 +62,8 @@ impl Default for Steps {
             unpack_ratio: UnpackLimits::RATIO,
             unpack_min_bytes: UnpackLimits::MIN_BYTES,
             unpack_max_entries: UnpackLimits::MAX_ENTRIES,
+            trusted_keys: TrustedKeys::default(),
+            allow_remote_downgrade: false,
         }
     }
 }
@@ -184,6 +192,18 @@ impl Upgrader {
         if let Err(e) = self.backup_base(backup) {
             return report(task, ReportState::Rejected, e);
         }
+        // The node's own keys and its own floor, before anything is
+        // downloaded: whoever holds the runner decides neither.
+        if let Err(e) = self.steps.trusted_keys.precheck(package, version, artifact) {
+            return report(
+                task,
+                ReportState::Rejected,
+                format!("{e}; nothing was downloaded or changed"),
+            );
+        }
+        if let Err(e) = self.downgrade_allowed(version) {
+            return report(task, ReportState::Rejected, e);
+        }
         let mut entry = match self.journal.get(task, version, Action::Install) {
             Some(Entry {
                 outcome: Some(done),
@@ -270,6 +290,24 @@ impl Upgrader {
                 );
             }
         };
+
+        // The bytes against the signature, before anything is unpacked.
+        if let Ok(Some(checked)) = self
+            .steps
+            .trusted_keys
+            .precheck(package, &version, artifact)
+        {
+            let keys = self.steps.trusted_keys.clone();
+            let f = file.clone();
+            if let Err(e) = blocking(move || keys.verify_file(&checked, &f)).await {
+                let _ = tokio::fs::remove_file(&file).await;
+                return report(
+                    &task,
+                    ReportState::Rejected,
+                    format!("{e}; nothing was unpacked or run"),
+                );
+            }
+        }
 
         send(ReportState::Upgrading);
         if let Some(prev) = &previous
@@ -415,6 +453,30 @@ impl Upgrader {
         }
     }
 
+    /// Whether remote work may move this node to `version`: not below its
+    /// permanent release unless the node's own config allows it. Versions
+    /// that do not parse as (lenient) semver have no order and pass.
+    fn downgrade_allowed(&self, version: &str) -> Result<(), String> {
+        if self.steps.allow_remote_downgrade {
+            return Ok(());
+        }
+        let Ok(Some(permanent)) = self.store.permanent() else {
+            return Ok(());
+        };
+        match (
+            flotilla_version::parse(version),
+            flotilla_version::parse(&permanent),
+        ) {
+            (Ok(to), Ok(from)) if to < from => Err(format!(
+                "remote downgrade refused: the work would move this node from its permanent \
+                 release {permanent} to the older {version}; allow it in the agent's own config \
+                 (allow_remote_downgrade = true or --allow-remote-downgrade), or downgrade on the \
+                 node with `flotilla-agent downgrade {version}`; nothing was changed"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// After a failed step past the switch: put the previous release back.
     async fn roll_back(&self, entry: &Entry, why: String) -> Report {
         let task = &entry.task;
@@ -527,6 +589,14 @@ impl Upgrader {
         }) = self.journal.get(task, version, Action::Restore)
         {
             return done;
+        }
+        // A rollback of this task to the release its install left is the
+        // node's own history; any other restore below the permanent
+        // release is a downgrade like any other.
+        if !self.journal.left(task, version)
+            && let Err(e) = self.downgrade_allowed(version)
+        {
+            return report(task, ReportState::FailedRollbackFailed, e);
         }
         let current = self.store.current().ok().flatten();
         let mut entry = Entry {
@@ -785,7 +855,8 @@ async fn fetch(
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> Result<String, String> {
+/// The lowercase hex sha256 of a file (the digest check of a download).
+pub fn sha256_file(path: &Path) -> Result<String, String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -895,10 +966,191 @@ mod tests {
                 sha256: sha(bytes),
                 size: bytes.len() as u64,
                 kind: Default::default(),
+                signature: None,
             },
             backup,
             permanent,
         }
+    }
+
+    /// `work` (an install) with `signature`, and the version it installs.
+    fn with_signature(mut work: Work, sig: Option<String>) -> Work {
+        if let Work::Install { artifact, .. } = &mut work {
+            artifact.signature = sig;
+        }
+        work
+    }
+
+    /// Nothing of 2.0.0 on the node: not unpacked, no command run, no
+    /// download kept, still on 1.0.0.
+    fn untouched(up: &Upgrader, dir: &Path) {
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(up.store.installed().unwrap(), ["1.0.0"]);
+        assert_eq!(log(dir), "", "a command ran");
+        assert_eq!(fs::read_dir(up.store.downloads_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn with_trusted_keys_only_a_release_signed_for_itself_is_installed() {
+        use crate::verify::tests::{keypair, sign, sign_release};
+        let (pub_line, kp) = keypair();
+        let (_, stranger) = keypair();
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let fresh = |name: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut up = node(dir.path(), Some(LOG), None);
+            up.steps.trusted_keys = TrustedKeys::load(std::slice::from_ref(&pub_line)).unwrap();
+            let _ = name;
+            (dir, up)
+        };
+        let work = |sig: Option<String>| {
+            with_signature(install(&server, &bytes, true, Backup::Default), sig)
+        };
+
+        // Refused before the download: no signature, another key, a
+        // comment naming another release.
+        for (name, sig, why) in [
+            ("unsigned", None, "no signature"),
+            (
+                "stranger",
+                Some(sign_release(&stranger, "edge", "2.0.0", &bytes)),
+                "unknown key id",
+            ),
+            (
+                "other version",
+                Some(sign_release(&kp, "edge", "2.0.1", &bytes)),
+                "comment mismatch",
+            ),
+            (
+                "other package",
+                Some(sign_release(&kp, "core", "2.0.0", &bytes)),
+                "comment mismatch",
+            ),
+        ] {
+            let (dir, up) = fresh(name);
+            let before = server.seen().len();
+            let (steps, outcome) = run(&up, &server, &work(sig)).await;
+            assert_eq!(
+                outcome.state,
+                ReportState::Rejected,
+                "{name}: {}",
+                outcome.detail
+            );
+            assert!(
+                outcome.detail.starts_with(why),
+                "{name}: {}",
+                outcome.detail
+            );
+            assert!(steps.is_empty(), "{name}: {steps:?}");
+            assert_eq!(server.seen().len(), before, "{name}: downloaded");
+            untouched(&up, dir.path());
+        }
+
+        // The comment names these bytes but the signature is over others:
+        // refused after the download, before anything is unpacked.
+        let honest = sign(&kp, b"other bytes", "x");
+        let mut lines: Vec<String> = honest.lines().map(str::to_string).collect();
+        lines[2] = format!(
+            "trusted comment: {}",
+            flotilla_model::signing::trusted_comment(
+                "edge",
+                "2.0.0",
+                &sha(&bytes),
+                bytes.len() as u64
+            )
+        );
+        let (dir, up) = fresh("forged");
+        let (steps, outcome) = run(&up, &server, &work(Some(lines.join("\n")))).await;
+        assert_eq!(outcome.state, ReportState::Rejected, "{}", outcome.detail);
+        assert!(
+            outcome.detail.starts_with("bad signature"),
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.contains("nothing was unpacked or run"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(steps, [ReportState::Downloading]);
+        untouched(&up, dir.path());
+
+        // Signed for itself: installed.
+        let (dir, up) = fresh("good");
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &work(Some(sign_release(&kp, "edge", "2.0.0", &bytes))),
+        )
+        .await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(log(dir.path()), "install 2.0.0\nhealth 2.0.0\n");
+    }
+
+    #[tokio::test]
+    async fn a_remote_downgrade_is_refused_unless_allowed_and_a_rollback_to_the_release_left_is_not()
+     {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut up = node(tmp.path(), Some(LOG), None);
+        let old = release("0.9.0");
+        let server = artifact_server(old.clone());
+        let mut work = install(&server, &old, true, Backup::Default);
+        if let Work::Install { version, .. } = &mut work {
+            *version = "0.9.0".into();
+        }
+        let (steps, outcome) = run(&up, &server, &work).await;
+        assert_eq!(outcome.state, ReportState::Rejected, "{}", outcome.detail);
+        assert!(
+            outcome.detail.contains("permanent release 1.0.0")
+                && outcome.detail.contains("older 0.9.0"),
+            "{}",
+            outcome.detail
+        );
+        assert!(steps.is_empty() && server.seen().is_empty());
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+        // A restore of a release this task's install did not leave is a
+        // downgrade too.
+        fs::create_dir_all(up.store.release_dir("0.8.0")).unwrap();
+        let restore = |task: &str, v: &str| Work::Restore {
+            task: task.into(),
+            package: "edge".into(),
+            version: v.into(),
+        };
+        let (_, outcome) = run(&up, &server, &restore("t9", "0.8.0")).await;
+        assert_eq!(outcome.state, ReportState::FailedRollbackFailed);
+        assert!(
+            outcome.detail.contains("remote downgrade refused"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+
+        // The node's own config allows it.
+        up.steps.allow_remote_downgrade = true;
+        let mut work2 = work.clone();
+        if let Work::Install { task, .. } = &mut work2 {
+            *task = "t2".into();
+        }
+        let (_, outcome) = run(&up, &server, &work2).await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        assert_eq!(up.store.permanent().unwrap().as_deref(), Some("0.9.0"));
+
+        // Back up to 2.0.0 and roll that task back to the 0.9.0 it left,
+        // with downgrades no longer allowed: the rollback stays possible.
+        up.steps.allow_remote_downgrade = false;
+        let new = release("2.0.0");
+        let server = artifact_server(new.clone());
+        let mut up_work = install(&server, &new, true, Backup::Default);
+        if let Work::Install { task, .. } = &mut up_work {
+            *task = "t3".into();
+        }
+        let (_, outcome) = run(&up, &server, &up_work).await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        let (_, outcome) = run(&up, &server, &restore("t3", "0.9.0")).await;
+        assert_eq!(outcome.state, ReportState::RolledBack, "{}", outcome.detail);
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("0.9.0"));
     }
 
     /// A node on 1.0.0 (current and permanent) with these commands.
@@ -1241,10 +1493,12 @@ mod tests {
         assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
         assert!(log(tmp.path()).ends_with("restore 1.0.0\n"));
 
+        // (Not older than the permanent 1.0.0: an older one the task did
+        // not leave is a remote downgrade, refused before this.)
         let missing = Work::Restore {
             task: "t2".into(),
             package: "edge".into(),
-            version: "0.9.0".into(),
+            version: "1.0.5".into(),
         };
         let (_, outcome) = run(&up, &server, &missing).await;
         assert_eq!(outcome.state, ReportState::FailedRollbackFailed);

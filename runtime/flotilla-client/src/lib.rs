@@ -160,6 +160,9 @@ pub struct NewRelease {
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// The release's minisign signature (the `.minisig` text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// A management token as the runner lists it (`GET /v1/tokens`): never

@@ -6,6 +6,7 @@ pub mod facts;
 pub mod pairs;
 pub mod protocol;
 pub mod run;
+pub mod signing;
 pub mod task;
 
 pub use run::{IllegalTransition, NodeRun, RunEvent, RunState};
@@ -530,6 +531,10 @@ pub struct ReleaseRecord {
     pub size: u64,
     #[serde(default)]
     pub created_at: u64,
+    /// The release's minisign signature (the `.minisig` text), if it was
+    /// given; its trusted comment is [`signing::trusted_comment`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl ReleaseRecord {

@@ -167,6 +167,11 @@ pub struct Artifact {
     pub size: u64,
     #[serde(default)]
     pub kind: ReleaseKind,
+    /// The release's minisign signature (the `.minisig` text), when it has
+    /// one. An agent with `trusted_keys` refuses work without it. Absent
+    /// from older runners' work (and ignored by older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// A step or the outcome of a node's work, for the task named.
@@ -267,6 +272,31 @@ mod tests {
         let json = serde_json::to_value(&w).unwrap();
         assert_eq!(json["action"], "restore");
         assert_eq!(serde_json::from_value::<Work>(json).unwrap(), w);
+    }
+
+    #[test]
+    fn a_signature_travels_in_the_artifact_and_older_json_still_reads() {
+        // An older runner's work: no signature field.
+        let old: Work = serde_json::from_str(
+            r#"{"action":"install","task":"t1","package":"edge","version":"2.0.0",
+                "artifact":{"url":"/a","sha256":"ab","size":1},
+                "backup":"default","permanent":true}"#,
+        )
+        .unwrap();
+        let Work::Install { artifact, .. } = &old else {
+            panic!("{old:?}")
+        };
+        assert_eq!(artifact.signature, None);
+        // None is left out, so an older agent sees the JSON it knows.
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(json["artifact"].get("signature").is_none(), "{json}");
+        let mut signed = old.clone();
+        if let Work::Install { artifact, .. } = &mut signed {
+            artifact.signature = Some("untrusted comment: x\n...".into());
+        }
+        let json = serde_json::to_value(&signed).unwrap();
+        assert_eq!(json["artifact"]["signature"], "untrusted comment: x\n...");
+        assert_eq!(serde_json::from_value::<Work>(json).unwrap(), signed);
     }
 
     #[test]

@@ -249,10 +249,15 @@ impl RunState {
                 | S::RollingBack { wave },
                 E::FailedRollbackFailed { error },
             ) => S::FailedRollbackFailed { wave: *wave, error },
-            (S::Offered { wave }, E::Rejected { reason }) => S::Rejected {
-                wave: *wave,
-                reason,
-            },
+            // Downloading too: a node refuses a release whose bytes fail
+            // its signature, after it downloaded them and before it
+            // unpacks anything.
+            (S::Offered { wave } | S::Downloading { wave }, E::Rejected { reason }) => {
+                S::Rejected {
+                    wave: *wave,
+                    reason,
+                }
+            }
             (
                 S::Downloading { wave } | S::Upgrading { wave } | S::Verifying { wave },
                 E::Timeout,
@@ -338,6 +343,31 @@ mod tests {
         assert_eq!(
             run([E::Queue { wave: 0 }, E::Offer, E::Succeeded]).unwrap(),
             S::Succeeded { wave: 0 }
+        );
+    }
+
+    #[test]
+    fn a_node_may_reject_work_after_downloading_it_but_not_once_it_upgrades() {
+        // A signature that fails over the downloaded bytes.
+        let reason = || E::Rejected {
+            reason: "bad signature".into(),
+        };
+        assert_eq!(
+            run([E::Queue { wave: 1 }, E::Offer, E::Downloading, reason()]).unwrap(),
+            S::Rejected {
+                wave: 1,
+                reason: "bad signature".into()
+            }
+        );
+        assert!(
+            run([
+                E::Queue { wave: 1 },
+                E::Offer,
+                E::Downloading,
+                E::Upgrading,
+                reason()
+            ])
+            .is_err()
         );
     }
 

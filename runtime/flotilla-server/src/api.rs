@@ -445,6 +445,24 @@ pub(crate) struct NewRelease {
     pub(crate) url: Option<String>,
     pub(crate) sha256: Option<String>,
     pub(crate) size: Option<u64>,
+    /// The release's minisign signature (the `.minisig` text).
+    pub(crate) signature: Option<String>,
+}
+
+/// The runner's release keys, or a fault: the config was checked at start,
+/// so a key file that cannot be read now is the disk's doing.
+fn release_keys(state: &AppState) -> Result<crate::signing::ReleaseKeys, ApiError> {
+    crate::signing::ReleaseKeys::load(&state.config.release_keys).map_err(ApiError::internal)
+}
+
+fn unsigned(package: &str, version: &str) -> ApiError {
+    ApiError::unprocessable(format!(
+        "release {package} {version} has no signature, and this runner requires signed releases (require_signed_releases)"
+    ))
+    .hint(format!(
+        "sign the artifact with the trusted comment `{}` (`flotilla release sign` or `minisign -S -t`) and pass the .minisig with --signature",
+        flotilla_model::signing::trusted_comment(package, version, "SHA256", 0).replace("size=0", "size=BYTES")
+    ))
 }
 
 async fn create_release(
@@ -494,6 +512,30 @@ pub(crate) fn release_record(state: &AppState, r: NewRelease) -> Result<ReleaseR
             "sha256 and size come from the upload when there is no url; leave them out",
         ));
     }
+    let version_text = version.to_string();
+    match &r.signature {
+        None if state.config.require_signed_releases => {
+            return Err(unsigned(&r.package, &version_text));
+        }
+        None => {}
+        Some(sig) if sig.len() > flotilla_model::signing::MAX_SIGNATURE_BYTES => {
+            return Err(ApiError::unprocessable(format!(
+                "the signature is {} bytes; a minisign signature is a few hundred",
+                sig.len()
+            )));
+        }
+        // Without release_keys a signature is stored as given: the nodes
+        // with trusted_keys are what checks it.
+        Some(_) if state.config.release_keys.is_empty() => {}
+        Some(sig) => {
+            let known = r.sha256.as_deref().zip(r.size);
+            release_keys(state)?
+                .check(sig, &r.package, &version_text, known)
+                .map_err(|e| {
+                    ApiError::unprocessable(format!("release {} {version_text}: {e}", r.package))
+                })?;
+        }
+    }
     Ok(ReleaseRecord {
         package: r.package,
         version: version.to_string(),
@@ -502,6 +544,7 @@ pub(crate) fn release_record(state: &AppState, r: NewRelease) -> Result<ReleaseR
         sha256: r.sha256.map(|s| s.to_ascii_lowercase()).unwrap_or_default(),
         size: r.size.unwrap_or(0),
         created_at: state.clock.now(),
+        signature: r.signature,
     })
 }
 
@@ -541,6 +584,25 @@ pub async fn upload_artifact(
             rec.sha256
         )));
     }
+    // A signed release's bytes are checked against its signature as they
+    // stream in; a release without one is refused here when signatures are
+    // required (it may have been registered before they were).
+    let keys = release_keys(&state)?;
+    let signature = match &rec.signature {
+        None if state.config.require_signed_releases => {
+            return Err(unsigned(&package, &rec.version));
+        }
+        None => None,
+        Some(_) if keys.is_empty() => None,
+        Some(sig) => Some(
+            keys.check(sig, &rec.package, &rec.version, None)
+                .map_err(ApiError::unprocessable)?,
+        ),
+    };
+    let mut verifier = match &signature {
+        Some(sig) => keys.verifier(sig).map_err(ApiError::unprocessable)?,
+        None => None,
+    };
     let limit = state.config.max_upload_bytes as u64;
     let dir = state.inventory.artifacts_dir().to_path_buf();
     let tmp = dir.join(format!(".upload-{}", uuid_like()));
@@ -562,6 +624,9 @@ pub async fn upload_artifact(
                 ));
             }
             hasher.update(&chunk);
+            if let Some(v) = verifier.as_mut() {
+                v.update(&chunk);
+            }
             file.write_all(&chunk).await.map_err(ApiError::internal)?;
         }
         file.sync_all().await.map_err(ApiError::internal)?;
@@ -577,6 +642,17 @@ pub async fn upload_artifact(
         return Err(ApiError::bad_request("the artifact is empty"));
     }
     let sha = hex::encode(hasher.finalize());
+    if let Some(sig) = rec.signature.as_ref().filter(|_| !keys.is_empty()) {
+        let checked = keys
+            .check(sig, &rec.package, &rec.version, Some((&sha, size)))
+            .and_then(|_| verifier.map_or(Ok(()), |v| v.finish()));
+        if let Err(e) = checked {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(ApiError::unprocessable(format!(
+                "release {package} {version}: {e}; the artifact was not stored"
+            )));
+        }
+    }
     tokio::fs::rename(&tmp, state.inventory.artifact_file(&sha))
         .await
         .map_err(ApiError::internal)?;

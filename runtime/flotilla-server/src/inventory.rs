@@ -405,6 +405,7 @@ impl Inventory {
                         sha256: r.sha256.clone(),
                         size: r.size,
                         kind: r.kind,
+                        signature: r.signature.clone(),
                     },
                     // Refused at task creation; an agent given this fails
                     // its digest check and reports it.
@@ -413,6 +414,7 @@ impl Inventory {
                         sha256: String::new(),
                         size: 0,
                         kind: ReleaseKind::Full,
+                        signature: None,
                     },
                 };
                 (

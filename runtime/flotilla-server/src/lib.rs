@@ -24,6 +24,7 @@ pub mod hooks;
 pub mod inventory;
 pub mod metrics;
 mod secret;
+pub mod signing;
 pub mod tls;
 
 use axum::Router;
@@ -82,6 +83,13 @@ pub struct Config {
     /// TLS-terminating proxy in front). Required to listen on anything but
     /// loopback. See [`tls`].
     pub tls: Option<tls::TlsConfig>,
+    /// Minisign public keys (the base64 line of a `.pub` file, or the
+    /// path of one) that release signatures must verify against. Several
+    /// for a key rotation. With none, a given signature is stored as given
+    /// (the agents with `trusted_keys` check it).
+    pub release_keys: Vec<String>,
+    /// Refuse releases without a signature by one of `release_keys`.
+    pub require_signed_releases: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -182,6 +190,8 @@ impl Default for Config {
             control_plane: BTreeMap::new(),
             hooks: Vec::new(),
             tls: None,
+            release_keys: Vec::new(),
+            require_signed_releases: false,
         }
     }
 }
@@ -263,6 +273,13 @@ impl Config {
         }
         if !(1..=100_000_000).contains(&self.audit_keep) {
             return Err("audit_keep must be between 1 and 100000000".into());
+        }
+        let keys = signing::ReleaseKeys::load(&self.release_keys)?;
+        if self.require_signed_releases && keys.is_empty() {
+            return Err(
+                "require_signed_releases needs at least one key in release_keys (a minisign public key)"
+                    .into(),
+            );
         }
         let mut names = std::collections::BTreeSet::new();
         for h in &self.hooks {

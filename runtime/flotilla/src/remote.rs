@@ -12,6 +12,7 @@ use flotilla_client::{
 use flotilla_model::ReleaseRecord;
 use flotilla_model::{Hook, Node, NodeRun, ReleaseKind, RunState, Task, TaskSpec, TaskState};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -228,6 +229,27 @@ pub enum ReleaseCommand {
         #[arg(long)]
         package: Option<String>,
     },
+    /// Sign an artifact as a release with a minisign secret key: writes
+    /// ARTIFACT.minisig with the trusted comment
+    /// `flotilla-release package=P version=V sha256=H size=N`. Offline.
+    Sign(ReleaseSign),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseSign {
+    /// The minisign secret key (`minisign -G` makes one). An encrypted key's
+    /// password comes from FLOTILLA_SIGN_PASSWORD, else it is asked for.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The artifact to sign.
+    pub artifact: PathBuf,
+    #[arg(long)]
+    pub package: String,
+    #[arg(long)]
+    pub version: String,
+    /// Where the signature goes [default: ARTIFACT.minisig].
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -254,6 +276,10 @@ pub struct ReleaseAdd {
     pub size: Option<u64>,
     #[arg(long, value_enum, default_value_t = Kind::Full)]
     pub kind: Kind,
+    /// The artifact's minisign signature (a .minisig file, from
+    /// `flotilla release sign` or `minisign -S -t ...`).
+    #[arg(long, value_name = "FILE.minisig")]
+    pub signature: Option<PathBuf>,
 }
 
 /// `flotilla policy upload NAME FILE`.
@@ -368,6 +394,10 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
+    if let ReleaseCommand::Sign(sign) = &args.command {
+        print(&release_sign(sign)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let c = args.remote.client()?;
     let json = args.remote.json;
     runtime()?.block_on(async move {
@@ -377,6 +407,7 @@ pub fn run_release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
                 release_add(&c, &add, bar, json).await?
             }
             ReleaseCommand::List { package } => release_list(&c, package.as_deref(), json).await?,
+            ReleaseCommand::Sign(_) => unreachable!("signing is offline, handled above"),
         };
         print(&text);
         Ok(ExitCode::SUCCESS)
@@ -1183,6 +1214,24 @@ pub async fn release_add(
     bar: bool,
     json: bool,
 ) -> anyhow::Result<String> {
+    let signature = match &add.signature {
+        Some(path) => {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("reading the signature {}", path.display()))?;
+            if meta.len() > flotilla_model::signing::MAX_SIGNATURE_BYTES as u64 {
+                bail!(
+                    "{} is {} bytes, not a minisign signature",
+                    path.display(),
+                    meta.len()
+                );
+            }
+            Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the signature {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
     // Open first: a missing file must not leave a release without an artifact.
     let file = match &add.file {
         Some(path) => {
@@ -1208,6 +1257,7 @@ pub async fn release_add(
             url: add.url.clone(),
             sha256: add.sha256.clone(),
             size: add.size,
+            signature,
         })
         .await?;
     let rec = match file {
@@ -1254,6 +1304,77 @@ pub async fn release_add(
             .as_deref()
             .map(|u| format!(", served from {u}"))
             .unwrap_or_default()
+    ))
+}
+
+/// `release sign`: a minisign signature whose trusted comment binds the
+/// artifact to the release (package, version, sha256, size).
+pub fn release_sign(args: &ReleaseSign) -> anyhow::Result<String> {
+    // The version as the runner stores it (`1.2` is `1.2.0`): the trusted
+    // comment is compared with that.
+    let version = flotilla_version::parse(&args.version)
+        .map_err(|e| anyhow::anyhow!("version {:?}: {e}", args.version))?
+        .to_string();
+    flotilla_model::check_name("package", &args.package).map_err(|e| anyhow::anyhow!(e.0))?;
+    let text = std::fs::read_to_string(&args.key)
+        .with_context(|| format!("reading the secret key {}", args.key.display()))?;
+    // The minisign 0.11 CLI writes a password-less key (`-G -W`) with a
+    // zero checksum, which the crate's box reader refuses as corrupted: such
+    // a key (no KDF) is read as its bytes.
+    let raw = text
+        .lines()
+        .nth(1)
+        .and_then(|l| flotilla_model::signing::base64_decode(l.trim()));
+    let sk = match minisign::SecretKey::from_unencrypted_box(text.clone().into()) {
+        Ok(sk) => sk,
+        Err(_)
+            if raw
+                .as_ref()
+                .is_some_and(|b| b.len() == 158 && b[2..4] == [0, 0]) =>
+        {
+            minisign::SecretKey::from_bytes(raw.as_deref().unwrap_or_default()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a usable minisign secret key: {e}",
+                    args.key.display()
+                )
+            })?
+        }
+        Err(_) => {
+            let password = std::env::var("FLOTILLA_SIGN_PASSWORD").ok();
+            minisign::SecretKey::from_box(text.into(), password).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a usable minisign secret key: {e}",
+                    args.key.display()
+                )
+            })?
+        }
+    };
+    let open = || {
+        std::fs::File::open(&args.artifact)
+            .with_context(|| format!("opening {}", args.artifact.display()))
+    };
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut open()?, &mut hasher)
+        .with_context(|| format!("reading {}", args.artifact.display()))?;
+    if size == 0 {
+        bail!("{} is empty", args.artifact.display());
+    }
+    let sha256 = hex::encode(hasher.finalize());
+    let comment = flotilla_model::signing::trusted_comment(&args.package, &version, &sha256, size);
+    let sig = minisign::sign(None, &sk, open()?, Some(&comment), None)
+        .map_err(|e| anyhow::anyhow!("signing {}: {e}", args.artifact.display()))?;
+    let out = args.output.clone().unwrap_or_else(|| {
+        let mut p = args.artifact.clone().into_os_string();
+        p.push(".minisig");
+        PathBuf::from(p)
+    });
+    std::fs::write(&out, sig.into_string())
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(format!(
+        "signed {} as {} {version} ({size} bytes, sha256 {sha256}): {}",
+        args.artifact.display(),
+        args.package,
+        out.display()
     ))
 }
 
