@@ -8,11 +8,27 @@
 //!
 //! The runner here has no `release_keys`: it takes whatever it is given, as
 //! a careless or compromised runner would, so the node's check is what is
-//! tested. Runners and agents start through `Cluster::start_with` and
-//! `Cluster::add_agent` only (one place to switch them to TLS).
+//! tested. Everything runs over TLS with a private CA, as a fleet would
+//! (`tls_cluster`).
 
 use super::*;
 use crate::signed_releases::{keypair, sign_release};
+use crate::tls::Pki;
+
+/// A runner serving TLS with a certificate of a private CA, and the flags
+/// that make an agent trust that CA. The directory of the CA goes with the
+/// cluster (dropped after it).
+fn tls_cluster() -> (Cluster, tempfile::TempDir, Vec<String>) {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(pki_dir.path(), &[]);
+    let c = Cluster::start_tls(
+        &format!("enroll_secret = {SECRET:?}\n{}", pki.runner_toml(false)),
+        Some(&pki.ca),
+    );
+    assert!(c.url().starts_with("https://"), "{}", c.url());
+    let flags = pki.agent_args("", false);
+    (c, pki_dir, flags)
+}
 
 /// Registers `version` with `signature` (if any) and uploads `bytes`.
 fn add_release(c: &Cluster, version: &str, bytes: &[u8], signature: Option<String>) {
@@ -71,10 +87,12 @@ fn rejected(run: &NodeRun) -> &str {
 fn a_node_installs_only_releases_signed_by_its_keys_and_naming_themselves() {
     let (pub_line, key) = keypair();
     let (_, stranger) = keypair();
-    let mut c = Cluster::start();
+    let (mut c, _pki, tls) = tls_cluster();
     for _ in 0..5 {
+        let mut extra = vec!["--trusted-key".into(), pub_line.clone()];
+        extra.extend(tls.iter().cloned());
         c.add_agent(AgentSpec {
-            extra: vec!["--trusted-key".into(), pub_line.clone()],
+            extra,
             ..AgentSpec::default()
         });
     }
@@ -182,10 +200,15 @@ fn a_node_installs_only_releases_signed_by_its_keys_and_naming_themselves() {
 
 #[test]
 fn a_remote_downgrade_is_refused_unless_the_nodes_own_config_allows_it() {
-    let mut c = Cluster::start();
-    let refusing = c.add_agent(AgentSpec::default());
+    let (mut c, _pki, tls) = tls_cluster();
+    let refusing = c.add_agent(AgentSpec {
+        extra: tls.clone(),
+        ..AgentSpec::default()
+    });
+    let mut extra = vec!["--allow-remote-downgrade".to_string()];
+    extra.extend(tls.iter().cloned());
     let allowing = c.add_agent(AgentSpec {
-        extra: vec!["--allow-remote-downgrade".into()],
+        extra,
         ..AgentSpec::default()
     });
     c.wait_enrolled();
