@@ -286,6 +286,7 @@ pub mod host {
         }
     }
 
+    pub use imports::calendar::{LocalDateTime, local_time, window_next_open, window_open};
     pub use imports::clock::now;
     pub use imports::delivery::{control_plane_version, releases};
     pub use imports::fleet::{count, get, query};

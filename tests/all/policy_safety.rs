@@ -2,7 +2,7 @@
 //! hits the memory cap, panics and bad output become typed errors, and the next
 //! call on the same policy works.
 
-use flotilla_model::{Node, TaskContext, WaveReport};
+use flotilla_model::{Node, TaskContext, Verdict, WaveReport};
 use flotilla_policy::world::World;
 use flotilla_policy::{Limits, Policy, PolicyError, RhaiPolicy, WasmPolicy, WasmRuntime};
 use flotilla_tests::component;
@@ -182,4 +182,45 @@ fn wasm_select_spread_over_instances_matches_one_instance_and_survives_a_trap() 
         "{err}"
     );
     assert_eq!(p.select(&ctx("behave"), &big).unwrap().len(), 10_000);
+}
+
+/// Issue 17.5 and the 0.2 contract's additions, through a real component:
+/// the calendar import (the runner's zone and window rules), a wave
+/// report's `skipped` and the context's retries (lowered by hand into the
+/// argument arena).
+#[test]
+fn a_component_reads_the_calendar_the_skipped_count_and_the_retries() {
+    let mut p = misbehave();
+    // 2026-03-29 00:30 UTC: 01:30 CET in Berlin, a Sunday; the 02:00
+    // window opens after the spring-forward gap, at 03:00 CEST (01:00 UTC).
+    let mut c = TaskContext::new("2.0.0").with_params(json!({
+        "mode": "calendar", "at": 1_774_744_200_000u64, "zone": "Europe/Berlin",
+    }));
+    c.retries_failed = 3;
+    c.retries_timed_out = 1;
+    let report = WaveReport {
+        skipped: 2,
+        ..WaveReport::default()
+    };
+    let Verdict::Pause(said) = p.evaluate(&c, &report).unwrap() else {
+        panic!("expected a pause");
+    };
+    assert!(said.contains("Ok(LocalDateTime { year: 2026, month: 3, day: 29, hour: 1, minute: 30, second: 0, weekday: 7, offset-minutes: 60, abbreviation: \"CET\" })"), "{said}");
+    assert!(
+        said.contains("open Ok(false) next Ok(Some(1774746000000))"),
+        "{said}"
+    );
+    assert!(said.ends_with("skipped 2 retries 3/1"), "{said}");
+    // An unknown zone is an error the policy sees, not a trap.
+    let c = TaskContext::new("2.0.0").with_params(json!({
+        "mode": "calendar", "at": 0, "zone": "Mars/Olympus",
+    }));
+    let Verdict::Pause(said) = p.evaluate(&c, &report).unwrap() else {
+        panic!("expected a pause");
+    };
+    assert!(
+        said.contains("Err(\"unknown time zone 'Mars/Olympus'"),
+        "{said}"
+    );
+    still_works(&mut p);
 }

@@ -40,6 +40,8 @@ pub(super) fn wit_ctx(c: &model::TaskContext) -> wit::TaskContext {
         },
         permanent: c.permanent,
         params: c.params.to_string(),
+        retries_failed: c.retries_failed,
+        retries_timed_out: c.retries_timed_out,
     }
 }
 

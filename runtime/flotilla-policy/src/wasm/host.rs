@@ -2,7 +2,7 @@
 //! locked-down WASI, and the host functions of the policy imports.
 
 use super::convert::{selector_from, wit_node};
-use super::{clock, delivery, fleet, log, status, wit};
+use super::{calendar, clock, delivery, fleet, log, status, wit};
 use crate::world::World;
 use flotilla_model as model;
 use std::time::Duration;
@@ -209,5 +209,50 @@ impl log::Host for State {
 impl clock::Host for State {
     fn now(&mut self) -> u64 {
         self.world.clock.now()
+    }
+}
+
+/// `flotilla-window`, as the Rhai host's `local_time`, `window_open` and
+/// `window_next_open`: one implementation for the runner and both hosts.
+impl calendar::Host for State {
+    fn local_time(&mut self, at: u64, zone: String) -> Result<calendar::LocalDateTime, String> {
+        let t = flotilla_window::local_time_in(&zone, at).map_err(|e| e.to_string())?;
+        // Calendar fields are small by construction (month 1-12, ...).
+        let small = |v: u32| u8::try_from(v).unwrap_or(u8::MAX);
+        Ok(calendar::LocalDateTime {
+            year: t.year,
+            month: small(t.month),
+            day: small(t.day),
+            hour: small(t.hour),
+            minute: small(t.minute),
+            second: small(t.second),
+            weekday: small(t.weekday),
+            offset_minutes: t.offset_minutes,
+            abbreviation: t.abbreviation,
+        })
+    }
+
+    fn window_open(
+        &mut self,
+        cron: String,
+        duration_minutes: u32,
+        zone: String,
+        at: u64,
+    ) -> Result<bool, String> {
+        let w = flotilla_window::Window::parse(&cron, duration_minutes, &zone)
+            .map_err(|e| e.to_string())?;
+        Ok(w.is_open(at))
+    }
+
+    fn window_next_open(
+        &mut self,
+        cron: String,
+        duration_minutes: u32,
+        zone: String,
+        at: u64,
+    ) -> Result<Option<u64>, String> {
+        let w = flotilla_window::Window::parse(&cron, duration_minutes, &zone)
+            .map_err(|e| e.to_string())?;
+        Ok(w.next_open(at))
     }
 }

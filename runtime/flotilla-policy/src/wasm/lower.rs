@@ -176,8 +176,8 @@ impl NodeList<'_> {
 
 /// The fields of `task-context`, in order: task-id, name, package,
 /// target-version, source-versions, strategy, method, concurrency, backup,
-/// permanent, params.
-pub(super) const CTX_FIELDS: [CanonicalAbiInfo; 11] = [
+/// permanent, params, retries-failed, retries-timed-out.
+pub(super) const CTX_FIELDS: [CanonicalAbiInfo; 13] = [
     CanonicalAbiInfo::POINTER_PAIR,
     CanonicalAbiInfo::POINTER_PAIR,
     CanonicalAbiInfo::POINTER_PAIR,
@@ -189,6 +189,8 @@ pub(super) const CTX_FIELDS: [CanonicalAbiInfo; 11] = [
     CanonicalAbiInfo::variant_static(BACKUP_CASES),
     CanonicalAbiInfo::SCALAR1,
     CanonicalAbiInfo::POINTER_PAIR,
+    CanonicalAbiInfo::SCALAR4,
+    CanonicalAbiInfo::SCALAR4,
 ];
 pub(super) const CTX: CanonicalAbiInfo = CanonicalAbiInfo::record_static(&CTX_FIELDS);
 /// `backup`: agent-default, location(string), none.
@@ -264,7 +266,7 @@ unsafe impl Lower for CtxArg<'_> {
             reserved.store(start, Ordering::Relaxed);
         }
         let base = start + nodes;
-        let mut offsets = [0usize; 11];
+        let mut offsets = [0usize; 13];
         let mut at = 0usize;
         for (o, f) in offsets.iter_mut().zip(&CTX_FIELDS) {
             *o = f.next_field32_size(&mut at);
@@ -294,6 +296,8 @@ unsafe impl Lower for CtxArg<'_> {
             backup,
             perm,
             params,
+            retries_failed,
+            retries_timed_out,
         ] = offsets;
         rec[id..id + 8].copy_from_slice(&put(&c.task_id));
         rec[name..name + 8].copy_from_slice(&put(&c.name));
@@ -323,6 +327,9 @@ unsafe impl Lower for CtxArg<'_> {
         }
         rec[perm] = u8::from(c.permanent);
         rec[params..params + 8].copy_from_slice(&put(&c.params));
+        rec[retries_failed..retries_failed + 4].copy_from_slice(&c.retries_failed.to_le_bytes());
+        rec[retries_timed_out..retries_timed_out + 4]
+            .copy_from_slice(&c.retries_timed_out.to_le_bytes());
         mem.get_mut(offset..offset + rec.len())
             .ok_or_else(|| wasmtime::format_err!("task context beyond end of memory"))?
             .copy_from_slice(&rec);

@@ -65,7 +65,7 @@ mod bindings {
     });
 }
 
-use bindings::flotilla::policy::{clock, delivery, fleet, log, status, types as wit};
+use bindings::flotilla::policy::{calendar, clock, delivery, fleet, log, status, types as wit};
 use bindings::{Policy as PolicyWorld, PolicyIndices, PolicyPre};
 
 /// How often the epoch advances; the CPU budget is counted in these ticks.
@@ -978,6 +978,7 @@ impl Policy for WasmPolicy {
             unknown: report.unknown,
             rejected: report.rejected,
             in_flight: report.in_flight,
+            skipped: report.skipped,
             failed_nodes: report.failed_nodes.clone(),
             task_finished: report.task_finished,
             task_failed: report.task_failed,

@@ -3,7 +3,9 @@
 //! `unknown-node` / `empty-wave` / `duplicate` return a bad plan,
 //! `empty-reason` pauses without a reason, `short` returns too few selections,
 //! `echo` skips every node with the node as it arrived (`{:?}`) as the detail
-//! (the first one's also has the task context).
+//! (the first one's also has the task context), `calendar` pauses with what
+//! the runner's calendar says about the instant in the param `at` and the
+//! zone `zone`, the report's `skipped` and the context's retries.
 //! Any other mode behaves (includes every node, one wave, proceeds).
 
 use flotilla_sdk::{Context, Node, Policy, Selection, Verdict, Wave, WaveReport};
@@ -65,9 +67,21 @@ impl Policy for Misbehave {
         }
     }
 
-    fn evaluate(ctx: &Context, _report: &WaveReport) -> Verdict {
+    fn evaluate(ctx: &Context, report: &WaveReport) -> Verdict {
         match mode(ctx).as_str() {
             "empty-reason" => Verdict::Pause(String::new()),
+            "calendar" => {
+                use flotilla_sdk::host::{local_time, window_next_open, window_open};
+                let at: u64 = ctx.param_or("at", 0);
+                let zone: String = ctx.param_or("zone", String::new());
+                let t = local_time(at, &zone);
+                let open = window_open("0 2 * * *", 60, &zone, at);
+                let next = window_next_open("0 2 * * *", 60, &zone, at);
+                Verdict::Pause(format!(
+                    "{t:?} open {open:?} next {next:?} skipped {} retries {}/{}",
+                    report.skipped, ctx.retries_failed, ctx.retries_timed_out
+                ))
+            }
             _ => Verdict::Proceed,
         }
     }
