@@ -56,8 +56,21 @@ pub enum AgentError {
         "the runner wants an enrollment secret and the node has none: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
     )]
     NoSecret,
-    #[error("enrollment refused: {0}; check the enrollment secret")]
-    EnrollRefused(String),
+    #[error("enrollment refused: {detail}; {hint}")]
+    EnrollRefused { detail: String, hint: &'static str },
+}
+
+/// What to do about a refused enrollment, by the runner's answer.
+fn enroll_hint(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Status { status, .. } if status.as_u16() == 403 => {
+            "with mutual TLS the client certificate must name this node (its CN is the node id): check --client-cert"
+        }
+        ClientError::Status { status, .. } if status.as_u16() == 409 => {
+            "this node id is enrolled already: keep its token in the state dir, or allow a re-enrollment with `flotilla node reenroll ID` (or a node token)"
+        }
+        _ => "check the enrollment secret",
+    }
 }
 
 /// Pauses between retries of calls to the runner: 1 s doubling to 30 s.
@@ -227,7 +240,11 @@ impl Agent {
                 Err(_) if self.config.enroll_secret.is_none() => {
                     return Err(AgentError::NoSecret);
                 }
-                Err(e) => return Err(AgentError::EnrollRefused(e.to_string())),
+                Err(e) => {
+                    let hint = enroll_hint(&e);
+                    let detail = e.to_string();
+                    return Err(AgentError::EnrollRefused { detail, hint });
+                }
             }
         }
         Ok(())
@@ -471,6 +488,23 @@ mod tests {
 
     const TOKEN: &str = "tok-n1";
     const CUT: usize = 20_000;
+
+    /// A refused enrollment says what to do by the runner's answer: a 403
+    /// under mutual TLS is about the certificate, not the secret.
+    #[test]
+    fn a_refused_enrollment_says_what_to_check_by_the_answer() {
+        let refused = |code: u16| {
+            enroll_hint(&ClientError::Status {
+                what: "enroll",
+                status: reqwest::StatusCode::from_u16(code).unwrap(),
+                body: String::new(),
+                retry_after: None,
+            })
+        };
+        assert!(refused(403).contains("--client-cert"));
+        assert!(refused(409).contains("flotilla node reenroll"));
+        assert!(refused(401).contains("enrollment secret"));
+    }
 
     #[test]
     fn the_agent_reports_load_and_memory_where_proc_tells() {
