@@ -5,6 +5,7 @@
 
 use flotilla_model::ReleaseKind;
 use flotilla_model::ReleaseRecord;
+pub use flotilla_model::{AuditPage, AuditRecord};
 use flotilla_model::{Event, Node, NodeRun, PolicyInfo, Task, TaskSpec, TaskState, Wave};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -188,32 +189,6 @@ pub struct NewToken {
     pub token: String,
     /// Unix ms.
     pub created_at: u64,
-}
-
-/// One audited call (`GET /v1/audit`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    pub seq: u64,
-    /// Unix ms.
-    pub at: u64,
-    pub who: String,
-    pub method: String,
-    pub path: String,
-    #[serde(default)]
-    pub object: Option<String>,
-    #[serde(default)]
-    pub status: Option<u16>,
-    pub outcome: String,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// A page of the audit log; ask again with `after` = `next` for more.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditPage {
-    pub items: Vec<AuditRecord>,
-    pub next: u64,
-    pub more: bool,
 }
 
 /// An operator action on a task.

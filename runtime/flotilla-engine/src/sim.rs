@@ -498,8 +498,19 @@ pub fn run(
     tick_ms: u64,
     max_ms: u64,
 ) -> Result<Vec<Step>, EngineError> {
+    let sim = Sim::new(clock.clone(), agents.clone());
+    run_sim(sim, engine, clock, tick_ms, max_ms)
+}
+
+/// Steps `sim` until no task is active or `max_ms` of virtual time passed.
+fn run_sim(
+    mut sim: Sim,
+    engine: &mut Engine,
+    clock: &Arc<ManualClock>,
+    tick_ms: u64,
+    max_ms: u64,
+) -> Result<Vec<Step>, EngineError> {
     let start = clock.now();
-    let mut sim = Sim::new(clock.clone(), agents.clone());
     while engine.has_active() && clock.now() - start <= max_ms {
         if sim.step(engine)? {
             clock.advance(tick_ms);
@@ -519,18 +530,12 @@ pub fn run_on(
     tick_ms: u64,
     max_ms: u64,
 ) -> Result<Vec<Step>, EngineError> {
-    let start = clock.now();
     let mut agents = agents.clone();
     if agents.request_every_ms == 0 {
         agents.request_every_ms = DEFAULT_PULL_INTERVAL_MS;
     }
-    let mut sim = Sim::new(clock.clone(), agents).with_fleet(fleet, Vec::new());
-    while engine.has_active() && clock.now() - start <= max_ms {
-        if sim.step(engine)? {
-            clock.advance(tick_ms);
-        }
-    }
-    Ok(sim.into_timeline())
+    let sim = Sim::new(clock.clone(), agents).with_fleet(fleet, Vec::new());
+    run_sim(sim, engine, clock, tick_ms, max_ms)
 }
 
 /// How often an agent in pull mode asks for work unless told otherwise

@@ -1295,37 +1295,26 @@ fn retries_rerun_a_failed_node_on_their_own_after_a_backoff() {
 
     // Per failure kind: timed-out runs are not retried when `timed_out: 0`,
     // and the retries used up, `evaluate` sees the failure.
-    let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
-    let mut s = spec("kinds", "strict", json!({}));
-    s.retry = Some(flotilla_model::Retry {
-        failed: Some(2),
-        timed_out: Some(0),
-        backoff_seconds: 1,
-    });
-    let task = w.engine.create(s).unwrap();
-    let mut agents = Agents::default();
-    agents.nodes.insert("n001".into(), Outcome::Fail);
-    drive(&mut w, &agents);
-    let runs = w.engine.runs(&task.id).unwrap();
-    let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
+    let per_kind = |outcome: Outcome| {
+        let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
+        let mut s = spec("kinds", "strict", json!({}));
+        s.retry = Some(flotilla_model::Retry {
+            failed: Some(2),
+            timed_out: Some(0),
+            backoff_seconds: 1,
+        });
+        let task = w.engine.create(s).unwrap();
+        let mut agents = Agents::default();
+        agents.nodes.insert("n001".into(), outcome);
+        drive(&mut w, &agents);
+        let runs = w.engine.runs(&task.id).unwrap();
+        let n001 = runs.into_iter().find(|r| r.node_id == "n001").unwrap();
+        (n001, w.engine.task(&task.id).unwrap().state)
+    };
+    let (n001, state) = per_kind(Outcome::Fail);
     assert_eq!(n001.attempts, 3, "1 try + 2 retries");
-    assert_eq!(
-        w.engine.task(&task.id).unwrap().state,
-        TaskState::Failed("saw 1 failed".into())
-    );
-    let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
-    let mut s = spec("kinds", "strict", json!({}));
-    s.retry = Some(flotilla_model::Retry {
-        failed: Some(2),
-        timed_out: Some(0),
-        backoff_seconds: 1,
-    });
-    let task = w.engine.create(s).unwrap();
-    let mut agents = Agents::default();
-    agents.nodes.insert("n001".into(), Outcome::Hang);
-    drive(&mut w, &agents);
-    let runs = w.engine.runs(&task.id).unwrap();
-    let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
+    assert_eq!(state, TaskState::Failed("saw 1 failed".into()));
+    let (n001, _) = per_kind(Outcome::Hang);
     assert_eq!((n001.state.name(), n001.attempts), ("timed-out", 1));
 }
 

@@ -537,6 +537,53 @@ pub struct ReleaseRecord {
     pub signature: Option<String>,
 }
 
+/// One audited call (`GET /v1/audit`): the runner writes it, the client
+/// reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the log, from 1; the paging cursor.
+    pub seq: u64,
+    /// Unix ms.
+    pub at: u64,
+    /// The token's name, `hook:NAME`, `anonymous` (no token configured), or
+    /// `-` (no or an unknown token).
+    pub who: String,
+    pub method: String,
+    pub path: String,
+    /// What the call is about: a task id, `package@version`, a policy,
+    /// node, component or token name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// The answer's status; `None` while the call runs (or if its outcome
+    /// could not be stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `ok`, `refused` (4xx), `fault` (5xx) or `pending`.
+    pub outcome: String,
+    /// Why it was refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl AuditRecord {
+    pub fn outcome_of(status: Option<u16>) -> &'static str {
+        match status {
+            None => "pending",
+            Some(s) if s < 400 => "ok",
+            Some(s) if s < 500 => "refused",
+            Some(_) => "fault",
+        }
+    }
+}
+
+/// A page of the audit log: ask again with `after` = `next` for more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub items: Vec<AuditRecord>,
+    pub next: u64,
+    pub more: bool,
+}
+
 impl ReleaseRecord {
     /// Agents can fetch it: an uploaded artifact or a URL with its digest.
     pub fn ready(&self) -> bool {

@@ -20,7 +20,6 @@
 use crate::error::ApiError;
 use flotilla_engine::store::StoreError;
 use flotilla_store_sled::{Kv, SledStore};
-use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// `audit_keep`'s default.
@@ -28,51 +27,7 @@ pub const DEFAULT_KEEP: u64 = 100_000;
 /// The most records one `GET /v1/audit` returns.
 pub const MAX_PAGE: usize = 1000;
 
-/// One audited call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    /// Position in the log, from 1; the paging cursor.
-    pub seq: u64,
-    /// Unix ms.
-    pub at: u64,
-    /// The token's name, `hook:NAME`, `anonymous` (no token configured), or
-    /// `-` (no or an unknown token).
-    pub who: String,
-    pub method: String,
-    pub path: String,
-    /// What the call is about: a task id, `package@version`, a policy,
-    /// node, component or token name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub object: Option<String>,
-    /// The answer's status; `None` while the call runs (or if its outcome
-    /// could not be stored).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// `ok`, `refused` (4xx), `fault` (5xx) or `pending`.
-    pub outcome: String,
-    /// Why it was refused or failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-impl AuditRecord {
-    pub fn outcome_of(status: Option<u16>) -> &'static str {
-        match status {
-            None => "pending",
-            Some(s) if s < 400 => "ok",
-            Some(s) if s < 500 => "refused",
-            Some(_) => "fault",
-        }
-    }
-}
-
-/// A page of the log: ask again with `after` = `next` for more.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AuditPage {
-    pub items: Vec<AuditRecord>,
-    pub next: u64,
-    pub more: bool,
-}
+pub use flotilla_model::{AuditPage, AuditRecord};
 
 pub struct Audit {
     kv: Kv,
