@@ -405,6 +405,10 @@ macro_rules! __export_policy {
                     out
                 }
             }
+            // Exported from the component only: a native build of the crate
+            // (its `cargo test`) links the cdylib with a version script that
+            // cannot name `flotilla:policy/hooks@0.2.0#select`.
+            #[cfg(target_arch = "wasm32")]
             $crate::bindings::__export_world!(__FlotillaGlue);
         };
     };
