@@ -63,6 +63,39 @@ fn wasm_infinite_loop_is_stopped_within_its_budget() {
     still_works(&mut p);
 }
 
+/// `select` keeps no state between calls, so an instance whose memory grew
+/// (an interpreter's garbage, here a leak of 6 MiB a call) is swapped for a
+/// fresh one between chunks, on every worker: 12 chunks leak 72 MiB against a
+/// 32 MiB cap and the call still succeeds. Failed on the worker threads
+/// before (each kept its instance across its chunks).
+#[test]
+fn select_swaps_an_instance_whose_memory_grew_between_chunks() {
+    let many: Vec<Node> = (0..12 * flotilla_model::CHUNK)
+        .map(|i| Node::new(format!("n{i}"), "1.0.0"))
+        .collect();
+    for workers in [1, 2] {
+        let mut p = misbehave();
+        p.set_workers(workers);
+        let out = p
+            .select(&ctx("leak"), &many)
+            .unwrap_or_else(|e| panic!("{workers} worker(s): {e}"));
+        assert_eq!(out.len(), many.len());
+    }
+}
+
+/// A Wasm call's memory cap grows with the nodes handed to it (1 KiB each by
+/// default): the nodes are lowered into the guest's memory.
+#[test]
+fn the_memory_cap_grows_with_the_nodes_handed_over() {
+    let many: Vec<Node> = (0..flotilla_model::CHUNK)
+        .map(|i| Node::new(format!("n{i}"), "1.0.0"))
+        .collect();
+    let mut p = misbehave();
+    let err = p.select(&ctx("alloc"), &many).unwrap_err();
+    assert!(matches!(err, PolicyError::Memory { .. }), "{err}");
+    assert!(err.to_string().contains("memory cap (36 MiB)"), "{err}");
+}
+
 #[test]
 fn wasm_unbounded_allocation_is_stopped_at_the_cap() {
     let mut p = misbehave();

@@ -82,8 +82,15 @@ pub struct Limits {
     /// ...plus this much per node handed to it (`select` chunks, `plan` gets
     /// the whole selection, so its budget grows with the fleet).
     pub cpu_per_node: Duration,
-    /// Linear memory cap for a Wasm instance.
+    /// Linear memory cap for a Wasm instance...
     pub memory_bytes: usize,
+    /// ...plus this much per node handed to the call (`select` chunks; `plan`
+    /// the nodes handed over so far). The nodes are lowered into the guest's
+    /// own memory and a policy may keep them until `plan`'s last chunk, so
+    /// memory, like CPU, scales with the work; an interpreter's heap (a
+    /// JavaScript runtime's garbage collector) needs room to lag behind. Rhai
+    /// counts what a call allocates beyond its input, so this is Wasm only.
+    pub memory_per_node: usize,
     /// Rhai: operations per hook call.
     pub max_operations: u64,
     /// Rhai: nesting depth of function calls.
@@ -98,6 +105,7 @@ impl Default for Limits {
             cpu: Duration::from_millis(50),
             cpu_per_node: Duration::from_micros(50),
             memory_bytes: 64 << 20,
+            memory_per_node: 1 << 10,
             max_operations: 20_000_000,
             max_call_depth: 64,
             max_collection: 1 << 20,
@@ -109,6 +117,14 @@ impl Limits {
     /// The wall-clock budget of a call that is handed `nodes` nodes.
     pub fn budget(&self, nodes: usize) -> Duration {
         self.cpu + self.cpu_per_node * u32::try_from(nodes).unwrap_or(u32::MAX)
+    }
+
+    /// The memory cap of a Wasm call that is handed `nodes` nodes (at most
+    /// the 4 GiB a 32-bit memory can address).
+    pub fn memory(&self, nodes: usize) -> usize {
+        self.memory_bytes
+            .saturating_add(self.memory_per_node.saturating_mul(nodes))
+            .min(4 << 30)
     }
 }
 

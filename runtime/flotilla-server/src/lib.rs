@@ -97,6 +97,8 @@ pub struct Config {
 pub struct PolicyLimits {
     pub cpu_ms: u64,
     pub memory_mib: usize,
+    /// Wasm: more memory per node handed to a call (KiB).
+    pub memory_per_node_kib: usize,
 }
 
 impl Default for PolicyLimits {
@@ -105,6 +107,7 @@ impl Default for PolicyLimits {
         PolicyLimits {
             cpu_ms: l.cpu.as_millis() as u64,
             memory_mib: l.memory_bytes >> 20,
+            memory_per_node_kib: l.memory_per_node >> 10,
         }
     }
 }
@@ -114,6 +117,7 @@ impl PolicyLimits {
         Limits {
             cpu: Duration::from_millis(self.cpu_ms),
             memory_bytes: self.memory_mib << 20,
+            memory_per_node: self.memory_per_node_kib << 10,
             ..Limits::default()
         }
     }

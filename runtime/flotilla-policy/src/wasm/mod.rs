@@ -586,6 +586,22 @@ struct LiveInstance {
     arena: bool,
 }
 
+impl LiveInstance {
+    /// Starts a call: its CPU budget in epoch ticks and its memory cap.
+    fn arm(&mut self, ticks: u64, memory_cap: usize) {
+        self.store.set_epoch_deadline(ticks);
+        let limiter = &mut self.store.data_mut().limiter;
+        limiter.memory_cap = memory_cap;
+        limiter.hit_cap = false;
+    }
+
+    /// Its memory grew past half the base cap: linear memory never shrinks,
+    /// so a fresh instance (copy-on-write from the compiled image) is smaller.
+    fn grown(&self, limits: &Limits) -> bool {
+        self.store.data().limiter.largest > limits.memory_bytes / 2
+    }
+}
+
 /// A Wasm policy bound to one task's world.
 pub struct WasmPolicy {
     compiled: CompiledPolicy,
@@ -624,8 +640,8 @@ impl WasmPolicy {
     /// `select` and before the first chunk of a `plan`, never between a plan's
     /// chunks (a policy may keep state across them).
     fn recycle_grown(&mut self) {
-        let limit = self.limits.memory_bytes / 2;
-        let grown = |l: &LiveInstance| l.store.data().limiter.largest > limit;
+        let limits = self.limits;
+        let grown = |l: &LiveInstance| l.grown(&limits);
         if self.live.as_ref().is_some_and(grown) {
             tracing::debug!(policy = %self.compiled.name, "instance memory past half the cap: recycled");
             self.live = None;
@@ -640,72 +656,18 @@ impl WasmPolicy {
         Ok(self.live.as_mut().expect("instance was just created"))
     }
 
-    /// A new instance from the pool, or from the on-demand engine when the
-    /// pool has no free slot.
     fn new_live(&self, hook: Hook) -> Result<LiveInstance, PolicyError> {
-        let err = |message: String| PolicyError::Trap {
-            policy: self.compiled.name.clone(),
-            hook,
-            message: format!("cannot instantiate: {message}"),
-        };
-        let Some(pooled) = &self.compiled.pooled else {
-            let linked = self.compiled.fallback.get().map_err(err)?;
-            return self
-                .instantiate_in(linked)
-                .map_err(|e| err(format!("{e:#}")));
-        };
-        match self.instantiate_in(pooled) {
-            Ok(live) => Ok(live),
-            // The pool is full, or the component needs more than a slot has
-            // (any other failure happens again below and is reported from there).
-            Err(e) => {
-                if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
-                    tracing::debug!(policy = %self.compiled.name, "instance pool exhausted");
-                } else {
-                    tracing::debug!(policy = %self.compiled.name, "not instantiable from the pool: {e:#}");
-                }
-                let linked = self.compiled.fallback.get().map_err(err)?;
-                self.instantiate_in(linked)
-                    .map_err(|e| err(format!("{e:#}")))
-            }
-        }
+        self.maker().new_live(hook)
     }
 
-    fn instantiate_in(&self, linked: &Linked) -> wasmtime::Result<LiveInstance> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAP);
-        let state = State {
-            wasi: None,
-            table: ResourceTable::new(),
-            limiter: Limiter {
-                memory_cap: self.limits.memory_bytes,
-                hit_cap: false,
-                largest: 0,
-            },
-            world: self.world.clone(),
-            policy: self.compiled.name.clone(),
-            stderr,
-        };
-        let mut store = Store::new(linked.pre.engine(), state);
-        store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.ticks(0));
-        let instance = linked.pre.instance_pre().instantiate(&mut store)?;
-        let bindings = linked.indices.load(&mut store, &instance)?;
-        let mut func = |index| {
-            instance
-                .get_func(&mut store, index)
-                .ok_or_else(|| wasmtime::format_err!("export vanished"))
-        };
-        let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
-        let evaluate = func(&linked.evaluate)?;
-        Ok(LiveInstance {
-            store,
-            bindings,
-            select,
-            plan,
-            evaluate,
-            arena: self.compiled.args_arena,
-        })
+    /// What makes new instances of this policy, shareable with `select`'s
+    /// worker threads.
+    fn maker(&self) -> Maker<'_> {
+        Maker {
+            compiled: &self.compiled,
+            world: &self.world,
+            limits: &self.limits,
+        }
     }
 
     fn ticks(&self, nodes: usize) -> u64 {
@@ -729,9 +691,9 @@ impl WasmPolicy {
         nodes: usize,
         f: impl FnOnce(&mut LiveInstance) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
-        let ticks = self.ticks(nodes);
+        let (ticks, cap) = (self.ticks(nodes), self.limits.memory(nodes));
         let live = self.live(hook)?;
-        live.store.set_epoch_deadline(ticks);
+        live.arm(ticks, cap);
         match f(live) {
             Ok(r) => Ok(r),
             Err(e) => {
@@ -825,7 +787,8 @@ impl Policy for WasmPolicy {
             lives.push(live);
         }
         let cached = self.take_ctx(ctx);
-        let (name, limits) = (&self.compiled.name, self.limits);
+        let maker = self.maker();
+        let (name, limits, maker) = (&self.compiled.name, self.limits, &maker);
         let wit_ctx = &cached.1;
         let results: Vec<WorkerResult> = std::thread::scope(|scope| {
             let handles: Vec<_> = lives
@@ -835,7 +798,16 @@ impl Policy for WasmPolicy {
                     scope.spawn(move || {
                         let mut out = Vec::with_capacity(group.len());
                         for chunk in group {
-                            live.store.set_epoch_deadline(ticks(&limits, chunk.len()));
+                            // `select` keeps no state between calls: an
+                            // instance whose heap grew (an interpreter's
+                            // garbage) is swapped for a fresh one.
+                            if live.grown(&limits) {
+                                match maker.new_live(Hook::Select) {
+                                    Ok(fresh) => live = fresh,
+                                    Err(e) => return (None, Err(e)),
+                                }
+                            }
+                            live.arm(ticks(&limits, chunk.len()), limits.memory(chunk.len()));
                             match call_nodes::<Vec<wit::Selection>>(
                                 &mut live,
                                 Hook::Select,
@@ -1055,7 +1027,7 @@ fn classify(
         return PolicyError::Memory {
             policy,
             hook,
-            cap: format!("{} MiB", limits.memory_bytes >> 20),
+            cap: format!("{} MiB", store.data().limiter.memory_cap >> 20),
         };
     }
     let stderr = store.data().stderr.contents();
@@ -1069,6 +1041,83 @@ fn classify(
         } else {
             format!("{e:#}; guest stderr: {stderr}")
         },
+    }
+}
+
+/// Makes instances of a compiled policy for one world and limits.
+struct Maker<'a> {
+    compiled: &'a CompiledPolicy,
+    world: &'a World,
+    limits: &'a Limits,
+}
+
+impl Maker<'_> {
+    /// A new instance from the pool, or from the on-demand engine when the
+    /// pool has no free slot.
+    pub(super) fn new_live(&self, hook: Hook) -> Result<LiveInstance, PolicyError> {
+        let err = |message: String| PolicyError::Trap {
+            policy: self.compiled.name.clone(),
+            hook,
+            message: format!("cannot instantiate: {message}"),
+        };
+        let Some(pooled) = &self.compiled.pooled else {
+            let linked = self.compiled.fallback.get().map_err(err)?;
+            return self
+                .instantiate_in(linked)
+                .map_err(|e| err(format!("{e:#}")));
+        };
+        match self.instantiate_in(pooled) {
+            Ok(live) => Ok(live),
+            // The pool is full, or the component needs more than a slot has
+            // (any other failure happens again below and is reported from there).
+            Err(e) => {
+                if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+                    tracing::debug!(policy = %self.compiled.name, "instance pool exhausted");
+                } else {
+                    tracing::debug!(policy = %self.compiled.name, "not instantiable from the pool: {e:#}");
+                }
+                let linked = self.compiled.fallback.get().map_err(err)?;
+                self.instantiate_in(linked)
+                    .map_err(|e| err(format!("{e:#}")))
+            }
+        }
+    }
+
+    fn instantiate_in(&self, linked: &Linked) -> wasmtime::Result<LiveInstance> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAP);
+        let state = State {
+            wasi: None,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_cap: self.limits.memory_bytes,
+                hit_cap: false,
+                largest: 0,
+            },
+            world: self.world.clone(),
+            policy: self.compiled.name.clone(),
+            stderr,
+        };
+        let mut store = Store::new(linked.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks(self.limits, 0));
+        let instance = linked.pre.instance_pre().instantiate(&mut store)?;
+        let bindings = linked.indices.load(&mut store, &instance)?;
+        let mut func = |index| {
+            instance
+                .get_func(&mut store, index)
+                .ok_or_else(|| wasmtime::format_err!("export vanished"))
+        };
+        let (select, plan) = (func(&linked.select)?, func(&linked.plan)?);
+        let evaluate = func(&linked.evaluate)?;
+        Ok(LiveInstance {
+            store,
+            bindings,
+            select,
+            plan,
+            evaluate,
+            arena: self.compiled.args_arena,
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! A policy that misbehaves on request: the task param `mode` picks how.
-//! `loop` spins forever, `alloc` allocates until it is stopped, `panic` panics,
+//! `loop` spins forever, `alloc` allocates until it is stopped, `leak` keeps
+//! 6 MiB more on every `select` call, `panic` panics,
 //! `unknown-node` / `empty-wave` / `duplicate` return a bad plan,
 //! `empty-reason` pauses without a reason, `short` returns too few selections,
 //! `echo` skips every node with the node as it arrived (`{:?}`) as the detail
@@ -32,6 +33,14 @@ impl Policy for Misbehave {
                     hoard.push(vec![1u8; 1 << 20]);
                     std::hint::black_box(&hoard);
                 }
+            }
+            "leak" => {
+                // Keeps 6 MiB per call, as a runtime whose collector lags.
+                static HOARD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+                let mut hoard = HOARD.lock().unwrap_or_else(|e| e.into_inner());
+                hoard.push(vec![1u8; 6 << 20]);
+                std::hint::black_box(&hoard);
+                vec![Selection::Include; nodes.len()]
             }
             "panic" => panic!("misbehave was told to panic"),
             "short" => vec![Selection::Include; nodes.len().saturating_sub(1)],
