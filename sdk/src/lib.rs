@@ -410,6 +410,18 @@ macro_rules! __export_policy {
             // cannot name `flotilla:policy/hooks@0.2.0#select`.
             #[cfg(target_arch = "wasm32")]
             $crate::bindings::__export_world!(__FlotillaGlue);
+            // Natively the hooks are reached only through the test harness
+            // (which runs the component): keep them live so a policy's own
+            // types are not "never constructed" there.
+            #[cfg(not(target_arch = "wasm32"))]
+            #[used]
+            static __FLOTILLA_HOOKS: (
+                fn() -> $crate::PolicyInfo,
+                fn($crate::TaskContext, ::std::vec::Vec<$crate::Node>) -> ::std::vec::Vec<$crate::Selection>,
+            ) = (
+                <__FlotillaGlue as $crate::bindings::exports::flotilla::policy::hooks::Guest>::describe,
+                <__FlotillaGlue as $crate::bindings::exports::flotilla::policy::hooks::Guest>::select,
+            );
         };
     };
 }

@@ -152,6 +152,64 @@ fn wasm_invalid_output_gets_a_clear_error() {
     still_works(&mut p);
 }
 
+/// A fleet whose `count` takes 250 ms of wall time and no CPU (a store
+/// busy elsewhere).
+struct SlowFleet;
+
+impl flotilla_policy::world::Fleet for SlowFleet {
+    fn query(&self, _: &flotilla_model::Selector, _: u64, _: u32) -> Vec<Node> {
+        Vec::new()
+    }
+    fn get(&self, _: &str) -> Option<Node> {
+        None
+    }
+    fn count(&self, _: &flotilla_model::Selector) -> u64 {
+        std::thread::sleep(Duration::from_millis(250));
+        7
+    }
+}
+
+/// The budget is the CPU time of the call's thread: 250 ms waiting on a host
+/// function (or on a loaded machine's neighbours) is not the policy's, while
+/// a loop still stops at its 100 ms. Both calls failed with a wall-clock
+/// budget.
+#[test]
+fn the_budget_counts_the_calls_cpu_time_not_time_spent_waiting() {
+    let world = || World {
+        fleet: std::sync::Arc::new(SlowFleet),
+        ..World::empty()
+    };
+    let rt = WasmRuntime::new(None).unwrap();
+    let mut wasm = rt
+        .load_file(&component("misbehave"))
+        .unwrap()
+        .instantiate(world(), limits())
+        .unwrap();
+    let src = r#"
+        fn select(ctx, nodes) {
+            if fleet_count(#{}) != 7 { throw "count"; }
+            nodes.map(|n| #{ decision: "include" })
+        }
+    "#;
+    let mut rhai = RhaiPolicy::load_str("rhai-count", src, world(), limits()).unwrap();
+    for p in [&mut wasm as &mut dyn Policy, &mut rhai] {
+        let t = Instant::now();
+        let out = p
+            .select(&ctx("count"), &nodes())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name()));
+        assert_eq!(out.len(), 10);
+        assert!(t.elapsed() >= Duration::from_millis(250));
+    }
+    let t = Instant::now();
+    let err = wasm.select(&ctx("loop"), &nodes()).unwrap_err();
+    assert!(matches!(err, PolicyError::Budget { .. }), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn wasm_budget_applies_per_call_not_per_instance() {
     // Many cheap calls on one instance add up to far more than one budget.

@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod build;
+pub mod clock;
 pub mod defaults;
 pub mod rhai;
 pub mod wasm;

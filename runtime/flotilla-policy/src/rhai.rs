@@ -31,6 +31,7 @@
 mod node;
 
 use super::{Limits, Policy, PolicyError};
+use crate::clock::CallClock;
 use crate::world::World;
 use flotilla_model::{
     Admission, Hook, Node, Offer, PolicyInfo, Selection, Selector, SkipReason, TaskContext,
@@ -480,8 +481,11 @@ impl Policy for RhaiPolicy {
 #[derive(Debug)]
 struct Deadline {
     base: Instant,
-    /// Nanoseconds after `base`.
+    /// Nanoseconds after `base` when `clock` is next looked at (the wall
+    /// clock is cheap to read, the thread's CPU clock is a system call).
     at: AtomicU64,
+    /// The running call's CPU budget (see [`crate::clock`]).
+    clock: std::sync::Mutex<Option<CallClock>>,
     /// The thread's allocation balance ([`crate::alloc::thread_live`]) when
     /// the call started, and how much it may grow.
     memory_start: AtomicIsize,
@@ -521,6 +525,7 @@ impl Deadline {
         Deadline {
             base: Instant::now(),
             at: AtomicU64::new(u64::MAX),
+            clock: std::sync::Mutex::new(None),
             memory_start: AtomicIsize::new(0),
             memory_cap: isize::try_from(limits.memory_bytes).unwrap_or(isize::MAX),
             printed: AtomicUsize::new(0),
@@ -531,18 +536,35 @@ impl Deadline {
 
     /// Starts a call on this thread.
     fn arm(&self, budget: Duration) {
-        let at = (self.base.elapsed() + budget).as_nanos();
-        self.at
-            .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) = Some(CallClock::start(budget));
+        self.look_again_in(budget);
         self.memory_start
             .store(crate::alloc::thread_live(), Ordering::Relaxed);
         self.printed.store(0, Ordering::Relaxed);
         self.suppressed.store(0, Ordering::Relaxed);
     }
 
+    fn look_again_in(&self, d: Duration) {
+        let at = (self.base.elapsed() + d).as_nanos();
+        self.at
+            .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The call used its CPU budget (or reached the wall-clock backstop).
+    /// Runs on the thread of the call.
     fn passed(&self) -> bool {
         let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        now > self.at.load(Ordering::Relaxed)
+        if now <= self.at.load(Ordering::Relaxed) {
+            return false;
+        }
+        let clock = *self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        match clock.and_then(|c| c.remaining()) {
+            Some(left) => {
+                self.look_again_in(left);
+                false
+            }
+            None => true,
+        }
     }
 
     /// The call holds more than the memory cap (0 without the counting

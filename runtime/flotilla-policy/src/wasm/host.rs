@@ -53,6 +53,8 @@ pub(super) struct State {
     pub(super) world: World,
     pub(super) policy: String,
     pub(super) stderr: MemoryOutputPipe,
+    /// The running call's CPU budget (see [`crate::clock`]).
+    pub(super) clock: Option<crate::clock::CallClock>,
 }
 
 pub(super) struct Limiter {

@@ -30,6 +30,7 @@
 //! argument-arena section), `convert` (WIT types to and from the model).
 
 use super::{Limits, Policy, PolicyError};
+use crate::clock::CallClock;
 use crate::world::World;
 use flotilla_model::{self as model, Hook, PolicyInfo};
 use sha2::{Digest, Sha256};
@@ -44,7 +45,7 @@ use wasmtime::component::{
 };
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
-    Store, Trap,
+    Store, StoreContextMut, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
@@ -587,9 +588,10 @@ struct LiveInstance {
 }
 
 impl LiveInstance {
-    /// Starts a call: its CPU budget in epoch ticks and its memory cap.
-    fn arm(&mut self, ticks: u64, memory_cap: usize) {
-        self.store.set_epoch_deadline(ticks);
+    /// Starts a call on this thread: its CPU budget and its memory cap.
+    fn arm(&mut self, budget: Duration, memory_cap: usize) {
+        self.store.set_epoch_deadline(ticks(budget));
+        self.store.data_mut().clock = Some(CallClock::start(budget));
         let limiter = &mut self.store.data_mut().limiter;
         limiter.memory_cap = memory_cap;
         limiter.hit_cap = false;
@@ -670,10 +672,6 @@ impl WasmPolicy {
         }
     }
 
-    fn ticks(&self, nodes: usize) -> u64 {
-        ticks(&self.limits, nodes)
-    }
-
     fn classify(
         &self,
         hook: Hook,
@@ -691,9 +689,9 @@ impl WasmPolicy {
         nodes: usize,
         f: impl FnOnce(&mut LiveInstance) -> wasmtime::Result<R>,
     ) -> Result<R, PolicyError> {
-        let (ticks, cap) = (self.ticks(nodes), self.limits.memory(nodes));
+        let (budget, cap) = (self.limits.budget(nodes), self.limits.memory(nodes));
         let live = self.live(hook)?;
-        live.arm(ticks, cap);
+        live.arm(budget, cap);
         match f(live) {
             Ok(r) => Ok(r),
             Err(e) => {
@@ -807,7 +805,7 @@ impl Policy for WasmPolicy {
                                     Err(e) => return (None, Err(e)),
                                 }
                             }
-                            live.arm(ticks(&limits, chunk.len()), limits.memory(chunk.len()));
+                            live.arm(limits.budget(chunk.len()), limits.memory(chunk.len()));
                             match call_nodes::<Vec<wit::Selection>>(
                                 &mut live,
                                 Hook::Select,
@@ -999,10 +997,19 @@ impl Policy for WasmPolicy {
     }
 }
 
-/// Epoch ticks for a call handed `nodes` nodes; one extra tick because the
-/// current tick may be about to end.
-fn ticks(limits: &Limits, nodes: usize) -> u64 {
-    (limits.budget(nodes).as_micros() / TICK.as_micros()).max(1) as u64 + 1
+/// Epoch ticks until the clock of a call with `left` of its budget is looked
+/// at; one extra tick because the current tick may be about to end.
+fn ticks(left: Duration) -> u64 {
+    (left.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// At each epoch deadline: the call goes on while its thread has CPU budget
+/// left (and the wall-clock backstop is not reached), else it is interrupted.
+fn on_deadline(store: StoreContextMut<'_, State>) -> wasmtime::Result<UpdateDeadline> {
+    Ok(match store.data().clock.and_then(|c| c.remaining()) {
+        Some(left) => UpdateDeadline::Continue(ticks(left)),
+        None => UpdateDeadline::Interrupt,
+    })
 }
 
 /// Turns a failed call into the error the engine records: budget, memory cap,
@@ -1096,11 +1103,14 @@ impl Maker<'_> {
             world: self.world.clone(),
             policy: self.compiled.name.clone(),
             stderr,
+            clock: None,
         };
         let mut store = Store::new(linked.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(ticks(self.limits, 0));
+        store.epoch_deadline_callback(on_deadline);
+        let budget = self.limits.budget(0);
+        store.data_mut().clock = Some(CallClock::start(budget));
+        store.set_epoch_deadline(ticks(budget));
         let instance = linked.pre.instance_pre().instantiate(&mut store)?;
         let bindings = linked.indices.load(&mut store, &instance)?;
         let mut func = |index| {

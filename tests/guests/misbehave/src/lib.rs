@@ -1,6 +1,7 @@
 //! A policy that misbehaves on request: the task param `mode` picks how.
 //! `loop` spins forever, `alloc` allocates until it is stopped, `leak` keeps
-//! 6 MiB more on every `select` call, `panic` panics,
+//! 6 MiB more on every `select` call, `count` asks the fleet for its size
+//! once, `panic` panics,
 //! `unknown-node` / `empty-wave` / `duplicate` return a bad plan,
 //! `empty-reason` pauses without a reason, `short` returns too few selections,
 //! `echo` skips every node with the node as it arrived (`{:?}`) as the detail
@@ -40,6 +41,12 @@ impl Policy for Misbehave {
                 let mut hoard = HOARD.lock().unwrap_or_else(|e| e.into_inner());
                 hoard.push(vec![1u8; 6 << 20]);
                 std::hint::black_box(&hoard);
+                vec![Selection::Include; nodes.len()]
+            }
+            "count" => {
+                // One host call (the test's fleet is slow to answer).
+                let n = flotilla_sdk::host::count(&flotilla_sdk::host::Selector::default());
+                std::hint::black_box(n);
                 vec![Selection::Include; nodes.len()]
             }
             "panic" => panic!("misbehave was told to panic"),
