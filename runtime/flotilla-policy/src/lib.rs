@@ -73,12 +73,14 @@ impl PolicyError {
 }
 
 /// What a policy may use per call. The same limits apply to both hosts, each in
-/// its own currency: Wasm counts wall time by epochs and caps linear memory;
-/// Rhai counts operations, checks wall time as it goes and caps string, array
+/// its own currency: Wasm checks the call's CPU time at epoch deadlines and
+/// caps linear memory; Rhai counts operations, checks the call's CPU time as
+/// it goes (both through [`clock`]) and caps string, array
 /// and map sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock budget for one hook call...
+    /// CPU budget for one hook call (the CPU time of the thread running it;
+    /// 10 times as much wall time at most: [`clock`])...
     pub cpu: Duration,
     /// ...plus this much per node handed to it (`select` chunks, `plan` gets
     /// the whole selection, so its budget grows with the fleet).
@@ -115,7 +117,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The wall-clock budget of a call that is handed `nodes` nodes.
+    /// The CPU budget of a call that is handed `nodes` nodes.
     pub fn budget(&self, nodes: usize) -> Duration {
         self.cpu + self.cpu_per_node * u32::try_from(nodes).unwrap_or(u32::MAX)
     }

@@ -14,7 +14,7 @@
 //!
 //! A script gets no filesystem, no `import`, no `eval`, no wall clock
 //! (`timestamp`) and no `sleep`. Each hook call runs under [`Limits`]: an
-//! operation count, a call depth, a wall-clock budget checked every
+//! operation count, a call depth, a CPU budget checked every
 //! [`CLOCK_CHECK_EVERY`] operations, a cap on strings, arrays and maps, and
 //! the memory cap of a Wasm instance on everything the call allocates and
 //! still holds (counted by [`crate::alloc`], checked every
@@ -56,7 +56,8 @@ const MAX_QUERY: INT = 4096;
 /// Expression nesting at the top level and inside functions (Rhai's release defaults).
 const MAX_EXPR_DEPTH: usize = 64;
 const MAX_FN_EXPR_DEPTH: usize = 32;
-/// The wall clock is read once per this many operations. Reading it costs about
+/// The wall clock is read once per this many operations (the CPU clock only
+/// once the wall deadline passed, see [`Deadline::passed`]). Reading it costs about
 /// as much as one cheap operation, so this is noise; fewer would let a run of
 /// expensive operations (megabyte string copies) overshoot the budget further.
 const CLOCK_CHECK_EVERY: u64 = 256;
@@ -476,7 +477,7 @@ impl Policy for RhaiPolicy {
 // Engine
 
 /// One engine's per-call state, which the progress and print callbacks
-/// check: the wall-clock deadline, the memory the call started with, and
+/// check: the CPU deadline, the memory the call started with, and
 /// the lines it printed. An engine runs one call at a time, on one thread.
 #[derive(Debug)]
 struct Deadline {
