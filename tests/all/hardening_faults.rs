@@ -27,8 +27,9 @@ struct Faulty {
 impl Faulty {
     fn check(&self, fail: &AtomicBool) -> Result<(), StoreError> {
         if fail.load(Ordering::SeqCst) {
-            Err(StoreError::Io(
-                "injected fault: no space left on device".into(),
+            Err(StoreError::io(
+                "injected fault",
+                std::io::Error::from_raw_os_error(28), // ENOSPC
             ))
         } else {
             Ok(())

@@ -1413,7 +1413,7 @@ impl Engine {
                     }
                     failed.push(Some(match e {
                         EngineError::Store(e) => e,
-                        other => StoreError::Io(other.to_string()),
+                        other => StoreError::io("commit", other.to_string()),
                     }));
                 }
             }

@@ -1102,7 +1102,7 @@ impl FaultyStore {
 
     fn check(&self) -> Result<(), StoreError> {
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(StoreError::Io("injected fault: disk full".into()))
+            Err(StoreError::io("injected fault", "disk full"))
         } else {
             Ok(())
         }

@@ -245,7 +245,7 @@ impl Tokens {
         for t in configured {
             let mut h = [0u8; 32];
             hex::decode_to_slice(&t.sha256, &mut h)
-                .map_err(|e| StoreError::Io(format!("token {}: sha256: {e}", t.name)))?;
+                .map_err(|e| StoreError::Invalid(format!("token {}: sha256: {e}", t.name)))?;
             entries.push(Entry::new(&t.name, t.role, h, Source::Config, None, None));
         }
         for (_, rec) in kv.all::<TokenRecord>()? {

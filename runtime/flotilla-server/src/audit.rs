@@ -82,7 +82,7 @@ impl Audit {
 
     fn put(&self, rec: &AuditRecord) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Io("audit: injected fault".into()));
+            return Err(StoreError::io("audit", "injected fault"));
         }
         self.kv.put(&key(rec.seq), rec)
     }

@@ -135,9 +135,10 @@ impl From<EngineError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Io(_) => ApiError::store_fault(e),
-            // A record that cannot be read will not read better later.
-            StoreError::Corrupt { .. } => ApiError::internal(e),
+            StoreError::Io { .. } => ApiError::store_fault(e),
+            // A record that cannot be read will not read better later, nor
+            // will a value the store cannot hold.
+            StoreError::Corrupt { .. } | StoreError::Invalid(_) => ApiError::internal(e),
         }
     }
 }

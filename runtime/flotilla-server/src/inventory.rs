@@ -148,7 +148,7 @@ impl Inventory {
         }
         let artifacts = data.join("artifacts");
         std::fs::create_dir_all(&artifacts)
-            .map_err(|e| StoreError::Io(format!("creating {}: {e}", artifacts.display())))?;
+            .map_err(|e| StoreError::io(format!("creating {}", artifacts.display()), e))?;
         Ok(Inventory {
             fleet: Arc::new(fleet),
             nodes,
@@ -266,7 +266,7 @@ impl Inventory {
     /// Issues a fresh token for `node` (replacing any earlier one).
     pub fn issue_token(&self, node: &str, now: u64) -> Result<String, StoreError> {
         let mut raw = [0u8; 32];
-        getrandom::fill(&mut raw).map_err(|e| StoreError::Io(format!("no randomness: {e}")))?;
+        getrandom::fill(&mut raw).map_err(|e| StoreError::io("no randomness", e.to_string()))?;
         let token = format!("fln_{}", hex::encode(raw));
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.agents.put(
@@ -309,7 +309,7 @@ impl Inventory {
     /// `expires_at` (Unix ms); replaces any earlier one. Only its hash is kept.
     pub fn issue_enroll_token(&self, node: &str, expires_at: u64) -> Result<String, StoreError> {
         let mut raw = [0u8; 32];
-        getrandom::fill(&mut raw).map_err(|e| StoreError::Io(format!("no randomness: {e}")))?;
+        getrandom::fill(&mut raw).map_err(|e| StoreError::io("no randomness", e.to_string()))?;
         let token = format!("flne_{}", hex::encode(raw));
         self.enroll_tokens.put(
             node,

@@ -174,7 +174,7 @@ impl Metrics {
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).map_err(|e| {
-            flotilla_engine::store::StoreError::Io(format!("encoding metrics: {e}"))
+            flotilla_engine::store::StoreError::Invalid(format!("encoding metrics: {e}"))
         })?;
         Ok(out)
     }

@@ -180,7 +180,7 @@ impl SledStore {
                     .map_err(|e| open_error(dir, e))?
                     .is_empty()
             {
-                return Err(StoreError::Io(format!(
+                return Err(StoreError::Invalid(format!(
                     "store {} was written by an older Flotilla (tree {}); this version \
                      cannot read it: start with an empty data directory",
                     dir.display(),
@@ -215,8 +215,12 @@ impl SledStore {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn io(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Io(format!("{what} in {}: {e}", self.dir.display()))
+    fn io(
+        &self,
+        what: &str,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> StoreError {
+        StoreError::io(format!("{what} in {}", self.dir.display()), e)
     }
 
     fn written(&self) -> MutexGuard<'_, HashMap<String, Written>> {
@@ -380,8 +384,8 @@ impl std::fmt::Debug for Kv {
 }
 
 impl Kv {
-    fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Io(format!("tree {}: {e}", self.name))
+    fn err(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> StoreError {
+        StoreError::io(format!("tree {}", self.name), e)
     }
 
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -588,10 +592,10 @@ fn open_db(dir: &Path) -> Result<Db, StoreError> {
     let key = registry_key(dir);
     let was = opened().get(&key).copied();
     if was == Some(true) {
-        return Err(StoreError::Io(format!(
-            "store {} is locked: another open store in this process is using it",
-            dir.display()
-        )));
+        return Err(StoreError::io(
+            format!("store {} is locked", dir.display()),
+            "another open store in this process is using it",
+        ));
     }
     let deadline = Instant::now() + RELEASE_WAIT;
     loop {
@@ -630,12 +634,12 @@ impl Drop for SledStore {
 fn open_error(dir: &Path, e: ::sled::Error) -> StoreError {
     let text = e.to_string();
     if is_lock_error(&e) {
-        StoreError::Io(format!(
-            "store {} is locked: another process (or another open store in this process) is using it ({text})",
-            dir.display()
-        ))
+        StoreError::io(
+            format!("store {} is locked", dir.display()),
+            format!("another process (or another open store in this process) is using it ({text})"),
+        )
     } else {
-        StoreError::Io(format!("cannot open store {}: {text}", dir.display()))
+        StoreError::io(format!("cannot open store {}", dir.display()), e)
     }
 }
 
@@ -741,7 +745,7 @@ fn key_of(f: impl FnOnce(&mut Vec<u8>)) -> IVec {
 fn encode<T: Serialize>(value: &T, what: impl FnOnce() -> String) -> Result<IVec, StoreError> {
     with_scratch(|buf| {
         serde_json::to_writer(&mut *buf, value)
-            .map_err(|e| StoreError::Io(format!("cannot encode {}: {e}", what())))?;
+            .map_err(|e| StoreError::Invalid(format!("cannot encode {}: {e}", what())))?;
         Ok(IVec::from(&buf[..]))
     })
 }
@@ -769,7 +773,7 @@ fn encode_compressed<T: Serialize>(
 ) -> Result<IVec, StoreError> {
     with_scratch(|buf| {
         serde_json::to_writer(&mut *buf, value)
-            .map_err(|e| StoreError::Io(format!("cannot encode {}: {e}", what())))?;
+            .map_err(|e| StoreError::Invalid(format!("cannot encode {}: {e}", what())))?;
         Ok(compress(buf))
     })
 }
@@ -892,7 +896,7 @@ fn pack_events(task_id: &str, events: &[Event]) -> Result<Vec<(u64, IVec)>, Stor
                     buf.push(b',');
                 }
                 serde_json::to_writer(&mut *buf, e).map_err(|err| {
-                    StoreError::Io(format!("cannot encode events/{task_id}/{}: {err}", e.seq))
+                    StoreError::Invalid(format!("cannot encode events/{task_id}/{}: {err}", e.seq))
                 })?;
                 n += 1;
             }
@@ -962,7 +966,7 @@ impl Store for SledStore {
 
         let generation = if big {
             let generation = before.generation.checked_add(1).ok_or_else(|| {
-                StoreError::Io(format!(
+                StoreError::Invalid(format!(
                     "task {} has run out of run-pack generations",
                     task.id
                 ))

@@ -38,7 +38,7 @@ impl MemoryStore {
 /// both stores so simulation behaves like production.
 pub fn check_task_id(id: &str) -> Result<(), StoreError> {
     if id.as_bytes().contains(&0) {
-        return Err(StoreError::Io(format!(
+        return Err(StoreError::Invalid(format!(
             "task id {id:?} contains a NUL byte, which the store cannot key"
         )));
     }
@@ -424,7 +424,7 @@ pub mod conformance {
             .commit(&task("a\0b", 1), &[run("n", "1", 1)], &[])
             .unwrap_err();
         assert!(
-            matches!(&err, StoreError::Io(m) if m.contains("NUL")),
+            matches!(&err, StoreError::Invalid(m) if m.contains("NUL")),
             "{err}"
         );
         assert!(store.tasks().unwrap().is_empty());
