@@ -682,6 +682,12 @@ impl Engine {
         Some((live.task.clone(), count_states(live.runs.values())))
     }
 
+    /// The runs of a task held in memory, in node-id order, without copying
+    /// them (the dashboard's grid): `None` for any other task.
+    pub fn live_runs(&self, id: &str) -> Option<impl Iterator<Item = &NodeRun>> {
+        self.live.get(id).map(|l| l.runs.values())
+    }
+
     /// The runs of every task held in memory, counted by state, by task id.
     pub fn live_counts(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
         self.live

@@ -19,6 +19,7 @@ pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod connections;
+pub mod dashboard;
 mod error;
 pub mod hooks;
 pub mod inventory;
@@ -309,6 +310,9 @@ pub struct AppState {
     pub access: access::Tokens,
     /// The audit log.
     pub audit: audit::Audit,
+    /// Permits for the dashboard's live streams (at most
+    /// [`dashboard::MAX_LIVE_STREAMS`] open at once).
+    pub live_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -397,6 +401,7 @@ impl Runner {
             policies,
             access,
             audit,
+            live_streams: Arc::new(tokio::sync::Semaphore::new(dashboard::MAX_LIVE_STREAMS)),
         });
         let router = router(state.clone());
         Ok(Runner {
