@@ -817,3 +817,263 @@ fn a_read_token_cannot_pause() {
         "const b = document.getElementById('btn-pause'); return b && !b.disabled",
     );
 }
+
+// ----- the dashboard's routes without a browser -----
+
+impl Seeded {
+    /// Status, headers and body bytes.
+    fn raw(&self, path: &str, token: Option<&str>) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        self.rt.block_on(async {
+            let mut req = reqwest::Client::new()
+                .get(format!("{}{path}", self.base))
+                .timeout(Duration::from_secs(30));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let headers = res.headers().clone();
+            (status, headers, res.bytes().await.unwrap().to_vec())
+        })
+    }
+
+    fn token(&self, name: &str, role: &str) -> String {
+        let (s, made) = self.send(
+            "POST",
+            "/v1/tokens",
+            ADMIN,
+            Some(json!({"name": name, "role": role})),
+        );
+        assert_eq!(s, 201, "{made}");
+        made["token"].as_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn the_dashboard_is_served_with_a_strict_content_security_policy() {
+    let seeded = Seeded::start("t-small", 3, TaskState::Running, false);
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/dashboard/", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/app.css", "text/css"),
+    ] {
+        // Served without a token: the assets hold no data.
+        let (s, h, body) = seeded.raw(path, None);
+        assert_eq!(s, 200, "{path}");
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with(kind),
+            "{path}"
+        );
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for part in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "object-src 'none'",
+        ] {
+            assert!(csp.contains(part), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        if kind == "text/html" {
+            // No inline script: every <script> has a src.
+            let html = String::from_utf8(body).unwrap();
+            for tag in html.split("<script").skip(1) {
+                assert!(
+                    tag.trim_start().starts_with("src="),
+                    "inline script in {path}"
+                );
+            }
+            // No inline handler (` onclick=`).
+            for (i, _) in html.match_indices(" on") {
+                let rest = &html[i + 3..];
+                let word = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(0);
+                assert!(
+                    !rest[word..].starts_with('='),
+                    "an inline handler in {path}"
+                );
+            }
+        } else if kind == "text/javascript" {
+            let js = String::from_utf8(body).unwrap();
+            // Nothing the runner returns becomes markup.
+            assert!(!js.contains("innerHTML") && !js.contains("eval("), "{path}");
+        }
+    }
+    let (s, _, _) = seeded.raw("/dashboard/other.js", None);
+    assert_eq!(s, 404);
+}
+
+#[test]
+fn the_dashboard_reads_are_guarded_bounded_and_check_their_input() {
+    let seeded = Seeded::start("t-small", 12, TaskState::Running, false);
+    let read = seeded.token("viewer", "read");
+    let guarded = [
+        "/v1/whoami",
+        "/v1/tasks/t-small/live",
+        "/v1/tasks/t-small/grid",
+        "/v1/tasks/t-small/grid/nodes",
+        "/v1/nodes/node-000000/history",
+        "/v1/policies/canary/source",
+    ];
+    for path in guarded {
+        let (s, _, body) = seeded.raw(path, None);
+        assert_eq!(s, 401, "{path}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("token"),
+            "{path}: {v}"
+        );
+        let (s, _, _) = seeded.raw(path, Some("not-a-token"));
+        assert_eq!(s, 401, "{path}");
+    }
+    let (s, me) = seeded.send("GET", "/v1/whoami", &read, None);
+    assert_eq!((s, me), (200, json!({"name": "viewer", "role": "read"})));
+
+    // The grid: one byte per run, in node-id order; the states by name.
+    let (s, h, bytes) = seeded.raw("/v1/tasks/t-small/grid", Some(&read));
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/octet-stream");
+    let states: Vec<&str> = h["x-flotilla-states"]
+        .to_str()
+        .unwrap()
+        .split(',')
+        .collect();
+    assert_eq!(states.len(), 16);
+    assert_eq!(bytes.len(), 12);
+    assert!(
+        bytes.iter().all(|b| states[*b as usize] == "downloading"),
+        "{bytes:?}"
+    );
+    let (s, nodes) = seeded.send("GET", "/v1/tasks/t-small/grid/nodes", &read, None);
+    assert_eq!(s, 200, "{nodes}");
+    let ids: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    assert_eq!(ids.len(), 12);
+    assert_eq!(nodes["waves"].as_array().unwrap().len(), 12);
+    // 12 nodes: no canary (1% of 12), 10% (1), 50% (5), the rest (6).
+    assert_eq!(nodes["waves"][0], 1, "{nodes}");
+    assert_eq!(nodes["waves"][11], 3, "{nodes}");
+    assert_eq!(nodes["plan_rev"], 1);
+    for bad in [
+        "/v1/tasks/nope/grid",
+        "/v1/tasks/nope/grid/nodes",
+        "/v1/tasks/nope/live",
+        "/v1/tasks/a%2F..%2Fb/grid",
+        &format!("/v1/tasks/{}/grid", "x".repeat(300)),
+    ] {
+        let (s, _, body) = seeded.raw(bad, Some(&read));
+        assert_eq!(s, 404, "{bad}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["error"].is_string(), "{bad}: {v}");
+    }
+
+    // A node's history, bounded.
+    let (s, hist) = seeded.send("GET", "/v1/nodes/node-000003/history", &read, None);
+    assert_eq!(s, 200, "{hist}");
+    assert_eq!(hist["items"][0]["task"], "t-small");
+    assert_eq!(hist["items"][0]["run"]["state"]["state"], "downloading");
+    for (q, status) in [
+        ("?limit=0", 422),
+        ("?limit=501", 422),
+        ("?limit=x", 400),
+        ("?other=1", 400),
+    ] {
+        let (s, v) = seeded.send(
+            "GET",
+            &format!("/v1/nodes/node-000003/history{q}"),
+            &read,
+            None,
+        );
+        assert_eq!(s, status, "{q}: {v}");
+    }
+    let (s, _) = seeded.send("GET", "/v1/nodes/never-seen/history", &read, None);
+    assert_eq!(s, 404);
+
+    // A Rhai policy's source; names are never paths.
+    let (s, src) = seeded.send("GET", "/v1/policies/canary/source", &read, None);
+    assert_eq!(s, 200, "{src}");
+    assert_eq!(src["kind"], "rhai");
+    assert!(src["source"].as_str().unwrap().contains("fn "), "{src}");
+    for (name, status) in [("nope", 404), ("Upper", 422), ("..%2Fsecret", 422)] {
+        let (s, v) = seeded.send("GET", &format!("/v1/policies/{name}/source"), &read, None);
+        assert_eq!(s, status, "{name}: {v}");
+    }
+
+    // A dry run starts a simulation: operate, not read.
+    let (s, v) = seeded.send(
+        "POST",
+        "/v1/tasks?dry_run=true",
+        &read,
+        Some(json!({"name": "x", "package": "edge", "target": {"version": "2.0.0"}, "policy": "canary"})),
+    );
+    assert_eq!(s, 403, "{v}");
+
+    // The live stream: the task (waves without their node lists), then its
+    // events; and at most 64 streams at once.
+    seeded.rt.block_on(async {
+        let http = reqwest::Client::new();
+        let open = || {
+            http.get(format!("{}/v1/tasks/t-small/live", seeded.base))
+                .bearer_auth(&read)
+                .send()
+        };
+        let mut first = open().await.unwrap();
+        assert_eq!(first.status(), 200);
+        assert_eq!(first.headers()["content-type"], "text/event-stream");
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !(text.contains("event: task") && text.contains("event: events")) {
+            let chunk = tokio::time::timeout_at(deadline, first.chunk())
+                .await
+                .expect("the first events within 20 s")
+                .unwrap()
+                .expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let task_line = text
+            .lines()
+            .skip_while(|l| *l != "event: task")
+            .nth(1)
+            .unwrap();
+        let task: Value = serde_json::from_str(task_line.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(task["id"], "t-small");
+        assert_eq!(task["counts"]["downloading"], 12);
+        assert!(task["waves"][0].get("nodes").is_none(), "{task}");
+        assert_eq!(task["waves"][3]["size"], 6);
+        let mut held = vec![first];
+        for _ in 1..64 {
+            let r = open().await.unwrap();
+            assert_eq!(r.status(), 200);
+            held.push(r);
+        }
+        let refused = open().await.unwrap();
+        assert_eq!(refused.status(), 503);
+        assert!(refused.headers().contains_key("retry-after"));
+        let v: Value = refused.json().await.unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("64 live streams"),
+            "{v}"
+        );
+        // A closed stream gives its place back.
+        drop(held.pop());
+        let mut tries = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let r = open().await.unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 100, "a closed stream's place was never freed");
+        }
+    });
+}

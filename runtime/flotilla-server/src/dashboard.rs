@@ -30,9 +30,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_engine::store::Store;
-use flotilla_model::{NodeRun, RunState};
+use flotilla_model::{NodeRun, RunState, Task};
 use serde::Deserialize;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -232,17 +232,11 @@ async fn grid_nodes(
     })))
 }
 
-/// A task view for the live stream: each wave's node list is replaced by
-/// its `size` (a 100,000-node plan is 1.5 MB of JSON, sent on every change
+/// A task for the live stream: each wave's node list is replaced by its
+/// `size` (a 100,000-node plan is 1.5 MB of JSON, sent on every change
 /// otherwise; the grid's nodes say which node is in which wave).
-fn summary(mut view: super::api::TaskView) -> serde_json::Value {
-    let sizes: Vec<usize> = view
-        .task
-        .waves
-        .iter_mut()
-        .map(|w| std::mem::take(&mut w.nodes).len())
-        .collect();
-    let mut v = serde_json::to_value(&view).unwrap_or_default();
+fn summary(task: Task, sizes: Vec<usize>, counts: BTreeMap<String, usize>) -> serde_json::Value {
+    let mut v = serde_json::to_value(super::api::TaskView { task, counts }).unwrap_or_default();
     if let Some(waves) = v.get_mut("waves").and_then(|w| w.as_array_mut()) {
         for (w, size) in waves.iter_mut().zip(sizes) {
             if let Some(o) = w.as_object_mut() {
@@ -349,12 +343,26 @@ struct Live {
 impl Live {
     /// Looks for a changed view and new events; queues what to send.
     async fn look(&mut self) -> Result<(), ApiError> {
-        let view = task_view(&self.state, self.id.clone()).await?;
+        let id = self.id.clone();
+        let head = self.state.engine.read(move |e| e.live_head(&id)).await?;
+        let (task, sizes, counts) = match head {
+            Some(h) => h,
+            None => {
+                let mut view = task_view(&self.state, self.id.clone()).await?;
+                let sizes = view
+                    .task
+                    .waves
+                    .iter_mut()
+                    .map(|w| std::mem::take(&mut w.nodes).len())
+                    .collect();
+                (view.task, sizes, view.counts)
+            }
+        };
         // An ended task changes no more once its work is back.
-        if !view.task.state.active() && !view.task.draining {
+        if !task.state.active() && !task.draining {
             self.done = true;
         }
-        let text = summary(view).to_string();
+        let text = summary(task, sizes, counts).to_string();
         if self.last.as_deref() != Some(text.as_str()) {
             self.queue
                 .push_back(SseEvent::default().event("task").data(text.clone()));

@@ -3,8 +3,9 @@
 // - The management token is asked for once (only when the runner wants one),
 //   kept in sessionStorage (this tab, this session) and sent in the
 //   Authorization header of fetch(); it is never put in a URL.
-// - The DOM is built with createElement/textContent only: no innerHTML, so
-//   nothing the runner returns (node ids, reasons, policy text) is markup.
+// - The DOM is built with createElement/textContent only (never parsed from
+//   strings), so nothing the runner returns (node ids, reasons, policy text)
+//   is ever markup.
 // - A task is live through GET /v1/tasks/{id}/live, server-sent events read
 //   with fetch() and a ReadableStream (EventSource cannot send headers).
 "use strict";
