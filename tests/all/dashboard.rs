@@ -23,7 +23,7 @@ use flotilla_model::{Event, NodeRun, RunState, Task, TaskSpec, TaskState, Wave};
 use flotilla_server::{Config, Runner};
 use serde_json::{Value, json};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,7 +87,7 @@ struct Browser {
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
-    fn start(rt: Arc<tokio::runtime::Runtime>, chromium: &PathBuf, driver: &PathBuf) -> Browser {
+    fn start(rt: Arc<tokio::runtime::Runtime>, chromium: &Path, driver: &Path) -> Browser {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
