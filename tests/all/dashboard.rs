@@ -578,6 +578,15 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
     );
     b.screenshot("task-paused");
 
+    // From the counts to the nodes in a state.
+    b.click("#counts-table tr[data-state=succeeded] a");
+    b.wait_js(
+        "the task's succeeded nodes",
+        Duration::from_secs(20),
+        "return document.querySelector('#runs tr[data-node]')",
+    );
+    b.screenshot("task-nodes-by-state");
+
     // The other views, for the record.
     b.goto(&format!("{}/#/tasks", c.url()));
     b.wait_js(
@@ -724,6 +733,21 @@ fn a_100k_node_task_view_renders_within_a_second() {
     assert!(
         tip.starts_with("node-00000") && tip.ends_with(" of 100000)"),
         "{tip}"
+    );
+    // The keyboard walks the cells and names them.
+    let named = b.js(
+        "const c = document.getElementById('grid'); c.focus(); \
+         c.dispatchEvent(new KeyboardEvent('keydown', {key: 'Home', bubbles: true})); \
+         c.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowRight', bubbles: true})); \
+         return document.getElementById('cell-info').textContent",
+        json!([]),
+    );
+    assert!(
+        named
+            .as_str()
+            .unwrap()
+            .starts_with("node-000001: timed-out, wave 1 (cell 2 of 100000)"),
+        "{named}"
     );
     b.screenshot("task-100k");
     let best = times.iter().cloned().fold(f64::MAX, f64::min);

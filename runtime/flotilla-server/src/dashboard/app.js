@@ -17,10 +17,10 @@ const MAX_EVENT_ROWS = 1000;
 // Colours of run states in the grid and legends; each is also named in text.
 const STATE_COLOURS = {
   "pending": [200, 200, 200], "skipped": [214, 200, 240], "queued": [150, 150, 150],
-  "offered": [144, 202, 249], "downloading": [66, 165, 245], "upgrading": [30, 136, 229],
-  "verifying": [21, 101, 192], "succeeded": [46, 125, 50], "failed-rolled-back": [230, 81, 0],
-  "failed-rollback-failed": [183, 28, 28], "timed-out": [239, 108, 0], "unknown": [109, 76, 65],
-  "rejected": [173, 20, 87], "rolling-back": [253, 216, 53], "rolled-back": [249, 168, 37],
+  "offered": [144, 202, 249], "downloading": [100, 181, 246], "upgrading": [30, 136, 229],
+  "verifying": [13, 71, 161], "succeeded": [46, 125, 50], "failed-rolled-back": [230, 81, 0],
+  "failed-rollback-failed": [183, 28, 28], "timed-out": [123, 31, 162], "unknown": [109, 76, 65],
+  "rejected": [194, 24, 91], "rolling-back": [253, 216, 53], "rolled-back": [249, 168, 37],
   "cancelled": [66, 66, 66],
 };
 const FAILED = new Set(["failed-rolled-back", "failed-rollback-failed", "timed-out", "unknown", "rejected"]);
@@ -67,6 +67,10 @@ function when(ms) {
   if (!ms) return "—";
   const d = new Date(ms);
   return d.toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC");
+}
+
+function clock(ms) {
+  return new Date(ms).toISOString().slice(11, 19);
 }
 
 function ago(ms) {
@@ -298,12 +302,12 @@ async function tasksView(main, params) {
         h("td", {}, ago(t.updated_at)));
     });
     body.replaceChildren(rows.length
-      ? table(["Task", "State", "Package → target", "Progress", { text: "Started", cls: "hide-narrow" }, "Updated"], rows, { id: "tasks" })
+      ? table(["Task", "State", "Package → target", "Progress", { text: "Created", cls: "hide-narrow" }, "Updated"], rows, { id: "tasks" })
       : h("p", { class: "muted", text: state ? `No ${state} tasks.` : "No tasks yet." }));
     main.dataset.rendered = "1";
   };
   await load();
-  const timer = setInterval(() => load().catch((e) => say(e.message)), 3000);
+  const timer = setInterval(() => load().catch((e) => say(e.message)), 5000);
   current = () => clearInterval(timer);
 }
 
@@ -359,7 +363,7 @@ async function taskView(main, id) {
     h("h2", { id: "events-h", text: "Events" }),
     h("div", { class: "filters" }, h("div", {}, h("span", {}, evFilter, " ", h("label", { for: "ev-policy", text: "Only policy decisions and task changes" })))),
     h("div", { class: "events table-wrap" }, h("table", { id: "events" },
-      h("thead", {}, h("tr", {}, ["#", "At", "Kind", "Node", "Detail", "Policy"].map((t) => h("th", { scope: "col", text: t })))),
+      h("thead", {}, h("tr", {}, ["#", "At (UTC)", "Kind", "Node", "Detail", "Policy"].map((t) => h("th", { scope: "col", class: t === "Policy" ? "hide-narrow" : null, text: t })))),
       evBody)));
   main.append(title, h("p", {}, stateEl), summary, controls, waves,
     gridSec, h("section", { "aria-labelledby": "counts-h" }, h("h2", { id: "counts-h", text: "Counts" }), counts),
@@ -425,7 +429,8 @@ async function taskView(main, id) {
     const total = Object.values(c).reduce((a, b) => a + b, 0);
     counts.replaceChildren(table([{ text: "State" }, { text: "Nodes", cls: "num" }, { text: "Share", cls: "num" }],
       Object.keys(STATE_COLOURS).filter((s) => c[s]).map((s) => h("tr", { dataset: { state: s } },
-        h("td", {}, swatch(s), s), h("td", { class: "num", text: c[s] }),
+        h("td", {}, swatch(s), h("a", { href: `#/nodes?task=${encodeURIComponent(task.id)}&state=${encodeURIComponent(s)}`, title: `The nodes ${s} in this task`, text: s })),
+        h("td", { class: "num", text: c[s] }),
         h("td", { class: "num", text: total ? (100 * c[s] / total).toFixed(1) + " %" : "" }))),
       { id: "counts-table", caption: `${total} nodes` }));
     drawWaves();
@@ -478,7 +483,7 @@ async function taskView(main, id) {
   function drawGrid() {
     if (!grid) return;
     const n = grid.length;
-    const width = Math.max(200, Math.min(canvas.parentElement.clientWidth - 10, 1100));
+    const width = Math.max(200, Math.min(canvas.parentElement.clientWidth - 10, 1400));
     let size = Math.floor(Math.sqrt(width * 480 / Math.max(n, 1)));
     size = Math.max(1, Math.min(size, 28));
     const cols = Math.max(1, Math.floor(width / size));
@@ -590,9 +595,10 @@ async function taskView(main, id) {
     const only = evFilter.checked;
     for (const e of list) {
       const row = h("tr", { dataset: { kind: e.kind, seq: e.seq }, class: policyKinds.test(e.kind) ? "decision" : "node-event" },
-        h("td", { class: "num", text: e.seq }), h("td", { text: when(e.at) }), h("td", {}, h("code", { text: e.kind })),
+        h("td", { class: "num", text: e.seq }), h("td", {}, h("time", { datetime: new Date(e.at).toISOString(), title: when(e.at), text: clock(e.at) })),
+        h("td", {}, h("code", { class: "kind", text: e.kind })),
         h("td", { class: "mono", text: e.node || "" }), h("td", { text: e.detail }),
-        h("td", { class: "mono muted", title: e.policy_sha256 || "", text: e.policy_sha256 ? e.policy_sha256.slice(0, 12) : "" }));
+        h("td", { class: "mono muted hide-narrow", title: e.policy_sha256 || "", text: e.policy_sha256 ? e.policy_sha256.slice(0, 12) : "" }));
       if (only && !policyKinds.test(e.kind)) row.hidden = true;
       evBody.prepend(row);
       eventRows++;
@@ -652,7 +658,39 @@ function hideTip() { tip().hidden = true; }
 
 // ----- nodes -----
 
+const RUN_STATES = Object.keys(STATE_COLOURS).concat(["failed"]);
+
+// The nodes of a task in one run state (`failed`: every failed state).
+async function taskNodesView(main, params) {
+  const id = params.get("task");
+  const state = params.get("state") || "failed";
+  const select = h("select", { id: "run-state" }, RUN_STATES.map((s) => h("option", { value: s, selected: s === state, text: s === "failed" ? "failed (any kind)" : s })));
+  select.addEventListener("change", () => {
+    location.hash = "#/nodes?" + new URLSearchParams({ task: id, state: select.value });
+  });
+  const offset = Math.max(0, parseInt(params.get("offset") || "0", 10) || 0);
+  main.append(h("h1", {}, "Nodes of task ", h("a", { href: "#/tasks/" + encodeURIComponent(id), text: id })),
+    h("div", { class: "filters" }, h("div", {}, h("label", { for: "run-state", text: "Run state" }), select)));
+  const q = new URLSearchParams({ state, offset, limit: PAGE });
+  const page = await api("GET", `/v1/tasks/${encodeURIComponent(id)}/runs?${q}`);
+  const rows = page.items.map((r) => h("tr", { dataset: { node: r.node_id } },
+    h("td", {}, h("a", { href: "#/nodes/" + encodeURIComponent(r.node_id), class: "mono", text: r.node_id })),
+    h("td", {}, swatch(r.state.state), r.state.state,
+      r.state.error || r.state.reason || r.state.detail ? h("div", { class: "muted", text: r.state.error || r.state.reason || r.state.detail }) : null),
+    h("td", { class: "num", text: r.state.wave != null ? r.state.wave + 1 : "—" }),
+    h("td", { class: "num", text: r.attempts }),
+    h("td", { text: r.from_version }),
+    h("td", { text: when(r.updated_at) })));
+  main.append(h("p", {}, `${page.total} nodes ${state}`, page.total > PAGE ? `, showing ${offset + 1}–${offset + page.items.length} ` : "",
+      offset > 0 ? h("a", { href: "#/nodes?" + withParam(params, "offset", Math.max(0, offset - PAGE)), text: "previous" }) : null, " ",
+      offset + PAGE < page.total ? h("a", { href: "#/nodes?" + withParam(params, "offset", offset + PAGE), text: "next" }) : null),
+    rows.length ? table(["Node", "Run state", { text: "Wave", cls: "num" }, { text: "Attempts", cls: "num" }, "From", "Updated"], rows, { id: "runs" })
+      : h("p", { class: "muted", text: "None." }));
+  main.dataset.rendered = "1";
+}
+
 async function nodesView(main, params) {
+  if (params.get("task")) return taskNodesView(main, params);
   const fields = [
     { name: "label", label: "Label (key=value, comma-separated)", placeholder: "region=eu" },
     { name: "version", label: "Version", placeholder: "1.4.0" },
