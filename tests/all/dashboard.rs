@@ -1101,3 +1101,48 @@ fn the_dashboard_reads_are_guarded_bounded_and_check_their_input() {
         }
     });
 }
+
+#[test]
+fn a_runner_shuts_down_promptly_with_live_streams_open() {
+    let mut seeded = Seeded::start("t-small", 3, TaskState::Running, false);
+    let rt = seeded.rt.clone();
+    let base = seeded.base.clone();
+    let mut stream = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(format!("{base}/v1/tasks/t-small/live"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r
+    });
+    rt.block_on(async {
+        let first = tokio::time::timeout(Duration::from_secs(20), stream.chunk()).await;
+        assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+    });
+    let t0 = std::time::Instant::now();
+    let _ = seeded.stop.take().unwrap().send(());
+    let served = seeded.served.take().unwrap();
+    let done = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), served).await });
+    assert!(done.is_ok(), "the runner did not stop within 20 s");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the runner took {:?} to stop with a live stream open",
+        t0.elapsed()
+    );
+    // The stream ended with the runner.
+    let rest = rt.block_on(async {
+        let mut n = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.chunk()).await {
+                Ok(Ok(Some(_))) if n < 100 => n += 1,
+                other => return other.map(|r| r.map(|c| c.is_none())),
+            }
+        }
+    });
+    assert!(
+        matches!(rest, Ok(Ok(true)) | Ok(Err(_))),
+        "the stream outlived the runner: {rest:?}"
+    );
+}

@@ -336,6 +336,8 @@ struct Live {
     started: Instant,
     first: bool,
     done: bool,
+    /// The runner is shutting down.
+    closing: tokio::sync::watch::Receiver<bool>,
     queue: VecDeque<SseEvent>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -416,7 +418,9 @@ async fn live(
             e.retry_after = Some(5);
             e
         })?;
+    let closing = state.closing.subscribe();
     let live = Live {
+        closing,
         state,
         id,
         last: None,
@@ -432,11 +436,18 @@ async fn live(
             if let Some(ev) = l.queue.pop_front() {
                 return Some((Ok::<_, Infallible>(ev), l));
             }
-            if l.done || l.started.elapsed() >= Duration::from_secs(LIVE_STREAM_SECONDS) {
+            if l.done
+                || *l.closing.borrow()
+                || l.started.elapsed() >= Duration::from_secs(LIVE_STREAM_SECONDS)
+            {
                 return None;
             }
             if !l.first {
-                tokio::time::sleep(LIVE_POLL).await;
+                tokio::select! {
+                    () = tokio::time::sleep(LIVE_POLL) => {}
+                    // Shutting down (or the runner is gone): end the stream.
+                    _ = l.closing.changed() => return None,
+                }
             }
             l.first = false;
             if let Err(e) = l.look().await {

@@ -313,6 +313,9 @@ pub struct AppState {
     /// Permits for the dashboard's live streams (at most
     /// [`dashboard::MAX_LIVE_STREAMS`] open at once).
     pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// Set when the runner starts shutting down: long responses (the live
+    /// streams) end, so the graceful shutdown does not wait for them.
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -402,6 +405,7 @@ impl Runner {
             access,
             audit,
             live_streams: Arc::new(tokio::sync::Semaphore::new(dashboard::MAX_LIVE_STREAMS)),
+            closing: tokio::sync::watch::Sender::new(false),
         });
         let router = router(state.clone());
         Ok(Runner {
@@ -424,6 +428,11 @@ impl Runner {
             .tls
             .clone()
             .map(|tls| tokio::spawn(tls::reload_on_sighup(tls)));
+        let state = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            state.closing.send_replace(true);
+        };
         connections::serve(
             listener,
             self.router.clone(),
