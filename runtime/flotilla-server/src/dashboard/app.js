@@ -840,7 +840,8 @@ async function planView(main) {
   const out = h("div", { id: "plan-out" });
   main.append(h("h1", { text: "Plan preview" }),
     h("p", { id: "plan-help" }, "Paste or upload a task spec (JSON, as ", h("code", { text: "POST /v1/tasks" }),
-      " takes it). The runner simulates it on the current inventory with every agent succeeding, on a virtual clock; nothing starts and no agent hears of it."),
+      " takes it; a YAML spec of the CLI: ", h("code", { text: "flotilla task create FILE --dry-run" }),
+      "). The runner simulates it on the current inventory with every agent succeeding, on a virtual clock; nothing starts and no agent hears of it."),
     h("div", { class: "filters" }, h("div", {}, h("label", { for: "plan-file", text: "Upload a spec" }), file)),
     h("label", { for: "plan-spec", text: "Task spec" }), text,
     h("div", { class: "controls" }, run), out);
