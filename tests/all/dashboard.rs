@@ -879,6 +879,7 @@ fn the_dashboard_is_served_with_a_strict_content_security_policy() {
     for (path, kind) in [
         ("/", "text/html"),
         ("/dashboard/", "text/html"),
+        ("/dashboard", "text/html"),
         ("/dashboard/app.js", "text/javascript"),
         ("/dashboard/app.css", "text/css"),
     ] {

@@ -86,6 +86,10 @@ pub fn asset_routes() -> Router<Arc<AppState>> {
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
         .route(
+            "/dashboard",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
             "/dashboard/",
             get(|| async { asset("text/html; charset=utf-8", INDEX) }),
         )
