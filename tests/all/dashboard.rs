@@ -442,6 +442,19 @@ impl Seeded {
             ev(5, "policy.verdict", "wave 2: proceed"),
             ev(6, "wave.start", "wave 3 (50%)"),
         ];
+        // A long log when mixed: 3,000 node events, then one more decision.
+        let mut events = events;
+        if mixed {
+            for k in 0..3000u64 {
+                let mut e = ev(7 + k, "node.succeeded", "succeeded");
+                e.at = now - 1_000_000 + k;
+                e.node = Some(ids[(k as usize) % n].clone());
+                events.push(e);
+            }
+            let mut e = ev(3007, "policy.admit", "deferred until 1767225600000");
+            e.at = now - 1000;
+            events.push(e);
+        }
         let runner = Runner::open_with_store(config, move |sled| {
             sled.commit(&task, &runs, &events).unwrap();
             sled.flush().unwrap();
@@ -616,6 +629,13 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
         "return document.querySelector('#releases tbody tr')",
     );
     b.screenshot("releases");
+    b.goto(&format!("{}/#/policies", c.url()));
+    b.wait_js(
+        "the policies",
+        Duration::from_secs(20),
+        "return document.querySelector('#policies tbody tr')",
+    );
+    b.screenshot("policies");
     b.goto(&format!("{}/#/policies/canary", c.url()));
     b.wait_js(
         "a policy's source",
@@ -734,6 +754,15 @@ fn a_100k_node_task_view_renders_within_a_second() {
         tip.starts_with("node-00000") && tip.ends_with(" of 100000)"),
         "{tip}"
     );
+    // Every decision stays in the log; node events are capped at 1,000.
+    let rows = b.wait_js(
+        "the whole log",
+        Duration::from_secs(20),
+        "const d = document.querySelectorAll('#events tr.decision').length; \
+         const n = document.querySelectorAll('#events tr.node-event').length; \
+         return d === 8 ? [d, n] : null",
+    );
+    assert_eq!(rows, json!([8, 1000]));
     // The keyboard walks the cells and names them.
     let named = b.js(
         "const c = document.getElementById('grid'); c.focus(); \
@@ -775,6 +804,12 @@ fn a_read_token_cannot_pause() {
 
     let b = Browser::start(seeded.rt.clone(), &chromium, &driver);
     b.goto(&format!("{}/#/tasks/t-small", seeded.base));
+    b.wait_js(
+        "the token dialog",
+        Duration::from_secs(10),
+        "return document.getElementById('login').open",
+    );
+    b.screenshot("sign-in");
     b.sign_in(&read);
     b.wait_js(
         "the task view",

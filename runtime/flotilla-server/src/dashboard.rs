@@ -51,6 +51,9 @@ pub const MAX_LIVE_STREAMS: usize = 64;
 pub const LIVE_STREAM_SECONDS: u64 = 300;
 /// A comment line this often keeps a quiet stream within the idle timeout.
 pub const KEEP_ALIVE_SECONDS: u64 = 10;
+/// Events in one `events` message of a live stream, and messages a look.
+const EVENT_PAGE: usize = 1000;
+const EVENT_PAGES: usize = 5;
 /// How often a live stream looks for changes.
 const LIVE_POLL: Duration = Duration::from_millis(500);
 
@@ -374,16 +377,24 @@ impl Live {
                 .push_back(SseEvent::default().event("task").data(text.clone()));
             self.last = Some(text);
         }
-        let store = self.state.store.clone();
-        let (id, from) = (self.id.clone(), self.from);
-        let events = tokio::task::spawn_blocking(move || store.events(&id, from, 500))
-            .await
-            .map_err(ApiError::internal)??;
-        if let Some(last) = events.last() {
+        // New events, a message per page: a long log catches up at
+        // EVENT_PAGE * EVENT_PAGES events a look.
+        for _ in 0..EVENT_PAGES {
+            let store = self.state.store.clone();
+            let (id, from) = (self.id.clone(), self.from);
+            let events = tokio::task::spawn_blocking(move || store.events(&id, from, EVENT_PAGE))
+                .await
+                .map_err(ApiError::internal)??;
+            let Some(last) = events.last() else {
+                break;
+            };
             self.from = last.seq + 1;
             let text = serde_json::to_string(&events).map_err(ApiError::internal)?;
             self.queue
                 .push_back(SseEvent::default().event("events").data(text));
+            if events.len() < EVENT_PAGE {
+                break;
+            }
         }
         Ok(())
     }

@@ -589,21 +589,49 @@ async function taskView(main, id) {
     }
   }
 
+  // Every decision (policy., task., wave. events) stays on the page, up to
+  // MAX_EVENT_ROWS of them; of the node events, the newest MAX_EVENT_ROWS.
   const policyKinds = /^(policy\.|task\.|wave\.)/;
-  let eventRows = 0;
+  let decisionRows = 0, nodeRows = 0;
   function addEvents(list) {
     const only = evFilter.checked;
-    for (const e of list) {
-      const row = h("tr", { dataset: { kind: e.kind, seq: e.seq }, class: policyKinds.test(e.kind) ? "decision" : "node-event" },
+    // Newest first, into one fragment; of a long batch's node events only
+    // the newest MAX_EVENT_ROWS (the ones that would stay) are made.
+    const frag = document.createDocumentFragment();
+    let nodeSeen = 0;
+    for (let k = list.length - 1; k >= 0; k--) {
+      const e = list[k];
+      const decision = policyKinds.test(e.kind);
+      if (!decision && ++nodeSeen > MAX_EVENT_ROWS) continue;
+      const row = h("tr", { dataset: { kind: e.kind, seq: e.seq }, class: decision ? "decision" : "node-event" },
         h("td", { class: "num", text: e.seq }), h("td", {}, h("time", { datetime: new Date(e.at).toISOString(), title: when(e.at), text: clock(e.at) })),
         h("td", {}, h("code", { class: "kind", text: e.kind })),
         h("td", { class: "mono", text: e.node || "" }), h("td", { text: e.detail }),
         h("td", { class: "mono muted hide-narrow", title: e.policy_sha256 || "", text: e.policy_sha256 ? e.policy_sha256.slice(0, 12) : "" }));
-      if (only && !policyKinds.test(e.kind)) row.hidden = true;
-      evBody.prepend(row);
-      eventRows++;
+      if (only && !decision) row.hidden = true;
+      frag.append(row);
+      if (decision) decisionRows++; else nodeRows++;
     }
-    while (eventRows > MAX_EVENT_ROWS) { evBody.lastElementChild.remove(); eventRows--; }
+    evBody.prepend(frag);
+    for (const [cls, over] of [["node-event", nodeRows - MAX_EVENT_ROWS], ["decision", decisionRows - MAX_EVENT_ROWS]]) {
+      if (over <= 0) continue;
+      const old = evBody.querySelectorAll("tr." + cls);
+      for (let k = old.length - over; k < old.length; k++) old[k].remove();
+      if (cls === "node-event") nodeRows -= over; else decisionRows -= over;
+    }
+  }
+  // Messages that arrive together are drawn as one batch, after the first
+  // draw of the grid when it is on its way.
+  let pendingEvents = [], flushTimer = 0;
+  function queueEvents(list) {
+    pendingEvents.push(...list);
+    if (flushTimer) return;
+    flushTimer = setTimeout(() => {
+      flushTimer = 0;
+      const batch = pendingEvents;
+      pendingEvents = [];
+      if (!stopped) addEvents(batch);
+    }, main.dataset.rendered ? 50 : 300);
   }
   evFilter.addEventListener("change", () => {
     for (const r of evBody.children) r.hidden = evFilter.checked && !policyKinds.test(r.dataset.kind);
@@ -622,7 +650,7 @@ async function taskView(main, id) {
           } else if (m.event === "events") {
             const list = JSON.parse(m.data);
             if (list.length) from = list[list.length - 1].seq + 1;
-            addEvents(list);
+            queueEvents(list);
           } else if (m.event === "error") {
             say(JSON.parse(m.data).error);
           }
