@@ -809,7 +809,31 @@ fn a_read_token_cannot_pause() {
         Duration::from_secs(10),
         "return document.getElementById('login').open",
     );
+    assert_eq!(
+        b.js(
+            "return document.getElementById('login-error').textContent",
+            json!([])
+        ),
+        "",
+        "a first visit is asked, not scolded"
+    );
     b.screenshot("sign-in");
+    // A wrong token is refused in the dialog, which stays open.
+    b.type_into("#login-token", "flt_not-a-real-token");
+    b.click("#login-ok");
+    b.wait_js(
+        "the refusal",
+        Duration::from_secs(10),
+        "return document.getElementById('login-error').textContent.includes('unknown or revoked')",
+    );
+    assert_eq!(
+        b.js("return document.getElementById('login').open", json!([])),
+        true
+    );
+    b.js(
+        "document.getElementById('login-token').value = ''; return null",
+        json!([]),
+    );
     b.sign_in(&read);
     b.wait_js(
         "the task view",

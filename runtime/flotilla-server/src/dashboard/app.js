@@ -138,7 +138,9 @@ async function api(method, path, body, raw) {
   }
   const res = await fetch(path, init);
   if (res.status === 401) {
-    await signIn("The runner refused the token: " + ((await res.json().catch(() => ({}))).error || "401"));
+    const why = (await res.json().catch(() => ({}))).error || "401";
+    // No token yet: just ask; a token that stopped working: say why.
+    await signIn(init.headers["Authorization"] ? "The runner refused the token: " + why : "");
     return api(method, path, body, raw);
   }
   if (!res.ok) {
