@@ -649,8 +649,18 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
         Duration::from_secs(20),
         "return document.getElementById('main').dataset.rendered",
     );
+    // A window that opens in one to two hours: the plan waits for it.
+    let hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600
+        + 2)
+        % 24;
     let spec = json!({"name": "dash-plan", "package": "app", "target": {"version": "1.1.0"},
-        "policy": "canary", "node_timeout_seconds": 60});
+        "policy": "canary", "node_timeout_seconds": 60,
+        "params": {"schedule": {"windows": [
+            {"cron": format!("0 {hour} * * *"), "duration_minutes": 120, "timezone": "UTC"}]}}});
     b.js(
         "document.getElementById('plan-spec').value = arguments[0]; return null",
         json!([spec.to_string()]),
@@ -660,6 +670,15 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
         "the simulated timeline",
         Duration::from_secs(30),
         "return document.querySelector('#plan-timeline rect') && document.getElementById('plan-summary')",
+    );
+    let summary = b.js(
+        "return document.getElementById('plan-summary').textContent",
+        json!([]),
+    );
+    assert!(
+        summary.as_str().unwrap().contains("for its first window")
+            && summary.as_str().unwrap().contains("succeeded"),
+        "{summary}"
     );
     b.screenshot("plan-preview");
     // A phone.

@@ -920,8 +920,13 @@ function drawPlan(out, r) {
     // The first wave starts with the plan (no wave.start of its own).
     if (e.kind === "policy.plan" && lanes[0] && lanes[0].start === null) lanes[0].start = e.at;
   }
+  // Waiting for the first window: from creation until the task runs.
+  const created = ev.find((e) => e.kind === "task.created");
+  const running = ev.find((e) => e.kind === "task.running");
+  const waitedFirst = created && running && running.at > created.at ? [created.at, running.at] : null;
   const W = 1000, left = 170, right = 20, laneH = 34, top = 30;
-  const H = top + Math.max(1, lanes.length) * laneH + 40;
+  // Lanes: the task (windows waited), each wave, deferred admissions.
+  const H = top + (Math.max(1, lanes.length) + 2) * laneH + 40;
   const x = (t) => left + (W - left - right) * (t - t0) / span;
   const NS = "http://www.w3.org/2000/svg";
   const s = (tag, attrs, text) => {
@@ -938,8 +943,26 @@ function drawPlan(out, r) {
     svg.append(s("line", { x1: x(t), x2: x(t), y1: top - 8, y2: H - 30, stroke: "#d0d7de" }),
       s("text", { x: x(t), y: H - 14, "text-anchor": k === 0 ? "start" : k === 4 ? "end" : "middle" }, "+" + fmtDur(t - t0)));
   }
+  {
+    const y = top;
+    svg.append(s("text", { x: 4, y: y + 18 }, "Task"));
+    if (waitedFirst) {
+      svg.append(s("rect", { x: x(waitedFirst[0]), y: y + 6, width: Math.max(2, x(waitedFirst[1]) - x(waitedFirst[0])), height: 16, fill: "#e0e0e0", stroke: "#757575", "stroke-dasharray": "4 2" }),
+        s("text", { x: x(waitedFirst[0]) + 4, y: y + 18 }, "waits for its window: " + fmtDur(waitedFirst[1] - waitedFirst[0])));
+    } else {
+      svg.append(s("text", { x: left, y: y + 18, fill: "#57606a" }, "starts at once (no window to wait for)"));
+    }
+  }
+  {
+    const y = top + (lanes.length + 1) * laneH;
+    svg.append(s("text", { x: 4, y: y + 18 }, "Deferred admissions"));
+    for (const d of defers.slice(0, 500)) {
+      svg.append(s("line", { x1: x(d.at), x2: x(d.at), y1: y + 4, y2: y + 24, stroke: "#f9a825", "stroke-width": 2 }));
+    }
+    if (!defers.length) svg.append(s("text", { x: left, y: y + 18, fill: "#57606a" }, "none"));
+  }
   lanes.forEach((l, i) => {
-    const y = top + i * laneH;
+    const y = top + (i + 1) * laneH;
     svg.append(s("text", { x: 4, y: y + 18 }, `Wave ${i + 1}: ${l.name} (${l.size})`));
     if (l.start !== null) {
       const runEnd = l.soak !== null ? l.soak : l.verdict !== null ? l.verdict : tEnd;
@@ -951,7 +974,9 @@ function drawPlan(out, r) {
       if (l.verdict !== null) {
         const ok = /proceed|complete/i.test(l.verdictText);
         svg.append(s("path", { d: `M${x(l.verdict)} ${y + 2} l6 12 l-6 12 l-6 -12 z`, fill: ok ? "#2e7d32" : "#b71c1c" }),
-          s("text", { x: Math.min(x(l.verdict) + 9, W - 120), y: y + 18 }, l.verdictText));
+          x(l.verdict) > W - 140
+            ? s("text", { x: x(l.verdict) - 9, y: y + 18, "text-anchor": "end" }, l.verdictText)
+            : s("text", { x: x(l.verdict) + 9, y: y + 18 }, l.verdictText));
       }
     } else {
       svg.append(s("text", { x: left, y: y + 18, fill: "#57606a" }, "does not start"));
@@ -962,7 +987,10 @@ function drawPlan(out, r) {
     s("rect", { x: left + 110, y: legendY - 9, width: 12, height: 10, fill: "#90caf9", stroke: "#1e88e5" }), s("text", { x: left + 126, y: legendY }, "soak"),
     s("path", { d: `M${left + 190} ${legendY - 10} l5 6 l-5 6 l-5 -6 z`, fill: "#2e7d32" }), s("text", { x: left + 200, y: legendY }, "verdict (red: stop)"));
 
-  const waited = defers.length ? `${defers.length} admissions deferred (windows or the policy's admit), e.g. ${defers[0].detail}` : "no admission deferred";
+  const waited = [
+    waitedFirst ? `waits ${fmtDur(waitedFirst[1] - waitedFirst[0])} for its first window` : "no window to wait for at the start",
+    defers.length ? `${defers.length} admissions deferred by the policy (e.g. ${defers[0].node || ""} ${defers[0].detail})` : "no admission deferred",
+  ].join("; ");
   const c = r.counts || {};
   out.replaceChildren(
     h("h2", { text: "Expected outcome" }),
