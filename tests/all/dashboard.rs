@@ -123,6 +123,7 @@ impl Browser {
             .unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": chromium.display().to_string(),
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
@@ -262,6 +263,38 @@ impl Browser {
         let path = screenshots_dir().join(format!("{name}.png"));
         std::fs::write(&path, png).unwrap();
         eprintln!("screenshot: {}", path.display());
+    }
+
+    /// The browser console's messages since the last call: (level, text).
+    fn console(&self) -> Vec<(String, String)> {
+        let v = self.call("POST", "/se/log", Some(json!({"type": "browser"})));
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        (
+                            m["level"].as_str().unwrap_or("").to_string(),
+                            m["message"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Panics on a script error or a Content-Security-Policy violation in
+    /// the console.
+    fn assert_clean_console(&self) {
+        let bad: Vec<_> = self
+            .console()
+            .into_iter()
+            .filter(|(_, m)| {
+                m.contains("Content Security Policy")
+                    || m.contains("Uncaught")
+                    || m.contains("TypeError")
+            })
+            .collect();
+        assert!(bad.is_empty(), "the browser console: {bad:?}");
     }
 
     /// Signs in through the dashboard's token dialog.
@@ -590,6 +623,7 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
         "the page was reloaded"
     );
     b.screenshot("task-paused");
+    b.assert_clean_console();
 
     // From the counts to the nodes in a state.
     b.click("#counts-table tr[data-state=succeeded] a");
@@ -681,6 +715,7 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
         "{summary}"
     );
     b.screenshot("plan-preview");
+    b.assert_clean_console();
     // A phone.
     b.window(390, 844);
     b.goto(&format!("{}/#/tasks/{task}", c.url()));
@@ -698,6 +733,7 @@ fn a_live_task_updates_without_a_reload_and_pause_pauses_it() {
         "the task view scrolls sideways on a phone by {overflow} px"
     );
     b.screenshot("task-phone");
+    b.assert_clean_console();
 }
 
 #[test]
@@ -798,6 +834,7 @@ fn a_100k_node_task_view_renders_within_a_second() {
         "{named}"
     );
     b.screenshot("task-100k");
+    b.assert_clean_console();
     let best = times.iter().cloned().fold(f64::MAX, f64::min);
     assert!(
         best <= 1000.0,
@@ -902,6 +939,26 @@ fn a_read_token_cannot_pause() {
     // The token is in session storage, never in the URL.
     let url = b.call("GET", "/url", None);
     assert!(!url.as_str().unwrap().contains(&read), "{url}");
+
+    // The browser enforces the CSP: an inline script put into the page
+    // (what an injection would try) does not run, and says so.
+    let _ = b.console();
+    let ran = b.js(
+        "const s = document.createElement('script'); s.textContent = 'window.__injected = 1'; \
+         document.body.append(s); return window.__injected === 1",
+        json!([]),
+    );
+    assert_eq!(ran, false, "an inline script ran despite the CSP");
+    wait_for(
+        "the CSP violation in the console",
+        Duration::from_secs(10),
+        || {
+            b.console()
+                .into_iter()
+                .any(|(_, m)| m.contains("Content Security Policy"))
+                .then_some(())
+        },
+    );
 
     // The same page with an operate token: Pause is enabled.
     let (s, op) = seeded.send(
