@@ -250,6 +250,7 @@ async function render() {
   }
   main.replaceChildren();
   delete main.dataset.rendered;
+  $("status").textContent = "";
   try {
     if (!me) await whoami();
     switch (parts[0] || "tasks") {
