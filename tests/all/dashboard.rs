@@ -1178,15 +1178,18 @@ fn the_dashboard_reads_are_guarded_bounded_and_check_their_input() {
     assert_eq!(s, 403, "{v}");
 
     // The live stream: the task (waves without their node lists), then its
-    // events; and at most 64 streams at once.
+    // events; at most 16 streams a token and 64 in all.
+    let others: Vec<String> = (1..=4)
+        .map(|i| seeded.token(&format!("viewer{i}"), "read"))
+        .collect();
     seeded.rt.block_on(async {
         let http = reqwest::Client::new();
-        let open = || {
+        let open = |token: &str| {
             http.get(format!("{}/v1/tasks/t-small/live", seeded.base))
-                .bearer_auth(&read)
+                .bearer_auth(token)
                 .send()
         };
-        let mut first = open().await.unwrap();
+        let mut first = open(&read).await.unwrap();
         assert_eq!(first.status(), 200);
         assert_eq!(first.headers()["content-type"], "text/event-stream");
         let mut text = String::new();
@@ -1210,12 +1213,29 @@ fn the_dashboard_reads_are_guarded_bounded_and_check_their_input() {
         assert!(task["waves"][0].get("nodes").is_none(), "{task}");
         assert_eq!(task["waves"][3]["size"], 6);
         let mut held = vec![first];
-        for _ in 1..64 {
-            let r = open().await.unwrap();
+        for _ in 1..16 {
+            let r = open(&read).await.unwrap();
             assert_eq!(r.status(), 200);
             held.push(r);
         }
-        let refused = open().await.unwrap();
+        // One token cannot take every place.
+        let refused = open(&read).await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert!(refused.headers().contains_key("retry-after"));
+        let v: Value = refused.json().await.unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains("16 live streams"),
+            "{v}"
+        );
+        for t in &others[..3] {
+            for _ in 0..16 {
+                let r = open(t).await.unwrap();
+                assert_eq!(r.status(), 200);
+                held.push(r);
+            }
+        }
+        assert_eq!(held.len(), 64);
+        let refused = open(&others[3]).await.unwrap();
         assert_eq!(refused.status(), 503);
         assert!(refused.headers().contains_key("retry-after"));
         let v: Value = refused.json().await.unwrap();
@@ -1223,12 +1243,13 @@ fn the_dashboard_reads_are_guarded_bounded_and_check_their_input() {
             v["error"].as_str().unwrap().contains("64 live streams"),
             "{v}"
         );
-        // A closed stream gives its place back.
-        drop(held.pop());
+        // A closed stream gives its places back (the token's and the
+        // runner's).
+        drop(held.remove(0));
         let mut tries = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let r = open().await.unwrap();
+            let r = open(&read).await.unwrap();
             if r.status() == 200 {
                 break;
             }

@@ -11,8 +11,10 @@
 //!   - `GET /v1/tasks/{id}/live`: server-sent events (read with `fetch`, so
 //!     the token travels in the `Authorization` header, never in a URL): the
 //!     task and its counts when they change, and its new events. At most
-//!     [`MAX_LIVE_STREAMS`] at once, each closed after [`LIVE_STREAM_SECONDS`]
-//!     (the dashboard reconnects), a comment every [`KEEP_ALIVE_SECONDS`];
+//!     [`MAX_LIVE_STREAMS_PER_CALLER`] per token and [`MAX_LIVE_STREAMS`] in
+//!     all, each closed after [`LIVE_STREAM_SECONDS`] (the dashboard
+//!     reconnects) and when the runner shuts down, a comment every
+//!     [`KEEP_ALIVE_SECONDS`];
 //!   - `GET /v1/tasks/{id}/grid`: one byte per node run, the state's index
 //!     in the `x-flotilla-states` header, in node-id order, and
 //!     `GET /v1/tasks/{id}/grid/nodes`, the node ids in that order: a
@@ -47,6 +49,85 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
 
 /// Live streams open at once, over every caller.
 pub const MAX_LIVE_STREAMS: usize = 64;
+/// Live streams one caller (token name) may hold at once.
+pub const MAX_LIVE_STREAMS_PER_CALLER: usize = 16;
+
+/// The live streams open: in all (a semaphore) and per caller.
+pub struct LiveStreams {
+    all: Arc<tokio::sync::Semaphore>,
+    by_caller: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A place taken by one live stream; given back when dropped.
+pub struct LivePlace {
+    streams: Arc<LiveStreams>,
+    caller: String,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for LivePlace {
+    fn drop(&mut self) {
+        let mut by = self
+            .streams
+            .by_caller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&self.caller);
+            }
+        }
+    }
+}
+
+impl Default for LiveStreams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LiveStreams {
+    pub fn new() -> LiveStreams {
+        LiveStreams {
+            all: Arc::new(tokio::sync::Semaphore::new(MAX_LIVE_STREAMS)),
+            by_caller: Default::default(),
+        }
+    }
+
+    /// A place for `caller`'s new stream: 429 at the caller's cap, 503 at
+    /// the runner's (both with `Retry-After`).
+    fn take(self: &Arc<Self>, caller: &str) -> Result<LivePlace, ApiError> {
+        let mut by = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
+        let n = by.get(caller).copied().unwrap_or(0);
+        if n >= MAX_LIVE_STREAMS_PER_CALLER {
+            let mut e = ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "token {caller} holds {MAX_LIVE_STREAMS_PER_CALLER} live streams, its most; close one first"
+                ),
+            )
+            .hint("close other dashboard tabs, or poll GET /v1/tasks/{id}");
+            e.retry_after = Some(5);
+            return Err(e);
+        }
+        let all = self.all.clone().try_acquire_owned().map_err(|_| {
+            let mut e = ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("{MAX_LIVE_STREAMS} live streams are open; try again later"),
+            )
+            .hint("close other dashboard tabs, or poll GET /v1/tasks/{id}");
+            e.retry_after = Some(5);
+            e
+        })?;
+        by.insert(caller.to_string(), n + 1);
+        Ok(LivePlace {
+            streams: self.clone(),
+            caller: caller.to_string(),
+            _all: all,
+        })
+    }
+}
 /// A live stream ends after this long; the dashboard opens a new one.
 pub const LIVE_STREAM_SECONDS: u64 = 300;
 /// A comment line this often keeps a quiet stream within the idle timeout.
@@ -346,7 +427,7 @@ struct Live {
     /// The runner is shutting down.
     closing: tokio::sync::watch::Receiver<bool>,
     queue: VecDeque<SseEvent>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _place: LivePlace,
 }
 
 impl Live {
@@ -413,6 +494,7 @@ struct LiveQuery {
 /// the stream ends), a comment every [`KEEP_ALIVE_SECONDS`].
 async fn live(
     State(state): State<Arc<AppState>>,
+    caller: Option<axum::Extension<super::access::Caller>>,
     Path(id): Path<String>,
     q: Result<Query<LiveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -420,19 +502,8 @@ async fn live(
     valid_task_id(&id)?;
     // 404 before the stream starts.
     task_view(&state, id.clone()).await?;
-    let permit = state
-        .live_streams
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| {
-            let mut e = ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                format!("{MAX_LIVE_STREAMS} live streams are open; try again later"),
-            )
-            .hint("close other dashboard tabs, or poll GET /v1/tasks/{id}");
-            e.retry_after = Some(5);
-            e
-        })?;
+    let caller = caller.map(|axum::Extension(c)| c.name).unwrap_or_default();
+    let place = state.live_streams.take(&caller)?;
     let closing = state.closing.subscribe();
     let live = Live {
         closing,
@@ -444,7 +515,7 @@ async fn live(
         first: true,
         done: false,
         queue: VecDeque::new(),
-        _permit: permit,
+        _place: place,
     };
     let stream = futures_util::stream::unfold(live, |mut l| async move {
         loop {

@@ -310,9 +310,10 @@ pub struct AppState {
     pub access: access::Tokens,
     /// The audit log.
     pub audit: audit::Audit,
-    /// Permits for the dashboard's live streams (at most
-    /// [`dashboard::MAX_LIVE_STREAMS`] open at once).
-    pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// The dashboard's live streams open (at most
+    /// [`dashboard::MAX_LIVE_STREAMS`], and
+    /// [`dashboard::MAX_LIVE_STREAMS_PER_CALLER`] a token).
+    pub live_streams: Arc<dashboard::LiveStreams>,
     /// Set when the runner starts shutting down: long responses (the live
     /// streams) end, so the graceful shutdown does not wait for them.
     pub closing: tokio::sync::watch::Sender<bool>,
@@ -404,7 +405,7 @@ impl Runner {
             policies,
             access,
             audit,
-            live_streams: Arc::new(tokio::sync::Semaphore::new(dashboard::MAX_LIVE_STREAMS)),
+            live_streams: Arc::new(dashboard::LiveStreams::new()),
             closing: tokio::sync::watch::Sender::new(false),
         });
         let router = router(state.clone());
