@@ -158,9 +158,27 @@ pub const STATES: [&str; 16] = [
     "cancelled",
 ];
 
+/// A run state's grid code: its index in [`STATES`] (a new state does not
+/// compile until it has one).
 fn code(state: &RunState) -> u8 {
-    let name = state.name();
-    STATES.iter().position(|s| *s == name).unwrap_or(0) as u8
+    match state {
+        RunState::Pending => 0,
+        RunState::Skipped { .. } => 1,
+        RunState::Queued { .. } => 2,
+        RunState::Offered { .. } => 3,
+        RunState::Downloading { .. } => 4,
+        RunState::Upgrading { .. } => 5,
+        RunState::Verifying { .. } => 6,
+        RunState::Succeeded { .. } => 7,
+        RunState::FailedRolledBack { .. } => 8,
+        RunState::FailedRollbackFailed { .. } => 9,
+        RunState::TimedOut { .. } => 10,
+        RunState::Unknown { .. } => 11,
+        RunState::Rejected { .. } => 12,
+        RunState::RollingBack { .. } => 13,
+        RunState::RolledBack { .. } => 14,
+        RunState::Cancelled => 15,
+    }
 }
 
 pub fn asset_routes() -> Router<Arc<AppState>> {
@@ -550,4 +568,50 @@ async fn live(
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_model::SkipReason;
+
+    /// Every run state has its own grid code, named in `STATES`.
+    #[test]
+    fn every_run_state_has_its_own_grid_code() {
+        let all = [
+            RunState::Pending,
+            RunState::Skipped {
+                reason: SkipReason::Policy,
+                detail: String::new(),
+            },
+            RunState::Queued { wave: 0 },
+            RunState::Offered { wave: 0 },
+            RunState::Downloading { wave: 0 },
+            RunState::Upgrading { wave: 0 },
+            RunState::Verifying { wave: 0 },
+            RunState::Succeeded { wave: 0 },
+            RunState::FailedRolledBack {
+                wave: 0,
+                error: String::new(),
+            },
+            RunState::FailedRollbackFailed {
+                wave: 0,
+                error: String::new(),
+            },
+            RunState::TimedOut { wave: 0 },
+            RunState::Unknown { wave: 0 },
+            RunState::Rejected {
+                wave: 0,
+                reason: String::new(),
+            },
+            RunState::RollingBack { wave: 0 },
+            RunState::RolledBack { wave: 0 },
+            RunState::Cancelled,
+        ];
+        assert_eq!(all.len(), STATES.len());
+        for (i, s) in all.iter().enumerate() {
+            assert_eq!(STATES[code(s) as usize], s.name(), "{s:?}");
+            assert_eq!(code(s) as usize, i);
+        }
+    }
 }
