@@ -43,13 +43,13 @@ fn agent_bin() -> PathBuf {
 const SECRET: &str = "e2e-enroll-secret";
 const PACKAGE: &str = "app";
 /// Appends one line per command run: `install 1.1.0`, `restore 1.0.0`.
-const LOG_INSTALL: &str =
+pub(crate) const LOG_INSTALL: &str =
     r#"echo "$FLOTILLA_ACTION $FLOTILLA_VERSION" >> "$FLOTILLA_STATE_DIR/installs""#;
 /// The release's own file must be there.
 const HEALTH: &str = "test -f VERSION";
 
 /// Polls `f` every 50 ms until it gives a value; panics after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -132,7 +132,7 @@ fn log_file(path: &Path) -> fs::File {
 // ----- the HTTP API -----
 
 /// A blocking face over reqwest for the tests.
-struct Api {
+pub(crate) struct Api {
     rt: tokio::runtime::Runtime,
     http: reqwest::Client,
     base: String,
@@ -181,14 +181,14 @@ impl Api {
         body
     }
 
-    fn get(&self, path: &str) -> Value {
+    pub(crate) fn get(&self, path: &str) -> Value {
         self.ok(
             &format!("GET {path}"),
             self.http.get(format!("{}{path}", self.base)),
         )
     }
 
-    fn post(&self, path: &str, body: Value) -> Value {
+    pub(crate) fn post(&self, path: &str, body: Value) -> Value {
         self.ok(
             &format!("POST {path}"),
             self.http.post(format!("{}{path}", self.base)).json(&body),
@@ -290,14 +290,14 @@ fn installs(state_dir: &Path) -> Vec<String> {
 
 // ----- a runner and its agents -----
 
-struct AgentSpec {
-    install: String,
-    health: String,
-    extra: Vec<String>,
+pub(crate) struct AgentSpec {
+    pub(crate) install: String,
+    pub(crate) health: String,
+    pub(crate) extra: Vec<String>,
     /// The release the node is on before the test.
-    seed: Option<&'static str>,
+    pub(crate) seed: Option<&'static str>,
     /// Pass the enrollment secret.
-    secret: bool,
+    pub(crate) secret: bool,
 }
 
 impl Default for AgentSpec {
@@ -320,19 +320,19 @@ struct Agent {
 }
 
 /// A runner and its agents in one temp dir; every process dies with it.
-struct Cluster {
+pub(crate) struct Cluster {
     agents: Vec<Agent>,
     runner: Option<Proc>,
     starts: u32,
     addr: SocketAddr,
-    api: Api,
+    pub(crate) api: Api,
     /// The CA of the runner's certificate when it serves TLS (`https://`).
     ca: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    pub(crate) fn start() -> Cluster {
         Cluster::start_with(&format!("enroll_secret = {SECRET:?}\n"))
     }
 
@@ -374,7 +374,7 @@ impl Cluster {
         self.dir.path()
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let scheme = if self.ca.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
     }
@@ -422,7 +422,7 @@ impl Cluster {
         }
     }
 
-    fn add_agent(&mut self, spec: AgentSpec) -> usize {
+    pub(crate) fn add_agent(&mut self, spec: AgentSpec) -> usize {
         let i = self.agents.len();
         let id = format!("node-{i:02}");
         let dir = self.path().join("agents").join(&id);
@@ -482,7 +482,7 @@ impl Cluster {
     }
 
     /// Waits until every agent is enrolled, online and has said its version.
-    fn wait_enrolled(&self) {
+    pub(crate) fn wait_enrolled(&self) {
         let n = self.agents.len();
         wait_for(
             &format!("{n} agents to enroll"),
@@ -507,7 +507,7 @@ impl Cluster {
     }
 
     /// Creates a release and uploads its artifact; returns the bytes.
-    fn release(&self, version: &str, pad: usize) -> Vec<u8> {
+    pub(crate) fn release(&self, version: &str, pad: usize) -> Vec<u8> {
         let bytes = artifact(version, pad);
         self.api.post(
             "/v1/releases",
@@ -522,7 +522,7 @@ impl Cluster {
     }
 
     /// Creates a canary task to `version` over every node; returns its id.
-    fn task(&self, name: &str, version: &str, extra: Value) -> String {
+    pub(crate) fn task(&self, name: &str, version: &str, extra: Value) -> String {
         let mut spec = json!({
             "name": name,
             "package": PACKAGE,
@@ -547,7 +547,7 @@ impl Cluster {
     }
 
     /// Waits until the task is in one of `states`; returns its view.
-    fn wait_task(&self, task: &str, states: &[&str], timeout: Duration) -> Value {
+    pub(crate) fn wait_task(&self, task: &str, states: &[&str], timeout: Duration) -> Value {
         let mut last = Value::Null;
         let deadline = Instant::now() + timeout;
         loop {

@@ -8,6 +8,7 @@ static ALLOC: flotilla_policy::alloc::Counting = flotilla_policy::alloc::Countin
 mod access;
 mod api;
 mod cli_remote;
+mod dashboard;
 mod e2e;
 mod edge;
 mod engine_on_sled;

@@ -682,6 +682,48 @@ impl Engine {
         Some((live.task.clone(), count_states(live.runs.values())))
     }
 
+    /// A task held in memory without its waves' node lists (each wave's
+    /// size instead, in order), and its runs counted by state: what a
+    /// dashboard polls, without copying a 100,000-node plan each time.
+    pub fn live_head(&self, id: &str) -> Option<(Task, Vec<usize>, BTreeMap<String, usize>)> {
+        let live = self.live.get(id)?;
+        let t = &live.task;
+        let sizes = t.waves.iter().map(|w| w.nodes.len()).collect();
+        let waves = t
+            .waves
+            .iter()
+            .map(|w| flotilla_model::Wave {
+                name: w.name.clone(),
+                nodes: Vec::new(),
+                concurrency: w.concurrency,
+                soak_seconds: w.soak_seconds,
+                needs_approval: w.needs_approval,
+            })
+            .collect();
+        let head = Task {
+            id: t.id.clone(),
+            spec: t.spec.clone(),
+            state: t.state.clone(),
+            target_version: t.target_version.clone(),
+            waves,
+            plan_rev: t.plan_rev,
+            current_wave: t.current_wave,
+            soak_until: t.soak_until,
+            awaiting_approval: t.awaiting_approval,
+            draining: t.draining,
+            policy_sha256: t.policy_sha256.clone(),
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+        };
+        Some((head, sizes, count_states(live.runs.values())))
+    }
+
+    /// The runs of a task held in memory, in node-id order, without copying
+    /// them (the dashboard's grid): `None` for any other task.
+    pub fn live_runs(&self, id: &str) -> Option<impl Iterator<Item = &NodeRun>> {
+        self.live.get(id).map(|l| l.runs.values())
+    }
+
     /// The runs of every task held in memory, counted by state, by task id.
     pub fn live_counts(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
         self.live
@@ -1881,11 +1923,12 @@ fn last_seq(store: &dyn Store, id: &str) -> Result<u64, StoreError> {
 
 /// Runs counted by state name.
 pub fn count_states<'a>(runs: impl IntoIterator<Item = &'a NodeRun>) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
+    // Counted by the static name: no string is made per run.
+    let mut by: BTreeMap<&'static str, usize> = BTreeMap::new();
     for r in runs {
-        *out.entry(r.state.name().to_string()).or_insert(0) += 1;
+        *by.entry(r.state.name()).or_insert(0) += 1;
     }
-    out
+    by.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 #[cfg(test)]

@@ -112,6 +112,13 @@ pub const ROLES: &[(&str, &str, Role)] = &[
     ("POST", "/v1/tokens", Role::Admin),
     ("DELETE", "/v1/tokens/{name}", Role::Admin),
     ("GET", "/v1/audit", Role::Admin),
+    // The dashboard's reads (see `dashboard.rs`).
+    ("GET", "/v1/whoami", Role::Read),
+    ("GET", "/v1/tasks/{id}/live", Role::Read),
+    ("GET", "/v1/tasks/{id}/grid", Role::Read),
+    ("GET", "/v1/tasks/{id}/grid/nodes", Role::Read),
+    ("GET", "/v1/nodes/{id}/history", Role::Read),
+    ("GET", "/v1/policies/{name}/source", Role::Read),
 ];
 
 /// The role `method` on `route` needs; `None` for a route not in [`ROLES`].

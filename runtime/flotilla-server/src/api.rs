@@ -56,6 +56,7 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/v1/audit", get(audit_log))
+        .merge(crate::dashboard::api_routes())
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
@@ -65,6 +66,7 @@ pub fn routes(state: Arc<AppState>) -> Router {
             get(|| async { ([("content-type", "application/json")], OPENAPI) }),
         )
         .merge(managed)
+        .merge(crate::dashboard::asset_routes())
         .with_state(state)
 }
 
@@ -889,10 +891,10 @@ struct TaskListQuery {
 }
 
 #[derive(Serialize)]
-struct TaskView {
+pub(crate) struct TaskView {
     #[serde(flatten)]
-    task: Task,
-    counts: BTreeMap<String, usize>,
+    pub task: Task,
+    pub counts: BTreeMap<String, usize>,
 }
 
 async fn list_tasks(
@@ -904,12 +906,16 @@ async fn list_tasks(
     let tasks = tokio::task::spawn_blocking(move || store.tasks())
         .await
         .map_err(ApiError::internal)??;
+    // The runs of the tasks the engine holds, counted in its memory.
+    let mut live = state.engine.read(|e| e.live_counts()).await?;
     Ok(Json(
         tasks
             .into_iter()
             .filter(|t| q.state.as_deref().is_none_or(|s| t.state.name() == s))
             .map(|t| {
+                let counts = live.remove(&t.id);
                 serde_json::json!({
+                    "counts": counts,
                     "id": t.id, "name": t.spec.name, "package": t.spec.package,
                     "target_version": t.target_version, "state": t.state,
                     "waves": t.waves.len(), "current_wave": t.current_wave,
@@ -925,6 +931,12 @@ async fn get_task(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
+    task_view(&state, id).await.map(Json)
+}
+
+/// A task and its runs counted by state (`GET /v1/tasks/{id}`, the
+/// dashboard's live stream).
+pub(crate) async fn task_view(state: &Arc<AppState>, id: String) -> Result<TaskView, ApiError> {
     // A task the engine holds is counted in its memory; reading every run
     // back from the store costs ~5 µs a run.
     let live = {
@@ -932,7 +944,7 @@ async fn get_task(
         state.engine.read(move |e| e.live_view(&id)).await?
     };
     if let Some((task, counts)) = live {
-        return Ok(Json(TaskView { task, counts }));
+        return Ok(TaskView { task, counts });
     }
     let store = state.store.clone();
     let view = tokio::task::spawn_blocking(move || -> Result<TaskView, ApiError> {
@@ -947,7 +959,7 @@ async fn get_task(
     })
     .await
     .map_err(ApiError::internal)??;
-    Ok(Json(view))
+    Ok(view)
 }
 
 #[derive(Deserialize, Default)]

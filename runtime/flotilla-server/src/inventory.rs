@@ -744,6 +744,15 @@ impl PolicyDir {
         }))
     }
 
+    /// The text of a Rhai policy: `None` when there is no such policy,
+    /// `Some(None)` for a component (its source is not kept here).
+    pub fn rhai_text(&self, name: &str) -> Option<Option<String>> {
+        match self.source(name)? {
+            Source::Wasm(_) => Some(None),
+            Source::Rhai { text, .. } => Some(Some(text)),
+        }
+    }
+
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = BUILTIN.iter().map(|(n, _)| n.to_string()).collect();
         if let Ok(dir) = std::fs::read_dir(&self.dir) {

@@ -19,6 +19,7 @@ pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod connections;
+pub mod dashboard;
 mod error;
 pub mod hooks;
 pub mod inventory;
@@ -313,6 +314,13 @@ pub struct AppState {
     pub access: access::Tokens,
     /// The audit log.
     pub audit: audit::Audit,
+    /// The dashboard's live streams open (at most
+    /// [`dashboard::MAX_LIVE_STREAMS`], and
+    /// [`dashboard::MAX_LIVE_STREAMS_PER_CALLER`] a token).
+    pub live_streams: Arc<dashboard::LiveStreams>,
+    /// Set when the runner starts shutting down: long responses (the live
+    /// streams) end, so the graceful shutdown does not wait for them.
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -401,6 +409,8 @@ impl Runner {
             policies,
             access,
             audit,
+            live_streams: Arc::new(dashboard::LiveStreams::new()),
+            closing: tokio::sync::watch::Sender::new(false),
         });
         let router = router(state.clone());
         Ok(Runner {
@@ -423,6 +433,11 @@ impl Runner {
             .tls
             .clone()
             .map(|tls| tokio::spawn(tls::reload_on_sighup(tls)));
+        let state = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            state.closing.send_replace(true);
+        };
         connections::serve(
             listener,
             self.router.clone(),

@@ -55,6 +55,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "flotilla listening on {scheme}://{addr} (data in {})",
             data.display()
         );
+        outln!("dashboard at {scheme}://{addr}/");
         runner.serve(listener, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
