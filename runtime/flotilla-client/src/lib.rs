@@ -5,7 +5,7 @@
 
 use flotilla_model::ReleaseKind;
 use flotilla_model::ReleaseRecord;
-pub use flotilla_model::{AuditPage, AuditRecord};
+pub use flotilla_model::{AuditPage, AuditRecord, TaskView};
 use flotilla_model::{Event, Node, NodeRun, PolicyInfo, Task, TaskSpec, TaskState, Wave};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -71,14 +71,6 @@ pub struct TaskSummary {
     pub awaiting_approval: bool,
     pub created_at: u64,
     pub updated_at: u64,
-}
-
-/// A task with its node-run counts per state (`GET /v1/tasks/{id}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskView {
-    #[serde(flatten)]
-    pub task: Task,
-    pub counts: BTreeMap<String, usize>,
 }
 
 /// What a dry run (`POST /v1/tasks?dry_run=true`) says would happen.

@@ -576,6 +576,15 @@ impl AuditRecord {
     }
 }
 
+/// A task with its node-run counts per state (`GET /v1/tasks/{id}`): the
+/// runner answers it, the client and the dashboard read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    #[serde(flatten)]
+    pub task: Task,
+    pub counts: std::collections::BTreeMap<String, usize>,
+}
+
 /// A page of the audit log: ask again with `after` = `next` for more.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditPage {

@@ -17,12 +17,11 @@ use flotilla_engine::sim::{self, Agents};
 use flotilla_engine::store::{MemoryStore, Store};
 use flotilla_engine::{Engine, PolicySource, count_states};
 use flotilla_model::ReleaseRecord;
-use flotilla_model::{Node, NodeRun, ReleaseKind, Selector, Target, Task, TaskSpec};
+use flotilla_model::{Node, NodeRun, ReleaseKind, Selector, Target, Task, TaskSpec, TaskView};
 use flotilla_policy::world::{ManualClock, MemoryFleet, World};
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt as _;
 
@@ -888,13 +887,6 @@ fn dry_run(state: &AppState, spec: TaskSpec) -> Result<serde_json::Value, ApiErr
 #[serde(deny_unknown_fields)]
 struct TaskListQuery {
     state: Option<String>,
-}
-
-#[derive(Serialize)]
-pub(crate) struct TaskView {
-    #[serde(flatten)]
-    pub task: Task,
-    pub counts: BTreeMap<String, usize>,
 }
 
 async fn list_tasks(

@@ -342,7 +342,7 @@ async fn grid_nodes(
 /// `size` (a 100,000-node plan is 1.5 MB of JSON, sent on every change
 /// otherwise; the grid's nodes say which node is in which wave).
 fn summary(task: Task, sizes: Vec<usize>, counts: BTreeMap<String, usize>) -> serde_json::Value {
-    let mut v = serde_json::to_value(super::api::TaskView { task, counts }).unwrap_or_default();
+    let mut v = serde_json::to_value(flotilla_model::TaskView { task, counts }).unwrap_or_default();
     if let Some(waves) = v.get_mut("waves").and_then(|w| w.as_array_mut()) {
         for (w, size) in waves.iter_mut().zip(sizes) {
             if let Some(o) = w.as_object_mut() {
