@@ -558,8 +558,13 @@ impl Deadline {
         if now <= self.at.load(Ordering::Relaxed) {
             return false;
         }
-        let clock = *self.clock.lock().unwrap_or_else(|e| e.into_inner());
-        match clock.and_then(|c| c.remaining()) {
+        let left = self
+            .clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .and_then(|c| c.remaining());
+        match left {
             Some(left) => {
                 self.look_again_in(left);
                 false

@@ -44,8 +44,8 @@ use wasmtime::component::{
     Component, ComponentExportIndex, Func, HasSelf, Linker, ResourceTable, TypedFunc,
 };
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
-    Store, StoreContextMut, Trap, UpdateDeadline,
+    CallHook, Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError,
+    PoolingAllocationConfig, Store, StoreContextMut, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
@@ -590,8 +590,11 @@ struct LiveInstance {
 impl LiveInstance {
     /// Starts a call on this thread: its CPU budget and its memory cap.
     fn arm(&mut self, budget: Duration, memory_cap: usize) {
-        self.store.set_epoch_deadline(ticks(budget));
-        self.store.data_mut().clock = Some(CallClock::start(budget));
+        // Lazily: a warm call is over long before its first look, and
+        // reading the CPU clock would cost a fifth of it.
+        let clock = CallClock::lazy(budget);
+        self.store.set_epoch_deadline(ticks(clock.first_look()));
+        self.store.data_mut().clock = Some(clock);
         let limiter = &mut self.store.data_mut().limiter;
         limiter.memory_cap = memory_cap;
         limiter.hit_cap = false;
@@ -1005,11 +1008,13 @@ fn ticks(left: Duration) -> u64 {
 
 /// At each epoch deadline: the call goes on while its thread has CPU budget
 /// left (and the wall-clock backstop is not reached), else it is interrupted.
-fn on_deadline(store: StoreContextMut<'_, State>) -> wasmtime::Result<UpdateDeadline> {
-    Ok(match store.data().clock.and_then(|c| c.remaining()) {
-        Some(left) => UpdateDeadline::Continue(ticks(left)),
-        None => UpdateDeadline::Interrupt,
-    })
+fn on_deadline(mut store: StoreContextMut<'_, State>) -> wasmtime::Result<UpdateDeadline> {
+    Ok(
+        match store.data_mut().clock.as_mut().and_then(|c| c.remaining()) {
+            Some(left) => UpdateDeadline::Continue(ticks(left)),
+            None => UpdateDeadline::Interrupt,
+        },
+    )
 }
 
 /// Turns a failed call into the error the engine records: budget, memory cap,
@@ -1108,9 +1113,19 @@ impl Maker<'_> {
         let mut store = Store::new(linked.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(on_deadline);
-        let budget = self.limits.budget(0);
-        store.data_mut().clock = Some(CallClock::start(budget));
-        store.set_epoch_deadline(ticks(budget));
+        // The guest's first host call starts a lazily started CPU clock: the
+        // time it then waits on the host is not the guest's.
+        store.call_hook(|mut store, hook| {
+            if matches!(hook, CallHook::CallingHost)
+                && let Some(clock) = store.data_mut().clock.as_mut()
+            {
+                clock.begin();
+            }
+            Ok(())
+        });
+        let clock = CallClock::lazy(self.limits.budget(0));
+        store.set_epoch_deadline(ticks(clock.first_look()));
+        store.data_mut().clock = Some(clock);
         let instance = linked.pre.instance_pre().instantiate(&mut store)?;
         let bindings = linked.indices.load(&mut store, &instance)?;
         let mut func = |index| {
