@@ -52,6 +52,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 mod convert;
 mod host;
 mod lower;
+#[doc(hidden)]
+pub use lower::use_derived_lowering;
 mod sections;
 
 use convert::{hook_from, selection_from, wit_ctx, wit_node};
