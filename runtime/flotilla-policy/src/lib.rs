@@ -367,6 +367,41 @@ pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs `run` on each worker with its group of `select` chunks, the first on
+/// the calling thread and the others on scoped threads, and hands back each
+/// worker with its result, in order. Both hosts spread `select` this way
+/// (the contract says `select` keeps no state between calls).
+pub(crate) fn spread<W: Send, G: Send, R: Send>(
+    workers: Vec<W>,
+    groups: Vec<G>,
+    run: impl Fn(&mut W, G) -> R + Sync,
+) -> Vec<(W, R)> {
+    let run = &run;
+    std::thread::scope(|scope| {
+        let mut pairs = workers.into_iter().zip(groups);
+        let first = pairs.next();
+        let handles: Vec<_> = pairs
+            .map(|(mut w, g)| {
+                scope.spawn(move || {
+                    let r = run(&mut w, g);
+                    (w, r)
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(handles.len() + 1);
+        if let Some((mut w, g)) = first {
+            let r = run(&mut w, g);
+            out.push((w, r));
+        }
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a select worker thread panicked")),
+        );
+        out
+    })
+}
+
 /// How many threads a host spreads `select` chunks over by default: the
 /// number of cores, at most 4. Asked once: `available_parallelism` reads
 /// cgroup files, which costs more than instantiating a Wasm policy.

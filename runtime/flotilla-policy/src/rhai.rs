@@ -397,27 +397,18 @@ impl Policy for RhaiPolicy {
             limits: &self.limits,
             policy: &self.info.name,
         };
-        let (engine, deadline) = (&mut self.engine, &self.deadline);
-        let results = std::thread::scope(|scope| {
-            let ctx = &ctx;
-            let handles: Vec<_> = self
-                .workers
+        let mut workers = vec![(&mut self.engine, &*self.deadline)];
+        workers.extend(
+            self.workers
                 .iter_mut()
-                .zip(&groups[1..])
-                .map(|(w, group)| {
-                    scope.spawn(move || run.select(&mut w.engine, &w.deadline, ctx, group))
-                })
-                .collect();
-            let mut results = vec![run.select(engine, deadline, ctx, groups[0])];
-            results.extend(
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a select worker thread panicked")),
-            );
-            results
+                .map(|w| (&mut w.engine, &*w.deadline)),
+        );
+        workers.truncate(groups.len());
+        let results = crate::spread(workers, groups, |(engine, deadline), group| {
+            run.select(engine, deadline, &ctx, group)
         });
         let mut all = Vec::with_capacity(chunks.len());
-        for r in results {
+        for (_, r) in results {
             all.extend(r?);
         }
         Ok(all)

@@ -793,58 +793,33 @@ impl Policy for WasmPolicy {
         let maker = self.maker();
         let (name, limits, maker) = (&self.compiled.name, self.limits, &maker);
         let wit_ctx = &cached.1;
-        let results: Vec<WorkerResult> = std::thread::scope(|scope| {
-            let handles: Vec<_> = lives
-                .into_iter()
-                .zip(groups)
-                .map(|(mut live, group)| {
-                    scope.spawn(move || {
-                        let mut out = Vec::with_capacity(group.len());
-                        for chunk in group {
-                            // `select` keeps no state between calls: an
-                            // instance whose heap grew (an interpreter's
-                            // garbage) is swapped for a fresh one.
-                            if live.grown(&limits) {
-                                match maker.new_live(Hook::Select) {
-                                    Ok(fresh) => live = fresh,
-                                    Err(e) => return (None, Err(e)),
-                                }
-                            }
-                            live.arm(limits.budget(chunk.len()), limits.memory(chunk.len()));
-                            match call_nodes::<Vec<wit::Selection>>(
-                                &mut live,
-                                Hook::Select,
-                                wit_ctx,
-                                chunk,
-                            ) {
-                                Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
-                                Err(e) => {
-                                    let err = classify(
-                                        name,
-                                        &limits,
-                                        Hook::Select,
-                                        chunk.len(),
-                                        &live.store,
-                                        e,
-                                    );
-                                    return (None, Err(err));
-                                }
-                            }
-                        }
-                        (Some(live), Ok(out))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a select worker thread panicked"))
-                .collect()
+        let results = crate::spread(lives, groups, |live, group| {
+            let mut out = Vec::with_capacity(group.len());
+            for chunk in group {
+                // `select` keeps no state between calls: an instance whose
+                // heap grew (an interpreter's garbage) is swapped for a
+                // fresh one.
+                if live.grown(&limits) {
+                    *live = maker.new_live(Hook::Select)?;
+                }
+                live.arm(limits.budget(chunk.len()), limits.memory(chunk.len()));
+                match call_nodes::<Vec<wit::Selection>>(live, Hook::Select, wit_ctx, chunk) {
+                    Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
+                    Err(e) => {
+                        let hook = Hook::Select;
+                        return Err(classify(name, &limits, hook, chunk.len(), &live.store, e));
+                    }
+                }
+            }
+            Ok(out)
         });
         self.ctx_cache = Some(cached);
         let mut all = Vec::with_capacity(chunks.len());
         let mut first_err = None;
         for (live, result) in results {
-            if let Some(live) = live {
+            // A worker that failed is discarded (a trapped instance cannot
+            // be entered again); the others are kept.
+            if result.is_ok() {
                 if self.live.is_none() {
                     self.live = Some(live);
                 } else {
@@ -1147,12 +1122,6 @@ impl Maker<'_> {
         })
     }
 }
-
-/// What a `select` worker hands back: its instance (unless it failed) and its chunks' decisions.
-type WorkerResult = (
-    Option<LiveInstance>,
-    Result<Vec<Vec<model::Selection>>, PolicyError>,
-);
 
 type NodesParams<'a> = (CtxArg<'a>, NodeList<'a>);
 type PlanParams<'a> = (CtxArg<'a>, NodeList<'a>, u32, u32);
