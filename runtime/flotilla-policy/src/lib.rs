@@ -367,6 +367,37 @@ pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), String> {
     Ok(())
 }
 
+/// A task context as a host passes it to a policy, converted once and kept
+/// while the task's context is unchanged (both hosts; a task's context
+/// changes rarely, its hooks are called often).
+#[derive(Debug)]
+pub(crate) struct CtxCache<T>(Option<(TaskContext, T)>);
+
+impl<T> Default for CtxCache<T> {
+    fn default() -> Self {
+        CtxCache(None)
+    }
+}
+
+impl<T> CtxCache<T> {
+    /// The converted `ctx`, taken out of the cache (converted now if the
+    /// cached one is another); [`Self::put`] it back after the call.
+    pub(crate) fn take<E>(
+        &mut self,
+        ctx: &TaskContext,
+        convert: impl FnOnce(&TaskContext) -> Result<T, E>,
+    ) -> Result<(TaskContext, T), E> {
+        match self.0.take() {
+            Some(cached) if cached.0 == *ctx => Ok(cached),
+            _ => Ok((ctx.clone(), convert(ctx)?)),
+        }
+    }
+
+    pub(crate) fn put(&mut self, entry: (TaskContext, T)) {
+        self.0 = Some(entry);
+    }
+}
+
 /// Runs `run` on each worker with its group of `select` chunks, the first on
 /// the calling thread and the others on scoped threads, and hands back each
 /// worker with its result, in order. Both hosts spread `select` this way

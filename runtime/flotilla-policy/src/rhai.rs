@@ -91,7 +91,7 @@ pub struct RhaiPolicy {
     threads: usize,
     /// The last task context and its Rhai form: `select` is called once per chunk
     /// with the same context.
-    ctx_cache: Option<(TaskContext, Dynamic, Sizes)>,
+    ctx_cache: crate::CtxCache<(Dynamic, Sizes)>,
 }
 
 impl std::fmt::Debug for RhaiPolicy {
@@ -208,21 +208,20 @@ impl RhaiPolicy {
             constants,
             workers: Vec::new(),
             threads: super::default_threads(),
-            ctx_cache: None,
+            ctx_cache: Default::default(),
         })
     }
 
     /// The context as a Rhai map, converted once per distinct context.
     fn ctx_value(&mut self, ctx: &TaskContext) -> Result<(Dynamic, Sizes), String> {
-        if let Some((cached, value, sizes)) = &self.ctx_cache
-            && cached == ctx
-        {
-            return Ok((value.clone(), *sizes));
-        }
-        let value = rhai::serde::to_dynamic(ctx).map_err(|e| format!("task context: {e}"))?;
-        let sizes = Sizes::of(&value);
-        self.ctx_cache = Some((ctx.clone(), value.clone(), sizes));
-        Ok((value, sizes))
+        let entry = self.ctx_cache.take(ctx, |ctx| {
+            let value = rhai::serde::to_dynamic(ctx).map_err(|e| format!("task context: {e}"))?;
+            let sizes = Sizes::of(&value);
+            Ok::<_, String>((value, sizes))
+        })?;
+        let out = entry.1.clone();
+        self.ctx_cache.put(entry);
+        Ok(out)
     }
 
     /// Runs one hook on already converted arguments, mapping failures.

@@ -572,7 +572,7 @@ impl CompiledPolicy {
             live: None,
             spare: Vec::new(),
             workers: super::default_threads(),
-            ctx_cache: None,
+            ctx_cache: Default::default(),
         })
     }
 }
@@ -618,7 +618,7 @@ pub struct WasmPolicy {
     /// Extra instances for spreading `select` chunks over cores.
     spare: Vec<LiveInstance>,
     workers: usize,
-    ctx_cache: Option<(model::TaskContext, wit::TaskContext)>,
+    ctx_cache: crate::CtxCache<wit::TaskContext>,
 }
 
 impl WasmPolicy {
@@ -721,9 +721,12 @@ impl WasmPolicy {
     /// The lowered context, reused while the task's context is unchanged. It is
     /// taken out of the cache for the call and put back by [`Self::with_ctx`].
     fn take_ctx(&mut self, ctx: &model::TaskContext) -> (model::TaskContext, wit::TaskContext) {
-        match self.ctx_cache.take() {
-            Some(cached) if cached.0 == *ctx => cached,
-            _ => (ctx.clone(), wit_ctx(ctx)),
+        let converted = self
+            .ctx_cache
+            .take(ctx, |ctx| Ok::<_, std::convert::Infallible>(wit_ctx(ctx)));
+        match converted {
+            Ok(entry) => entry,
+            Err(never) => match never {},
         }
     }
 
@@ -734,7 +737,7 @@ impl WasmPolicy {
     ) -> Result<R, PolicyError> {
         let cached = self.take_ctx(ctx);
         let out = f(self, &cached.1);
-        self.ctx_cache = Some(cached);
+        self.ctx_cache.put(cached);
         out
     }
 
@@ -813,7 +816,7 @@ impl Policy for WasmPolicy {
             }
             Ok(out)
         });
-        self.ctx_cache = Some(cached);
+        self.ctx_cache.put(cached);
         let mut all = Vec::with_capacity(chunks.len());
         let mut first_err = None;
         for (live, result) in results {
