@@ -1556,3 +1556,6 @@ mod over_tls {
 
 // Signed releases and remote downgrades (issue 14), on the helpers above.
 mod signed;
+
+// Agents over an MQTT broker (issue 19), on the helpers above.
+mod mqtt;

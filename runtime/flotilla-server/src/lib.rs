@@ -8,6 +8,7 @@
 //!   in the same sled database as the engine.
 //! - [`connections`] accepts TCP connections and serves HTTP/1.1 on them
 //!   within [`HttpLimits`], over TLS when [`tls`] is configured.
+//! - [`mqtt`] carries the same agent protocol through an MQTT broker.
 //! - [`agents`] serves the agent protocol ([`flotilla_model::protocol`]), [`api`] the
 //!   management API, [`hooks`] the signed webhooks, [`metrics`] `/metrics`.
 //!
@@ -23,6 +24,7 @@ mod error;
 pub mod hooks;
 pub mod inventory;
 pub mod metrics;
+pub mod mqtt;
 mod secret;
 pub mod signing;
 pub mod tls;
@@ -90,6 +92,9 @@ pub struct Config {
     pub release_keys: Vec<String>,
     /// Refuse releases without a signature by one of `release_keys`.
     pub require_signed_releases: bool,
+    /// `mqtt = { url = "mqtts://HOST:PORT", ... }`: agents also reach the
+    /// runner through this MQTT broker (see [`mqtt`]).
+    pub mqtt: Option<mqtt::MqttConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -192,6 +197,7 @@ impl Default for Config {
             tls: None,
             release_keys: Vec::new(),
             require_signed_releases: false,
+            mqtt: None,
         }
     }
 }
@@ -255,6 +261,9 @@ impl Config {
             }
         }
         self.http.check()?;
+        if let Some(m) = &self.mqtt {
+            m.check()?;
+        }
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return Err("tick_ms must be between 1 and 60000".into());
         }
@@ -415,6 +424,14 @@ impl Runner {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let sweeper = tokio::spawn(agents::sweep_offline(self.state.clone()));
+        let mqtt = self.state.config.mqtt.clone().map(|config| {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = mqtt::run(state, config).await {
+                    tracing::error!("the MQTT transport stopped: {e:#}");
+                }
+            })
+        });
         let reloader = self
             .tls
             .clone()
@@ -431,8 +448,14 @@ impl Runner {
             r.abort();
         }
         sweeper.abort();
-        // The sweeper holds the state (and so the store): wait until it is gone.
+        // The sweeper holds the state (and so the store): wait until it is
+        // gone. So does the MQTT transport; what it has not acked yet the
+        // broker sends again to the next runner.
         let _ = sweeper.await;
+        if let Some(m) = mqtt {
+            m.abort();
+            let _ = m.await;
+        }
         self.shutdown();
         Ok(())
     }
