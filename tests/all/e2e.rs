@@ -1557,5 +1557,6 @@ mod over_tls {
 // Signed releases and remote downgrades (issue 14), on the helpers above.
 mod signed;
 
-// Agents over an MQTT broker (issue 19), on the helpers above.
-mod mqtt;
+// Agents over an MQTT broker (issue 19), on the helpers above; its
+// broker also serves all/hardening_faults.rs.
+pub(crate) mod mqtt;

@@ -73,11 +73,17 @@ struct Runner0 {
 
 impl Runner0 {
     async fn start() -> Runner0 {
+        Self::start_with(None).await
+    }
+
+    /// With agents also over the MQTT broker `mqtt`, if given.
+    async fn start_with(mqtt: Option<flotilla_server::mqtt::MqttConfig>) -> Runner0 {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data: dir.path().join("data"),
             tick_ms: 20,
             enroll_secret: Some(ENROLL.into()),
+            mqtt,
             ..Config::default()
         };
         let mut faulty = None;
@@ -290,5 +296,147 @@ async fn a_store_fault_answers_503_and_the_retried_report_is_applied_once() {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(events_of("n2", "node.succeeded").await, 1);
     assert_eq!(events_of("n1", "node.succeeded").await, 1);
+    r.stop().await;
+}
+
+/// Issue 19: over MQTT too, nothing is acknowledged before it is durable.
+/// A report that arrives while the store's flushes fail is not acked (no
+/// PUBACK reaches the broker) and not applied; once the store is back, the
+/// runner's own retry applies it once and only then acks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_report_is_acked_only_once_the_store_has_it() {
+    use crate::e2e::mqtt::{Broker, RUNNER_USER, password};
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let pw = broker.dir.join("runner-password");
+    std::fs::write(&pw, password(RUNNER_USER)).unwrap();
+    let mqtt: flotilla_server::mqtt::MqttConfig = toml::from_str(&format!(
+        "url = \"mqtt://127.0.0.1:{}\"\nusername = {RUNNER_USER:?}\npassword_file = {:?}\n",
+        broker.port,
+        pw.display().to_string()
+    ))
+    .unwrap();
+    let r = Runner0::start_with(Some(mqtt)).await;
+    let node = "node-00";
+    let (s, body) = r
+        .json(
+            "POST",
+            "/v1/agents/enroll",
+            Some(json!({"node_id": node, "secret": ENROLL, "version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _) = r
+        .json(
+            "POST",
+            "/v1/releases",
+            Some(json!({"package": "edge", "version": "2.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/releases/edge/2.0.0/artifact",
+            Some(b"two".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/policies/everyone",
+            Some(b"// one wave\n".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (s, t) = r
+        .json(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"name": "up", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let counts = |state: &'static str| {
+        let (r, id) = (&r, id.clone());
+        async move {
+            let (_, t) = r.json("GET", &format!("/v1/tasks/{id}"), None).await;
+            t["counts"][state].as_u64().unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counts("offered").await != 1 {
+        assert!(Instant::now() < deadline, "not offered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The device's report, while every flush fails.
+    r.store.flushes_fail.store(true, Ordering::SeqCst);
+    let mut opts = rumqttc::MqttOptions::new("node-00-device", "127.0.0.1", broker.port);
+    opts.set_credentials(node, password(node));
+    let (device, mut events) = rumqttc::AsyncClient::new(opts, 16);
+    let pump = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let body = json!({"task": id, "state": "succeeded"}).to_string();
+    device
+        .publish(
+            "flotilla/v1/nodes/node-00/report",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+    // The broker hands it to the runner ...
+    let to_runner = "Sending PUBLISH to flotilla-runner (d0, q1, r0, m";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mid = loop {
+        let logs = broker.logs();
+        let mid = logs.lines().find_map(|l| {
+            let rest = l.split(to_runner).nth(1)?;
+            let (mid, topic) = rest.split_once(", ")?;
+            topic
+                .starts_with("'flotilla/v1/nodes/node-00/report'")
+                .then(|| mid.to_string())
+        });
+        if let Some(m) = mid {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the report never reached the runner"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let acked = format!("Received PUBACK from flotilla-runner (Mid: {mid},");
+    // ... which retries it and does not ack it while the store fails.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !broker.logs().contains(&acked),
+        "acked before it was stored"
+    );
+    assert_eq!(counts("succeeded").await, 0);
+    // The store back: applied once, then acked.
+    r.store.flushes_fail.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !broker.logs().contains(&acked) {
+        assert!(
+            Instant::now() < deadline,
+            "never acked after the store came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counts("succeeded").await, 1);
+    pump.abort();
     r.stop().await;
 }

@@ -359,6 +359,9 @@ impl Runner {
             )),
             None => None,
         };
+        if let Some(m) = &config.mqtt {
+            m.options()?;
+        }
         std::fs::create_dir_all(&config.data).map_err(|e| {
             anyhow::anyhow!("cannot create data dir {}: {e}", config.data.display())
         })?;

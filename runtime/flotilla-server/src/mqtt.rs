@@ -128,7 +128,9 @@ impl MqttConfig {
         Ok(())
     }
 
-    fn options(&self) -> anyhow::Result<MqttOptions> {
+    /// The client options: reads the password and TLS files (so a runner
+    /// whose files are wrong refuses to start).
+    pub fn options(&self) -> anyhow::Result<MqttOptions> {
         let e = Endpoint::parse(&self.url).map_err(anyhow::Error::msg)?;
         let mut opts = MqttOptions::new(&self.client_id, &e.host, e.port);
         opts.set_clean_session(false)
@@ -235,6 +237,7 @@ pub async fn run(state: Arc<AppState>, config: MqttConfig) -> anyhow::Result<()>
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
+                state.metrics.mqtt_connected(true);
                 tracing::info!(
                     broker = config.url,
                     session = ack.session_present,
@@ -266,6 +269,7 @@ pub async fn run(state: Arc<AppState>, config: MqttConfig) -> anyhow::Result<()>
             }
             Ok(_) => {}
             Err(e) => {
+                state.metrics.mqtt_connected(false);
                 failures += 1;
                 let pause =
                     Duration::from_millis(250 << failures.min(7)).min(Duration::from_secs(30));
@@ -346,6 +350,8 @@ async fn ingest(state: &AppState, config: &MqttConfig, p: &Publish) -> Outcome {
         Ok(v) => v,
         Err(why) => {
             tracing::warn!(topic = %shown(&p.topic), bytes = p.payload.len(), "mqtt message dropped: {why}");
+            let kind = mqtt::parse(&config.prefix, &p.topic).map_or("unknown", |(_, k)| k.as_str());
+            state.metrics.mqtt_message(kind, "dropped");
             return Outcome::Ack;
         }
     };
@@ -377,11 +383,15 @@ async fn ingest(state: &AppState, config: &MqttConfig, p: &Publish) -> Outcome {
             },
         };
         match result {
-            Ok(()) => return Outcome::Ack,
+            Ok(()) => {
+                state.metrics.mqtt_message(kind.as_str(), "applied");
+                return Outcome::Ack;
+            }
             Err(e) if e.status.is_server_error() => {
                 if e.error == crate::error::SHUTTING_DOWN {
                     return Outcome::Keep;
                 }
+                state.metrics.mqtt_message(kind.as_str(), "retried");
                 tracing::warn!(
                     node,
                     kind = kind.as_str(),
@@ -392,6 +402,7 @@ async fn ingest(state: &AppState, config: &MqttConfig, p: &Publish) -> Outcome {
                 pause = (pause * 2).min(Duration::from_secs(10));
             }
             Err(ApiError { error, .. }) => {
+                state.metrics.mqtt_message(kind.as_str(), "refused");
                 tracing::warn!(node, kind = kind.as_str(), "mqtt message refused: {error}");
                 return Outcome::Ack;
             }

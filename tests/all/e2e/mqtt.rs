@@ -10,17 +10,19 @@
 use super::*;
 use std::net::TcpStream;
 
-const RUNNER_USER: &str = "flotilla-runner";
+pub(crate) const RUNNER_USER: &str = "flotilla-runner";
 /// Devices that have MQTT credentials (the cluster names its agents node-00, ...).
 const DEVICES: usize = 12;
 
-fn password(user: &str) -> String {
+pub(crate) fn password(user: &str) -> String {
     format!("pw-{user}-e2e")
 }
 
 /// The ACL of `examples/mqtt/mosquitto/acl`: the runner reads and writes
 /// the prefix, each device only its own topics.
 const ACL: &str = include_str!("../../../examples/mqtt/mosquitto/acl");
+/// The broker's config: `examples/mqtt/mosquitto/mosquitto.conf`.
+const CONF: &str = include_str!("../../../examples/mqtt/mosquitto/mosquitto.conf");
 
 fn find(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -31,9 +33,9 @@ fn find(name: &str) -> Option<PathBuf> {
 }
 
 /// A Mosquitto broker on a free loopback port, killed when dropped.
-pub(super) struct Broker {
+pub(crate) struct Broker {
     pub port: u16,
-    dir: PathBuf,
+    pub dir: PathBuf,
     _tmp: tempfile::TempDir,
     proc: Option<Proc>,
     bin: PathBuf,
@@ -84,19 +86,31 @@ impl Broker {
             .local_addr()
             .unwrap()
             .port();
-        fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\n\
-                 persistence true\npersistence_location {data}/\nautosave_interval 1\n\
-                 max_inflight_messages 0\nmax_queued_messages 10000\nmax_packet_size 70000\n\
-                 log_dest stderr\nlog_type all\n",
-                pw = pw.display(),
-                acl = dir.join("acl").display(),
-                data = dir.join("data").display(),
+        // The shipped example, on this port and these files.
+        let mut conf = CONF.to_string();
+        for (from, to) in [
+            (
+                "listener 1883 127.0.0.1",
+                format!("listener {port} 127.0.0.1"),
             ),
-        )
-        .unwrap();
+            ("/etc/mosquitto/flotilla.passwd", pw.display().to_string()),
+            (
+                "/etc/mosquitto/flotilla.acl",
+                dir.join("acl").display().to_string(),
+            ),
+            (
+                "/var/lib/mosquitto/",
+                format!("{}/", dir.join("data").display()),
+            ),
+        ] {
+            assert!(
+                conf.contains(from),
+                "examples/mqtt/mosquitto/mosquitto.conf lost {from:?}"
+            );
+            conf = conf.replace(from, &to);
+        }
+        conf.push_str("\nlog_dest stderr\nlog_type all\n");
+        fs::write(dir.join("mosquitto.conf"), conf).unwrap();
         let mut b = Broker {
             port,
             dir,
@@ -144,8 +158,8 @@ impl Broker {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
-    /// Mosquitto's logs, for a failed test.
-    fn logs(&self) -> String {
+    /// Mosquitto's logs (every message it received and sent).
+    pub fn logs(&self) -> String {
         (1..=self.starts)
             .map(|i| {
                 fs::read_to_string(self.dir.join(format!("mosquitto-{i}.log"))).unwrap_or_default()
@@ -386,7 +400,8 @@ impl Device {
             .unwrap();
         let mut opts =
             rumqttc::MqttOptions::new(format!("{user}-intruder"), "127.0.0.1", broker.port);
-        opts.set_credentials(user, password(user));
+        opts.set_credentials(user, password(user))
+            .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 16);
         let (tx, received) = std::sync::mpsc::channel();
         rt.spawn(async move {
@@ -513,4 +528,83 @@ fn a_device_publishing_on_another_devices_topic_is_refused_by_the_broker() {
     // The runner never saw the spoofed messages: nothing about node-01 in its log.
     let log = fs::read_to_string(c.path().join("runner.log")).unwrap_or_default();
     assert!(!log.contains("node-01/"), "{log}");
+}
+
+/// The value of the `flotilla_mqtt_messages_total` series with these labels.
+fn mqtt_count(c: &Cluster, kind: &str, outcome: &str) -> u64 {
+    let text = c
+        .api
+        .send(c.api.http.get(format!("{}/metrics", c.url())))
+        .map(|(_, v)| v.as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let series = format!("flotilla_mqtt_messages_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hostile_messages_are_dropped_and_acked_without_wedging_the_runner() {
+    let Some((broker, mut c)) = mqtt_cluster(1, None, &[]) else {
+        return;
+    };
+    c.agents[0].proc.take().unwrap().stop();
+    let dev = Device::connect(&broker, "node-00");
+    let own = |kind: &str| format!("flotilla/v1/nodes/node-00/{kind}");
+    // Over the runner's 64 KiB (under the broker's cap).
+    let big = json!({"version": "1.0.0", "pad": "x".repeat(66_000)});
+    dev.publish(&own("heartbeat"), &big);
+    // Not JSON; JSON of the wrong shape; a version the runner refuses.
+    let raw = |topic: &str, body: &[u8], retain: bool| {
+        dev.rt
+            .block_on(
+                dev.client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, retain, body.to_vec()),
+            )
+            .unwrap();
+    };
+    raw(&own("heartbeat"), b"{not json", false);
+    raw(
+        &own("report"),
+        br#"{"task": "t1", "state": "exploded"}"#,
+        false,
+    );
+    raw(&own("heartbeat"), br#"{"version": "1.0.0\u0007"}"#, false);
+    // A retained report (the runner's established subscription gets it
+    // with the retain flag cleared, so the engine refuses it: no such task)
+    // and a request with a body.
+    raw(
+        &own("report"),
+        br#"{"task": "t1", "state": "succeeded"}"#,
+        true,
+    );
+    raw(&own("request"), b"give me everything", false);
+    // Then a good heartbeat: the runner is still taking messages.
+    dev.publish(&own("heartbeat"), &json!({"version": "3.1.4"}));
+    wait_for("the good heartbeat", Duration::from_secs(20), || {
+        (c.node(0)["version"] == "3.1.4").then_some(())
+    });
+    assert_eq!(
+        mqtt_count(&c, "heartbeat", "dropped"),
+        1,
+        "the oversized one"
+    );
+    assert_eq!(
+        mqtt_count(&c, "heartbeat", "refused"),
+        2,
+        "bad JSON, bad version"
+    );
+    assert_eq!(
+        mqtt_count(&c, "report", "refused"),
+        2,
+        "a state that is none, no such task"
+    );
+    assert_eq!(
+        mqtt_count(&c, "request", "dropped"),
+        1,
+        "a request with a body"
+    );
+    assert!(mqtt_count(&c, "heartbeat", "applied") >= 1);
+    // Clear the retained report so no later subscriber gets it.
+    raw(&own("report"), b"", true);
 }
