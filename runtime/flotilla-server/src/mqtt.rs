@@ -442,3 +442,52 @@ fn check<'p>(
 fn shown(topic: &str) -> String {
     topic.chars().take(200).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<MqttConfig, String> {
+        let c: MqttConfig = toml::from_str(&format!("url = \"mqtts://broker.example\"\n{extra}"))
+            .map_err(|e| e.to_string())?;
+        c.check().map(|()| c)
+    }
+
+    #[test]
+    fn the_config_refuses_what_cannot_be_safe_or_work() {
+        let c = config("").unwrap();
+        assert_eq!(
+            (
+                c.client_id.as_str(),
+                c.prefix.as_str(),
+                c.share_group.as_str()
+            ),
+            ("flotilla-runner", "flotilla/v1", "flotilla")
+        );
+        let plain: MqttConfig = toml::from_str("url = \"mqtt://broker.example\"").unwrap();
+        assert!(plain.check().unwrap_err().contains("mqtts://"));
+        let local: MqttConfig = toml::from_str("url = \"mqtt://127.0.0.1:1883\"").unwrap();
+        assert!(local.check().is_ok());
+        assert!(config("prefix = \"a/#\"").unwrap_err().contains("prefix"));
+        assert!(
+            config("share_group = \"a/b\"")
+                .unwrap_err()
+                .contains("share_group")
+        );
+        assert!(
+            config("max_payload_bytes = 10")
+                .unwrap_err()
+                .contains("max_payload_bytes")
+        );
+        assert!(
+            config("client_cert = \"c.pem\"")
+                .unwrap_err()
+                .contains("together")
+        );
+        assert!(
+            config("passwrd_file = \"x\"")
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+}
