@@ -222,8 +222,13 @@ pub async fn run(state: Arc<AppState>, config: MqttConfig) -> anyhow::Result<()>
     state.outbox.track_changes();
     let config = Arc::new(config);
     // Received messages, in order, to the ingest loop (which acks them in
-    // the same order).
-    let (tx, rx) = tokio::sync::mpsc::channel::<Publish>(IN_FLIGHT);
+    // the same order). Unbounded so that this loop never waits: it must keep
+    // reading the broker's acks of our own publishes and sending our acks
+    // (rumqttc stops taking requests while its outgoing window is full, and
+    // the acks queue behind them), or the two would wait on each other. What
+    // it holds is bounded by the broker's in-flight window for this session
+    // (`max_inflight_messages` on Mosquitto, `max_inflight` on EMQX).
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Publish>();
     let ingest = tokio::spawn(ingest_loop(
         state.clone(),
         config.clone(),
@@ -263,7 +268,7 @@ pub async fn run(state: Arc<AppState>, config: MqttConfig) -> anyhow::Result<()>
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                if tx.send(p).is_err() {
                     break;
                 }
             }
@@ -293,15 +298,31 @@ impl Drop for AbortOnDrop {
 
 /// Ingests messages concurrently (the engine batches reports that arrive
 /// together into one flush) and acks them in arrival order as each prefix
-/// is done.
+/// is done. Never waits for room in the client's queue: acks that do not
+/// fit yet wait here, in order.
 async fn ingest_loop(
     state: Arc<AppState>,
     config: Arc<MqttConfig>,
     client: AsyncClient,
-    mut rx: tokio::sync::mpsc::Receiver<Publish>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Publish>,
 ) {
     let mut pending = FuturesOrdered::new();
+    let mut acks: std::collections::VecDeque<Publish> = Default::default();
+    let mut retry = tokio::time::interval(Duration::from_millis(5));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        while let Some(p) = acks.front() {
+            match client.try_ack(p) {
+                Ok(()) => {
+                    acks.pop_front();
+                }
+                Err(rumqttc::ClientError::TryRequest(_)) => break,
+                Err(e) => {
+                    tracing::warn!("mqtt ack: {e}");
+                    acks.pop_front();
+                }
+            }
+        }
         tokio::select! {
             received = rx.recv(), if pending.len() < IN_FLIGHT => match received {
                 Some(p) => {
@@ -314,13 +335,10 @@ async fn ingest_loop(
                 None => break,
             },
             Some((p, outcome)) = pending.next(), if !pending.is_empty() => match outcome {
-                Outcome::Ack => {
-                    if let Err(e) = client.ack(&p).await {
-                        tracing::warn!("mqtt ack: {e}");
-                    }
-                }
+                Outcome::Ack => acks.push_back(p),
                 Outcome::Keep => {}
             },
+            _ = retry.tick(), if !acks.is_empty() => {}
         }
     }
 }

@@ -130,8 +130,8 @@ fn broker(dir: &Path, n: usize) -> (Killed, u16) {
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
              persistence true\npersistence_location {}/\nautosave_interval 60\n\
-             max_packet_size 70000\nmax_inflight_messages 0\nmax_queued_messages 1000000\n\
-             log_type error\n",
+             max_packet_size 70000\nmax_inflight_messages 10000\nmax_queued_messages 1000000\n\
+             log_type error\nuser root\n",
             pw.display(),
             dir.join("acl").display(),
             dir.join("data").display()
@@ -592,6 +592,14 @@ fn main() {
                     _ => over_mqtt(n, dir.path()).await,
                 }
             });
+            eprintln!(
+                "  connect all {:.2} s, {:.0} reports/s, runner RSS/device {:.2} kB (end {:.2} kB), broker {:?} kB",
+                f.connect.as_secs_f64(),
+                (4 * n) as f64 / f.reports.as_secs_f64(),
+                f.runner_kb_per_device,
+                f.runner_end_kb_per_device,
+                f.broker_kb_per_device
+            );
             rows.push((n, transport, f));
         }
     }

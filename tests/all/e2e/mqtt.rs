@@ -109,7 +109,10 @@ impl Broker {
             );
             conf = conf.replace(from, &to);
         }
-        conf.push_str("\nlog_dest stderr\nlog_type all\n");
+        // Started as root (CI), Mosquitto would switch to the user
+        // `mosquitto`, which cannot write its persistence file into this
+        // temp dir; as any other user this line is ignored.
+        conf.push_str("\nlog_dest stderr\nlog_type all\nuser root\n");
         fs::write(dir.join("mosquitto.conf"), conf).unwrap();
         let mut b = Broker {
             port,
@@ -151,6 +154,12 @@ impl Broker {
         if let Some(mut p) = self.proc.take() {
             p.stop();
         }
+        // It saved its sessions, queued and retained messages.
+        assert!(
+            self.dir.join("data/mosquitto.db").is_file(),
+            "mosquitto saved no persistence file: {}",
+            self.logs()
+        );
         self.start_proc();
     }
 
@@ -405,7 +414,8 @@ impl Device {
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 16);
         let (tx, received) = std::sync::mpsc::channel();
         rt.spawn(async move {
-            for _ in 0..10_000 {
+            // Bounded like every loop here; far above what a test sends.
+            for _ in 0..10_000_000 {
                 match events.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         let _ = tx.send(p.topic);
@@ -607,4 +617,46 @@ fn hostile_messages_are_dropped_and_acked_without_wedging_the_runner() {
     assert!(mqtt_count(&c, "heartbeat", "applied") >= 1);
     // Clear the retained report so no later subscriber gets it.
     raw(&own("report"), b"", true);
+}
+
+/// More messages at once than the runner's ingest holds (4,096 in flight,
+/// 4,096 queued), each going through the engine and a flush (reports, here
+/// on a task that does not exist, so each is refused after the engine saw
+/// it): the runner must keep acking while its event loop waits for room, so
+/// the burst is all taken.
+#[test]
+fn a_burst_larger_than_the_runners_queues_is_all_taken() {
+    let Some((broker, mut c)) = mqtt_cluster(1, None, &[]) else {
+        return;
+    };
+    c.agents[0].proc.take().unwrap().stop();
+    let dev = Device::connect(&broker, "node-00");
+    let burst = 20_000;
+    dev.rt.block_on(async {
+        for i in 0..burst {
+            let body = json!({"task": format!("t-none-{i}"), "state": "downloading"}).to_string();
+            dev.client
+                .publish(
+                    "flotilla/v1/nodes/node-00/report",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    body.into_bytes(),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    wait_for("the whole burst taken", Duration::from_secs(120), || {
+        (mqtt_count(&c, "report", "refused") >= burst).then_some(())
+    });
+    // And the runner still takes messages.
+    dev.publish(
+        "flotilla/v1/nodes/node-00/heartbeat",
+        &json!({"version": "2.7.1"}),
+    );
+    wait_for(
+        "a heartbeat after the burst",
+        Duration::from_secs(20),
+        || (c.node(0)["version"] == "2.7.1").then_some(()),
+    );
 }
