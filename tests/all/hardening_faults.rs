@@ -64,6 +64,7 @@ impl Store for Faulty {
 
 struct Runner0 {
     base: String,
+    state: Arc<flotilla_server::AppState>,
     http: reqwest::Client,
     store: Arc<Faulty>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -97,9 +98,11 @@ impl Runner0 {
             f
         })
         .unwrap();
+        let state = runner.state.clone();
         let (base, tx, served) = serve_on_loopback(runner).await;
         Runner0 {
             base,
+            state,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -437,6 +440,138 @@ async fn an_mqtt_report_is_acked_only_once_the_store_has_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(counts("succeeded").await, 1);
+    pump.abort();
+    r.stop().await;
+}
+
+/// Issue 19: 10,000 nodes' reports over MQTT in one burst, each final one
+/// clearing the node's retained work (a publish of the runner's own): the
+/// runner's event loop must keep reading while its ingest is full, or its
+/// acks and its publishes wait on each other (the mqtt bench stalled so at
+/// 10,000 devices). Every report is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_every_nodes_reports_over_mqtt_is_all_applied() {
+    use crate::e2e::mqtt::{Broker, RUNNER_USER, password};
+    const NODES: usize = 10_000;
+    // A fleet's worth of reports from one client: node-11 may write every
+    // node's report topic here (the broker's ACL is not what is tested).
+    let Some(broker) =
+        Broker::start_with_acl("user node-11\ntopic write flotilla/v1/nodes/+/report")
+    else {
+        return;
+    };
+    let pw = broker.dir.join("runner-password");
+    std::fs::write(&pw, password(RUNNER_USER)).unwrap();
+    let mqtt: flotilla_server::mqtt::MqttConfig = toml::from_str(&format!(
+        "url = \"mqtt://127.0.0.1:{}\"\nusername = {RUNNER_USER:?}\npassword_file = {:?}\n",
+        broker.port,
+        pw.display().to_string()
+    ))
+    .unwrap();
+    let r = Runner0::start_with(Some(mqtt)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let node = |i: usize| format!("b{i:05}");
+    for i in 0..NODES {
+        r.state
+            .inventory
+            .upsert_node(flotilla_model::Node {
+                id: node(i),
+                version: "1.0.0".into(),
+                labels: Vec::new(),
+                attributes: Vec::new(),
+                asset_path: String::new(),
+                healthy: true,
+                schedulable: true,
+                online: true,
+                last_seen: now,
+            })
+            .unwrap();
+    }
+    r.json(
+        "POST",
+        "/v1/releases",
+        Some(json!({"package": "edge", "version": "2.0.0"})),
+    )
+    .await;
+    let res = r
+        .send(
+            "PUT",
+            "/v1/releases/edge/2.0.0/artifact",
+            Some(b"two".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/policies/everyone",
+            Some(b"// one wave\n".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (s, t) = r
+        .json(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"name": "burst", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let counts = |state: &'static str| {
+        let (r, id) = (&r, id.clone());
+        async move {
+            let (_, t) = r.json("GET", &format!("/v1/tasks/{id}"), None).await;
+            t["counts"][state].as_u64().unwrap_or(0) as usize
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counts("offered").await != NODES {
+        assert!(Instant::now() < deadline, "not all offered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut opts = rumqttc::MqttOptions::new("fleet-burst", "127.0.0.1", broker.port);
+    opts.set_credentials("node-11", password("node-11"))
+        .set_inflight(10_000);
+    let (fleet, mut events) = rumqttc::AsyncClient::new(opts, 1024);
+    let pump = tokio::spawn(async move {
+        for _ in 0..10_000_000 {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    for state in ["downloading", "upgrading", "verifying", "succeeded"] {
+        for i in 0..NODES {
+            let body = json!({"task": id, "state": state}).to_string();
+            fleet
+                .publish(
+                    format!("flotilla/v1/nodes/{}/report", node(i)),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    body.into_bytes(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = counts("succeeded").await;
+        if done == NODES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {NODES} succeeded after 120 s: the runner stopped taking reports"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     pump.abort();
     r.stop().await;
 }

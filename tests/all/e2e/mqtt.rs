@@ -46,6 +46,11 @@ impl Broker {
     /// `None` (with a message) when Mosquitto is not installed and `CI` is
     /// not set.
     pub fn start() -> Option<Broker> {
+        Self::start_with_acl("")
+    }
+
+    /// With `extra` lines at the end of the ACL.
+    pub fn start_with_acl(extra: &str) -> Option<Broker> {
         let (Some(bin), Some(passwd)) = (find("mosquitto"), find("mosquitto_passwd")) else {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -80,7 +85,7 @@ impl Broker {
                 .unwrap();
             assert!(out.status.success(), "mosquitto_passwd: {out:?}");
         }
-        fs::write(dir.join("acl"), ACL).unwrap();
+        fs::write(dir.join("acl"), format!("{ACL}\n{extra}\n")).unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
