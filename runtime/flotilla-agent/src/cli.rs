@@ -605,6 +605,45 @@ labels = { tier = "edge", zone = "a" }
     }
 
     #[test]
+    fn mqtt_settings_come_from_the_file_or_the_flags_and_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("agent.toml");
+        let pw = tmp.path().join("mqtt-password");
+        std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        std::fs::write(
+            &file,
+            format!(
+                "server = \"http://127.0.0.1:1\"\nnode_id = \"n1\"\nstate_dir = \"/tmp/x\"\nmqtt = \"mqtts://broker.example\"\nmqtt_password_file = {:?}\n",
+                pw.display().to_string()
+            ),
+        )
+        .unwrap();
+        let args = |mqtt: Option<&str>, prefix: Option<&str>| RunArgs {
+            config: Some(file.clone()),
+            mqtt: mqtt.map(String::from),
+            mqtt_prefix: prefix.map(String::from),
+            ..RunArgs::default()
+        };
+        let c = config(args(None, None), None).unwrap().mqtt.unwrap();
+        assert_eq!(c.url, "mqtts://broker.example");
+        // The file's line end is not part of the password.
+        assert_eq!(c.password.as_deref(), Some("s3cret-pw"));
+        assert_eq!((c.username, c.prefix.as_str()), (None, "flotilla/v1"));
+        let c = config(args(Some("mqtt://127.0.0.1:1883"), Some("site-a/v1")), None)
+            .unwrap()
+            .mqtt
+            .unwrap();
+        assert_eq!(
+            (c.url.as_str(), c.prefix.as_str()),
+            ("mqtt://127.0.0.1:1883", "site-a/v1")
+        );
+        let err = config(args(Some("http://broker"), None), None).unwrap_err();
+        assert!(err.to_string().contains("mqtts://"), "{err}");
+        let err = config(args(None, Some("a/#")), None).unwrap_err();
+        assert!(err.to_string().contains("prefix"), "{err}");
+    }
+
+    #[test]
     fn backup_roots_come_from_the_file_or_the_flags_and_must_be_absolute() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("agent.toml");

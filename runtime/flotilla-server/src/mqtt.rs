@@ -17,7 +17,10 @@
 //!   persistent). A message that is refused (malformed, too big, from an
 //!   unknown node, a report the engine refuses) is acked and logged: it
 //!   would be refused the same way every time it came again, so acking it
-//!   loses nothing, and not acking it would have the broker send it forever.
+//!   loses nothing, and not acking it would have the broker send it forever
+//!   (and, acks going out in order, hold every ack after it). The same for
+//!   an internal error (500: a record the store cannot read), logged as an
+//!   error: it fails the same way each time.
 //! - **Out:** each node's open work (the [`Outbox`](crate::agents::Outbox))
 //!   is the retained message of its `work` topic, QoS 1, republished when it
 //!   changes and all of it after each (re)connect; empty when the node has
@@ -405,7 +408,10 @@ async fn ingest(state: &AppState, config: &MqttConfig, p: &Publish) -> Outcome {
                 state.metrics.mqtt_message(kind.as_str(), "applied");
                 return Outcome::Ack;
             }
-            Err(e) if e.status.is_server_error() => {
+            // A fault (503: the store could not take it, the runner stops):
+            // worth another try. A 500 (a record the store cannot read)
+            // will not pass later: retrying it would hold every later ack.
+            Err(e) if e.status == axum::http::StatusCode::SERVICE_UNAVAILABLE => {
                 if e.error == crate::error::SHUTTING_DOWN {
                     return Outcome::Keep;
                 }
@@ -419,9 +425,17 @@ async fn ingest(state: &AppState, config: &MqttConfig, p: &Publish) -> Outcome {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(10));
             }
-            Err(ApiError { error, .. }) => {
+            Err(ApiError { error, status, .. }) => {
                 state.metrics.mqtt_message(kind.as_str(), "refused");
-                tracing::warn!(node, kind = kind.as_str(), "mqtt message refused: {error}");
+                if status.is_server_error() {
+                    tracing::error!(
+                        node,
+                        kind = kind.as_str(),
+                        "mqtt message failed for good, dropped: {error}"
+                    );
+                } else {
+                    tracing::warn!(node, kind = kind.as_str(), "mqtt message refused: {error}");
+                }
                 return Outcome::Ack;
             }
         }
