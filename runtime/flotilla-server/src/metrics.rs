@@ -89,7 +89,7 @@ impl Metrics {
         );
         registry.register(
             "mqtt_connected",
-            "1 while the runner is connected to its MQTT broker",
+            "1 while the runner is connected to its MQTT broker and subscribed",
             mqtt_connected.clone(),
         );
         registry.register("tasks", "Tasks by state", tasks.clone());

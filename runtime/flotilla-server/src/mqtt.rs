@@ -241,22 +241,30 @@ pub async fn run(state: Arc<AppState>, config: MqttConfig) -> anyhow::Result<()>
     let publish = tokio::spawn(publish_loop(state.clone(), config.clone(), client.clone()));
     let _stop = AbortOnDrop(vec![ingest, publish]);
     let mut failures = 0u32;
+    // Subscribing after each connect, without waiting for room in the
+    // client's queue (this loop must never wait but in `poll`, which is
+    // what empties that queue): tried again after each event until it fits.
+    let mut subscribe = false;
     loop {
+        if subscribe {
+            match client.try_subscribe_many(filters.clone()) {
+                Ok(()) => subscribe = false,
+                Err(rumqttc::ClientError::TryRequest(_)) => {}
+                Err(e) => {
+                    tracing::error!("mqtt subscribe: {e}");
+                    subscribe = false;
+                }
+            }
+        }
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 failures = 0;
-                state.metrics.mqtt_connected(true);
                 tracing::info!(
                     broker = config.url,
                     session = ack.session_present,
                     "connected to the MQTT broker"
                 );
-                if let Err(e) = client.subscribe_many(filters.clone()).await {
-                    tracing::error!("mqtt subscribe: {e}");
-                }
-                // The broker may have lost retained work (a restart without
-                // persistence): send all of it again.
-                state.outbox.mark_all_changed();
+                subscribe = true;
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 if ack
@@ -269,6 +277,11 @@ pub async fn run(state: Arc<AppState>, config: MqttConfig) -> anyhow::Result<()>
                         config.prefix
                     );
                 }
+                state.metrics.mqtt_connected(true);
+                // Subscribed (first, so that the nodes' messages flow): now
+                // every open work again, in case the broker lost the
+                // retained messages (a restart without persistence).
+                state.outbox.mark_all_changed();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(p).is_err() {

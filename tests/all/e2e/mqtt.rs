@@ -168,6 +168,12 @@ impl Broker {
         self.start_proc();
     }
 
+    /// The log of the broker running now.
+    pub fn current_log(&self) -> String {
+        fs::read_to_string(self.dir.join(format!("mosquitto-{}.log", self.starts)))
+            .unwrap_or_default()
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
@@ -192,6 +198,10 @@ impl Drop for Broker {
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");
             }
+            eprintln!("mosquitto's files are in {}", self.dir.display());
+            // Kept for a look: the temp dir is not removed.
+            let keep = tempfile::Builder::new().tempdir().unwrap();
+            let _ = std::mem::replace(&mut self._tmp, keep).keep();
         }
     }
 }
