@@ -1556,3 +1556,7 @@ mod over_tls {
 
 // Signed releases and remote downgrades (issue 14), on the helpers above.
 mod signed;
+
+// Agents over an MQTT broker (issue 19), on the helpers above; its
+// broker also serves all/hardening_faults.rs.
+pub(crate) mod mqtt;

@@ -65,6 +65,7 @@ impl Store for Faulty {
 
 struct Runner0 {
     base: String,
+    state: Arc<flotilla_server::AppState>,
     http: reqwest::Client,
     store: Arc<Faulty>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -74,11 +75,17 @@ struct Runner0 {
 
 impl Runner0 {
     async fn start() -> Runner0 {
+        Self::start_with(None).await
+    }
+
+    /// With agents also over the MQTT broker `mqtt`, if given.
+    async fn start_with(mqtt: Option<flotilla_server::mqtt::MqttConfig>) -> Runner0 {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data: dir.path().join("data"),
             tick_ms: 20,
             enroll_secret: Some(ENROLL.into()),
+            mqtt,
             ..Config::default()
         };
         let mut faulty = None;
@@ -92,9 +99,11 @@ impl Runner0 {
             f
         })
         .unwrap();
+        let state = runner.state.clone();
         let (base, tx, served) = serve_on_loopback(runner).await;
         Runner0 {
             base,
+            state,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -291,5 +300,310 @@ async fn a_store_fault_answers_503_and_the_retried_report_is_applied_once() {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(events_of("n2", "node.succeeded").await, 1);
     assert_eq!(events_of("n1", "node.succeeded").await, 1);
+    r.stop().await;
+}
+
+/// Issue 19: over MQTT too, nothing is acknowledged before it is durable.
+/// A report that arrives while the store's flushes fail is not acked (no
+/// PUBACK reaches the broker) and not applied; once the store is back, the
+/// runner's own retry applies it once and only then acks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_report_is_acked_only_once_the_store_has_it() {
+    use crate::e2e::mqtt::{Broker, RUNNER_USER, password};
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let pw = broker.dir.join("runner-password");
+    std::fs::write(&pw, password(RUNNER_USER)).unwrap();
+    let mqtt: flotilla_server::mqtt::MqttConfig = toml::from_str(&format!(
+        "url = \"mqtt://127.0.0.1:{}\"\nusername = {RUNNER_USER:?}\npassword_file = {:?}\n",
+        broker.port,
+        pw.display().to_string()
+    ))
+    .unwrap();
+    let r = Runner0::start_with(Some(mqtt)).await;
+    let node = "node-00";
+    let (s, body) = r
+        .json(
+            "POST",
+            "/v1/agents/enroll",
+            Some(json!({"node_id": node, "secret": ENROLL, "version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _) = r
+        .json(
+            "POST",
+            "/v1/releases",
+            Some(json!({"package": "edge", "version": "2.0.0"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/releases/edge/2.0.0/artifact",
+            Some(b"two".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/policies/everyone",
+            Some(b"// one wave\n".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (s, t) = r
+        .json(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"name": "up", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let counts = |state: &'static str| {
+        let (r, id) = (&r, id.clone());
+        async move {
+            let (_, t) = r.json("GET", &format!("/v1/tasks/{id}"), None).await;
+            t["counts"][state].as_u64().unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counts("offered").await != 1 {
+        assert!(Instant::now() < deadline, "not offered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The device's report, while every flush fails.
+    r.store.flushes_fail.store(true, Ordering::SeqCst);
+    let mut opts = rumqttc::MqttOptions::new("node-00-device", "127.0.0.1", broker.port);
+    opts.set_credentials(node, password(node));
+    let (device, mut events) = rumqttc::AsyncClient::new(opts, 16);
+    let pump = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let body = json!({"task": id, "state": "succeeded"}).to_string();
+    device
+        .publish(
+            "flotilla/v1/nodes/node-00/report",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+    // The broker hands it to the runner ...
+    let to_runner = "Sending PUBLISH to flotilla-runner (d0, q1, r0, m";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mid = loop {
+        let logs = broker.logs();
+        let mid = logs.lines().find_map(|l| {
+            let rest = l.split(to_runner).nth(1)?;
+            let (mid, topic) = rest.split_once(", ")?;
+            topic
+                .starts_with("'flotilla/v1/nodes/node-00/report'")
+                .then(|| mid.to_string())
+        });
+        if let Some(m) = mid {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the report never reached the runner"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let acked = format!("Received PUBACK from flotilla-runner (Mid: {mid},");
+    // ... which retries it and does not ack it while the store fails.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !broker.logs().contains(&acked),
+        "acked before it was stored"
+    );
+    assert_eq!(counts("succeeded").await, 0);
+    // The store back: applied once, then acked.
+    r.store.flushes_fail.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !broker.logs().contains(&acked) {
+        assert!(
+            Instant::now() < deadline,
+            "never acked after the store came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counts("succeeded").await, 1);
+    pump.abort();
+    r.stop().await;
+}
+
+/// Issue 19: 10,000 nodes' reports over MQTT in one burst, each final one
+/// clearing the node's retained work (a publish of the runner's own): the
+/// runner's event loop must keep reading while its ingest is full, or its
+/// acks and its publishes wait on each other (the mqtt bench stalled so at
+/// 10,000 devices). Every report is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_every_nodes_reports_over_mqtt_is_all_applied() {
+    burst_of_reports(false).await;
+}
+
+/// The same after the broker restarts while the runner publishes the
+/// nodes' work: the runner reconnects with its client's queue full and must
+/// subscribe again without waiting for room in it. The reports are sent once
+/// it has: Mosquitto 2.0.11 drops what devices publish between its restart
+/// and the runner's new SUBSCRIBE (its restored session gets none of it);
+/// real agents send those outcomes again when the runner republishes their
+/// open work, which this client does not do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_while_the_runner_publishes_work_for_every_node_loses_nothing() {
+    burst_of_reports(true).await;
+}
+
+async fn burst_of_reports(restart_broker: bool) {
+    use crate::e2e::mqtt::{Broker, RUNNER_USER, password};
+    const NODES: usize = 10_000;
+    // A fleet's worth of reports from one client: node-11 may write every
+    // node's report topic here (the broker's ACL is not what is tested).
+    let Some(mut broker) =
+        Broker::start_with_acl("user node-11\ntopic write flotilla/v1/nodes/+/report")
+    else {
+        return;
+    };
+    let pw = broker.dir.join("runner-password");
+    std::fs::write(&pw, password(RUNNER_USER)).unwrap();
+    let mqtt: flotilla_server::mqtt::MqttConfig = toml::from_str(&format!(
+        "url = \"mqtt://127.0.0.1:{}\"\nusername = {RUNNER_USER:?}\npassword_file = {:?}\n",
+        broker.port,
+        pw.display().to_string()
+    ))
+    .unwrap();
+    let r = Runner0::start_with(Some(mqtt)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let node = |i: usize| format!("b{i:05}");
+    for i in 0..NODES {
+        r.state
+            .inventory
+            .upsert_node(flotilla_model::Node {
+                id: node(i),
+                version: "1.0.0".into(),
+                labels: Vec::new(),
+                attributes: Vec::new(),
+                asset_path: String::new(),
+                healthy: true,
+                schedulable: true,
+                online: true,
+                last_seen: now,
+            })
+            .unwrap();
+    }
+    r.json(
+        "POST",
+        "/v1/releases",
+        Some(json!({"package": "edge", "version": "2.0.0"})),
+    )
+    .await;
+    let res = r
+        .send(
+            "PUT",
+            "/v1/releases/edge/2.0.0/artifact",
+            Some(b"two".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = r
+        .send(
+            "PUT",
+            "/v1/policies/everyone",
+            Some(b"// one wave\n".to_vec()),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let (s, t) = r
+        .json(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"name": "burst", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let counts = |state: &'static str| {
+        let (r, id) = (&r, id.clone());
+        async move {
+            let (_, t) = r.json("GET", &format!("/v1/tasks/{id}"), None).await;
+            t["counts"][state].as_u64().unwrap_or(0) as usize
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counts("offered").await != NODES {
+        assert!(Instant::now() < deadline, "not all offered");
+        tokio::time::sleep(Duration::from_millis(if restart_broker { 1 } else { 50 })).await;
+    }
+    if restart_broker {
+        // The runner is publishing 10,000 nodes' work now.
+        broker.restart();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !broker
+            .current_log()
+            .contains("Received SUBSCRIBE from flotilla-runner")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the runner did not subscribe again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut opts = rumqttc::MqttOptions::new("fleet-burst", "127.0.0.1", broker.port);
+    opts.set_credentials("node-11", password("node-11"))
+        .set_inflight(10_000);
+    let (fleet, mut events) = rumqttc::AsyncClient::new(opts, 1024);
+    let pump = tokio::spawn(async move {
+        for _ in 0..10_000_000 {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    for state in ["downloading", "upgrading", "verifying", "succeeded"] {
+        for i in 0..NODES {
+            let body = json!({"task": id, "state": state}).to_string();
+            fleet
+                .publish(
+                    format!("flotilla/v1/nodes/{}/report", node(i)),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    body.into_bytes(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = counts("succeeded").await;
+        if done == NODES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {NODES} succeeded after 120 s: the runner stopped taking reports"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pump.abort();
     r.stop().await;
 }

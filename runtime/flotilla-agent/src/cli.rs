@@ -123,6 +123,21 @@ pub struct RunArgs {
     /// Take remote work that moves this node below its permanent release.
     #[arg(long)]
     pub allow_remote_downgrade: bool,
+    /// Speak to the runner through an MQTT broker, e.g.
+    /// mqtts://broker.example:8883: heartbeats, work, pull requests and
+    /// reports go there; enrollment and downloads stay on --server.
+    #[arg(long, value_name = "URL")]
+    pub mqtt: Option<String>,
+    /// The MQTT user name [default: the node id].
+    #[arg(long, value_name = "NAME")]
+    pub mqtt_username: Option<String>,
+    /// A file holding this node's MQTT password (or FLOTILLA_MQTT_PASSWORD);
+    /// none with a client certificate.
+    #[arg(long, value_name = "PATH")]
+    pub mqtt_password_file: Option<PathBuf>,
+    /// The MQTT topic prefix [default: flotilla/v1].
+    #[arg(long, value_name = "PREFIX")]
+    pub mqtt_prefix: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,13 +203,24 @@ struct FileConfig {
     #[serde(default)]
     trusted_keys: Vec<String>,
     allow_remote_downgrade: Option<bool>,
+    mqtt: Option<String>,
+    mqtt_username: Option<String>,
+    mqtt_password_file: Option<PathBuf>,
+    mqtt_prefix: Option<String>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         Some(cmd) => manage(cmd),
         None => {
-            let config = config(args.run, std::env::var("FLOTILLA_ENROLL_SECRET").ok())?;
+            let mut config = config(args.run, std::env::var("FLOTILLA_ENROLL_SECRET").ok())?;
+            if let Some(m) = &mut config.mqtt
+                && m.password.is_none()
+                && let Ok(p) = std::env::var("FLOTILLA_MQTT_PASSWORD")
+                && !p.is_empty()
+            {
+                m.password = Some(p);
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -287,6 +313,34 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
     };
     let trusted_keys =
         crate::verify::TrustedKeys::load(&trusted_keys).map_err(anyhow::Error::msg)?;
+    let mqtt = match args.mqtt.or(file.mqtt) {
+        None => None,
+        Some(url) => {
+            flotilla_model::protocol::mqtt::Endpoint::parse(&url).map_err(anyhow::Error::msg)?;
+            let password = match args.mqtt_password_file.or(file.mqtt_password_file) {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| {
+                            format!("cannot read the MQTT password file {}", p.display())
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let prefix = args
+                .mqtt_prefix
+                .or(file.mqtt_prefix)
+                .unwrap_or_else(|| flotilla_model::protocol::mqtt::DEFAULT_PREFIX.to_string());
+            flotilla_model::protocol::mqtt::check_prefix(&prefix).map_err(anyhow::Error::msg)?;
+            Some(crate::mqtt::MqttConfig {
+                url,
+                username: args.mqtt_username.or(file.mqtt_username),
+                password,
+                prefix,
+            })
+        }
+    };
     Ok(AgentConfig {
         enroll_secret: args.enroll_secret.or(env_secret).or(file.enroll_secret),
         labels: pairs(args.labels, file.labels, "label")?,
@@ -351,6 +405,7 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
         server,
         node_id,
         state_dir,
+        mqtt,
     })
 }
 
@@ -475,7 +530,13 @@ mod tests {
             client_key,
             trusted_keys,
             allow_remote_downgrade,
+            mqtt,
+            mqtt_username,
+            mqtt_password_file,
+            mqtt_prefix,
         } = toml::from_str(&all_on).unwrap();
+        assert!(mqtt.is_some() && mqtt_username.is_some());
+        assert!(mqtt_password_file.is_some() && mqtt_prefix.is_some());
         assert!(server.is_some() && node_id.is_some() && state_dir.is_some());
         assert!(enroll_secret.is_some() && asset_path.is_some());
         assert!(!labels.is_empty() && !attributes.is_empty());
@@ -541,6 +602,45 @@ labels = { tier = "edge", zone = "a" }
 
         let err = config(RunArgs::default(), None).unwrap_err();
         assert!(err.to_string().contains("--server is required"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_settings_come_from_the_file_or_the_flags_and_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("agent.toml");
+        let pw = tmp.path().join("mqtt-password");
+        std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        std::fs::write(
+            &file,
+            format!(
+                "server = \"http://127.0.0.1:1\"\nnode_id = \"n1\"\nstate_dir = \"/tmp/x\"\nmqtt = \"mqtts://broker.example\"\nmqtt_password_file = {:?}\n",
+                pw.display().to_string()
+            ),
+        )
+        .unwrap();
+        let args = |mqtt: Option<&str>, prefix: Option<&str>| RunArgs {
+            config: Some(file.clone()),
+            mqtt: mqtt.map(String::from),
+            mqtt_prefix: prefix.map(String::from),
+            ..RunArgs::default()
+        };
+        let c = config(args(None, None), None).unwrap().mqtt.unwrap();
+        assert_eq!(c.url, "mqtts://broker.example");
+        // The file's line end is not part of the password.
+        assert_eq!(c.password.as_deref(), Some("s3cret-pw"));
+        assert_eq!((c.username, c.prefix.as_str()), (None, "flotilla/v1"));
+        let c = config(args(Some("mqtt://127.0.0.1:1883"), Some("site-a/v1")), None)
+            .unwrap()
+            .mqtt
+            .unwrap();
+        assert_eq!(
+            (c.url.as_str(), c.prefix.as_str()),
+            ("mqtt://127.0.0.1:1883", "site-a/v1")
+        );
+        let err = config(args(Some("http://broker"), None), None).unwrap_err();
+        assert!(err.to_string().contains("mqtts://"), "{err}");
+        let err = config(args(None, Some("a/#")), None).unwrap_err();
+        assert!(err.to_string().contains("prefix"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod client;
 pub mod journal;
+pub mod mqtt;
 pub mod releases;
 pub mod upgrade;
 pub mod verify;
@@ -42,8 +43,12 @@ pub struct AgentConfig {
     pub pull: Option<Duration>,
     /// Seconds a push long poll is held open (at most the protocol's limit).
     pub wait_seconds: u64,
-    /// A private CA and a client certificate (mutual TLS).
+    /// A private CA and a client certificate (mutual TLS), for the runner
+    /// and the broker.
     pub tls: client::ClientTls,
+    /// `Some`: heartbeats, work, pull requests and reports go over this
+    /// MQTT broker instead of HTTP (enrollment and downloads stay on HTTP).
+    pub mqtt: Option<mqtt::MqttConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,8 @@ pub enum AgentError {
     NoSecret,
     #[error("enrollment refused: {detail}; {hint}")]
     EnrollRefused { detail: String, hint: &'static str },
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
 }
 
 /// What to do about a refused enrollment, by the runner's answer.
@@ -96,6 +103,8 @@ enum Delivery {
 struct Agent {
     config: AgentConfig,
     client: RunnerClient,
+    /// The broker, when the agent speaks MQTT (`--mqtt`).
+    mqtt: Option<mqtt::MqttLink>,
     upgrader: Upgrader,
     enrolling: tokio::sync::Mutex<()>,
     stop: watch::Receiver<bool>,
@@ -146,9 +155,14 @@ pub async fn run(
     client.set_token(read_token(&config.state_dir));
     let (stop_tx, stop) = watch::channel(false);
     let upgrader = Upgrader::new(store, config.steps.clone())?;
+    let mqtt = match &config.mqtt {
+        Some(m) => Some(mqtt::MqttLink::start(m, &config.node_id, &config.tls)?),
+        None => None,
+    };
     let agent = Arc::new(Agent {
         config,
         client,
+        mqtt,
         upgrader,
         enrolling: tokio::sync::Mutex::new(()),
         stop,
@@ -278,11 +292,18 @@ impl Agent {
                     schedulable: self.config.schedulable,
                     metrics: system_metrics(),
                 };
-                match self.client.heartbeat(&hb).await {
-                    Ok(()) => tracing::debug!(version = hb.version, "heartbeat"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "heartbeat failed");
-                        self.on_error(&e);
+                if let Some(m) = &self.mqtt {
+                    match m.heartbeat(&hb) {
+                        Ok(()) => tracing::debug!(version = hb.version, "heartbeat (mqtt)"),
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                    }
+                } else {
+                    match self.client.heartbeat(&hb).await {
+                        Ok(()) => tracing::debug!(version = hb.version, "heartbeat"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                            self.on_error(&e);
+                        }
                     }
                 }
             }
@@ -319,9 +340,24 @@ impl Agent {
             if self.stopped() {
                 break;
             }
-            let next = match self.config.pull {
-                Some(_) => self.client.request().await,
-                None => self.client.work(self.config.wait_seconds).await,
+            let next = match (&self.mqtt, self.config.pull) {
+                (Some(m), Some(every)) => {
+                    // The runner answers on the work topic; a slow answer
+                    // is picked up by the next ask.
+                    let wait = every.clamp(Duration::from_secs(1), Duration::from_secs(10));
+                    match m.request(wait).await {
+                        Ok(w) => Ok(w),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the MQTT client stopped");
+                            return Err(e.into());
+                        }
+                    }
+                }
+                (Some(m), None) => Ok(m
+                    .work(Duration::from_secs(self.config.wait_seconds.max(1)))
+                    .await),
+                (None, Some(_)) => self.client.request().await,
+                (None, None) => self.client.work(self.config.wait_seconds).await,
             };
             match next {
                 Ok(Some(work)) => {
@@ -365,7 +401,11 @@ impl Agent {
         let forward = async {
             while let Some(r) = rx.recv().await {
                 // Progress is best effort: the final report is what counts.
-                if let Err(e) = self.client.report(&r).await {
+                if let Some(m) = &self.mqtt {
+                    if let Err(e) = m.report(&r).await {
+                        tracing::warn!(error = %e, state = ?r.state, "progress report failed");
+                    }
+                } else if let Err(e) = self.client.report(&r).await {
                     tracing::warn!(error = %e, state = ?r.state, "progress report failed");
                     self.on_error(&e);
                 }
@@ -384,6 +424,17 @@ impl Agent {
     }
 
     async fn deliver(&self, report: &Report) -> Delivery {
+        // Over MQTT the client holds it until the broker has it; the runner
+        // keeps the work open (and sends it again) until it stored it.
+        if let Some(m) = &self.mqtt {
+            return match m.report(report).await {
+                Ok(()) => Delivery::Taken,
+                Err(e) => {
+                    tracing::error!(task = report.task, error = %e, "final report not sent; the journal sends it again when the work comes back");
+                    Delivery::Stopped
+                }
+            };
+        }
         let mut backoff = Backoff(0);
         while !self.stopped() {
             if self.ensure_enrolled().await.is_err() {
@@ -643,6 +694,7 @@ mod tests {
                 pull: pull.then_some(Duration::from_millis(100)),
                 wait_seconds: 1,
                 tls: Default::default(),
+                mqtt: None,
             }
         }
 
@@ -701,11 +753,13 @@ mod tests {
             pull: None,
             wait_seconds: 1,
             tls: Default::default(),
+            mqtt: None,
         };
         let agent = Agent {
             upgrader: Upgrader::new(store, config.steps.clone()).unwrap(),
             config,
             client,
+            mqtt: None,
             enrolling: tokio::sync::Mutex::new(()),
             stop,
             busy: AtomicBool::new(false),

@@ -15,6 +15,10 @@
 //! (`work` is idempotent; the agent keys what it does on `task` + `version`).
 //! The long poll returns at once when work is waiting and otherwise after
 //! `wait` seconds (at most [`MAX_WAIT_SECONDS`]) with 204.
+//!
+//! The same types also travel over an MQTT broker ([`mqtt`]): heartbeats,
+//! reports and pull requests on the node's own topics, work on its `work`
+//! topic. Enrollment and artifact downloads stay on HTTPS.
 
 use crate::{Backup, ReleaseKind, RunEvent};
 use serde::{Deserialize, Serialize};
@@ -229,6 +233,168 @@ fn yes() -> bool {
     true
 }
 
+/// The topics of the MQTT transport, under one prefix (default
+/// [`mqtt::DEFAULT_PREFIX`]):
+///
+/// | topic | from → to | payload |
+/// |---|---|---|
+/// | `{prefix}/nodes/{id}/heartbeat` | node → runner, QoS 1 | [`Heartbeat`] |
+/// | `{prefix}/nodes/{id}/report` | node → runner, QoS 1 | [`Report`] |
+/// | `{prefix}/nodes/{id}/request` | node → runner, QoS 1 | empty (pull: "any work for me?") |
+/// | `{prefix}/nodes/{id}/work` | runner → node, QoS 1, retained | [`Work`], or empty: no open work |
+///
+/// The node id in the topic is the only identity a message carries: the
+/// broker must let a device publish only on its own topics and read only its
+/// own `work` (see `examples/mqtt/`). The runner reads node topics through a
+/// shared subscription (`$share/{group}/...`), so several runner processes
+/// can split them.
+pub mod mqtt {
+    /// The default topic prefix.
+    pub const DEFAULT_PREFIX: &str = "flotilla/v1";
+    /// The default shared-subscription group of the runners.
+    pub const DEFAULT_SHARE_GROUP: &str = "flotilla";
+    /// The largest payload either side accepts: a report's `detail` and a
+    /// heartbeat's metrics fit many times over.
+    pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+    /// What a node publishes.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Heartbeat,
+        Report,
+        Request,
+    }
+
+    impl Kind {
+        pub const ALL: [Kind; 3] = [Kind::Heartbeat, Kind::Report, Kind::Request];
+
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Kind::Heartbeat => "heartbeat",
+                Kind::Report => "report",
+                Kind::Request => "request",
+            }
+        }
+    }
+
+    /// A prefix is 1-128 characters, with no wildcard, no `$` at its start,
+    /// no empty level and no trailing `/`.
+    pub fn check_prefix(prefix: &str) -> Result<(), String> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 128
+            && !prefix.starts_with('$')
+            && !prefix.contains(['+', '#', '\0'])
+            && prefix.split('/').all(|l| !l.is_empty());
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "mqtt prefix {prefix:?} must be 1-128 characters of non-empty topic levels, without + # or a leading $"
+            ))
+        }
+    }
+
+    /// A broker's address: `mqtts://HOST[:PORT]` (TLS, port 8883 by
+    /// default) or `mqtt://HOST[:PORT]` (plain, 1883; loopback or a test).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Endpoint {
+        pub tls: bool,
+        pub host: String,
+        pub port: u16,
+    }
+
+    impl Endpoint {
+        pub fn parse(url: &str) -> Result<Endpoint, String> {
+            let bad = |why: &str| {
+                format!("mqtt URL {url:?} {why}: give one like mqtts://broker.example:8883")
+            };
+            let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+                (true, r)
+            } else if let Some(r) = url.strip_prefix("mqtt://") {
+                (false, r)
+            } else {
+                return Err(bad("must start with mqtts:// or mqtt://"));
+            };
+            let rest = rest.strip_suffix('/').unwrap_or(rest);
+            if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+                return Err(bad("must be a host and an optional port, nothing else"));
+            }
+            let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+                let (h, after) = v6.split_once(']').ok_or_else(|| bad("has an unclosed ["))?;
+                (h, after.strip_prefix(':'))
+            } else {
+                match rest.rsplit_once(':') {
+                    Some((h, p)) => (h, Some(p)),
+                    None => (rest, None),
+                }
+            };
+            let port = match port {
+                Some(p) => p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad("has a port that is not 1-65535"))?,
+                None if tls => 8883,
+                None => 1883,
+            };
+            if host.is_empty() {
+                return Err(bad("has no host"));
+            }
+            Ok(Endpoint {
+                tls,
+                host: host.to_string(),
+                port,
+            })
+        }
+
+        /// Plain MQTT to anything but loopback would carry credentials in clear.
+        pub fn is_loopback(&self) -> bool {
+            self.host == "localhost"
+                || self
+                    .host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+
+    /// `{prefix}/nodes/{node}/{kind}`.
+    pub fn topic(prefix: &str, node: &str, kind: Kind) -> String {
+        format!("{prefix}/nodes/{node}/{}", kind.as_str())
+    }
+
+    /// `{prefix}/nodes/{node}/work`.
+    pub fn work_topic(prefix: &str, node: &str) -> String {
+        format!("{prefix}/nodes/{node}/work")
+    }
+
+    /// The runner's subscription filter for `kind`: `{prefix}/nodes/+/{kind}`,
+    /// shared in `group` when one is given.
+    pub fn filter(prefix: &str, kind: Kind, group: Option<&str>) -> String {
+        match group {
+            Some(g) => format!("$share/{g}/{prefix}/nodes/+/{}", kind.as_str()),
+            None => format!("{prefix}/nodes/+/{}", kind.as_str()),
+        }
+    }
+
+    /// The node and kind of a topic a node published on, or why it is none.
+    /// The node id is checked later, as over HTTP.
+    pub fn parse<'t>(prefix: &str, topic: &'t str) -> Result<(&'t str, Kind), String> {
+        let shown = || topic.chars().take(200).collect::<String>();
+        let rest = topic
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix("/nodes/"))
+            .ok_or_else(|| format!("topic {:?} is not under {prefix}/nodes/", shown()))?;
+        let (node, kind) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("topic {:?} has no kind", shown()))?;
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| format!("topic {:?}: unknown kind {kind:?}", shown()))?;
+        Ok((node, kind))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +426,52 @@ mod tests {
         // Old agents send none: still a heartbeat.
         let old: Heartbeat = serde_json::from_str(r#"{"version": "1"}"#).unwrap();
         assert!(old.metrics.is_empty() && old.check().is_ok());
+    }
+
+    #[test]
+    fn mqtt_topics_round_trip_and_strangers_are_named() {
+        use mqtt::{Kind, parse, topic};
+        let t = topic("flotilla/v1", "edge-1", Kind::Report);
+        assert_eq!(t, "flotilla/v1/nodes/edge-1/report");
+        assert_eq!(parse("flotilla/v1", &t).unwrap(), ("edge-1", Kind::Report));
+        assert!(
+            parse("flotilla/v1", "flotilla/v1/nodes/edge-1/work")
+                .unwrap_err()
+                .contains("unknown kind")
+        );
+        assert!(parse("flotilla/v1", "other/nodes/a/report").is_err());
+        assert!(parse("flotilla/v1", "flotilla/v1/nodes/a").is_err());
+        // A node id with a `/` is left for the id check to refuse.
+        assert_eq!(
+            parse("p", "p/nodes/a/b/report").unwrap_err(),
+            "topic \"p/nodes/a/b/report\": unknown kind \"b/report\""
+        );
+        assert_eq!(
+            mqtt::filter("p", Kind::Heartbeat, Some("g")),
+            "$share/g/p/nodes/+/heartbeat"
+        );
+        assert!(mqtt::check_prefix("flotilla/v1").is_ok());
+        let e = mqtt::Endpoint::parse("mqtts://broker.example").unwrap();
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port),
+            (true, "broker.example", 8883)
+        );
+        let e = mqtt::Endpoint::parse("mqtt://127.0.0.1:18830").unwrap();
+        assert_eq!((e.tls, e.port, e.is_loopback()), (false, 18830, true));
+        let e = mqtt::Endpoint::parse("mqtts://[::1]:1").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 1));
+        for bad in [
+            "http://x",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://u:p@h",
+            "mqtt://h/x",
+        ] {
+            assert!(mqtt::Endpoint::parse(bad).is_err(), "{bad}");
+        }
+        for bad in ["", "$SYS", "a/+/b", "a/#", "a//b", "a/"] {
+            assert!(mqtt::check_prefix(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

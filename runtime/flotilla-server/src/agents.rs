@@ -36,6 +36,11 @@ use tower::ServiceExt as _;
 #[derive(Default)]
 pub struct Outbox {
     slots: Mutex<HashMap<String, Slot>>,
+    /// Nodes whose open work changed since the MQTT publisher last looked
+    /// (`None` while nothing publishes): a set, so a burst of changes to one
+    /// node is one publish, and its size is bounded by the fleet.
+    changed: Mutex<Option<std::collections::HashSet<String>>>,
+    changes: Notify,
 }
 
 #[derive(Default)]
@@ -49,14 +54,69 @@ impl Outbox {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn changed_lock(&self) -> std::sync::MutexGuard<'_, Option<std::collections::HashSet<String>>> {
+        self.changed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on, changes are kept for [`Outbox::take_changed`].
+    pub fn track_changes(&self) {
+        self.changed_lock().get_or_insert_with(Default::default);
+    }
+
+    /// Marks `nodes` changed (when changes are tracked).
+    pub fn mark_changed<'a>(&self, nodes: impl IntoIterator<Item = &'a str>) {
+        let mut changed = self.changed_lock();
+        if let Some(set) = changed.as_mut() {
+            let before = set.len();
+            set.extend(nodes.into_iter().map(str::to_string));
+            if set.len() > before {
+                self.changes.notify_one();
+            }
+        }
+    }
+
+    /// Marks every node with open work changed (a publisher that
+    /// reconnected sends them all again).
+    pub fn mark_all_changed(&self) {
+        let nodes: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.work.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.mark_changed(nodes.iter().map(String::as_str));
+    }
+
+    /// Waits for changes, then takes them.
+    pub async fn take_changed(&self) -> Vec<String> {
+        loop {
+            let notified = self.changes.notified();
+            {
+                let mut changed = self.changed_lock();
+                if let Some(set) = changed.as_mut()
+                    && !set.is_empty()
+                {
+                    return set.drain().collect();
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Hands out work (replacing what a node had).
     pub fn put(&self, items: impl IntoIterator<Item = (String, Work)>) {
         let mut slots = self.lock();
+        let mut changed = Vec::new();
         for (node, work) in items {
-            let slot = slots.entry(node).or_default();
+            let slot = slots.entry(node.clone()).or_default();
+            if slot.work.as_ref() != Some(&work) {
+                changed.push(node);
+            }
             slot.work = Some(work);
             slot.notify.notify_waiters();
         }
+        drop(slots);
+        self.mark_changed(changed.iter().map(String::as_str));
     }
 
     /// Makes the open work exactly `items` (after a restart, and now and then
@@ -64,14 +124,17 @@ impl Outbox {
     pub fn replace(&self, items: impl IntoIterator<Item = (String, Work)>) {
         let mut fresh: HashMap<String, Work> = items.into_iter().collect();
         let mut slots = self.lock();
+        let mut changed = Vec::new();
         for (node, slot) in slots.iter_mut() {
             let next = fresh.remove(node);
             if slot.work != next {
                 slot.work = next;
                 slot.notify.notify_waiters();
+                changed.push(node.clone());
             }
         }
         for (node, work) in fresh {
+            changed.push(node.clone());
             slots.insert(
                 node,
                 Slot {
@@ -80,14 +143,21 @@ impl Outbox {
                 },
             );
         }
+        drop(slots);
+        self.mark_changed(changed.iter().map(String::as_str));
     }
 
     /// The agent finished `task` on `node`.
     pub fn finish(&self, node: &str, task: &str) {
+        let mut finished = false;
         if let Some(slot) = self.lock().get_mut(node)
             && slot.work.as_ref().is_some_and(|w| w.task() == task)
         {
             slot.work = None;
+            finished = true;
+        }
+        if finished {
+            self.mark_changed([node]);
         }
     }
 
@@ -348,10 +418,22 @@ async fn heartbeat(
 ) -> Result<StatusCode, ApiError> {
     cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
-    let hb: Heartbeat = json(&body)?;
+    ingest_heartbeat(&state, &node, json(&body)?)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// One ingest function per message kind, called by both transports (HTTP
+// here, MQTT in `mqtt.rs`) once they know which node the message is from.
+
+/// A node's heartbeat: its version, health and metrics.
+pub(crate) fn ingest_heartbeat(
+    state: &AppState,
+    node: &str,
+    hb: Heartbeat,
+) -> Result<(), ApiError> {
     hb.check().map_err(ApiError::unprocessable)?;
     let now = state.clock.now();
-    let found = state.inventory.update_node(&node, |n| {
+    let found = state.inventory.update_node(node, |n| {
         n.version = hb.version;
         n.healthy = hb.healthy;
         n.schedulable = hb.schedulable;
@@ -360,11 +442,34 @@ async fn heartbeat(
     })?;
     match found {
         Some(_) => {
-            state.inventory.fleet().set_metrics(&node, hb.metrics);
-            Ok(StatusCode::NO_CONTENT)
+            state.inventory.fleet().set_metrics(node, hb.metrics);
+            Ok(())
         }
         None => Err(ApiError::not_found(format!("no node {node}")).hint("enroll again")),
     }
+}
+
+/// A pull request: the node's open work, or what the engine offers it now.
+pub(crate) async fn ingest_request(state: &AppState, node: &str) -> Result<Option<Work>, ApiError> {
+    seen(state, node)?;
+    if let Some(w) = state.outbox.get(node) {
+        return Ok(Some(w));
+    }
+    let n = node.to_string();
+    let command = state
+        .engine
+        .call(move |engine| match engine.request(&n) {
+            Ok(Some(c)) => (Ok(Some(c.clone())), vec![c]),
+            Ok(None) => (Ok(None), vec![]),
+            Err(e) => (Err(e), vec![]),
+        })
+        .await??;
+    Ok(command.map(|c| state.inventory.work(&c).1))
+}
+
+/// A node's report on its work; resolves once the store has it.
+pub(crate) async fn ingest_report(state: &AppState, node: &str, r: Report) -> Result<(), ApiError> {
+    state.engine.report(node.to_string(), r).await
 }
 
 /// A poll is a sign of life too.
@@ -408,21 +513,8 @@ async fn request(
 ) -> Result<Response, ApiError> {
     cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
-    seen(&state, &node)?;
-    if let Some(w) = state.outbox.get(&node) {
-        return Ok(Json(w).into_response());
-    }
-    let n = node.clone();
-    let command = state
-        .engine
-        .call(move |engine| match engine.request(&n) {
-            Ok(Some(c)) => (Ok(Some(c.clone())), vec![c]),
-            Ok(None) => (Ok(None), vec![]),
-            Err(e) => (Err(e), vec![]),
-        })
-        .await??;
-    match command {
-        Some(c) => Ok(Json(state.inventory.work(&c).1).into_response()),
+    match ingest_request(&state, &node).await? {
+        Some(w) => Ok(Json(w).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
@@ -436,8 +528,7 @@ async fn report(
 ) -> Result<StatusCode, ApiError> {
     cert_auth(&state, &peer, &node)?;
     node_auth(&state, &headers, &node)?;
-    let r: Report = json(&body)?;
-    state.engine.report(node, r).await?;
+    ingest_report(&state, &node, json(&body)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -21,6 +21,9 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
 }
 
+/// The error of [`ApiError::unavailable`].
+pub(crate) const SHUTTING_DOWN: &str = "the runner is shutting down";
+
 /// What a 503 asks a client to wait before it tries again.
 pub const RETRY_AFTER_SECONDS: u32 = 2;
 
@@ -69,10 +72,7 @@ impl ApiError {
     }
 
     pub fn unavailable() -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the runner is shutting down",
-        );
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN);
         e.retry_after = Some(RETRY_AFTER_SECONDS);
         e
     }

@@ -8,6 +8,7 @@
 //!   in the same sled database as the engine.
 //! - [`connections`] accepts TCP connections and serves HTTP/1.1 on them
 //!   within [`HttpLimits`], over TLS when [`tls`] is configured.
+//! - [`mqtt`] carries the same agent protocol through an MQTT broker.
 //! - [`agents`] serves the agent protocol ([`flotilla_model::protocol`]), [`api`] the
 //!   management API, [`hooks`] the signed webhooks, [`metrics`] `/metrics`.
 //!
@@ -24,6 +25,7 @@ mod error;
 pub mod hooks;
 pub mod inventory;
 pub mod metrics;
+pub mod mqtt;
 mod secret;
 pub mod signing;
 pub mod tls;
@@ -91,6 +93,9 @@ pub struct Config {
     pub release_keys: Vec<String>,
     /// Refuse releases without a signature by one of `release_keys`.
     pub require_signed_releases: bool,
+    /// `mqtt = { url = "mqtts://HOST:PORT", ... }`: agents also reach the
+    /// runner through this MQTT broker (see [`mqtt`]).
+    pub mqtt: Option<mqtt::MqttConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -197,6 +202,7 @@ impl Default for Config {
             tls: None,
             release_keys: Vec::new(),
             require_signed_releases: false,
+            mqtt: None,
         }
     }
 }
@@ -260,6 +266,9 @@ impl Config {
             }
         }
         self.http.check()?;
+        if let Some(m) = &self.mqtt {
+            m.check()?;
+        }
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return Err("tick_ms must be between 1 and 60000".into());
         }
@@ -362,6 +371,9 @@ impl Runner {
             )),
             None => None,
         };
+        if let Some(m) = &config.mqtt {
+            m.options()?;
+        }
         std::fs::create_dir_all(&config.data).map_err(|e| {
             anyhow::anyhow!("cannot create data dir {}: {e}", config.data.display())
         })?;
@@ -429,6 +441,14 @@ impl Runner {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let sweeper = tokio::spawn(agents::sweep_offline(self.state.clone()));
+        let mqtt = self.state.config.mqtt.clone().map(|config| {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = mqtt::run(state, config).await {
+                    tracing::error!("the MQTT transport stopped: {e:#}");
+                }
+            })
+        });
         let reloader = self
             .tls
             .clone()
@@ -450,8 +470,14 @@ impl Runner {
             r.abort();
         }
         sweeper.abort();
-        // The sweeper holds the state (and so the store): wait until it is gone.
+        // The sweeper holds the state (and so the store): wait until it is
+        // gone. So does the MQTT transport; what it has not acked yet the
+        // broker sends again to the next runner.
         let _ = sweeper.await;
+        if let Some(m) = mqtt {
+            m.abort();
+            let _ = m.await;
+        }
         self.shutdown();
         Ok(())
     }

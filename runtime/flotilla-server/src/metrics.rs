@@ -1,6 +1,6 @@
 //! `/metrics` in the Prometheus text format: tasks by state, node runs by
 //! state (counted at scrape time), policy call latency, webhook outcomes,
-//! agent reports and enrollments.
+//! agent reports and enrollments, MQTT messages and the broker connection.
 
 use super::AppState;
 use axum::Router;
@@ -44,6 +44,12 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MqttLabel {
+    kind: String,
+    outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     tasks: Family<StateLabel, Gauge>,
@@ -52,6 +58,8 @@ pub struct Metrics {
     webhooks: Family<WebhookLabel, Counter>,
     reports: Counter,
     enrollments: Family<OutcomeLabel, Counter>,
+    mqtt: Family<MqttLabel, Counter>,
+    mqtt_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +80,18 @@ impl Metrics {
         let webhooks = Family::<WebhookLabel, Counter>::default();
         let reports = Counter::default();
         let enrollments = Family::<OutcomeLabel, Counter>::default();
+        let mqtt = Family::<MqttLabel, Counter>::default();
+        let mqtt_connected = Gauge::default();
+        registry.register(
+            "mqtt_messages",
+            "Messages from nodes over MQTT by kind and outcome (applied, refused, dropped, retried)",
+            mqtt.clone(),
+        );
+        registry.register(
+            "mqtt_connected",
+            "1 while the runner is connected to its MQTT broker and subscribed",
+            mqtt_connected.clone(),
+        );
         registry.register("tasks", "Tasks by state", tasks.clone());
         registry.register(
             "node_runs",
@@ -106,7 +126,25 @@ impl Metrics {
             webhooks,
             reports,
             enrollments,
+            mqtt,
+            mqtt_connected,
         }
+    }
+
+    /// A message from a node over MQTT. Both labels are from fixed sets
+    /// (never input): a kind of [`flotilla_model::protocol::mqtt::Kind`] or
+    /// `unknown`; `applied`, `refused`, `dropped` or `retried`.
+    pub fn mqtt_message(&self, kind: &'static str, outcome: &'static str) {
+        self.mqtt
+            .get_or_create(&MqttLabel {
+                kind: kind.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn mqtt_connected(&self, up: bool) {
+        self.mqtt_connected.set(i64::from(up));
     }
 
     /// `hook` is a policy hook's name (`select`, `verdict`, ...), never input.
