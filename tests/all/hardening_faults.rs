@@ -142,6 +142,41 @@ impl Runner0 {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// Release edge 2.0.0 with its artifact, a one-wave Rhai policy and a
+    /// task `name` that upgrades every node to it; the task's id.
+    async fn start_edge_task(&self, name: &str) -> String {
+        let (s, _) = self
+            .json(
+                "POST",
+                "/v1/releases",
+                Some(json!({"package": "edge", "version": "2.0.0"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+        let res = self
+            .send(
+                "PUT",
+                "/v1/releases/edge/2.0.0/artifact",
+                Some(b"two".to_vec()),
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let res = self
+            .send(
+                "PUT",
+                "/v1/policies/everyone",
+                Some(b"// one wave of every node\n".to_vec()),
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let spec = json!({"name": name, "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"});
+        let (s, t) = self.json("POST", "/v1/tasks", Some(spec)).await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        t["id"].as_str().unwrap().to_string()
+    }
+
     async fn stop(mut self) {
         self.store.commits_fail.store(false, Ordering::SeqCst);
         self.store.flushes_fail.store(false, Ordering::SeqCst);
@@ -187,41 +222,7 @@ async fn a_store_fault_answers_503_and_the_retried_report_is_applied_once() {
         assert_eq!(s, StatusCode::OK, "{body}");
         tokens.push(serde_json::from_value::<Enrolled>(body).unwrap().token);
     }
-    let (s, _) = r
-        .json(
-            "POST",
-            "/v1/releases",
-            Some(json!({"package": "edge", "version": "2.0.0"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let res = r
-        .send(
-            "PUT",
-            "/v1/releases/edge/2.0.0/artifact",
-            Some(b"two".to_vec()),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::OK);
-    let res = r
-        .send(
-            "PUT",
-            "/v1/policies/everyone",
-            Some(b"// one wave of every node\n".to_vec()),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let (s, t) = r
-        .json(
-            "POST",
-            "/v1/tasks",
-            Some(json!({"name": "up", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{t}");
-    let id = t["id"].as_str().unwrap().to_string();
+    let id = r.start_edge_task("up").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, t) = r.json("GET", &format!("/v1/tasks/{id}"), None).await;
@@ -331,41 +332,7 @@ async fn an_mqtt_report_is_acked_only_once_the_store_has_it() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (s, _) = r
-        .json(
-            "POST",
-            "/v1/releases",
-            Some(json!({"package": "edge", "version": "2.0.0"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let res = r
-        .send(
-            "PUT",
-            "/v1/releases/edge/2.0.0/artifact",
-            Some(b"two".to_vec()),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::OK);
-    let res = r
-        .send(
-            "PUT",
-            "/v1/policies/everyone",
-            Some(b"// one wave\n".to_vec()),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let (s, t) = r
-        .json(
-            "POST",
-            "/v1/tasks",
-            Some(json!({"name": "up", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{t}");
-    let id = t["id"].as_str().unwrap().to_string();
+    let id = r.start_edge_task("up").await;
     let counts = |state: &'static str| {
         let (r, id) = (&r, id.clone());
         async move {
@@ -507,39 +474,7 @@ async fn burst_of_reports(restart_broker: bool) {
             })
             .unwrap();
     }
-    r.json(
-        "POST",
-        "/v1/releases",
-        Some(json!({"package": "edge", "version": "2.0.0"})),
-    )
-    .await;
-    let res = r
-        .send(
-            "PUT",
-            "/v1/releases/edge/2.0.0/artifact",
-            Some(b"two".to_vec()),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::OK);
-    let res = r
-        .send(
-            "PUT",
-            "/v1/policies/everyone",
-            Some(b"// one wave\n".to_vec()),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::CREATED);
-    let (s, t) = r
-        .json(
-            "POST",
-            "/v1/tasks",
-            Some(json!({"name": "burst", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{t}");
-    let id = t["id"].as_str().unwrap().to_string();
+    let id = r.start_edge_task("burst").await;
     let counts = |state: &'static str| {
         let (r, id) = (&r, id.clone());
         async move {
