@@ -288,6 +288,20 @@ fn installs(state_dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Every agent of `c` installed `version` exactly once (a runner or broker
+/// killed mid-rollout upgrades nothing twice) and runs it.
+fn each_installed_once(c: &Cluster, version: &str) {
+    for a in &c.agents {
+        assert_eq!(
+            installs(&a.dir),
+            [format!("install {version}")],
+            "{} upgraded twice",
+            a.id
+        );
+        assert_eq!(current(&a.dir).as_deref(), Some(version), "{}", a.id);
+    }
+}
+
 // ----- a runner and its agents -----
 
 pub(crate) struct AgentSpec {
@@ -954,15 +968,7 @@ fn the_runner_killed_mid_wave_resumes_and_no_agent_upgrades_twice() {
     );
     let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(60));
     assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 10)]));
-    for a in &c.agents {
-        assert_eq!(
-            installs(&a.dir),
-            ["install 1.1.0"],
-            "{} upgraded twice",
-            a.id
-        );
-        assert_eq!(current(&a.dir).as_deref(), Some("1.1.0"), "{}", a.id);
-    }
+    each_installed_once(&c, "1.1.0");
     eprintln!("killed the runner at {kills:?} succeeded nodes");
 }
 

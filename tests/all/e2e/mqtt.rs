@@ -359,15 +359,7 @@ fn a_runner_killed_mid_rollout_over_mqtt_loses_nothing_and_upgrades_nothing_twic
     );
     let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(90));
     assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 8)]));
-    for a in &c.agents {
-        assert_eq!(
-            installs(&a.dir),
-            ["install 1.1.0"],
-            "{} upgraded twice",
-            a.id
-        );
-        assert_eq!(current(&a.dir).as_deref(), Some("1.1.0"), "{}", a.id);
-    }
+    each_installed_once(&c, "1.1.0");
     eprintln!("killed the runner at {kills:?} succeeded nodes");
 }
 
@@ -396,14 +388,7 @@ fn a_broker_restart_mid_rollout_loses_nothing_and_upgrades_nothing_twice() {
     }
     let view = c.wait_task(&task, &["succeeded"], Duration::from_secs(120));
     assert_eq!(counts(&view), BTreeMap::from([("succeeded".into(), 8)]));
-    for a in &c.agents {
-        assert_eq!(
-            installs(&a.dir),
-            ["install 1.1.0"],
-            "{} upgraded twice",
-            a.id
-        );
-    }
+    each_installed_once(&c, "1.1.0");
     eprintln!("restarted the broker at {restarts:?} succeeded nodes");
 }
 
