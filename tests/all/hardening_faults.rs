@@ -310,19 +310,11 @@ async fn a_store_fault_answers_503_and_the_retried_report_is_applied_once() {
 /// runner's own retry applies it once and only then acks it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_report_is_acked_only_once_the_store_has_it() {
-    use crate::e2e::mqtt::{Broker, RUNNER_USER, password};
+    use crate::e2e::mqtt::{Broker, password};
     let Some(broker) = Broker::start() else {
         return;
     };
-    let pw = broker.dir.join("runner-password");
-    std::fs::write(&pw, password(RUNNER_USER)).unwrap();
-    let mqtt: flotilla_server::mqtt::MqttConfig = toml::from_str(&format!(
-        "url = \"mqtt://127.0.0.1:{}\"\nusername = {RUNNER_USER:?}\npassword_file = {:?}\n",
-        broker.port,
-        pw.display().to_string()
-    ))
-    .unwrap();
-    let r = Runner0::start_with(Some(mqtt)).await;
+    let r = Runner0::start_with(Some(broker.runner_config())).await;
     let node = "node-00";
     let (s, body) = r
         .json(
@@ -435,7 +427,7 @@ async fn a_broker_restart_while_the_runner_publishes_work_for_every_node_loses_n
 }
 
 async fn burst_of_reports(restart_broker: bool) {
-    use crate::e2e::mqtt::{Broker, RUNNER_USER, password};
+    use crate::e2e::mqtt::{Broker, password};
     const NODES: usize = 10_000;
     // A fleet's worth of reports from one client: node-11 may write every
     // node's report topic here (the broker's ACL is not what is tested).
@@ -444,15 +436,7 @@ async fn burst_of_reports(restart_broker: bool) {
     else {
         return;
     };
-    let pw = broker.dir.join("runner-password");
-    std::fs::write(&pw, password(RUNNER_USER)).unwrap();
-    let mqtt: flotilla_server::mqtt::MqttConfig = toml::from_str(&format!(
-        "url = \"mqtt://127.0.0.1:{}\"\nusername = {RUNNER_USER:?}\npassword_file = {:?}\n",
-        broker.port,
-        pw.display().to_string()
-    ))
-    .unwrap();
-    let r = Runner0::start_with(Some(mqtt)).await;
+    let r = Runner0::start_with(Some(broker.runner_config())).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

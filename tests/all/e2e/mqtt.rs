@@ -206,14 +206,31 @@ impl Drop for Broker {
     }
 }
 
+impl Broker {
+    /// The runner's `mqtt` setting for this broker, an inline TOML table
+    /// (its password is written beside the broker's files).
+    pub fn runner_mqtt(&self) -> String {
+        let pw = self.dir.join("runner-mqtt-password");
+        fs::write(&pw, password(RUNNER_USER)).unwrap();
+        format!(
+            "{{ url = {:?}, username = {RUNNER_USER:?}, password_file = {:?} }}",
+            self.url(),
+            pw.display().to_string()
+        )
+    }
+
+    /// The same, parsed: what a runner in this process is given.
+    pub fn runner_config(&self) -> flotilla_server::mqtt::MqttConfig {
+        let table: toml::Table = toml::from_str(&format!("mqtt = {}", self.runner_mqtt())).unwrap();
+        table["mqtt"].clone().try_into().unwrap()
+    }
+}
+
 /// A runner that speaks MQTT through `broker` beside HTTP.
 fn runner_toml(broker: &Broker) -> String {
-    let pw = broker.dir.join("runner-mqtt-password");
-    fs::write(&pw, password(RUNNER_USER)).unwrap();
     format!(
-        "enroll_secret = {SECRET:?}\nmqtt = {{ url = {:?}, username = {RUNNER_USER:?}, password_file = {:?} }}\n",
-        broker.url(),
-        pw.display().to_string()
+        "enroll_secret = {SECRET:?}\nmqtt = {}\n",
+        broker.runner_mqtt()
     )
 }
 

@@ -706,18 +706,6 @@ impl WasmPolicy {
         }
     }
 
-    /// Calls `select` or `plan` (same signature) on borrowed nodes.
-    fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
-        &mut self,
-        hook: Hook,
-        ctx: &model::TaskContext,
-        nodes: &[model::Node],
-    ) -> Result<R, PolicyError> {
-        self.with_ctx(ctx, |this, ctx| {
-            this.call(hook, nodes.len(), |live| call_nodes(live, hook, ctx, nodes))
-        })
-    }
-
     /// The lowered context, reused while the task's context is unchanged. It is
     /// taken out of the cache for the call and put back by [`Self::with_ctx`].
     fn take_ctx(&mut self, ctx: &model::TaskContext) -> (model::TaskContext, wit::TaskContext) {
@@ -806,7 +794,7 @@ impl Policy for WasmPolicy {
                     *live = maker.new_live(Hook::Select)?;
                 }
                 live.arm(limits.budget(chunk.len()), limits.memory(chunk.len()));
-                match call_nodes::<Vec<wit::Selection>>(live, Hook::Select, wit_ctx, chunk) {
+                match call_select(live, wit_ctx, chunk) {
                     Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
                     Err(e) => {
                         let hook = Hook::Select;
@@ -848,7 +836,11 @@ impl Policy for WasmPolicy {
         nodes: &[model::Node],
     ) -> Result<Vec<model::Selection>, PolicyError> {
         self.recycle_grown();
-        let out: Vec<wit::Selection> = self.call_nodes(Hook::Select, ctx, nodes)?;
+        let out = self.with_ctx(ctx, |this, ctx| {
+            this.call(Hook::Select, nodes.len(), |live| {
+                call_select(live, ctx, nodes)
+            })
+        })?;
         Ok(out.into_iter().map(selection_from).collect())
     }
 
@@ -1130,32 +1122,43 @@ type NodesParams<'a> = (CtxArg<'a>, NodeList<'a>);
 type PlanParams<'a> = (CtxArg<'a>, NodeList<'a>, u32, u32);
 type EvaluateParams<'a> = (CtxArg<'a>, &'a wit::WaveReport);
 
-/// Calls `select` or `plan` (same signature) on borrowed nodes in `live`.
-fn call_nodes<R: wasmtime::component::ComponentType + wasmtime::component::Lift + 'static>(
-    live: &mut LiveInstance,
-    hook: Hook,
-    ctx: &wit::TaskContext,
-    nodes: &[model::Node],
-) -> wasmtime::Result<R> {
-    debug_assert_eq!(hook, Hook::Select);
-    // SAFETY: `load_bytes` type-checked `select` against
-    // `(ctx, list<node>) -> list<selection>` for this component, and callers
-    // pass the matching `R`; skipping the check on every call saves microseconds.
-    let f: TypedFunc<NodesParams<'_>, (R,)> = unsafe { TypedFunc::new_unchecked(live.select) };
+/// The context and node-list arguments of `select` and `plan`: the nodes
+/// go into the guest's argument arena when it has one (`reserved` is the
+/// block the context's lowering asks for them).
+fn node_args<'a>(
+    live: &LiveInstance,
+    ctx: &'a wit::TaskContext,
+    nodes: &'a [model::Node],
+    reserved: &'a AtomicUsize,
+) -> (CtxArg<'a>, NodeList<'a>) {
     let arena = live.arena;
-    let reserved = AtomicUsize::new(NOT_RESERVED);
-    let args = (
+    (
         CtxArg {
             ctx,
             arena,
-            nodes: Some((nodes, &reserved)),
+            nodes: Some((nodes, reserved)),
         },
         NodeList {
             nodes,
             arena,
-            reserved: Some(&reserved),
+            reserved: Some(reserved),
         },
-    );
+    )
+}
+
+/// Calls `select` on one chunk of borrowed nodes in `live`.
+fn call_select(
+    live: &mut LiveInstance,
+    ctx: &wit::TaskContext,
+    nodes: &[model::Node],
+) -> wasmtime::Result<Vec<wit::Selection>> {
+    // SAFETY: `load_bytes` type-checked `select` against
+    // `(ctx, list<node>) -> list<selection>` for this component; skipping the
+    // check on every call saves microseconds.
+    let f: TypedFunc<NodesParams<'_>, (Vec<wit::Selection>,)> =
+        unsafe { TypedFunc::new_unchecked(live.select) };
+    let reserved = AtomicUsize::new(NOT_RESERVED);
+    let args = node_args(live, ctx, nodes, &reserved);
     Ok(f.call(&mut live.store, args)?.0)
 }
 
@@ -1171,23 +1174,9 @@ fn call_plan(
     // `(ctx, list<node>, u32, u32) -> list<wave>` for this component.
     let f: TypedFunc<PlanParams<'_>, (Vec<wit::Wave>,)> =
         unsafe { TypedFunc::new_unchecked(live.plan) };
-    let arena = live.arena;
     let reserved = AtomicUsize::new(NOT_RESERVED);
-    let args = (
-        CtxArg {
-            ctx,
-            arena,
-            nodes: Some((nodes, &reserved)),
-        },
-        NodeList {
-            nodes,
-            arena,
-            reserved: Some(&reserved),
-        },
-        offset,
-        total,
-    );
-    Ok(f.call(&mut live.store, args)?.0)
+    let (ctx, nodes) = node_args(live, ctx, nodes, &reserved);
+    Ok(f.call(&mut live.store, (ctx, nodes, offset, total))?.0)
 }
 
 /// Is `component` a policy of this runner's contract? A component built
