@@ -19,11 +19,25 @@ fn limits() -> Limits {
 }
 
 fn misbehave() -> WasmPolicy {
+    misbehave_with(limits())
+}
+
+fn misbehave_with(limits: Limits) -> WasmPolicy {
     let rt = WasmRuntime::new(None).unwrap();
     rt.load_file(&component("misbehave"))
         .unwrap()
-        .instantiate(World::empty(), limits())
+        .instantiate(World::empty(), limits)
         .unwrap()
+}
+
+/// For the memory tests: a CPU budget far above what filling the cap takes,
+/// so the cap is what stops the call even on a loaded machine (4096 nodes
+/// lowered and 36 MiB touched took over 100 ms of CPU in CI).
+fn memory_limits() -> Limits {
+    Limits {
+        cpu: Duration::from_secs(10),
+        ..limits()
+    }
 }
 
 fn ctx(mode: &str) -> TaskContext {
@@ -74,7 +88,7 @@ fn select_swaps_an_instance_whose_memory_grew_between_chunks() {
         .map(|i| Node::new(format!("n{i}"), "1.0.0"))
         .collect();
     for workers in [1, 2] {
-        let mut p = misbehave();
+        let mut p = misbehave_with(memory_limits());
         p.set_workers(workers);
         let out = p
             .select(&ctx("leak"), &many)
@@ -90,7 +104,7 @@ fn the_memory_cap_grows_with_the_nodes_handed_over() {
     let many: Vec<Node> = (0..flotilla_model::CHUNK)
         .map(|i| Node::new(format!("n{i}"), "1.0.0"))
         .collect();
-    let mut p = misbehave();
+    let mut p = misbehave_with(memory_limits());
     let err = p.select(&ctx("alloc"), &many).unwrap_err();
     assert!(matches!(err, PolicyError::Memory { .. }), "{err}");
     assert!(err.to_string().contains("memory cap (36 MiB)"), "{err}");
@@ -98,7 +112,7 @@ fn the_memory_cap_grows_with_the_nodes_handed_over() {
 
 #[test]
 fn wasm_unbounded_allocation_is_stopped_at_the_cap() {
-    let mut p = misbehave();
+    let mut p = misbehave_with(memory_limits());
     let err = p.select(&ctx("alloc"), &nodes()).unwrap_err();
     assert!(matches!(err, PolicyError::Memory { .. }), "{err}");
     assert!(err.to_string().contains("memory cap (32 MiB)"), "{err}");
