@@ -43,6 +43,8 @@ pub struct MqttConfig {
 pub enum MqttError {
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Setting(#[from] mqtt::SettingError),
     #[error("the MQTT client stopped: {0}")]
     Closed(String),
 }
@@ -119,8 +121,8 @@ impl MqttLink {
     /// Connects (in the background, retrying) to the broker of `config` as
     /// `node`; must run inside a tokio runtime.
     pub fn start(config: &MqttConfig, node: &str, tls: &ClientTls) -> Result<Self, MqttError> {
-        let endpoint = Endpoint::parse(&config.url).map_err(MqttError::Config)?;
-        mqtt::check_prefix(&config.prefix).map_err(MqttError::Config)?;
+        let endpoint = Endpoint::parse(&config.url)?;
+        mqtt::check_prefix(&config.prefix)?;
         if !endpoint.tls && !endpoint.is_loopback() {
             return Err(MqttError::Config(format!(
                 "refusing plain MQTT to {}: the node's credentials would cross the network in clear; use mqtts://",

@@ -50,7 +50,7 @@ pub struct Enroll {
 
 impl Enroll {
     /// The node's facts follow [`crate::facts`]; an error names the field.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), crate::facts::FactError> {
         crate::facts::check_all(
             &self.version,
             &self.labels,
@@ -90,13 +90,15 @@ impl Heartbeat {
     /// The version follows [`crate::facts::check_version`]; metric names are
     /// 1–64 characters of `[a-z0-9_.-]`, values finite, at most
     /// [`MAX_METRICS`] of them.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), crate::facts::FactError> {
+        use crate::facts::FactProblem;
         crate::facts::check_version("version", &self.version)?;
         if self.metrics.len() > MAX_METRICS {
-            return Err(format!(
-                "metrics: {} given, at most {MAX_METRICS}",
-                self.metrics.len()
-            ));
+            return Err(FactProblem::TooMany {
+                given: self.metrics.len(),
+                max: MAX_METRICS,
+            }
+            .at("metrics"));
         }
         for (name, value) in &self.metrics {
             let ok_name = !name.is_empty()
@@ -106,12 +108,10 @@ impl Heartbeat {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
             if !ok_name {
                 let shown: String = name.chars().take(64).collect();
-                return Err(format!(
-                    "metrics: name {shown:?} must be 1-64 characters of a-z, 0-9, '_', '.', '-'"
-                ));
+                return Err(FactProblem::BadMetricName(shown).at("metrics"));
             }
             if !value.is_finite() {
-                return Err(format!("metrics.{name}: {value} is not a finite number"));
+                return Err(FactProblem::NotFinite(*value).at(format!("metrics.{name}")));
             }
         }
         Ok(())
@@ -279,7 +279,7 @@ pub mod mqtt {
 
     /// A prefix is 1-128 characters, with no wildcard, no `$` at its start,
     /// no empty level and no trailing `/`.
-    pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    pub fn check_prefix(prefix: &str) -> Result<(), SettingError> {
         let ok = !prefix.is_empty()
             && prefix.len() <= 128
             && !prefix.starts_with('$')
@@ -288,10 +288,31 @@ pub mod mqtt {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "mqtt prefix {prefix:?} must be 1-128 characters of non-empty topic levels, without + # or a leading $"
-            ))
+            Err(SettingError::Prefix(prefix.to_string()))
         }
+    }
+
+    /// A broker URL or topic prefix in a runner's or agent's settings that
+    /// cannot be used.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum SettingError {
+        #[error(
+            "mqtt prefix {0:?} must be 1-128 characters of non-empty topic levels, without + # or a leading $"
+        )]
+        Prefix(String),
+        #[error("mqtt URL {url:?} {why}: give one like mqtts://broker.example:8883")]
+        Url { url: String, why: &'static str },
+    }
+
+    /// A topic a node published on that is not one of a node's topics.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum TopicError {
+        #[error("topic {topic:?} is not under {prefix}/nodes/")]
+        NotUnder { topic: String, prefix: String },
+        #[error("topic {0:?} has no kind")]
+        NoKind(String),
+        #[error("topic {topic:?}: unknown kind {kind:?}")]
+        UnknownKind { topic: String, kind: String },
     }
 
     /// A broker's address: `mqtts://HOST[:PORT]` (TLS, port 8883 by
@@ -304,9 +325,10 @@ pub mod mqtt {
     }
 
     impl Endpoint {
-        pub fn parse(url: &str) -> Result<Endpoint, String> {
-            let bad = |why: &str| {
-                format!("mqtt URL {url:?} {why}: give one like mqtts://broker.example:8883")
+        pub fn parse(url: &str) -> Result<Endpoint, SettingError> {
+            let bad = |why: &'static str| SettingError::Url {
+                url: url.to_string(),
+                why,
             };
             let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
                 (true, r)
@@ -378,19 +400,25 @@ pub mod mqtt {
 
     /// The node and kind of a topic a node published on, or why it is none.
     /// The node id is checked later, as over HTTP.
-    pub fn parse<'t>(prefix: &str, topic: &'t str) -> Result<(&'t str, Kind), String> {
+    pub fn parse<'t>(prefix: &str, topic: &'t str) -> Result<(&'t str, Kind), TopicError> {
         let shown = || topic.chars().take(200).collect::<String>();
         let rest = topic
             .strip_prefix(prefix)
             .and_then(|r| r.strip_prefix("/nodes/"))
-            .ok_or_else(|| format!("topic {:?} is not under {prefix}/nodes/", shown()))?;
+            .ok_or_else(|| TopicError::NotUnder {
+                topic: shown(),
+                prefix: prefix.to_string(),
+            })?;
         let (node, kind) = rest
             .split_once('/')
-            .ok_or_else(|| format!("topic {:?} has no kind", shown()))?;
+            .ok_or_else(|| TopicError::NoKind(shown()))?;
         let kind = Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == kind)
-            .ok_or_else(|| format!("topic {:?}: unknown kind {kind:?}", shown()))?;
+            .ok_or_else(|| TopicError::UnknownKind {
+                topic: shown(),
+                kind: kind.to_string(),
+            })?;
         Ok((node, kind))
     }
 }
@@ -412,17 +440,16 @@ mod tests {
                 .check()
                 .is_ok()
         );
-        assert!(hb(&[("", 1.0)]).check().unwrap_err().contains("1-64"));
-        assert!(hb(&[("CPU", 1.0)]).check().unwrap_err().contains("\"CPU\""));
-        assert!(
-            hb(&[("cpu", f64::NAN)])
-                .check()
-                .unwrap_err()
-                .contains("finite")
+        let err = |m: &[(&str, f64)]| hb(m).check().unwrap_err().to_string();
+        assert!(err(&[("", 1.0)]).contains("1-64"));
+        assert!(err(&[("CPU", 1.0)]).contains("\"CPU\""));
+        assert_eq!(
+            err(&[("cpu", f64::NAN)]),
+            "metrics.cpu: NaN is not a finite number"
         );
         let many: Vec<(String, f64)> = (0..65).map(|i| (format!("m{i}"), 1.0)).collect();
         let many: Vec<(&str, f64)> = many.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        assert!(hb(&many).check().unwrap_err().contains("at most 64"));
+        assert_eq!(err(&many), "metrics: 65 given, at most 64");
         // Old agents send none: still a heartbeat.
         let old: Heartbeat = serde_json::from_str(r#"{"version": "1"}"#).unwrap();
         assert!(old.metrics.is_empty() && old.check().is_ok());
@@ -437,13 +464,14 @@ mod tests {
         assert!(
             parse("flotilla/v1", "flotilla/v1/nodes/edge-1/work")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown kind")
         );
         assert!(parse("flotilla/v1", "other/nodes/a/report").is_err());
         assert!(parse("flotilla/v1", "flotilla/v1/nodes/a").is_err());
         // A node id with a `/` is left for the id check to refuse.
         assert_eq!(
-            parse("p", "p/nodes/a/b/report").unwrap_err(),
+            parse("p", "p/nodes/a/b/report").unwrap_err().to_string(),
             "topic \"p/nodes/a/b/report\": unknown kind \"b/report\""
         );
         assert_eq!(

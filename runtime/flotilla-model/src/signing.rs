@@ -29,65 +29,103 @@ pub struct ReleaseClaim {
     pub size: u64,
 }
 
+/// A trusted comment that is not one [`trusted_comment`] writes: the
+/// comment as shown (at most 200 characters, control characters as `?`)
+/// and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the trusted comment {shown} {problem}")]
+pub struct CommentError {
+    pub shown: String,
+    pub problem: CommentProblem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommentProblem {
+    #[error(
+        "is not a flotilla release's (expected `flotilla-release package=P version=V sha256=SHA256 size=N`)"
+    )]
+    NotARelease,
+    #[error("has a word without `=`")]
+    WordWithoutEquals,
+    #[error("has an unknown field `{0}`")]
+    UnknownField(String),
+    #[error("names `{0}` twice")]
+    Twice(String),
+    #[error("has no `{0}=`")]
+    Missing(&'static str),
+    #[error("has a size that is not a number")]
+    SizeNotANumber,
+}
+
 /// Parses a trusted comment of the form [`trusted_comment`] writes: the
 /// prefix, then each of the four fields exactly once, nothing else.
-pub fn parse_trusted_comment(comment: &str) -> Result<ReleaseClaim, String> {
-    let shown = || {
+pub fn parse_trusted_comment(comment: &str) -> Result<ReleaseClaim, CommentError> {
+    let bad = |problem| {
         let s: String = comment
             .chars()
             .take(200)
             .map(|c| if c.is_control() { '?' } else { c })
             .collect();
-        format!("{s:?}")
+        CommentError {
+            shown: format!("{s:?}"),
+            problem,
+        }
     };
     let mut words = comment.split(' ');
     if words.next() != Some(COMMENT_PREFIX) {
-        return Err(format!(
-            "the trusted comment {} is not a flotilla release's (expected `{}`)",
-            shown(),
-            trusted_comment("P", "V", "SHA256", 0).replace("size=0", "size=N")
-        ));
+        return Err(bad(CommentProblem::NotARelease));
     }
     let (mut package, mut version, mut sha256, mut size) = (None, None, None, None);
     for w in words {
         let (key, value) = w
             .split_once('=')
-            .ok_or_else(|| format!("the trusted comment {} has a word without `=`", shown()))?;
+            .ok_or_else(|| bad(CommentProblem::WordWithoutEquals))?;
         let slot = match key {
             "package" => &mut package,
             "version" => &mut version,
             "sha256" => &mut sha256,
             "size" => &mut size,
-            _ => {
-                return Err(format!(
-                    "the trusted comment {} has an unknown field `{key}`",
-                    shown()
-                ));
-            }
+            _ => return Err(bad(CommentProblem::UnknownField(key.to_string()))),
         };
         if slot.replace(value.to_string()).is_some() {
-            return Err(format!(
-                "the trusted comment {} names `{key}` twice",
-                shown()
-            ));
+            return Err(bad(CommentProblem::Twice(key.to_string())));
         }
     }
-    let need = |v: Option<String>, key: &str| {
+    let need = |v: Option<String>, key: &'static str| {
         v.filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("the trusted comment {} has no `{key}=`", shown()))
+            .ok_or_else(|| bad(CommentProblem::Missing(key)))
     };
     let size = need(size, "size")?;
     Ok(ReleaseClaim {
         package: need(package, "package")?,
         version: need(version, "version")?,
         sha256: need(sha256, "sha256")?,
-        size: size.parse().map_err(|_| {
-            format!(
-                "the trusted comment {} has a size that is not a number",
-                shown()
-            )
-        })?,
+        size: size
+            .parse()
+            .map_err(|_| bad(CommentProblem::SizeNotANumber))?,
     })
+}
+
+/// A signature whose trusted comment names another release: every field
+/// that differs, with what the comment says and what the release is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the signature's trusted comment names another release: {}", list(.0))]
+pub struct ClaimMismatch(pub Vec<FieldDiff>);
+
+/// One field of a [`ClaimMismatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDiff {
+    pub field: &'static str,
+    pub claimed: String,
+    pub actual: String,
+}
+
+fn list(diffs: &[FieldDiff]) -> String {
+    diffs
+        .iter()
+        .map(|d| format!("{} {} (not {})", d.field, d.claimed, d.actual))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl ReleaseClaim {
@@ -99,27 +137,31 @@ impl ReleaseClaim {
         version: &str,
         sha256: &str,
         size: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClaimMismatch> {
         let mut wrong = Vec::new();
+        let mut differs = |field, claimed: &dyn ToString, actual: &dyn ToString| {
+            wrong.push(FieldDiff {
+                field,
+                claimed: claimed.to_string(),
+                actual: actual.to_string(),
+            })
+        };
         if self.package != package {
-            wrong.push(format!("package {} (not {package})", self.package));
+            differs("package", &self.package, &package);
         }
         if self.version != version {
-            wrong.push(format!("version {} (not {version})", self.version));
+            differs("version", &self.version, &version);
         }
         if !self.sha256.eq_ignore_ascii_case(sha256) {
-            wrong.push(format!("sha256 {} (not {sha256})", self.sha256));
+            differs("sha256", &self.sha256, &sha256);
         }
         if self.size != size {
-            wrong.push(format!("size {} (not {size})", self.size));
+            differs("size", &self.size, &size);
         }
         if wrong.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "the signature's trusted comment names another release: {}",
-                wrong.join(", ")
-            ))
+            Err(ClaimMismatch(wrong))
         }
     }
 }
@@ -202,9 +244,14 @@ mod tests {
         let err = claim
             .check("edge", "1.3.0", &"ab".repeat(32), 43)
             .unwrap_err();
-        assert!(
-            err.contains("version 1.2.0 (not 1.3.0)") && err.contains("size 42 (not 43)"),
-            "{err}"
+        assert_eq!(
+            err.0.iter().map(|d| d.field).collect::<Vec<_>>(),
+            ["version", "size"]
+        );
+        let err = err.to_string();
+        assert_eq!(
+            err,
+            "the signature's trusted comment names another release: version 1.2.0 (not 1.3.0), size 42 (not 43)"
         );
         assert!(!err.contains("package"), "{err}");
         for bad in [
@@ -217,6 +264,18 @@ mod tests {
         ] {
             assert!(parse_trusted_comment(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            parse_trusted_comment("timestamp:1\tfile:x")
+                .unwrap_err()
+                .to_string(),
+            "the trusted comment \"timestamp:1?file:x\" is not a flotilla release's (expected `flotilla-release package=P version=V sha256=SHA256 size=N`)"
+        );
+        assert_eq!(
+            parse_trusted_comment("flotilla-release package=a version=1 sha256=x")
+                .unwrap_err()
+                .problem,
+            CommentProblem::Missing("size")
+        );
     }
 
     #[test]

@@ -147,16 +147,14 @@ pub const ANONYMOUS: &str = "anonymous";
 pub const MAX_STORED_TOKENS: usize = 1000;
 
 impl TokenConfig {
-    pub fn check(&self) -> Result<(), String> {
-        flotilla_model::check_name("token", &self.name).map_err(|e| e.0)?;
+    pub fn check(&self) -> Result<(), crate::ConfigError> {
+        use crate::ConfigError;
+        flotilla_model::check_name("token", &self.name).map_err(ConfigError::TokenName)?;
         if self.name == ANONYMOUS {
-            return Err(format!("token name {ANONYMOUS:?} is reserved"));
+            return Err(ConfigError::TokenNameReserved(ANONYMOUS.into()));
         }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "token {:?}: sha256 must be 64 hex characters (`flotilla token digest` makes it)",
-                self.name
-            ));
+            return Err(ConfigError::TokenDigest(self.name.clone()));
         }
         Ok(())
     }

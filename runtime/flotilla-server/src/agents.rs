@@ -321,7 +321,7 @@ async fn enroll(
     let e: Enroll = json(&body)?;
     valid_node_id(&e.node_id)?;
     cert_auth(&state, &peer, &e.node_id)?;
-    e.check().map_err(ApiError::unprocessable)?;
+    e.check()?;
     let now = state.clock.now();
     let inventory = &state.inventory;
     // From the first check to the stored token, one enrollment at a time: two
@@ -431,7 +431,7 @@ pub(crate) fn ingest_heartbeat(
     node: &str,
     hb: Heartbeat,
 ) -> Result<(), ApiError> {
-    hb.check().map_err(ApiError::unprocessable)?;
+    hb.check()?;
     let now = state.clock.now();
     let found = state.inventory.update_node(node, |n| {
         n.version = hb.version;

@@ -520,10 +520,9 @@ pub(crate) fn release_record(state: &AppState, r: NewRelease) -> Result<ReleaseR
         }
         None => {}
         Some(sig) if sig.len() > flotilla_model::signing::MAX_SIGNATURE_BYTES => {
-            return Err(ApiError::unprocessable(format!(
-                "the signature is {} bytes; a minisign signature is a few hundred",
-                sig.len()
-            )));
+            return Err(ApiError::unprocessable(
+                crate::signing::SignatureError::TooLarge(sig.len()).to_string(),
+            ));
         }
         // Without release_keys a signature is stored as given: the nodes
         // with trusted_keys are what checks it.
@@ -595,13 +594,10 @@ pub async fn upload_artifact(
         }
         None => None,
         Some(_) if keys.is_empty() => None,
-        Some(sig) => Some(
-            keys.check(sig, &rec.package, &rec.version, None)
-                .map_err(ApiError::unprocessable)?,
-        ),
+        Some(sig) => Some(keys.check(sig, &rec.package, &rec.version, None)?),
     };
     let mut verifier = match &signature {
-        Some(sig) => keys.verifier(sig).map_err(ApiError::unprocessable)?,
+        Some(sig) => keys.verifier(sig)?,
         None => None,
     };
     let limit = state.config.max_upload_bytes as u64;

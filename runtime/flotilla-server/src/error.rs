@@ -132,6 +132,21 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// A release's signature that does not hold is a refusal of the release.
+impl From<crate::signing::SignatureError> for ApiError {
+    fn from(e: crate::signing::SignatureError) -> Self {
+        ApiError::unprocessable(e.to_string())
+    }
+}
+
+/// A node's fact that breaks its rule (a heartbeat's, an enrollment's) is
+/// a refusal of the request.
+impl From<flotilla_model::facts::FactError> for ApiError {
+    fn from(e: flotilla_model::facts::FactError) -> Self {
+        ApiError::unprocessable(e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

@@ -105,18 +105,48 @@ pub struct Artifact {
     pub size: u64,
 }
 
+/// A `[[hooks]]` entry that cannot work: the hook and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum HookConfigError {
+    #[error("{}", .0.0)]
+    Name(flotilla_model::SpecError),
+    #[error(
+        "hook name {0:?} is reserved: /metrics counts deliveries to unconfigured names under it"
+    )]
+    Reserved(String),
+    #[error("hook {0:?} has no secret: set `secret` or `secret_env` (and export that variable)")]
+    NoSecret(String),
+    #[error(
+        "hook {hook:?}: {field}: {pointer:?} is not a JSON pointer (it starts with `/`, e.g. /release/tag_name)"
+    )]
+    NotAPointer {
+        hook: String,
+        field: String,
+        pointer: String,
+    },
+    #[error("hook {0:?} sets `downgrade` but its config does not say `allow_downgrade = true`")]
+    DowngradeNotAllowed(String),
+    #[error("hook {hook:?}: release.asset {asset:?}: give a name with at most one `*`")]
+    AssetPattern { hook: String, asset: String },
+    #[error(
+        "hook {0:?}: release: give `asset` (a GitHub release asset's name), or all of `url`, `sha256` and `size` (JSON pointers), not both"
+    )]
+    ReleaseShape(String),
+    #[error("hook {0:?}: map `version` in `fields` or set `target` in `task`")]
+    NoVersion(String),
+}
+
 impl HookRelease {
-    fn check(&self, hook: &str) -> Result<(), String> {
+    fn check(&self, hook: &str) -> Result<(), HookConfigError> {
         let pointers = [&self.url, &self.sha256, &self.size];
         match (&self.asset, pointers.iter().filter(|p| p.is_some()).count()) {
             (Some(a), 0) if a.matches('*').count() <= 1 && !a.is_empty() => Ok(()),
-            (Some(a), 0) => Err(format!(
-                "hook {hook:?}: release.asset {a:?}: give a name with at most one `*`"
-            )),
+            (Some(a), 0) => Err(HookConfigError::AssetPattern {
+                hook: hook.to_string(),
+                asset: a.clone(),
+            }),
             (None, 3) => Ok(()),
-            _ => Err(format!(
-                "hook {hook:?}: release: give `asset` (a GitHub release asset's name), or all of `url`, `sha256` and `size` (JSON pointers), not both"
-            )),
+            _ => Err(HookConfigError::ReleaseShape(hook.to_string())),
         }
     }
 
@@ -216,45 +246,34 @@ fn glob(pattern: &str, name: &str) -> bool {
 }
 
 impl HookConfig {
-    pub fn check(&self) -> Result<(), String> {
-        super::api::valid_name("hook", &self.name).map_err(|e| e.error)?;
+    pub fn check(&self) -> Result<(), HookConfigError> {
+        flotilla_model::check_name("hook", &self.name).map_err(HookConfigError::Name)?;
         if self.name == super::metrics::UNKNOWN_HOOK {
-            return Err(format!(
-                "hook name {:?} is reserved: /metrics counts deliveries to unconfigured names under it",
-                self.name
-            ));
+            return Err(HookConfigError::Reserved(self.name.clone()));
         }
         if self.secret().is_none() {
-            return Err(format!(
-                "hook {:?} has no secret: set `secret` or `secret_env` (and export that variable)",
-                self.name
-            ));
+            return Err(HookConfigError::NoSecret(self.name.clone()));
         }
         for (field, ptr) in self.fields.iter().chain(self.when.keys().map(|p| (p, p))) {
             if !ptr.is_empty() && !ptr.starts_with('/') {
-                return Err(format!(
-                    "hook {:?}: {field}: {ptr:?} is not a JSON pointer (it starts with `/`, e.g. /release/tag_name)",
-                    self.name
-                ));
+                return Err(HookConfigError::NotAPointer {
+                    hook: self.name.clone(),
+                    field: field.clone(),
+                    pointer: ptr.clone(),
+                });
             }
         }
         if !self.allow_downgrade
             && (self.task.get("downgrade") == Some(&Value::Bool(true))
                 || self.fields.contains_key("downgrade"))
         {
-            return Err(format!(
-                "hook {:?} sets `downgrade` but its config does not say `allow_downgrade = true`",
-                self.name
-            ));
+            return Err(HookConfigError::DowngradeNotAllowed(self.name.clone()));
         }
         if let Some(r) = &self.release {
             r.check(&self.name)?;
         }
         if !self.fields.contains_key("version") && !self.task.contains_key("target") {
-            return Err(format!(
-                "hook {:?}: map `version` in `fields` or set `target` in `task`",
-                self.name
-            ));
+            return Err(HookConfigError::NoVersion(self.name.clone()));
         }
         Ok(())
     }
@@ -626,7 +645,7 @@ mod tests {
     fn no_hook_may_take_the_label_of_unconfigured_names() {
         let mut h = hook();
         h.name = crate::metrics::UNKNOWN_HOOK.into();
-        assert!(h.check().unwrap_err().contains("reserved"));
+        assert!(matches!(h.check(), Err(HookConfigError::Reserved(_))));
     }
 
     #[test]
@@ -700,7 +719,7 @@ mod tests {
         );
         // Both ways at once, or half of the pointers: refused at config time.
         h.release.as_mut().unwrap().url = Some("/url".into());
-        assert!(h.check().unwrap_err().contains("not both"));
+        assert!(h.check().unwrap_err().to_string().contains("not both"));
     }
 
     #[test]
@@ -710,7 +729,12 @@ mod tests {
         });
         let mut h = hook();
         h.task.insert("downgrade".into(), true.into());
-        assert!(h.check().unwrap_err().contains("allow_downgrade = true"));
+        assert!(
+            h.check()
+                .unwrap_err()
+                .to_string()
+                .contains("allow_downgrade = true")
+        );
         h.allow_downgrade = true;
         h.check().unwrap();
         assert!(h.spec(&payload).unwrap().unwrap().downgrade);
@@ -718,7 +742,10 @@ mod tests {
         // Mapped from the payload: refused at config time and per delivery.
         let mut h = hook();
         h.fields.insert("downgrade".into(), "/down".into());
-        assert!(h.check().unwrap_err().contains("allow_downgrade"));
+        assert!(matches!(
+            h.check(),
+            Err(HookConfigError::DowngradeNotAllowed(_))
+        ));
         let err = h.spec(&payload).unwrap_err();
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(err.error.contains("downgrade"), "{}", err.error);

@@ -19,6 +19,7 @@ pub mod actor;
 pub mod agents;
 pub mod api;
 pub mod audit;
+mod config_error;
 pub mod connections;
 pub mod dashboard;
 mod error;
@@ -31,6 +32,7 @@ pub mod signing;
 pub mod tls;
 
 use axum::Router;
+pub use config_error::ConfigError;
 use flotilla_engine::Engine;
 use flotilla_engine::store::Store;
 use flotilla_policy::Limits;
@@ -162,9 +164,12 @@ impl Default for HttpLimits {
 }
 
 impl HttpLimits {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ConfigError> {
         if self.max_connections == 0 {
-            return Err("http.max_connections must be at least 1".into());
+            return Err(ConfigError::TooSmall {
+                key: "http.max_connections",
+                min: 1,
+            });
         }
         for (name, v) in [
             (
@@ -175,7 +180,11 @@ impl HttpLimits {
             ("request_timeout_seconds", self.request_timeout_seconds),
         ] {
             if !(1..=3600).contains(&v) {
-                return Err(format!("http.{name} must be between 1 and 3600"));
+                return Err(ConfigError::OutOfRange {
+                    key: format!("http.{name}"),
+                    min: 1,
+                    max: 3600,
+                });
             }
         }
         Ok(())
@@ -238,7 +247,7 @@ impl Config {
 
     /// Refuses configurations that would be unsafe or cannot work. Called
     /// by [`Runner::open`], so before anything listens.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         if !self.listen.ip().is_loopback()
             && (self.token.is_some() || !self.tokens.iter().any(|t| t.role == access::Role::Admin))
         {
@@ -259,10 +268,9 @@ impl Config {
                 self.listen,
             )?;
             if self.tls.is_none() {
-                return Err(format!(
-                    "refusing to listen on {} without TLS: agents' tokens and the management token would cross the network in clear. Set `tls = {{ cert = \"/etc/flotilla/runner.crt\", key = \"/etc/flotilla/runner.key\" }}` in the config (PEM files; see \"Secure a fleet\" in the README), or `tls = \"proxy\"` when a TLS-terminating proxy is in front, or listen on 127.0.0.1",
-                    self.listen
-                ));
+                return Err(ConfigError::NoTls {
+                    listen: self.listen,
+                });
             }
         }
         self.http.check()?;
@@ -270,7 +278,11 @@ impl Config {
             m.check()?;
         }
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
-            return Err("tick_ms must be between 1 and 60000".into());
+            return Err(ConfigError::OutOfRange {
+                key: "tick_ms".into(),
+                min: 1,
+                max: 60_000,
+            });
         }
         let mut token_names = std::collections::BTreeSet::new();
         if self.token.is_some() {
@@ -279,27 +291,25 @@ impl Config {
         for t in &self.tokens {
             t.check()?;
             if !token_names.insert(t.name.as_str()) {
-                return Err(format!(
-                    "token {:?} is configured twice (`config` is the name of `token`)",
-                    t.name
-                ));
+                return Err(ConfigError::TokenTwice(t.name.clone()));
             }
         }
         if !(1..=100_000_000).contains(&self.audit_keep) {
-            return Err("audit_keep must be between 1 and 100000000".into());
+            return Err(ConfigError::OutOfRange {
+                key: "audit_keep".into(),
+                min: 1,
+                max: 100_000_000,
+            });
         }
         let keys = signing::ReleaseKeys::load(&self.release_keys)?;
         if self.require_signed_releases && keys.is_empty() {
-            return Err(
-                "require_signed_releases needs at least one key in release_keys (a minisign public key)"
-                    .into(),
-            );
+            return Err(ConfigError::SignedWithoutKeys);
         }
         let mut names = std::collections::BTreeSet::new();
         for h in &self.hooks {
             h.check()?;
             if !names.insert(h.name.as_str()) {
-                return Err(format!("hook {:?} is configured twice", h.name));
+                return Err(ConfigError::HookTwice(h.name.clone()));
             }
         }
         Ok(())
@@ -363,12 +373,10 @@ impl Runner {
         config: Config,
         wrap: impl FnOnce(Arc<SledStore>) -> Arc<dyn Store>,
     ) -> anyhow::Result<Runner> {
-        config.check().map_err(|e| anyhow::anyhow!(e))?;
+        config.check()?;
         // The files are read before anything is opened or bound.
         let tls = match config.tls.as_ref().and_then(tls::TlsConfig::files) {
-            Some(files) => Some(Arc::new(
-                tls::TlsState::load(files).map_err(|e| anyhow::anyhow!(e))?,
-            )),
+            Some(files) => Some(Arc::new(tls::TlsState::load(files)?)),
             None => None,
         };
         if let Some(m) = &config.mqtt {

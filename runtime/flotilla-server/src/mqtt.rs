@@ -27,9 +27,9 @@
 //!   none. A device that was offline gets it from its persistent session or,
 //!   if the broker kept nothing, as the retained message when it subscribes.
 
-use crate::AppState;
 use crate::agents::{ingest_heartbeat, ingest_report, ingest_request, valid_node_id};
 use crate::error::{ApiError, json};
+use crate::{AppState, ConfigError};
 use flotilla_model::protocol::mqtt::{self, Endpoint, Kind};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
@@ -97,13 +97,12 @@ const IN_FLIGHT: usize = 4096;
 const MAX_PACKET: usize = 1 << 20;
 
 impl MqttConfig {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         let e = Endpoint::parse(&self.url)?;
         if !e.tls && !e.is_loopback() {
-            return Err(format!(
-                "refusing plain MQTT to {}: credentials and reports would cross the network in clear; use mqtts://",
-                self.url
-            ));
+            return Err(ConfigError::PlainMqtt {
+                url: self.url.clone(),
+            });
         }
         mqtt::check_prefix(&self.prefix)?;
         let ok_group = self
@@ -111,22 +110,20 @@ impl MqttConfig {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !ok_group || self.share_group.len() > 64 {
-            return Err(format!(
-                "mqtt.share_group {:?} must be at most 64 letters, digits, - _ .",
-                self.share_group
-            ));
+            return Err(ConfigError::ShareGroup(self.share_group.clone()));
         }
         if self.client_id.is_empty() || self.client_id.len() > 128 {
-            return Err("mqtt.client_id must be 1-128 characters".into());
+            return Err(ConfigError::ClientId);
         }
         if !(1024..=MAX_PACKET / 2).contains(&self.max_payload_bytes) {
-            return Err(format!(
-                "mqtt.max_payload_bytes must be between 1024 and {}",
-                MAX_PACKET / 2
-            ));
+            return Err(ConfigError::OutOfRange {
+                key: "mqtt.max_payload_bytes".into(),
+                min: 1024,
+                max: (MAX_PACKET / 2) as u64,
+            });
         }
         if self.client_cert.is_some() != self.client_key.is_some() {
-            return Err("mqtt.client_cert and mqtt.client_key go together".into());
+            return Err(ConfigError::ClientCertWithoutKey);
         }
         Ok(())
     }
@@ -134,7 +131,7 @@ impl MqttConfig {
     /// The client options: reads the password and TLS files (so a runner
     /// whose files are wrong refuses to start).
     pub fn options(&self) -> anyhow::Result<MqttOptions> {
-        let e = Endpoint::parse(&self.url).map_err(anyhow::Error::msg)?;
+        let e = Endpoint::parse(&self.url)?;
         let mut opts = MqttOptions::new(&self.client_id, &e.host, e.port);
         opts.set_clean_session(false)
             .set_manual_acks(true)
@@ -455,31 +452,48 @@ async fn ingest(state: &AppState, config: &MqttConfig, p: &Publish) -> Outcome {
     }
 }
 
+/// Why a message from the broker is dropped before it is read.
+#[derive(Debug, thiserror::Error)]
+enum Dropped {
+    #[error("{bytes} bytes, more than mqtt.max_payload_bytes ({max})")]
+    TooLarge { bytes: usize, max: usize },
+    #[error(transparent)]
+    Topic(#[from] mqtt::TopicError),
+    /// The node id in the topic, refused as over HTTP.
+    #[error("{0}")]
+    NodeId(String),
+    #[error("a retained message (nodes must not retain)")]
+    Retained,
+    #[error("a request carries no payload")]
+    RequestWithPayload,
+    #[error("no node {0} is enrolled")]
+    NotEnrolled(String),
+}
+
 /// The node a message is from and its kind, or why it is dropped.
 fn check<'p>(
     state: &AppState,
     config: &MqttConfig,
     p: &'p Publish,
-) -> Result<(&'p str, Kind), String> {
+) -> Result<(&'p str, Kind), Dropped> {
     if p.payload.len() > config.max_payload_bytes {
-        return Err(format!(
-            "{} bytes, more than mqtt.max_payload_bytes ({})",
-            p.payload.len(),
-            config.max_payload_bytes
-        ));
+        return Err(Dropped::TooLarge {
+            bytes: p.payload.len(),
+            max: config.max_payload_bytes,
+        });
     }
     let (node, kind) = mqtt::parse(&config.prefix, &p.topic)?;
-    valid_node_id(node).map_err(|e| e.error)?;
+    valid_node_id(node).map_err(|e| Dropped::NodeId(e.error))?;
     // Nodes never retain: a retained message is one replayed to every new
     // subscriber.
     if p.retain {
-        return Err("a retained message (nodes must not retain)".into());
+        return Err(Dropped::Retained);
     }
     if kind == Kind::Request && !p.payload.iter().all(u8::is_ascii_whitespace) {
-        return Err("a request carries no payload".into());
+        return Err(Dropped::RequestWithPayload);
     }
     if state.inventory.node(node).is_none() {
-        return Err(format!("no node {node} is enrolled"));
+        return Err(Dropped::NotEnrolled(node.to_string()));
     }
     Ok((node, kind))
 }
@@ -495,7 +509,7 @@ mod tests {
     fn config(extra: &str) -> Result<MqttConfig, String> {
         let c: MqttConfig = toml::from_str(&format!("url = \"mqtts://broker.example\"\n{extra}"))
             .map_err(|e| e.to_string())?;
-        c.check().map(|()| c)
+        c.check().map(|()| c).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -510,7 +524,8 @@ mod tests {
             ("flotilla-runner", "flotilla/v1", "flotilla")
         );
         let plain: MqttConfig = toml::from_str("url = \"mqtt://broker.example\"").unwrap();
-        assert!(plain.check().unwrap_err().contains("mqtts://"));
+        assert!(matches!(plain.check(), Err(ConfigError::PlainMqtt { .. })));
+        assert!(plain.check().unwrap_err().to_string().contains("mqtts://"));
         let local: MqttConfig = toml::from_str("url = \"mqtt://127.0.0.1:1883\"").unwrap();
         assert!(local.check().is_ok());
         assert!(config("prefix = \"a/#\"").unwrap_err().contains("prefix"));

@@ -17,22 +17,54 @@ pub fn matches(want: &str, got: &str) -> bool {
     want.ct_eq(&got).into()
 }
 
+/// A secret a listener on a public address lacks: `what` it is (`a
+/// management token`), the config `key` and the environment variable `env`
+/// that set it.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error(
+        "refusing to listen on {listen} without {what}: set `{key}` in the config or {env} (make one with `openssl rand -hex 32`), or listen on 127.0.0.1"
+    )]
+    Missing {
+        listen: std::net::SocketAddr,
+        what: &'static str,
+        key: &'static str,
+        env: &'static str,
+    },
+    #[error(
+        "refusing to listen on {listen} with {what} of {len} characters: it must have at least {MIN_LEN} (make one with `openssl rand -hex 32`) and be set as `{key}` in the config or {env}"
+    )]
+    Short {
+        listen: std::net::SocketAddr,
+        what: &'static str,
+        key: &'static str,
+        env: &'static str,
+        len: usize,
+    },
+}
+
 /// Refuses a missing or short secret for a listener on `listen`.
 pub fn check(
-    what: &str,
-    key: &str,
-    env: &str,
+    what: &'static str,
+    key: &'static str,
+    env: &'static str,
     secret: Option<&str>,
     listen: std::net::SocketAddr,
-) -> Result<(), String> {
-    let how = "make one with `openssl rand -hex 32`";
+) -> Result<(), SecretError> {
     match secret.map(str::chars).map(Iterator::count) {
-        None | Some(0) => Err(format!(
-            "refusing to listen on {listen} without {what}: set `{key}` in the config or {env} ({how}), or listen on 127.0.0.1"
-        )),
-        Some(n) if n < MIN_LEN => Err(format!(
-            "refusing to listen on {listen} with {what} of {n} characters: it must have at least {MIN_LEN} ({how}) and be set as `{key}` in the config or {env}"
-        )),
+        None | Some(0) => Err(SecretError::Missing {
+            listen,
+            what,
+            key,
+            env,
+        }),
+        Some(len) if len < MIN_LEN => Err(SecretError::Short {
+            listen,
+            what,
+            key,
+            env,
+            len,
+        }),
         Some(_) => Ok(()),
     }
 }
@@ -55,12 +87,12 @@ mod tests {
         let public = "0.0.0.0:7878".parse().unwrap();
         let check =
             |s: Option<&str>| check("a management token", "token", "FLOTILLA_TOKEN", s, public);
-        let err = check(Some("x")).unwrap_err();
+        let err = check(Some("x")).unwrap_err().to_string();
         assert!(
             err.contains("1 characters") && err.contains("openssl rand -hex 32"),
             "{err}"
         );
-        let err = check(None).unwrap_err();
+        let err = check(None).unwrap_err().to_string();
         assert!(err.contains("without a management token"), "{err}");
         assert!(check(Some(&"a".repeat(31))).is_err());
         assert!(check(Some(&"a".repeat(32))).is_ok());

@@ -11,6 +11,60 @@ use flotilla_model::signing::{
 };
 use minisign_verify::{PublicKey, Signature, StreamVerifier};
 
+/// A `release_keys` entry that is no key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(
+        "{entry:?} is neither a minisign public key (the base64 line of a .pub file) nor a readable .pub file: {source}"
+    )]
+    Unreadable {
+        entry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{entry} is not a minisign public key file: {source}")]
+    NotAKey {
+        entry: String,
+        #[source]
+        source: minisign_verify::Error,
+    },
+}
+
+/// Which `release_keys` entry is no key, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("release_keys[{index}]: {source}")]
+pub struct ReleaseKeyError {
+    pub index: usize,
+    #[source]
+    pub source: KeyError,
+}
+
+/// Why a release's signature is refused. Every case is a refusal of the
+/// release (or upload) as given, never a fault of the runner.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the signature is {0} bytes; a minisign signature is a few hundred")]
+    TooLarge(usize),
+    #[error("the signature is not a minisign signature (the .minisig text): {0}")]
+    NotMinisign(#[source] minisign_verify::Error),
+    #[error("the signature is by key {id}, which is not among the runner's release_keys ({known})")]
+    UnknownKey { id: String, known: String },
+    #[error(transparent)]
+    Comment(#[from] flotilla_model::signing::CommentError),
+    #[error(transparent)]
+    OtherRelease(#[from] flotilla_model::signing::ClaimMismatch),
+    #[error("legacy (not prehashed) minisign signatures are not accepted; sign without -l")]
+    Legacy,
+    #[error("the signature cannot be checked: {0}")]
+    Unverifiable(#[source] minisign_verify::Error),
+    #[error("the signature is not by any of the runner's release_keys ({known})")]
+    NotByAnyKey { known: String },
+    #[error(
+        "bad signature: it does not verify against key {key} for these bytes (the artifact is not the one that was signed, or the signature was altered)"
+    )]
+    Bad { key: String },
+}
+
 /// The runner's release keys, loaded from the config's `release_keys`.
 pub struct ReleaseKeys {
     keys: Vec<(String, PublicKey)>,
@@ -18,19 +72,20 @@ pub struct ReleaseKeys {
 
 /// One `release_keys` (or agent `trusted_keys`) entry: a public key's
 /// base64 line, or the path of a minisign `.pub` file.
-pub fn load_key(entry: &str) -> Result<(String, PublicKey), String> {
+pub fn load_key(entry: &str) -> Result<(String, PublicKey), KeyError> {
     let entry = entry.trim();
     if let Ok(key) = PublicKey::from_base64(entry) {
         let id = public_key_id(entry).unwrap_or_default();
         return Ok((id, key));
     }
-    let text = std::fs::read_to_string(entry).map_err(|e| {
-        format!(
-            "{entry:?} is neither a minisign public key (the base64 line of a .pub file) nor a readable .pub file: {e}"
-        )
+    let text = std::fs::read_to_string(entry).map_err(|source| KeyError::Unreadable {
+        entry: entry.to_string(),
+        source,
     })?;
-    let key = PublicKey::decode(&text)
-        .map_err(|e| format!("{entry} is not a minisign public key file: {e}"))?;
+    let key = PublicKey::decode(&text).map_err(|source| KeyError::NotAKey {
+        entry: entry.to_string(),
+        source,
+    })?;
     let id = text
         .lines()
         .nth(1)
@@ -40,11 +95,11 @@ pub fn load_key(entry: &str) -> Result<(String, PublicKey), String> {
 }
 
 impl ReleaseKeys {
-    pub fn load(entries: &[String]) -> Result<ReleaseKeys, String> {
+    pub fn load(entries: &[String]) -> Result<ReleaseKeys, ReleaseKeyError> {
         let keys = entries
             .iter()
             .enumerate()
-            .map(|(i, e)| load_key(e).map_err(|err| format!("release_keys[{i}]: {err}")))
+            .map(|(index, e)| load_key(e).map_err(|source| ReleaseKeyError { index, source }))
             .collect::<Result<_, _>>()?;
         Ok(ReleaseKeys { keys })
     }
@@ -69,16 +124,11 @@ impl ReleaseKeys {
         package: &str,
         version: &str,
         known: Option<(&str, u64)>,
-    ) -> Result<Signature, String> {
+    ) -> Result<Signature, SignatureError> {
         if minisig.len() > MAX_SIGNATURE_BYTES {
-            return Err(format!(
-                "the signature is {} bytes; a minisign signature is a few hundred",
-                minisig.len()
-            ));
+            return Err(SignatureError::TooLarge(minisig.len()));
         }
-        let sig = Signature::decode(minisig).map_err(|e| {
-            format!("the signature is not a minisign signature (the .minisig text): {e}")
-        })?;
+        let sig = Signature::decode(minisig).map_err(SignatureError::NotMinisign)?;
         if !self.keys.is_empty() {
             let id = signature_key_id(minisig).unwrap_or_default();
             if !self
@@ -86,10 +136,10 @@ impl ReleaseKeys {
                 .iter()
                 .any(|(kid, _)| kid.eq_ignore_ascii_case(&id))
             {
-                return Err(format!(
-                    "the signature is by key {id}, which is not among the runner's release_keys ({})",
-                    self.ids()
-                ));
+                return Err(SignatureError::UnknownKey {
+                    id,
+                    known: self.ids(),
+                });
             }
         }
         let comment = signature_comment(minisig).unwrap_or_default();
@@ -106,7 +156,10 @@ impl ReleaseKeys {
     /// A verifier over the artifact's bytes for `sig` (checked by
     /// [`ReleaseKeys::check`]), by the key that made it; `None` when no
     /// keys are configured (nothing to verify against).
-    pub fn verifier<'a>(&'a self, sig: &'a Signature) -> Result<Option<Verifier<'a>>, String> {
+    pub fn verifier<'a>(
+        &'a self,
+        sig: &'a Signature,
+    ) -> Result<Option<Verifier<'a>>, SignatureError> {
         for (id, key) in &self.keys {
             match key.verify_stream(sig) {
                 Ok(v) => {
@@ -117,21 +170,15 @@ impl ReleaseKeys {
                 }
                 Err(minisign_verify::Error::UnexpectedKeyId) => continue,
                 Err(minisign_verify::Error::UnsupportedLegacyMode) => {
-                    return Err(
-                        "legacy (not prehashed) minisign signatures are not accepted; sign without -l"
-                            .into(),
-                    );
+                    return Err(SignatureError::Legacy);
                 }
-                Err(e) => return Err(format!("the signature cannot be checked: {e}")),
+                Err(e) => return Err(SignatureError::Unverifiable(e)),
             }
         }
         if self.keys.is_empty() {
             Ok(None)
         } else {
-            Err(format!(
-                "the signature is not by any of the runner's release_keys ({})",
-                self.ids()
-            ))
+            Err(SignatureError::NotByAnyKey { known: self.ids() })
         }
     }
 }
@@ -147,13 +194,9 @@ impl Verifier<'_> {
         self.inner.update(chunk);
     }
 
-    pub fn finish(mut self) -> Result<(), String> {
-        self.inner.finalize().map_err(|_| {
-            format!(
-                "bad signature: it does not verify against key {} for these bytes (the artifact is \
-                 not the one that was signed, or the signature was altered)",
-                self.key
-            )
-        })
+    pub fn finish(mut self) -> Result<(), SignatureError> {
+        self.inner
+            .finalize()
+            .map_err(|_| SignatureError::Bad { key: self.key })
     }
 }

@@ -100,6 +100,65 @@ pub struct ClientCert {
     pub node: Option<Arc<str>>,
 }
 
+/// Why the TLS files cannot be used: the file (and the config key that
+/// names it) and what is wrong, with the underlying error as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {what} {} is not valid PEM: {source}", path.display())]
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the {what} {} holds no `BEGIN CERTIFICATE` block", path.display())]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error(
+        "the key (tls.key) {} holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {source}",
+        path.display()
+    )]
+    NoKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("TLS: {0}")]
+    Rustls(#[source] rustls::Error),
+    #[error(
+        "the client CA (tls.client_ca) {} holds a certificate that cannot be a trust anchor: {source}",
+        path.display()
+    )]
+    NotAnAnchor {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the client CA (tls.client_ca) {}: {source}", path.display())]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error(
+        "the certificate {} and the key {} do not go together: {source}",
+        cert.display(),
+        key.display()
+    )]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
 /// The TLS configuration in force, swapped whole on a reload.
 pub struct TlsState {
     files: TlsFiles,
@@ -116,7 +175,7 @@ impl std::fmt::Debug for TlsState {
 
 impl TlsState {
     /// Reads and checks the files (certificate, matching key, client CA).
-    pub fn load(files: &TlsFiles) -> Result<TlsState, String> {
+    pub fn load(files: &TlsFiles) -> Result<TlsState, TlsError> {
         Ok(TlsState {
             current: RwLock::new(server_config(files)?),
             files: files.clone(),
@@ -124,7 +183,7 @@ impl TlsState {
     }
 
     /// Reads the files again; on any error the configuration in force stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let fresh = server_config(&self.files)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
@@ -143,17 +202,24 @@ impl TlsState {
     }
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))?;
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the {what} {} is not valid PEM: {e}", path.display()))?;
+        .map_err(|source| TlsError::NotPem {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "the {what} {} holds no `BEGIN CERTIFICATE` block",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
@@ -161,46 +227,48 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, S
 /// A rustls server configuration from the files: HTTP/1.1 only, TLS 1.2 and
 /// 1.3, client certificates verified against `client_ca` when it is given
 /// (and then optional at the TLS level; see the module doc).
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs(&files.cert, "certificate (tls.cert)")?;
-    let key_bytes = std::fs::read(&files.key)
-        .map_err(|e| format!("cannot read the key (tls.key) {}: {e}", files.key.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
-        format!(
-            "the key (tls.key) {} holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-            files.key.display()
-        )
+    let key_bytes = std::fs::read(&files.key).map_err(|source| TlsError::Read {
+        what: "key (tls.key)",
+        path: files.key.clone(),
+        source,
+    })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|source| TlsError::NoKey {
+        path: files.key.clone(),
+        source,
     })?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(TlsError::Rustls)?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for c in read_certs(ca, "client CA (tls.client_ca)")? {
-                roots.add(c).map_err(|e| {
-                    format!(
-                        "the client CA (tls.client_ca) {} holds a certificate that cannot be a trust anchor: {e}",
-                        ca.display()
-                    )
+                roots.add(c).map_err(|source| TlsError::NotAnAnchor {
+                    path: ca.clone(),
+                    source,
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| format!("the client CA (tls.client_ca) {}: {e}", ca.display()))?;
+                .map_err(|source| TlsError::ClientCa {
+                    path: ca.clone(),
+                    source,
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        format!(
-            "the certificate {} and the key {} do not go together: {e}",
-            files.cert.display(),
-            files.key.display()
-        )
-    })?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Mismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -385,19 +453,24 @@ mod tests {
 
         std::fs::write(p("cert.pem"), other.pem()).unwrap();
         let e = state.reload().unwrap_err();
-        assert!(e.contains("do not go together"), "{e}");
+        assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+        assert!(e.to_string().contains("do not go together"), "{e}");
         assert!(
             Arc::ptr_eq(&before, &state.config()),
             "the old config stays"
         );
 
         std::fs::write(p("cert.pem"), "garbage").unwrap();
-        let e = state.reload().unwrap_err();
+        let e = state.reload().unwrap_err().to_string();
         assert!(e.contains("no `BEGIN CERTIFICATE`"), "{e}");
         std::fs::remove_file(p("key.pem")).unwrap();
         std::fs::write(p("cert.pem"), cert.pem()).unwrap();
         let e = state.reload().unwrap_err();
-        assert!(e.contains("cannot read the key"), "{e}");
+        assert!(
+            matches!(&e, TlsError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{e}"
+        );
+        assert!(e.to_string().contains("cannot read the key"), "{e}");
         assert!(Arc::ptr_eq(&before, &state.config()));
 
         std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
