@@ -311,12 +311,11 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
     } else {
         args.trusted_keys
     };
-    let trusted_keys =
-        crate::verify::TrustedKeys::load(&trusted_keys).map_err(anyhow::Error::msg)?;
+    let trusted_keys = crate::verify::TrustedKeys::load(&trusted_keys)?;
     let mqtt = match args.mqtt.or(file.mqtt) {
         None => None,
         Some(url) => {
-            flotilla_model::protocol::mqtt::Endpoint::parse(&url).map_err(anyhow::Error::msg)?;
+            flotilla_model::protocol::mqtt::Endpoint::parse(&url)?;
             let password = match args.mqtt_password_file.or(file.mqtt_password_file) {
                 Some(p) => Some(
                     std::fs::read_to_string(&p)
@@ -332,7 +331,7 @@ fn config(args: RunArgs, env_secret: Option<String>) -> anyhow::Result<AgentConf
                 .mqtt_prefix
                 .or(file.mqtt_prefix)
                 .unwrap_or_else(|| flotilla_model::protocol::mqtt::DEFAULT_PREFIX.to_string());
-            flotilla_model::protocol::mqtt::check_prefix(&prefix).map_err(anyhow::Error::msg)?;
+            flotilla_model::protocol::mqtt::check_prefix(&prefix)?;
             Some(crate::mqtt::MqttConfig {
                 url,
                 username: args.mqtt_username.or(file.mqtt_username),

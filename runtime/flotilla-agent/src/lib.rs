@@ -147,7 +147,7 @@ pub async fn run(
             if let Err(e) =
                 upgrade::run_command(cmd, "restore", &env, &dir, config.steps.command_timeout).await
             {
-                tracing::error!(error = e, "re-installing the permanent release failed");
+                tracing::error!(error = %e, "re-installing the permanent release failed");
             }
         }
     }
@@ -329,7 +329,7 @@ impl Agent {
         ];
         upgrade::run_command(cmd, "health", &env, &dir, self.config.steps.command_timeout)
             .await
-            .inspect_err(|e| tracing::warn!(error = e, "unhealthy"))
+            .inspect_err(|e| tracing::warn!(error = %e, "unhealthy"))
             .is_ok()
     }
 

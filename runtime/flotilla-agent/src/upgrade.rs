@@ -6,8 +6,8 @@
 
 use super::client::{ClientError, RunnerClient};
 use super::journal::{Action, Entry, WorkJournal};
-use super::releases::{ReleaseStore, UnpackLimits, check_version};
-use super::verify::TrustedKeys;
+use super::releases::{ReleaseError, ReleaseStore, UnpackLimits, check_version};
+use super::verify::{TrustedKeys, VerifyError};
 use flotilla_model::protocol::{Artifact, Report, ReportState, Work};
 use flotilla_model::{Backup, BackupPlace, ReleaseKind, backup_place};
 use reqwest::StatusCode;
@@ -110,6 +110,89 @@ fn resolve_existing(path: &Path) -> Option<PathBuf> {
     }
 }
 
+/// A step of the pipeline that failed, with what it failed on as its
+/// source. The report to the runner says which step (`install failed:
+/// ...`, `restore of 1.0 failed: ...`) around this message.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The release store (unpack, switch, backup, make permanent).
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// The install, health or restore command.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The release's signature over the downloaded bytes.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// A file the pipeline reads (the digest of a download).
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the worker thread failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+    #[error("{0} is not installed and no backup of it was found")]
+    NoBackup(String),
+    /// The node's own floor: remote work may not move it below its
+    /// permanent release.
+    #[error(
+        "remote downgrade refused: the work would move this node from its permanent release {permanent} to the older {version}; allow it in the agent's own config (allow_remote_downgrade = true or --allow-remote-downgrade), or downgrade on the node with `flotilla-agent downgrade {version}`; nothing was changed"
+    )]
+    Downgrade { permanent: String, version: String },
+    /// A backup location this node does not write to.
+    #[error("refused: {0}; nothing on the node was changed")]
+    BackupLocation(#[source] BackupLocationError),
+}
+
+/// Why this node will not write a task's backup where it says.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupLocationError {
+    /// Not a backup location at all (the runner checks this too).
+    #[error(transparent)]
+    Invalid(#[from] flotilla_model::BackupPlaceError),
+    #[error(
+        "backup location {} is not inside this agent's backup roots ({allowed}); allow it with `backup_roots` in the agent config (or --backup-root)",
+        path.display()
+    )]
+    OutsideRoots { path: PathBuf, allowed: String },
+}
+
+/// An install, health or restore command that did not succeed; `action`
+/// names it (`install`, `health`, `restore`).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot start the {action} command `{cmd}`: {source}")]
+    Start {
+        action: String,
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran and failed; `stderr` is the end of what it wrote there.
+    #[error("the {action} command `{cmd}` failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Failed {
+        action: String,
+        cmd: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("the {action} command `{cmd}` failed to run: {source}")]
+    Wait {
+        action: String,
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {action} command `{cmd}` did not finish within {timeout:?} and was killed")]
+    Timeout {
+        action: String,
+        cmd: String,
+        timeout: Duration,
+    },
+}
+
 /// Why a download produced no artifact.
 #[derive(Debug)]
 enum DownloadError {
@@ -190,7 +273,7 @@ impl Upgrader {
         // Checked before anything is journaled, downloaded or copied: the
         // runner checks too, but the node decides what it lets a task touch.
         if let Err(e) = self.backup_base(backup) {
-            return report(task, ReportState::Rejected, e);
+            return report(task, ReportState::Rejected, e.to_string());
         }
         // The node's own keys and its own floor, before anything is
         // downloaded: whoever holds the runner decides neither.
@@ -202,7 +285,7 @@ impl Upgrader {
             );
         }
         if let Err(e) = self.downgrade_allowed(version) {
-            return report(task, ReportState::Rejected, e);
+            return report(task, ReportState::Rejected, e.to_string());
         }
         let mut entry = match self.journal.get(task, version, Action::Install) {
             Some(Entry {
@@ -217,9 +300,17 @@ impl Upgrader {
                 open
             }
             None => {
+                // A disk fault, not a reason to decline the release: a
+                // failure the task may retry.
                 let previous = match self.store.current() {
                     Ok(p) => p,
-                    Err(e) => return report(task, ReportState::Rejected, e.to_string()),
+                    Err(e) => {
+                        return report(
+                            task,
+                            ReportState::FailedRolledBack,
+                            format!("{e}; nothing on the node was changed"),
+                        );
+                    }
                 };
                 Entry {
                     task: task.to_string(),
@@ -234,8 +325,8 @@ impl Upgrader {
         if let Err(e) = self.journal.put(&entry) {
             return report(
                 task,
-                ReportState::Rejected,
-                format!("cannot journal the work: {e}"),
+                ReportState::FailedRolledBack,
+                format!("cannot journal the work: {e}; nothing on the node was changed"),
             );
         }
         let outcome = self
@@ -299,13 +390,17 @@ impl Upgrader {
         {
             let keys = self.steps.trusted_keys.clone();
             let f = file.clone();
-            if let Err(e) = blocking(move || keys.verify_file(&checked, &f)).await {
+            let verified =
+                blocking(move || keys.verify_file(&checked, &f).map_err(UpgradeError::from)).await;
+            if let Err(e) = verified {
                 let _ = tokio::fs::remove_file(&file).await;
-                return report(
-                    &task,
-                    ReportState::Rejected,
-                    format!("{e}; nothing was unpacked or run"),
-                );
+                // The node cannot read its download: a fault, not the
+                // release's fault.
+                let state = match &e {
+                    UpgradeError::Verify(v) if !v.is_fault() => ReportState::Rejected,
+                    _ => ReportState::FailedRolledBack,
+                };
+                return report(&task, state, format!("{e}; nothing was unpacked or run"));
             }
         }
 
@@ -315,12 +410,12 @@ impl Upgrader {
         {
             let to = match self.backup_base(backup) {
                 Ok(base) => base.map(|b| b.join(prev)),
-                Err(e) => return report(&task, ReportState::Rejected, e),
+                Err(e) => return report(&task, ReportState::Rejected, e.to_string()),
             };
             if let Some(to) = to {
                 let store = self.store.clone();
                 let (p, t) = (prev.clone(), to.clone());
-                match blocking(move || store.backup(&p, &t).map_err(|e| e.to_string())).await {
+                match blocking(move || store.backup(&p, &t).map_err(UpgradeError::from)).await {
                     Ok(()) => {
                         entry.backup = Some(to);
                         if let Err(e) = self.journal.put(entry) {
@@ -365,7 +460,7 @@ impl Upgrader {
         let unpacked = blocking(move || {
             store
                 .unpack(&v, &f, base.as_deref(), &limits)
-                .map_err(|e| e.to_string())
+                .map_err(UpgradeError::from)
         })
         .await;
         let _ = tokio::fs::remove_file(&file).await;
@@ -421,15 +516,15 @@ impl Upgrader {
     /// location: the default and a plain name are under `backups/` in the
     /// state dir; an absolute path must lie inside one of
     /// [`Steps::backup_roots`], also once symlinks are followed.
-    fn backup_base(&self, backup: &Backup) -> Result<Option<PathBuf>, String> {
+    fn backup_base(&self, backup: &Backup) -> Result<Option<PathBuf>, UpgradeError> {
         let backups = self.store.dir().join("backups");
         let loc = match backup {
             Backup::None => return Ok(None),
             Backup::Default => return Ok(Some(backups)),
             Backup::Location(loc) => loc,
         };
-        let refuse = |why: String| format!("refused: {why}; nothing on the node was changed");
-        match backup_place(loc).map_err(refuse)? {
+        let refuse = |why: BackupLocationError| UpgradeError::BackupLocation(why);
+        match backup_place(loc).map_err(|e| refuse(e.into()))? {
             BackupPlace::Name(name) => Ok(Some(backups.join(name))),
             BackupPlace::Absolute(path) => {
                 let path = Path::new(path);
@@ -444,11 +539,10 @@ impl Upgrader {
                         roots.iter().map(|r| r.display().to_string()).collect();
                     roots.join(", ")
                 };
-                Err(refuse(format!(
-                    "backup location {} is not inside this agent's backup roots ({allowed}); \
-                     allow it with `backup_roots` in the agent config (or --backup-root)",
-                    path.display(),
-                )))
+                Err(refuse(BackupLocationError::OutsideRoots {
+                    path: path.to_path_buf(),
+                    allowed,
+                }))
             }
         }
     }
@@ -456,7 +550,7 @@ impl Upgrader {
     /// Whether remote work may move this node to `version`: not below its
     /// permanent release unless the node's own config allows it. Versions
     /// that do not parse as (lenient) semver have no order and pass.
-    fn downgrade_allowed(&self, version: &str) -> Result<(), String> {
+    fn downgrade_allowed(&self, version: &str) -> Result<(), UpgradeError> {
         if self.steps.allow_remote_downgrade {
             return Ok(());
         }
@@ -467,12 +561,10 @@ impl Upgrader {
             flotilla_version::parse(version),
             flotilla_version::parse(&permanent),
         ) {
-            (Ok(to), Ok(from)) if to < from => Err(format!(
-                "remote downgrade refused: the work would move this node from its permanent \
-                 release {permanent} to the older {version}; allow it in the agent's own config \
-                 (allow_remote_downgrade = true or --allow-remote-downgrade), or downgrade on the \
-                 node with `flotilla-agent downgrade {version}`; nothing was changed"
-            )),
+            (Ok(to), Ok(from)) if to < from => Err(UpgradeError::Downgrade {
+                permanent,
+                version: version.to_string(),
+            }),
             _ => Ok(()),
         }
     }
@@ -529,11 +621,11 @@ impl Upgrader {
         package: &str,
         version: &str,
         backup: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpgradeError> {
         let store = self.store.clone();
         let (v, b) = (version.to_string(), backup.to_path_buf());
-        blocking(move || store.restore_backup(&v, &b).map_err(|e| e.to_string())).await?;
-        self.store.switch(version).map_err(|e| e.to_string())?;
+        blocking(move || store.restore_backup(&v, &b).map_err(UpgradeError::from)).await?;
+        self.store.switch(version)?;
         let dir = self.store.release_dir(version);
         let env = self.env(task, package, version, None, &dir);
         let cmd = self
@@ -596,7 +688,7 @@ impl Upgrader {
         if !self.journal.left(task, version)
             && let Err(e) = self.downgrade_allowed(version)
         {
-            return report(task, ReportState::FailedRollbackFailed, e);
+            return report(task, ReportState::FailedRollbackFailed, e.to_string());
         }
         let current = self.store.current().ok().flatten();
         let mut entry = Entry {
@@ -628,27 +720,19 @@ impl Upgrader {
         outcome
     }
 
-    async fn restore_steps(&self, task: &str, version: &str) -> Result<String, String> {
+    async fn restore_steps(&self, task: &str, version: &str) -> Result<String, UpgradeError> {
         let installed = self.store.is_installed(version);
         if !installed {
             let backup = self
                 .journal
                 .backup_of(task, version)
                 .or_else(|| Some(self.store.default_backup(version)).filter(|p| p.is_dir()))
-                .ok_or_else(|| {
-                    format!("{version} is not installed and no backup of it was found")
-                })?;
-            return self
-                .put_back(task, "", version, &backup)
-                .await
-                .and_then(|()| {
-                    self.store
-                        .make_permanent(version)
-                        .map_err(|e| e.to_string())
-                })
-                .map(|()| format!("restored {version} from {}", backup.display()));
+                .ok_or_else(|| UpgradeError::NoBackup(version.to_string()))?;
+            self.put_back(task, "", version, &backup).await?;
+            self.store.make_permanent(version)?;
+            return Ok(format!("restored {version} from {}", backup.display()));
         }
-        self.store.switch(version).map_err(|e| e.to_string())?;
+        self.store.switch(version)?;
         let dir = self.store.release_dir(version);
         let env = self.env(task, "", version, None, &dir);
         if let Some(cmd) = self
@@ -659,9 +743,7 @@ impl Upgrader {
         {
             self.run(cmd, "restore", &env, &dir).await?;
         }
-        self.store
-            .make_permanent(version)
-            .map_err(|e| e.to_string())?;
+        self.store.make_permanent(version)?;
         Ok(format!("{version} is current and permanent again"))
     }
 
@@ -694,7 +776,7 @@ impl Upgrader {
         action: &str,
         env: &[(&'static str, String)],
         dir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommandError> {
         run_command(cmd, action, env, dir, self.steps.command_timeout).await
     }
 
@@ -728,7 +810,7 @@ impl Upgrader {
                         let p = part.clone();
                         blocking(move || sha256_file(&p)).await
                     }
-                    .map_err(DownloadError::GaveUp)?;
+                    .map_err(|e| DownloadError::GaveUp(e.to_string()))?;
                     if got != sha {
                         let _ = tokio::fs::remove_file(&part).await;
                         return Err(DownloadError::Refused(format!(
@@ -856,19 +938,23 @@ async fn fetch(
 }
 
 /// The lowercase hex sha256 of a file (the digest check of a download).
-pub fn sha256_file(path: &Path) -> Result<String, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn sha256_file(path: &Path) -> Result<String, UpgradeError> {
+    let io = |source| UpgradeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::io::copy(&mut f, &mut h).map_err(io)?;
     Ok(hex::encode(h.finalize()))
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, UpgradeError> + Send + 'static,
+) -> Result<T, UpgradeError> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(format!("the worker thread failed: {e}")))
+        .unwrap_or_else(|e| Err(UpgradeError::Worker(e)))
 }
 
 /// Runs `sh -c cmd` with `env` in `dir`, in its own process group so a
@@ -879,7 +965,8 @@ pub async fn run_command(
     env: &[(&'static str, String)],
     dir: &Path,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), CommandError> {
+    let (action_s, cmd_s) = (action.to_string(), cmd.to_string());
     let mut c = tokio::process::Command::new("sh");
     c.arg("-c")
         .arg(cmd)
@@ -891,9 +978,11 @@ pub async fn run_command(
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = c
-        .spawn()
-        .map_err(|e| format!("cannot start the {action} command `{cmd}`: {e}"))?;
+    let child = c.spawn().map_err(|source| CommandError::Start {
+        action: action_s.clone(),
+        cmd: cmd_s.clone(),
+        source,
+    })?;
     let pid = child.id();
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) if out.status.success() => Ok(()),
@@ -905,18 +994,18 @@ pub async fn run_command(
             let start = (start..=trimmed.len())
                 .find(|&i| trimmed.is_char_boundary(i))
                 .unwrap_or(trimmed.len());
-            let tail = &trimmed[start..];
-            Err(format!(
-                "the {action} command `{cmd}` failed ({}){}",
-                out.status,
-                if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {tail}")
-                }
-            ))
+            Err(CommandError::Failed {
+                action: action_s,
+                cmd: cmd_s,
+                status: out.status,
+                stderr: trimmed[start..].to_string(),
+            })
         }
-        Ok(Err(e)) => Err(format!("the {action} command `{cmd}` failed to run: {e}")),
+        Ok(Err(source)) => Err(CommandError::Wait {
+            action: action_s,
+            cmd: cmd_s,
+            source,
+        }),
         Err(_) => {
             if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
                 let _ = nix::sys::signal::killpg(
@@ -924,9 +1013,11 @@ pub async fn run_command(
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
-            Err(format!(
-                "the {action} command `{cmd}` did not finish within {timeout:?} and was killed"
-            ))
+            Err(CommandError::Timeout {
+                action: action_s,
+                cmd: cmd_s,
+                timeout,
+            })
         }
     }
 }
@@ -1185,6 +1276,41 @@ mod tests {
 
     fn log(dir: &Path) -> String {
         fs::read_to_string(dir.join("log")).unwrap_or_default()
+    }
+
+    /// A disk fault on the node before anything changed is a failure the
+    /// task may retry, never the node declining the release (`rejected`).
+    #[tokio::test]
+    async fn a_disk_fault_before_the_install_is_a_failure_not_a_refusal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        // The work journal cannot be written: its directory became a file.
+        let journal = tmp.path().join("work");
+        fs::remove_dir_all(&journal).unwrap();
+        fs::write(&journal, "").unwrap();
+        let (steps, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRolledBack,
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.starts_with("cannot journal the work")
+                && outcome.detail.ends_with("nothing on the node was changed"),
+            "{}",
+            outcome.detail
+        );
+        assert!(steps.is_empty(), "{steps:?}");
+        assert!(server.seen().is_empty(), "downloaded");
+        untouched(&up, tmp.path());
     }
 
     #[tokio::test]
@@ -1759,7 +1885,8 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(err.contains("was killed"), "{err}");
+        assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("was killed"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -9,11 +9,80 @@
 
 use flotilla_model::protocol::Artifact;
 use flotilla_model::signing::{
-    MAX_SIGNATURE_BYTES, parse_trusted_comment, public_key_id, signature_comment, signature_key_id,
+    ClaimMismatch, CommentError, MAX_SIGNATURE_BYTES, parse_trusted_comment, public_key_id,
+    signature_comment, signature_key_id,
 };
 use minisign_verify::{PublicKey, Signature};
 use std::io::Read as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A `trusted_keys` entry that is no key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(
+        "trusted key {entry:?} is neither a minisign public key (the base64 line of a .pub file) nor a readable .pub file: {source}"
+    )]
+    Unreadable {
+        entry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trusted key file {entry} is not a minisign public key: {source}")]
+    NotAKey {
+        entry: String,
+        #[source]
+        source: minisign_verify::Error,
+    },
+}
+
+/// Why a release is not installed under `trusted_keys`. Every case but
+/// [`VerifyError::Read`] is the release's fault (the node declines it);
+/// `Read` is the node's own disk failing it.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(
+        "no signature: this node installs only releases signed by its trusted_keys ({keys}), and release {package} {version} has none"
+    )]
+    Unsigned {
+        package: String,
+        version: String,
+        keys: String,
+    },
+    #[error("bad signature: {0} bytes, not a minisign signature")]
+    TooLarge(usize),
+    #[error("bad signature: not a minisign signature ({0})")]
+    NotMinisign(#[source] minisign_verify::Error),
+    #[error(
+        "unknown key id {id}: the signature is not by one of this node's trusted_keys ({keys})"
+    )]
+    UnknownKey { id: String, keys: String },
+    #[error("comment mismatch: {0}")]
+    Comment(#[source] CommentError),
+    #[error("comment mismatch: {0}")]
+    OtherRelease(#[source] ClaimMismatch),
+    #[error("bad signature: legacy (not prehashed) minisign signatures are not accepted")]
+    Legacy,
+    #[error("bad signature: {0}")]
+    Unverifiable(#[source] minisign_verify::Error),
+    /// The downloaded file cannot be read: a fault on the node.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "bad signature: the downloaded bytes or the trusted comment do not verify against key {key} (not what the key's owner signed)"
+    )]
+    Bad { key: String },
+}
+
+impl VerifyError {
+    /// A fault of the node (its disk), not a reason to decline the release.
+    pub fn is_fault(&self) -> bool {
+        matches!(self, VerifyError::Read { .. })
+    }
+}
 
 /// The minisign public keys this node trusts for releases (several during
 /// a key rotation). Empty: signatures are not required or checked.
@@ -41,21 +110,21 @@ impl std::fmt::Debug for Prechecked {
 impl TrustedKeys {
     /// Each entry is a public key's base64 line (the second line of a
     /// minisign `.pub` file) or the path of such a file.
-    pub fn load(entries: &[String]) -> Result<TrustedKeys, String> {
+    pub fn load(entries: &[String]) -> Result<TrustedKeys, KeyError> {
         let mut keys = Vec::with_capacity(entries.len());
         for entry in entries {
             let entry = entry.trim();
             let (line, key) = match PublicKey::from_base64(entry) {
                 Ok(key) => (entry.to_string(), key),
                 Err(_) => {
-                    let text = std::fs::read_to_string(entry).map_err(|e| {
-                        format!(
-                            "trusted key {entry:?} is neither a minisign public key (the base64 line \
-                             of a .pub file) nor a readable .pub file: {e}"
-                        )
-                    })?;
-                    let key = PublicKey::decode(&text).map_err(|e| {
-                        format!("trusted key file {entry} is not a minisign public key: {e}")
+                    let text =
+                        std::fs::read_to_string(entry).map_err(|source| KeyError::Unreadable {
+                            entry: entry.to_string(),
+                            source,
+                        })?;
+                    let key = PublicKey::decode(&text).map_err(|source| KeyError::NotAKey {
+                        entry: entry.to_string(),
+                        source,
                     })?;
                     (text.lines().nth(1).unwrap_or_default().to_string(), key)
                 }
@@ -86,71 +155,63 @@ impl TrustedKeys {
         package: &str,
         version: &str,
         artifact: &Artifact,
-    ) -> Result<Option<Prechecked>, String> {
+    ) -> Result<Option<Prechecked>, VerifyError> {
         if self.keys.is_empty() {
             return Ok(None);
         }
         let Some(minisig) = artifact.signature.as_deref() else {
-            return Err(format!(
-                "no signature: this node installs only releases signed by its trusted_keys ({}), \
-                 and release {package} {version} has none",
-                self.ids()
-            ));
+            return Err(VerifyError::Unsigned {
+                package: package.to_string(),
+                version: version.to_string(),
+                keys: self.ids(),
+            });
         };
         if minisig.len() > MAX_SIGNATURE_BYTES {
-            return Err(format!(
-                "bad signature: {} bytes, not a minisign signature",
-                minisig.len()
-            ));
+            return Err(VerifyError::TooLarge(minisig.len()));
         }
-        let signature = Signature::decode(minisig)
-            .map_err(|e| format!("bad signature: not a minisign signature ({e})"))?;
+        let signature = Signature::decode(minisig).map_err(VerifyError::NotMinisign)?;
         let id = signature_key_id(minisig).unwrap_or_default();
         let Some(key) = self
             .keys
             .iter()
             .position(|(kid, _)| kid.eq_ignore_ascii_case(&id))
         else {
-            return Err(format!(
-                "unknown key id {id}: the signature is not by one of this node's trusted_keys ({})",
-                self.ids()
-            ));
+            return Err(VerifyError::UnknownKey {
+                id,
+                keys: self.ids(),
+            });
         };
         let claim = parse_trusted_comment(signature_comment(minisig).unwrap_or_default())
-            .map_err(|e| format!("comment mismatch: {e}"))?;
+            .map_err(VerifyError::Comment)?;
         claim
             .check(package, version, &artifact.sha256, artifact.size)
-            .map_err(|e| format!("comment mismatch: {e}"))?;
+            .map_err(VerifyError::OtherRelease)?;
         Ok(Some(Prechecked { signature, key }))
     }
 
     /// The downloaded file verifies against the prechecked signature (its
     /// bytes and its trusted comment both).
-    pub fn verify_file(&self, checked: &Prechecked, path: &Path) -> Result<(), String> {
+    pub fn verify_file(&self, checked: &Prechecked, path: &Path) -> Result<(), VerifyError> {
         let (id, key) = &self.keys[checked.key];
         let mut v = key.verify_stream(&checked.signature).map_err(|e| match e {
-            minisign_verify::Error::UnsupportedLegacyMode => {
-                "bad signature: legacy (not prehashed) minisign signatures are not accepted".into()
-            }
-            e => format!("bad signature: {e}"),
+            minisign_verify::Error::UnsupportedLegacyMode => VerifyError::Legacy,
+            e => VerifyError::Unverifiable(e),
         })?;
-        let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let read = |source| VerifyError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(read)?;
         let mut buf = vec![0u8; 256 << 10];
         loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let n = f.read(&mut buf).map_err(read)?;
             if n == 0 {
                 break;
             }
             v.update(&buf[..n]);
         }
-        v.finalize().map_err(|_| {
-            format!(
-                "bad signature: the downloaded bytes or the trusted comment do not verify against \
-                 key {id} (not what the key's owner signed)"
-            )
-        })
+        v.finalize()
+            .map_err(|_| VerifyError::Bad { key: id.clone() })
     }
 }
 
@@ -241,13 +302,15 @@ pub(crate) mod tests {
 
         let err = keys
             .precheck("edge", "2.0.0", &artifact(&bytes, None))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("no signature"), "{err}");
 
         let by_stranger = sign_release(&stranger, "edge", "2.0.0", &bytes);
         let err = keys
             .precheck("edge", "2.0.0", &artifact(&bytes, Some(by_stranger)))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("unknown key id "), "{err}");
 
         // A valid signature of this artifact as another version.
@@ -255,6 +318,8 @@ pub(crate) mod tests {
         let err = keys
             .precheck("edge", "2.0.0", &artifact(&bytes, Some(other_version)))
             .unwrap_err();
+        assert!(matches!(err, VerifyError::OtherRelease(_)), "{err}");
+        let err = err.to_string();
         assert!(
             err.starts_with("comment mismatch") && err.contains("version 1.9.0 (not 2.0.0)"),
             "{err}"
@@ -262,12 +327,14 @@ pub(crate) mod tests {
         let not_ours = sign(&kp, &bytes, "timestamp:1 file:x");
         let err = keys
             .precheck("edge", "2.0.0", &artifact(&bytes, Some(not_ours)))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("comment mismatch"), "{err}");
 
         let err = keys
             .precheck("edge", "2.0.0", &artifact(&bytes, Some("junk".into())))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("bad signature"), "{err}");
 
         // The comment names these bytes, but the file on disk is others of
@@ -278,7 +345,7 @@ pub(crate) mod tests {
             .unwrap()
             .unwrap();
         std::fs::write(&file, b"the relea5e").unwrap();
-        let err = keys.verify_file(&checked, &file).unwrap_err();
+        let err = keys.verify_file(&checked, &file).unwrap_err().to_string();
         assert!(err.starts_with("bad signature"), "{err}");
 
         // A trusted comment edited after signing (to name other bytes):
@@ -297,12 +364,21 @@ pub(crate) mod tests {
             .unwrap()
             .unwrap();
         let err = keys.verify_file(&checked, &file).unwrap_err();
-        assert!(err.starts_with("bad signature"), "{err}");
+        assert!(matches!(err, VerifyError::Bad { .. }), "{err}");
+        assert!(!err.is_fault(), "{err}");
+
+        // The file cannot be read: a fault of the node, not of the release.
+        let err = keys
+            .verify_file(&checked, &tmp.path().join("gone"))
+            .unwrap_err();
+        assert!(err.is_fault(), "{err}");
     }
 
     #[test]
     fn a_key_that_is_neither_a_key_nor_a_file_is_an_error() {
         let err = TrustedKeys::load(&["RWQnot-a-key".into()]).unwrap_err();
+        assert!(matches!(err, KeyError::Unreadable { .. }), "{err}");
+        let err = err.to_string();
         assert!(err.contains("neither a minisign public key"), "{err}");
     }
 }

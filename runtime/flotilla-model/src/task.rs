@@ -60,23 +60,26 @@ const MAX_SEGMENT: usize = 255;
 /// (not `.` or `..`), or an absolute path without `.`/`..` segments, empty
 /// segments or a trailing `/`. Nothing here touches a file system; whether
 /// an absolute path is allowed is the agent's call.
-pub fn backup_place(location: &str) -> Result<BackupPlace<'_>, String> {
-    let bad = |why: &str| Err(format!("backup location {location:?}: {why}"));
+pub fn backup_place(location: &str) -> Result<BackupPlace<'_>, BackupPlaceError> {
+    let bad = |problem| {
+        Err(BackupPlaceError {
+            location: location.to_string(),
+            problem,
+        })
+    };
     if location.is_empty() || location.len() > MAX_BACKUP_LOCATION {
-        return bad(&format!("must be 1-{MAX_BACKUP_LOCATION} bytes"));
+        return bad(BackupPlaceProblem::Length);
     }
     if location.chars().any(char::is_control) {
-        return bad("contains a control character");
+        return bad(BackupPlaceProblem::ControlCharacter);
     }
     let Some(rest) = location.strip_prefix('/') else {
         let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if location == "." || location == ".." {
-            return bad("`.` and `..` are not names");
+            return bad(BackupPlaceProblem::DotName);
         }
         if location.len() > MAX_SEGMENT || !location.chars().all(name_char) {
-            return bad(&format!(
-                "use a plain name (1-{MAX_SEGMENT} letters, digits, `-`, `_`, `.`: a folder under the agent's backup root) or an absolute path"
-            ));
+            return bad(BackupPlaceProblem::NotAName);
         }
         return Ok(BackupPlace::Name(location));
     };
@@ -85,17 +88,41 @@ pub fn backup_place(location: &str) -> Result<BackupPlace<'_>, String> {
     }
     for segment in rest.split('/') {
         match segment {
-            "" => return bad("an absolute path must be normalised: no `//` and no trailing `/`"),
-            "." | ".." => return bad("an absolute path must not contain `.` or `..`"),
-            s if s.len() > MAX_SEGMENT => {
-                return bad(&format!(
-                    "a path segment is longer than {MAX_SEGMENT} bytes"
-                ));
-            }
+            "" => return bad(BackupPlaceProblem::NotNormalised),
+            "." | ".." => return bad(BackupPlaceProblem::DotSegment),
+            s if s.len() > MAX_SEGMENT => return bad(BackupPlaceProblem::LongSegment),
             _ => {}
         }
     }
     Ok(BackupPlace::Absolute(location))
+}
+
+/// A backup location [`backup_place`] refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("backup location {location:?}: {problem}")]
+pub struct BackupPlaceError {
+    pub location: String,
+    pub problem: BackupPlaceProblem,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BackupPlaceProblem {
+    #[error("must be 1-{MAX_BACKUP_LOCATION} bytes")]
+    Length,
+    #[error("contains a control character")]
+    ControlCharacter,
+    #[error("`.` and `..` are not names")]
+    DotName,
+    #[error(
+        "use a plain name (1-{MAX_SEGMENT} letters, digits, `-`, `_`, `.`: a folder under the agent's backup root) or an absolute path"
+    )]
+    NotAName,
+    #[error("an absolute path must be normalised: no `//` and no trailing `/`")]
+    NotNormalised,
+    #[error("an absolute path must not contain `.` or `..`")]
+    DotSegment,
+    #[error("a path segment is longer than {MAX_SEGMENT} bytes")]
+    LongSegment,
 }
 
 /// What a user submits to start an upgrade.
@@ -231,7 +258,7 @@ impl TaskSpec {
         // never a path, so no policy is loaded from outside its directory.
         check_name("policy", &self.policy)?;
         if let Backup::Location(loc) = &self.backup {
-            backup_place(loc).map_err(SpecError)?;
+            backup_place(loc).map_err(|e| SpecError(e.to_string()))?;
         }
         if !self.params.is_object() {
             return bad("`params` must be a JSON object".into());
