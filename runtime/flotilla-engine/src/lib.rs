@@ -99,6 +99,33 @@ pub enum TransitionError {
     NotCommitting { node: String },
 }
 
+/// Why the engine refuses an operator's or an agent's call on a task (an
+/// [`EngineError::Refused`]): the task is as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("the task is not active")]
+    NotActive,
+    #[error("no wave is waiting for approval")]
+    NoWaveAwaiting,
+    #[error("a {0} task cannot be rolled back")]
+    CannotRollBack(&'static str),
+    #[error("node {node} is busy in task {other}; finish or cancel that first")]
+    NodeBusy { node: String, other: String },
+    /// A report that names another task than the one its node is in.
+    #[error("node {node} is not in task {named} (it is in task {actual}); the report is ignored")]
+    OtherTask {
+        node: String,
+        named: String,
+        actual: String,
+    },
+    /// The task's `params.schedule` is not a schedule.
+    #[error("params.schedule: {0}")]
+    Schedule(#[source] serde_json::Error),
+    /// The task's state does not allow this step (resume a running task).
+    #[error(transparent)]
+    State(#[from] flotilla_model::task::IllegalTaskTransition),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -108,7 +135,7 @@ pub enum EngineError {
     #[error("node {node} is in no active task")]
     NotInTask { node: String },
     #[error("task {task}: {reason}")]
-    Refused { task: String, reason: String },
+    Refused { task: String, reason: Refusal },
     #[error("task {task}: {source}")]
     Transition {
         task: String,
@@ -262,7 +289,7 @@ impl LiveTask {
                 .next(event.clone())
                 .map_err(|e| EngineError::Refused {
                     task: self.task.id.clone(),
-                    reason: e.to_string(),
+                    reason: e.into(),
                 })?;
         let detail = match &next {
             TaskState::Paused(r) | TaskState::Failed(r) | TaskState::RollingBack(r) => r.clone(),
@@ -527,9 +554,9 @@ impl Engine {
     /// requests cannot both pass.
     pub fn create(&mut self, spec: TaskSpec) -> Result<Task, EngineError> {
         spec.validate()?;
-        schedule_from_params(&spec).map_err(|reason| EngineError::Refused {
+        schedule_from_params(&spec).map_err(|e| EngineError::Refused {
             task: spec.name.clone(),
-            reason: reason.to_string(),
+            reason: Refusal::Schedule(e),
         })?;
         let resolved = self.resolve(&spec.target);
         self.refuse_a_second_active_task(&spec, resolved.as_deref())?;
@@ -1406,9 +1433,11 @@ impl Engine {
             if let Some(named) = named.filter(|t| t != id) {
                 results.push(Err(EngineError::Refused {
                     task: named.clone(),
-                    reason: format!(
-                        "node {node} is not in task {named} (it is in task {id}); the report is ignored"
-                    ),
+                    reason: Refusal::OtherTask {
+                        node: node.clone(),
+                        named: named.clone(),
+                        actual: id.to_string(),
+                    },
                 }));
                 continue;
             }
@@ -1535,7 +1564,7 @@ impl Engine {
         let now = self.clock.now();
         let live = self.live.get_mut(id).ok_or_else(|| EngineError::Refused {
             task: id.into(),
-            reason: "the task is not active".into(),
+            reason: Refusal::NotActive,
         })?;
         f(live, now)?;
         let task = live.task.clone();
@@ -1567,7 +1596,7 @@ impl Engine {
             if !l.task.awaiting_approval {
                 return Err(EngineError::Refused {
                     task: l.task.id.clone(),
-                    reason: "no wave is waiting for approval".into(),
+                    reason: Refusal::NoWaveAwaiting,
                 });
             }
             l.task.awaiting_approval = false;
@@ -1611,7 +1640,7 @@ impl Engine {
             if task.state != TaskState::Succeeded {
                 return Err(EngineError::Refused {
                     task: id.into(),
-                    reason: format!("a {} task cannot be rolled back", task.state.name()),
+                    reason: Refusal::CannotRollBack(task.state.name()),
                 });
             }
             let runs = self.store.runs(id)?;
@@ -1626,9 +1655,10 @@ impl Engine {
             {
                 return Err(EngineError::Refused {
                     task: id.into(),
-                    reason: format!(
-                        "node {node} is busy in task {other}; finish or cancel that first"
-                    ),
+                    reason: Refusal::NodeBusy {
+                        node: node.to_string(),
+                        other: other.to_string(),
+                    },
                 });
             }
             let upgraded: Vec<String> = upgraded.into_iter().map(str::to_string).collect();
@@ -1892,10 +1922,10 @@ fn live_task<'a>(
         .ok_or_else(|| EngineError::NoTask(id.to_string()))
 }
 
-fn schedule_from_params(spec: &TaskSpec) -> Result<Schedule, String> {
+fn schedule_from_params(spec: &TaskSpec) -> Result<Schedule, serde_json::Error> {
     match spec.params.get("schedule") {
         None => Ok(Schedule::always()),
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("params.schedule: {e}")),
+        Some(v) => serde_json::from_value(v.clone()),
     }
 }
 

@@ -28,8 +28,12 @@ pub enum ScenarioError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a valid scenario:\n{message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path} is not a valid scenario:\n{source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -395,9 +399,9 @@ impl Scenario {
     /// resolved from `path`'s folder).
     pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         let file: ScenarioFile =
-            serde_saphyr::from_str(text).map_err(|e| ScenarioError::Parse {
+            serde_saphyr::from_str(text).map_err(|source| ScenarioError::Parse {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                source: Box::new(source),
             })?;
         let invalid = |message: String| ScenarioError::Invalid {
             path: path.to_path_buf(),
@@ -614,8 +618,9 @@ impl Scenario {
             .collect();
         due.sort_by_key(|(t, i, _)| (*t, *i));
         let mut due = due.into_iter().peekable();
-        let mut created: Vec<Result<String, String>> =
-            vec![Err("never created".into()); 1 + f.more_tasks.len()];
+        // Each task's id, or why the engine refused it; `None` until its time.
+        let mut created: Vec<Option<Result<String, EngineError>>> =
+            (0..1 + f.more_tasks.len()).map(|_| None).collect();
         let mut operators = self.operators.iter().peekable();
         let mut operator_log = Vec::new();
         loop {
@@ -623,13 +628,13 @@ impl Scenario {
             while let Some((_, i, mut spec)) = due.next_if(|(t, _, _)| *t <= now) {
                 spec.policy = local_policy_name(Path::new(&spec.policy));
                 created[i] = match engine.create(spec) {
-                    Ok(task) => Ok(task.id),
+                    Ok(task) => Some(Ok(task.id)),
                     Err(EngineError::Store(e)) => return Err(e.into()),
-                    Err(refused) => Err(refused.to_string()),
+                    Err(refused) => Some(Err(refused)),
                 };
             }
             while let Some((_, op)) = operators.next_if(|(t, _)| *t <= now) {
-                let Ok(main) = &created[0] else {
+                let Some(Ok(main)) = &created[0] else {
                     continue;
                 };
                 let done = match op {
@@ -658,7 +663,7 @@ impl Scenario {
                 // is coming: no task, report, fleet change or operator command.
                 if operators.peek().is_none() && !sim.busy() && !more_to_come {
                     let mut all_waiting = true;
-                    for id in created.iter().flatten() {
+                    for id in created.iter().flatten().flatten() {
                         let t = engine.task(id)?;
                         let waiting = !t.state.active()
                             || ((matches!(t.state, TaskState::Paused(_)) || t.awaiting_approval)
@@ -678,8 +683,9 @@ impl Scenario {
         let mut tasks = Vec::new();
         for c in created {
             tasks.push(match c {
-                Err(refused) => TaskActual::Refused(refused),
-                Ok(id) => TaskActual::Ran {
+                None => TaskActual::Refused("never created".into()),
+                Some(Err(refused)) => TaskActual::Refused(refused.to_string()),
+                Some(Ok(id)) => TaskActual::Ran {
                     task: Box::new(engine.task(&id)?),
                     runs: engine
                         .runs(&id)?
@@ -1153,8 +1159,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ScenarioError> {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Scenario, String> {
-        Scenario::parse(Path::new("/tmp/s/case.yaml"), text).map_err(|e| e.to_string())
+    fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        Scenario::parse(Path::new("/tmp/s/case.yaml"), text)
     }
 
     const MINIMAL: &str = "
@@ -1230,39 +1236,47 @@ expect:
     #[test]
     fn an_unknown_field_names_the_field_and_the_line() {
         let text = MINIMAL.replace("expect:", "expct:\n  task: succeeded\nexpect:");
-        let err = parse(&text).unwrap_err();
+        let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("unknown field `expct`"), "{err}");
         assert!(err.contains("line 7") || err.contains(":7:"), "{err}");
         let text = MINIMAL.replace("  package", "  concurency: 3\n  package");
-        let err = parse(&text).unwrap_err();
+        let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("unknown field `concurency`"), "{err}");
     }
 
     #[test]
     fn bad_values_say_what_to_write() {
-        let err = parse(&format!("{MINIMAL}tick: 5\n")).unwrap_err();
+        let err = parse(&format!("{MINIMAL}tick: 5\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("write it with a unit"), "{err}");
-        let err = parse(&format!("{MINIMAL}agents:\n  nodes:\n    n1: explode\n")).unwrap_err();
+        let err = parse(&format!("{MINIMAL}agents:\n  nodes:\n    n1: explode\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("explode"), "{err}");
-        let err =
-            parse(&MINIMAL.replace("expect:\n  task: succeeded\n", "expect: {}\n")).unwrap_err();
+        let err = parse(&MINIMAL.replace("expect:\n  task: succeeded\n", "expect: {}\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`expect` checks nothing"), "{err}");
         let err = parse(&format!(
             "{MINIMAL}timeline:\n  - at: 5m\n    promote: true\n    resume: true\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("timeline[0] (at 5m) has 2 actions"), "{err}");
         let err = parse(&format!(
             "{MINIMAL}timeline:\n  - at: 5m\n    offline: 1h\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("say which `node`"), "{err}");
         let err = parse(&format!(
             "{MINIMAL}agents:\n  random: {{seed: 1, fail: 1.5}}\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("agents.random.fail is 1.5"), "{err}");
-        let err = parse(&format!("{MINIMAL}generate:\n  - {{prefix: n, count: 2, version: '1'}}\n  - {{prefix: n, count: 1, version: '1'}}\n")).unwrap_err();
+        let err = parse(&format!("{MINIMAL}generate:\n  - {{prefix: n, count: 2, version: '1'}}\n  - {{prefix: n, count: 1, version: '1'}}\n")).unwrap_err().to_string();
         assert!(err.contains("node n00 is in the fleet twice"), "{err}");
     }
 

@@ -45,9 +45,21 @@ pub struct Random {
     pub hang: f64,
 }
 
+/// A simulation that cannot be set up or played as written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SimError {
+    #[error("random.{name} is {value}: write a fraction between 0 and 1 (0.1 = 10%)")]
+    NotAFraction { name: &'static str, value: f64 },
+    #[error("random probabilities add up to {0}; they must add up to at most 1")]
+    AboveOne(f64),
+    /// A change over time to a node the fleet does not have.
+    #[error("no node {0} in the fleet to change")]
+    UnknownNode(String),
+}
+
 impl Random {
     /// Checks the probabilities are fractions that add up to at most 1.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SimError> {
         let all = [
             ("fail", self.fail),
             ("rollback_fails", self.rollback_fails),
@@ -57,16 +69,12 @@ impl Random {
         ];
         for (name, p) in all {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!(
-                    "random.{name} is {p}: write a fraction between 0 and 1 (0.1 = 10%)"
-                ));
+                return Err(SimError::NotAFraction { name, value: p });
             }
         }
         let sum: f64 = all.iter().map(|(_, p)| p).sum();
         if sum > 1.0 + 1e-9 {
-            return Err(format!(
-                "random probabilities add up to {sum}; they must add up to at most 1"
-            ));
+            return Err(SimError::AboveOne(sum));
         }
         Ok(())
     }
@@ -163,7 +171,7 @@ pub enum Change {
 }
 
 impl Change {
-    fn apply(&self, fleet: &MemoryFleet) -> Result<String, String> {
+    fn apply(&self, fleet: &MemoryFleet) -> Result<String, SimError> {
         match self {
             Change::Upsert(node) => {
                 fleet.upsert(node.clone());
@@ -179,7 +187,7 @@ impl Change {
             } => {
                 let mut n = fleet
                     .get(node)
-                    .ok_or_else(|| format!("no node {node} in the fleet to change"))?;
+                    .ok_or_else(|| SimError::UnknownNode(node.clone()))?;
                 let mut what = Vec::new();
                 if let Some(v) = version {
                     n.version = v.clone();
@@ -607,11 +615,28 @@ mod tests {
             reject: 0.5,
             ..Default::default()
         };
-        assert!(r.validate().unwrap_err().contains("add up to 1.2"));
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("add up to 1.2")
+        );
         let r = Random {
             hang: -0.1,
             ..Default::default()
         };
-        assert!(r.validate().unwrap_err().contains("random.hang is -0.1"));
+        assert_eq!(
+            r.validate().unwrap_err(),
+            SimError::NotAFraction {
+                name: "hang",
+                value: -0.1
+            }
+        );
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("random.hang is -0.1")
+        );
     }
 }
