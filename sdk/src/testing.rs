@@ -17,19 +17,57 @@
 //! Each scenario's `task.policy` is ignored: the crate's own component runs
 //! instead, so a Rhai twin and its Rust port can share their scenarios.
 
-use flotilla_engine::scenario::{self, PolicyFile, Report, Scenario};
-use flotilla_policy::WasmRuntime;
+use flotilla_engine::scenario::{self, PolicyFile, Report, Scenario, ScenarioError};
 use flotilla_policy::build::{build_component, workspace_root};
+use flotilla_policy::{PolicyError, WasmRuntime};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use flotilla_engine::scenario::Report as ScenarioReport;
 
+/// Why the scenarios could not be run at all (a scenario that fails is a
+/// failed [`Report`], not this).
+#[derive(Debug)]
+pub enum TestingError {
+    /// `cargo build` of the component failed; the text is cargo's own
+    /// (the policy crate's builder reports it as text).
+    Build(String),
+    /// A scenario path that cannot be read.
+    Scenarios(ScenarioError),
+    /// No `*.yaml` under the paths given.
+    NoScenarios(Vec<PathBuf>),
+    /// The policy does not load (or the Wasm runtime does not start).
+    Policy(PolicyError),
+}
+
+impl std::fmt::Display for TestingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TestingError::Build(e) => f.write_str(e),
+            TestingError::Scenarios(e) => e.fmt(f),
+            TestingError::NoScenarios(paths) => {
+                write!(f, "no scenario files (*.yaml) under {paths:?}")
+            }
+            TestingError::Policy(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for TestingError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TestingError::Scenarios(e) => Some(e),
+            TestingError::Policy(e) => Some(e),
+            TestingError::Build(_) | TestingError::NoScenarios(_) => None,
+        }
+    }
+}
+
 /// The component of `package` (a crate in the workspace around
 /// `manifest_dir`), built once per test process with the `guest` profile
 /// into `<workspace>/target/guests`.
-pub fn component(manifest_dir: &Path, package: &str) -> Result<PathBuf, String> {
+pub fn component(manifest_dir: &Path, package: &str) -> Result<PathBuf, TestingError> {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let mut built = BUILT
         .get_or_init(Default::default)
@@ -38,7 +76,8 @@ pub fn component(manifest_dir: &Path, package: &str) -> Result<PathBuf, String> 
     if let Some(p) = built.get(package) {
         return Ok(p.clone());
     }
-    let path = build_component(&workspace_root(manifest_dir), package)?;
+    let path =
+        build_component(&workspace_root(manifest_dir), package).map_err(TestingError::Build)?;
     built.insert(package.to_string(), path.clone());
     Ok(path)
 }
@@ -46,13 +85,14 @@ pub fn component(manifest_dir: &Path, package: &str) -> Result<PathBuf, String> 
 /// Runs every scenario under `paths` (files, or folders of `*.yaml`) against
 /// `policy` (a `.wasm` or `.rhai` file). A scenario that does not parse is a
 /// failed report, not a panic.
-pub fn run_scenarios(policy: &Path, paths: &[PathBuf]) -> Result<Vec<Report>, String> {
-    let files = scenario::discover(paths).map_err(|e| e.to_string())?;
+pub fn run_scenarios(policy: &Path, paths: &[PathBuf]) -> Result<Vec<Report>, TestingError> {
+    let files = scenario::discover(paths).map_err(TestingError::Scenarios)?;
     if files.is_empty() {
-        return Err(format!("no scenario files (*.yaml) under {paths:?}"));
+        return Err(TestingError::NoScenarios(paths.to_vec()));
     }
-    let runtime = WasmRuntime::new(WasmRuntime::default_cache_dir()).map_err(|e| e.to_string())?;
-    let source = Arc::new(PolicyFile::open(policy, &runtime).map_err(|e| e.to_string())?);
+    let runtime =
+        WasmRuntime::new(WasmRuntime::default_cache_dir()).map_err(TestingError::Policy)?;
+    let source = Arc::new(PolicyFile::open(policy, &runtime).map_err(TestingError::Policy)?);
     Ok(files
         .iter()
         .map(|f| match Scenario::load(f) {

@@ -57,14 +57,19 @@ impl Role {
     }
 }
 
+/// A role name that is none of `read`, `operate`, `admin`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("role {0:?}: expected read, operate or admin")]
+pub struct UnknownRole(pub String);
+
 impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
         match s {
             "read" => Ok(Role::Read),
             "operate" => Ok(Role::Operate),
             "admin" => Ok(Role::Admin),
-            _ => Err(format!("role {s:?}: expected read, operate or admin")),
+            _ => Err(UnknownRole(s.to_string())),
         }
     }
 }

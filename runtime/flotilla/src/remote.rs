@@ -205,10 +205,22 @@ pub struct AuditArgs {
     pub after: Option<u64>,
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
+/// A `--label` that is not `KEY=VALUE` (clap shows it as the reason).
+#[derive(Debug)]
+struct NotKeyValue(String);
+
+impl std::fmt::Display for NotKeyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: expected KEY=VALUE", self.0)
+    }
+}
+
+impl std::error::Error for NotKeyValue {}
+
+fn key_value(s: &str) -> Result<(String, String), NotKeyValue> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+        _ => Err(NotKeyValue(s.to_string())),
     }
 }
 

@@ -5,7 +5,7 @@
 use anyhow::bail;
 use clap::Args;
 use flotilla_engine::scenario::{self, PolicyFile, Report, Scenario};
-use flotilla_policy::WasmRuntime;
+use flotilla_policy::{PolicyError, WasmRuntime};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -60,7 +60,7 @@ pub fn run_to(args: TestArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     };
 
     // Each policy is loaded (a component compiled) once for all its scenarios.
-    let mut policies: HashMap<PathBuf, Result<Arc<PolicyFile>, String>> = HashMap::new();
+    let mut policies: HashMap<PathBuf, Result<Arc<PolicyFile>, Arc<PolicyError>>> = HashMap::new();
     let mut reports = Vec::with_capacity(files.len());
     for file in &files {
         progress.set_message(file.display().to_string());
@@ -78,12 +78,12 @@ pub fn run_to(args: TestArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                     .or_insert_with(|| {
                         PolicyFile::open(&policy, &runtime)
                             .map(Arc::new)
-                            .map_err(|e| e.to_string())
+                            .map_err(Arc::new)
                     })
                     .clone();
                 match loaded {
                     Ok(source) => s.run_with(&policy, source),
-                    Err(e) => s.run_failed(&policy, e),
+                    Err(e) => s.run_failed(&policy, e.to_string()),
                 }
             }
         };
