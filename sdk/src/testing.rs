@@ -17,17 +17,17 @@
 //! Each scenario's `task.policy` is ignored: the crate's own component runs
 //! instead, so a Rhai twin and its Rust port can share their scenarios.
 
-use flotilla_engine::scenario::{self, PolicyFile, Report, Scenario, ScenarioError};
+use flotilla_engine::scenario::{self, PolicyFile, Scenario, ScenarioError};
 use flotilla_policy::build::{build_component, workspace_root};
 use flotilla_policy::{PolicyError, WasmRuntime};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub use flotilla_engine::scenario::Report as ScenarioReport;
+pub use flotilla_engine::scenario::ScenarioReport;
 
 /// Why the scenarios could not be run at all (a scenario that fails is a
-/// failed [`Report`], not this).
+/// failed [`ScenarioReport`], not this).
 #[derive(Debug)]
 pub enum TestingError {
     /// `cargo build` of the component failed; the text is cargo's own
@@ -85,7 +85,10 @@ pub fn component(manifest_dir: &Path, package: &str) -> Result<PathBuf, TestingE
 /// Runs every scenario under `paths` (files, or folders of `*.yaml`) against
 /// `policy` (a `.wasm` or `.rhai` file). A scenario that does not parse is a
 /// failed report, not a panic.
-pub fn run_scenarios(policy: &Path, paths: &[PathBuf]) -> Result<Vec<Report>, TestingError> {
+pub fn run_scenarios(
+    policy: &Path,
+    paths: &[PathBuf],
+) -> Result<Vec<ScenarioReport>, TestingError> {
     let files = scenario::discover(paths).map_err(TestingError::Scenarios)?;
     if files.is_empty() {
         return Err(TestingError::NoScenarios(paths.to_vec()));
@@ -97,7 +100,9 @@ pub fn run_scenarios(policy: &Path, paths: &[PathBuf]) -> Result<Vec<Report>, Te
         .iter()
         .map(|f| match Scenario::load(f) {
             Ok(s) => s.run_with(policy, source.clone()),
-            Err(e) => Report::could_not_run(&f.display().to_string(), f, policy, e.to_string()),
+            Err(e) => {
+                ScenarioReport::could_not_run(&f.display().to_string(), f, policy, e.to_string())
+            }
         })
         .collect())
 }
@@ -112,7 +117,7 @@ pub fn assert_scenarios(manifest_dir: &Path, package: &str, paths: &[&str]) {
     let failures: Vec<String> = reports
         .iter()
         .filter(|r| !r.passed)
-        .map(Report::explain)
+        .map(ScenarioReport::explain)
         .collect();
     if !failures.is_empty() {
         panic!(

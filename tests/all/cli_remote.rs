@@ -5,10 +5,10 @@
 
 use clap::Parser as _;
 use flotilla::remote::{
-    self, ControlArgs, Kind, ReleaseAdd, WatchOptions, parse_spec, task_create,
+    self, ControlArgs, ReleaseAdd, ReleaseKindArg, WatchOptions, parse_spec, task_create,
 };
 use flotilla::{Cli, Command};
-use flotilla_client::{Action, Client, ClientError, NodeFilter};
+use flotilla_client::{Client, ClientError, NodeFilter, TaskAction};
 use flotilla_model::{Node, TaskState};
 use flotilla_server::{Config, Runner};
 use flotilla_tests::workspace;
@@ -96,7 +96,7 @@ async fn add_release(c: &Client, dir: &std::path::Path, version: &str) -> (Strin
         url: None,
         sha256: None,
         size: None,
-        kind: Kind::Full,
+        kind: ReleaseKindArg::Full,
         signature: None,
     };
     let out = remote::release_add(c, &add, false, true).await.unwrap();
@@ -235,7 +235,7 @@ async fn tasks_releases_and_nodes_through_the_cli() {
         id: id.clone(),
         reason: Some("maintenance freeze".into()),
     };
-    let paused = remote::control(&c, Action::Pause, &reason, false)
+    let paused = remote::control(&c, TaskAction::Pause, &reason, false)
         .await
         .unwrap();
     assert!(paused.contains("paused (maintenance freeze)"), "{paused}");
@@ -251,16 +251,16 @@ async fn tasks_releases_and_nodes_through_the_cli() {
         id: id.clone(),
         reason: None,
     };
-    let resumed = remote::control(&c, Action::Resume, &plain, false)
+    let resumed = remote::control(&c, TaskAction::Resume, &plain, false)
         .await
         .unwrap();
     assert!(resumed.contains(": running"), "{resumed}");
     // Resuming a running task is refused with the engine's reason.
-    let refused = c.control(&id, Action::Resume, None).await.unwrap_err();
+    let refused = c.control(&id, TaskAction::Resume, None).await.unwrap_err();
     assert_eq!(refused.status(), Some(409), "{refused}");
 
     // Cancel; watch ends at once on a final state, with each wave's progress.
-    let cancelled = remote::control(&c, Action::Cancel, &plain, true)
+    let cancelled = remote::control(&c, TaskAction::Cancel, &plain, true)
         .await
         .unwrap();
     let cancelled: serde_json::Value = serde_json::from_str(&cancelled).unwrap();
@@ -452,7 +452,7 @@ async fn watch_follows_a_rollout_to_success_then_rollback() {
     // An operator rollback of the succeeded task.
     let rb = remote::control(
         &c,
-        Action::Rollback,
+        TaskAction::Rollback,
         &ControlArgs {
             id: task.id.clone(),
             reason: Some("bad release".into()),

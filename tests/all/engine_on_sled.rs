@@ -1,7 +1,7 @@
 //! The engine over the durable store: what it holds in memory and what sled
 //! reads back agree at every step, and across an engine dropped mid-rollout.
 
-use flotilla_engine::sim::{self, Agents, Outcome, Sim};
+use flotilla_engine::sim::{self, AgentOutcome, Agents, Sim};
 use flotilla_engine::store::Store;
 use flotilla_engine::{Engine, PolicySource};
 use flotilla_model::{Node, TaskSpec};
@@ -81,7 +81,7 @@ fn a_big_task_on_sled_reads_back_as_the_engine_holds_it_at_every_step() {
     // Some nodes fail (and roll back), the rest succeed.
     let mut agents = Agents::default();
     for i in (25..700).step_by(50) {
-        agents.nodes.insert(format!("n{i:03}"), Outcome::Fail);
+        agents.nodes.insert(format!("n{i:03}"), AgentOutcome::Fail);
     }
     let mut engine = new_engine();
     let task = engine

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// A call to the runner that did not work out.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum RunnerClientError {
     #[error("`{0}` is not a usable server URL: give one like http://127.0.0.1:7878")]
     BadUrl(String),
     /// A CA file or client certificate that cannot be used.
@@ -67,11 +67,11 @@ fn tls_hint(e: &reqwest::Error) -> &'static str {
 /// between) asking for more must not park the agent for good.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-impl ClientError {
+impl RunnerClientError {
     /// How long the runner asked to wait before the next try, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ClientError::Status { retry_after, .. } => *retry_after,
+            RunnerClientError::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -80,8 +80,8 @@ impl ClientError {
     /// request the runner will keep refusing.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable(_) => true,
-            ClientError::Status { status, .. } | ClientError::Download { status } => {
+            RunnerClientError::Unreachable(_) => true,
+            RunnerClientError::Status { status, .. } | RunnerClientError::Download { status } => {
                 status.is_server_error()
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
@@ -104,23 +104,26 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    fn apply(&self, mut b: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, ClientError> {
+    fn apply(
+        &self,
+        mut b: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, RunnerClientError> {
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).map_err(|e| {
-                ClientError::Tls(format!("cannot read the {what} {}: {e}", p.display()))
+                RunnerClientError::Tls(format!("cannot read the {what} {}: {e}", p.display()))
             })
         };
         if let Some(ca) = &self.ca_file {
             let certs = reqwest::Certificate::from_pem_bundle(&read(ca, "CA file (--ca-file)")?)
                 .map_err(|e| {
-                    ClientError::Tls(format!(
+                    RunnerClientError::Tls(format!(
                         "the CA file (--ca-file) {} is not PEM certificates: {}",
                         ca.display(),
                         chain(&e)
                     ))
                 })?;
             if certs.is_empty() {
-                return Err(ClientError::Tls(format!(
+                return Err(RunnerClientError::Tls(format!(
                     "the CA file (--ca-file) {} holds no certificate",
                     ca.display()
                 )));
@@ -136,7 +139,7 @@ impl ClientTls {
                 pem.push(b'\n');
                 pem.extend(read(key, "client key (--client-key)")?);
                 let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    ClientError::Tls(format!(
+                    RunnerClientError::Tls(format!(
                         "the client certificate {} and key {} are not a usable PEM pair: {}",
                         cert.display(),
                         key.display(),
@@ -146,7 +149,7 @@ impl ClientTls {
                 b = b.identity(id);
             }
             _ => {
-                return Err(ClientError::Tls(
+                return Err(RunnerClientError::Tls(
                     "--client-cert and --client-key go together: give both or neither".into(),
                 ));
             }
@@ -163,15 +166,16 @@ pub struct RunnerClient {
 }
 
 impl RunnerClient {
-    pub fn new(server: &str, node: &str) -> Result<Self, ClientError> {
+    pub fn new(server: &str, node: &str) -> Result<Self, RunnerClientError> {
         Self::with_tls(server, node, &ClientTls::default())
     }
 
     /// [`RunnerClient::new`] with a private CA and/or a client certificate.
-    pub fn with_tls(server: &str, node: &str, tls: &ClientTls) -> Result<Self, ClientError> {
-        let mut server = Url::parse(server).map_err(|_| ClientError::BadUrl(server.to_string()))?;
+    pub fn with_tls(server: &str, node: &str, tls: &ClientTls) -> Result<Self, RunnerClientError> {
+        let mut server =
+            Url::parse(server).map_err(|_| RunnerClientError::BadUrl(server.to_string()))?;
         if !matches!(server.scheme(), "http" | "https") || server.cannot_be_a_base() {
-            return Err(ClientError::BadUrl(server.to_string()));
+            return Err(RunnerClientError::BadUrl(server.to_string()));
         }
         // Routes are joined below the given path, so `http://h/base` works too.
         if !server.path().ends_with('/') {
@@ -188,7 +192,7 @@ impl RunnerClient {
             .pool_idle_timeout(Duration::from_secs(20))
             .user_agent(concat!("flotilla-agent/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(ClientError::Unreachable)?;
+            .map_err(RunnerClientError::Unreachable)?;
         Ok(Self {
             http,
             server,
@@ -219,7 +223,7 @@ impl RunnerClient {
     }
 
     /// An artifact URL: absolute, or a path on the runner.
-    pub fn resolve(&self, url: &str) -> Result<Url, ClientError> {
+    pub fn resolve(&self, url: &str) -> Result<Url, RunnerClientError> {
         if url.starts_with('/') {
             let mut u = self.server.clone();
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
@@ -231,7 +235,7 @@ impl RunnerClient {
             u.set_query((!query.is_empty()).then_some(query));
             Ok(u)
         } else {
-            Url::parse(url).map_err(|_| ClientError::BadUrl(url.to_string()))
+            Url::parse(url).map_err(|_| RunnerClientError::BadUrl(url.to_string()))
         }
     }
 
@@ -246,8 +250,8 @@ impl RunnerClient {
         &self,
         what: &'static str,
         req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(ClientError::Unreachable)?;
+    ) -> Result<reqwest::Response, RunnerClientError> {
+        let resp = req.send().await.map_err(RunnerClientError::Unreachable)?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -262,9 +266,9 @@ impl RunnerClient {
         let body = resp.text().await.unwrap_or_default();
         let body: String = body.chars().take(500).collect();
         Err(match status {
-            StatusCode::UNAUTHORIZED if what != "enroll" => ClientError::Unauthorized,
-            StatusCode::CONFLICT if what == "report" => ClientError::Refused(body),
-            _ => ClientError::Status {
+            StatusCode::UNAUTHORIZED if what != "enroll" => RunnerClientError::Unauthorized,
+            StatusCode::CONFLICT if what == "report" => RunnerClientError::Refused(body),
+            _ => RunnerClientError::Status {
                 what,
                 status,
                 body,
@@ -273,17 +277,17 @@ impl RunnerClient {
         })
     }
 
-    pub async fn enroll(&self, enroll: &Enroll) -> Result<Enrolled, ClientError> {
+    pub async fn enroll(&self, enroll: &Enroll) -> Result<Enrolled, RunnerClientError> {
         let req = self
             .http
             .post(self.url(&["v1", "agents", "enroll"]))
             .timeout(Duration::from_secs(30))
             .json(enroll);
         let resp = self.send("enroll", req).await?;
-        resp.json().await.map_err(ClientError::Unreachable)
+        resp.json().await.map_err(RunnerClientError::Unreachable)
     }
 
-    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), ClientError> {
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<(), RunnerClientError> {
         let req = self
             .http
             .post(self.node_url("heartbeat"))
@@ -293,7 +297,7 @@ impl RunnerClient {
     }
 
     /// Push: waits up to `wait` seconds for work.
-    pub async fn work(&self, wait: u64) -> Result<Option<Work>, ClientError> {
+    pub async fn work(&self, wait: u64) -> Result<Option<Work>, RunnerClientError> {
         let wait = wait.min(MAX_WAIT_SECONDS);
         let mut url = self.node_url("work");
         url.query_pairs_mut().append_pair("wait", &wait.to_string());
@@ -303,7 +307,7 @@ impl RunnerClient {
     }
 
     /// Pull: asks for the node's next upgrade.
-    pub async fn request(&self) -> Result<Option<Work>, ClientError> {
+    pub async fn request(&self) -> Result<Option<Work>, RunnerClientError> {
         let req = self
             .http
             .post(self.node_url("request"))
@@ -312,17 +316,17 @@ impl RunnerClient {
         Self::work_body(resp).await
     }
 
-    async fn work_body(resp: reqwest::Response) -> Result<Option<Work>, ClientError> {
+    async fn work_body(resp: reqwest::Response) -> Result<Option<Work>, RunnerClientError> {
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
         resp.json()
             .await
             .map(Some)
-            .map_err(ClientError::Unreachable)
+            .map_err(RunnerClientError::Unreachable)
     }
 
-    pub async fn report(&self, report: &Report) -> Result<(), ClientError> {
+    pub async fn report(&self, report: &Report) -> Result<(), RunnerClientError> {
         let req = self
             .http
             .post(self.node_url("report"))
@@ -333,7 +337,11 @@ impl RunnerClient {
 
     /// Starts an artifact download at byte `offset`. The node token goes
     /// along only when the artifact is on the runner itself.
-    pub async fn artifact(&self, url: &Url, offset: u64) -> Result<reqwest::Response, ClientError> {
+    pub async fn artifact(
+        &self,
+        url: &Url,
+        offset: u64,
+    ) -> Result<reqwest::Response, RunnerClientError> {
         let mut req = self.http.get(url.clone());
         if offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
@@ -341,15 +349,15 @@ impl RunnerClient {
         if url.origin() == self.server.origin() {
             req = self.authed(req);
         }
-        let resp = req.send().await.map_err(ClientError::Unreachable)?;
+        let resp = req.send().await.map_err(RunnerClientError::Unreachable)?;
         let status = resp.status();
         if status.is_success() || status == StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
         }
         // The body is not read at all: dropping the response closes it.
         Err(match status {
-            StatusCode::UNAUTHORIZED => ClientError::Unauthorized,
-            _ => ClientError::Download { status },
+            StatusCode::UNAUTHORIZED => RunnerClientError::Unauthorized,
+            _ => RunnerClientError::Download { status },
         })
     }
 }
@@ -379,7 +387,7 @@ mod tests {
         );
         assert!(matches!(
             RunnerClient::new("not a url", "n"),
-            Err(ClientError::BadUrl(_))
+            Err(RunnerClientError::BadUrl(_))
         ));
     }
 }

@@ -15,7 +15,7 @@ pub mod verify;
 #[cfg(test)]
 mod testserver;
 
-use client::{ClientError, RunnerClient};
+use client::{RunnerClient, RunnerClientError};
 use flotilla_model::protocol::{Enroll, Heartbeat, MAX_WAIT_SECONDS, Report, Work};
 use releases::{ReleaseError, ReleaseStore};
 use std::future::Future;
@@ -56,7 +56,7 @@ pub enum AgentError {
     #[error(transparent)]
     Release(#[from] ReleaseError),
     #[error(transparent)]
-    RunnerClient(#[from] ClientError),
+    RunnerClient(#[from] RunnerClientError),
     #[error(
         "the runner wants an enrollment secret and the node has none: pass --enroll-secret, set FLOTILLA_ENROLL_SECRET or `enroll_secret` in the config file"
     )]
@@ -68,12 +68,12 @@ pub enum AgentError {
 }
 
 /// What to do about a refused enrollment, by the runner's answer.
-fn enroll_hint(e: &ClientError) -> &'static str {
+fn enroll_hint(e: &RunnerClientError) -> &'static str {
     match e {
-        ClientError::Status { status, .. } if status.as_u16() == 403 => {
+        RunnerClientError::Status { status, .. } if status.as_u16() == 403 => {
             "with mutual TLS the client certificate must name this node (its CN is the node id): check --client-cert"
         }
-        ClientError::Status { status, .. } if status.as_u16() == 409 => {
+        RunnerClientError::Status { status, .. } if status.as_u16() == 409 => {
             "this node id is enrolled already: keep its token in the state dir, or allow a re-enrollment with `flotilla node reenroll ID` (or a node token)"
         }
         _ => "check the enrollment secret",
@@ -265,8 +265,8 @@ impl Agent {
     }
 
     /// A 401 means the token is gone on the runner's side: forget it.
-    fn on_error(&self, e: &ClientError) {
-        if matches!(e, ClientError::Unauthorized) {
+    fn on_error(&self, e: &RunnerClientError) {
+        if matches!(e, RunnerClientError::Unauthorized) {
             self.client.set_token(None);
             let _ = std::fs::remove_file(self.config.state_dir.join("token"));
         }
@@ -442,12 +442,12 @@ impl Agent {
             }
             match self.client.report(report).await {
                 Ok(()) => return Delivery::Taken,
-                Err(ClientError::Refused(why)) => {
+                Err(RunnerClientError::Refused(why)) => {
                     tracing::warn!(task = report.task, why, "the runner refused the report");
                     return Delivery::Refused;
                 }
                 // A 4xx other than 401 will not change by sending it again.
-                Err(e) if !e.is_transient() && !matches!(e, ClientError::Unauthorized) => {
+                Err(e) if !e.is_transient() && !matches!(e, RunnerClientError::Unauthorized) => {
                     tracing::error!(task = report.task, error = %e, "the runner rejected the report");
                     return Delivery::Refused;
                 }
@@ -545,7 +545,7 @@ mod tests {
     #[test]
     fn a_refused_enrollment_says_what_to_check_by_the_answer() {
         let refused = |code: u16| {
-            enroll_hint(&ClientError::Status {
+            enroll_hint(&RunnerClientError::Status {
                 what: "enroll",
                 status: reqwest::StatusCode::from_u16(code).unwrap(),
                 body: String::new(),

@@ -4,7 +4,7 @@
 //! trial). A failure after the switch restores the previous release from its
 //! backup. Progress goes out on a channel; the outcome is the returned report.
 
-use super::client::{ClientError, RunnerClient};
+use super::client::{RunnerClient, RunnerClientError};
 use super::journal::{Action, Entry, WorkJournal};
 use super::releases::{ReleaseError, ReleaseStore, UnpackLimits, check_version};
 use super::verify::{TrustedKeys, VerifyError};
@@ -858,7 +858,7 @@ async fn fetch(
     let mut resp = match client.artifact(url, offset).await {
         Ok(r) => r,
         Err(e) if e.is_transient() => return Err(Fetch::Retry(e.to_string())),
-        Err(ClientError::Unauthorized) => {
+        Err(RunnerClientError::Unauthorized) => {
             return Err(Fetch::Retry("the runner refused the node token".into()));
         }
         Err(e) => return Err(Fetch::Refused(e.to_string())),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// A `trusted_keys` entry that is no key.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub enum TrustedKeyError {
     #[error(
         "trusted key {entry:?} is neither a minisign public key (the base64 line of a .pub file) nor a readable .pub file: {source}"
     )]
@@ -110,22 +110,24 @@ impl std::fmt::Debug for Prechecked {
 impl TrustedKeys {
     /// Each entry is a public key's base64 line (the second line of a
     /// minisign `.pub` file) or the path of such a file.
-    pub fn load(entries: &[String]) -> Result<TrustedKeys, KeyError> {
+    pub fn load(entries: &[String]) -> Result<TrustedKeys, TrustedKeyError> {
         let mut keys = Vec::with_capacity(entries.len());
         for entry in entries {
             let entry = entry.trim();
             let (line, key) = match PublicKey::from_base64(entry) {
                 Ok(key) => (entry.to_string(), key),
                 Err(_) => {
-                    let text =
-                        std::fs::read_to_string(entry).map_err(|source| KeyError::Unreadable {
+                    let text = std::fs::read_to_string(entry).map_err(|source| {
+                        TrustedKeyError::Unreadable {
+                            entry: entry.to_string(),
+                            source,
+                        }
+                    })?;
+                    let key =
+                        PublicKey::decode(&text).map_err(|source| TrustedKeyError::NotAKey {
                             entry: entry.to_string(),
                             source,
                         })?;
-                    let key = PublicKey::decode(&text).map_err(|source| KeyError::NotAKey {
-                        entry: entry.to_string(),
-                        source,
-                    })?;
                     (text.lines().nth(1).unwrap_or_default().to_string(), key)
                 }
             };
@@ -377,7 +379,7 @@ pub(crate) mod tests {
     #[test]
     fn a_key_that_is_neither_a_key_nor_a_file_is_an_error() {
         let err = TrustedKeys::load(&["RWQnot-a-key".into()]).unwrap_err();
-        assert!(matches!(err, KeyError::Unreadable { .. }), "{err}");
+        assert!(matches!(err, TrustedKeyError::Unreadable { .. }), "{err}");
         let err = err.to_string();
         assert!(err.contains("neither a minisign public key"), "{err}");
     }

@@ -59,7 +59,7 @@ pub struct Page<T> {
 
 /// A task as `GET /v1/tasks` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskSummary {
+pub struct TaskListing {
     pub id: String,
     pub name: String,
     pub package: String,
@@ -185,7 +185,7 @@ pub struct NewToken {
 
 /// An operator action on a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub enum TaskAction {
     Pause,
     Resume,
     Promote,
@@ -193,14 +193,14 @@ pub enum Action {
     Rollback,
 }
 
-impl Action {
+impl TaskAction {
     pub fn as_str(self) -> &'static str {
         match self {
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-            Action::Promote => "promote",
-            Action::Cancel => "cancel",
-            Action::Rollback => "rollback",
+            TaskAction::Pause => "pause",
+            TaskAction::Resume => "resume",
+            TaskAction::Promote => "promote",
+            TaskAction::Cancel => "cancel",
+            TaskAction::Rollback => "rollback",
         }
     }
 }
@@ -368,7 +368,7 @@ impl Client {
     }
 
     /// Tasks, optionally only those in `state` (`running`, `paused`, ...).
-    pub async fn tasks(&self, state: Option<&str>) -> Result<Vec<TaskSummary>, ClientError> {
+    pub async fn tasks(&self, state: Option<&str>) -> Result<Vec<TaskListing>, ClientError> {
         let mut req = self.request(reqwest::Method::GET, "/v1/tasks");
         if let Some(s) = state {
             req = req.query(&[("state", s)]);
@@ -437,7 +437,7 @@ impl Client {
     pub async fn control(
         &self,
         id: &str,
-        action: Action,
+        action: TaskAction,
         reason: Option<&str>,
     ) -> Result<Task, ClientError> {
         let body = serde_json::json!({ "reason": reason.unwrap_or_default() });

@@ -5,7 +5,7 @@
 //! result carries a readable diff of expected against actual.
 //! `flotilla policy test` and `flotilla_sdk::testing` are thin shells over this.
 
-use crate::sim::{self, Change, Outcome, Random, Sim};
+use crate::sim::{self, AgentOutcome, Change, Random, Sim};
 use crate::store::MemoryStore;
 use crate::{Engine, EngineError, PolicySource};
 use flotilla_model::{Event, Node, Release, RunState, TaskSpec, TaskState};
@@ -63,7 +63,7 @@ impl<'de> Deserialize<'de> for Span {
 
 /// One outcome, or one per attempt (`[fail, succeed]`: fails, then a retry succeeds).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outcomes(pub Vec<Outcome>);
+pub struct Outcomes(pub Vec<AgentOutcome>);
 
 impl<'de> Deserialize<'de> for Outcomes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -76,7 +76,7 @@ impl<'de> Deserialize<'de> for Outcomes {
                 )
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Outcomes, E> {
-                Outcome::deserialize(serde::de::value::StrDeserializer::<E>::new(s))
+                AgentOutcome::deserialize(serde::de::value::StrDeserializer::<E>::new(s))
                     .map(|o| Outcomes(vec![o]))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for Outcomes {
                 mut seq: A,
             ) -> Result<Outcomes, A::Error> {
                 let mut out = Vec::new();
-                while let Some(o) = seq.next_element::<Outcome>()? {
+                while let Some(o) = seq.next_element::<AgentOutcome>()? {
                     out.push(o);
                 }
                 if out.is_empty() {
@@ -149,7 +149,7 @@ impl Generate {
 pub struct AgentsSpec {
     /// The outcome of nodes not listed (default: succeed).
     #[serde(default)]
-    pub default: Outcome,
+    pub default: AgentOutcome,
     /// Per node: an outcome, or a list with one per attempt (the last repeats).
     #[serde(default)]
     pub nodes: BTreeMap<String, Outcomes>,
@@ -551,7 +551,7 @@ impl Scenario {
     }
 
     /// Runs the scenario against the policy it names, or `policy` instead.
-    pub fn run(&self, runtime: &WasmRuntime, policy: Option<&Path>) -> Report {
+    pub fn run(&self, runtime: &WasmRuntime, policy: Option<&Path>) -> ScenarioReport {
         let path = policy
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.policy_path());
@@ -562,13 +562,13 @@ impl Scenario {
     }
 
     /// The report of this scenario when it could not run.
-    pub fn run_failed(&self, policy: &Path, error: String) -> Report {
-        Report::could_not_run(&self.name, &self.path, policy, error)
+    pub fn run_failed(&self, policy: &Path, error: String) -> ScenarioReport {
+        ScenarioReport::could_not_run(&self.name, &self.path, policy, error)
     }
 
     /// Runs the scenario with policies from `source` (`policy` is only the
     /// name shown in the report).
-    pub fn run_with(&self, policy: &Path, source: Arc<dyn PolicySource>) -> Report {
+    pub fn run_with(&self, policy: &Path, source: Arc<dyn PolicySource>) -> ScenarioReport {
         match self.simulate(source) {
             Ok(actual) => self.compare(policy, actual),
             Err(e) => self.run_failed(policy, e.to_string()),
@@ -786,7 +786,7 @@ impl Scenario {
         }
     }
 
-    fn compare(&self, policy: &Path, actual: Actual) -> Report {
+    fn compare(&self, policy: &Path, actual: Actual) -> ScenarioReport {
         let mut lines = Lines::default();
         let expects = std::iter::once(&self.file.expect)
             .chain(self.file.more_tasks.iter().map(|m| &m.expect));
@@ -809,7 +809,7 @@ impl Scenario {
                 .header("expected", "actual")
                 .to_string()
         };
-        Report {
+        ScenarioReport {
             name: self.name.clone(),
             path: self.path.clone(),
             policy: policy.to_path_buf(),
@@ -987,7 +987,7 @@ pub struct Mismatch {
 
 /// The result of running one scenario.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct ScenarioReport {
     pub name: String,
     pub path: PathBuf,
     pub policy: PathBuf,
@@ -1006,11 +1006,11 @@ pub struct Report {
     pub timeline: Vec<String>,
 }
 
-impl Report {
+impl ScenarioReport {
     /// A scenario that could not run: it does not parse, its policy does not
     /// load, or the engine refused its task.
-    pub fn could_not_run(name: &str, path: &Path, policy: &Path, error: String) -> Report {
-        Report {
+    pub fn could_not_run(name: &str, path: &Path, policy: &Path, error: String) -> ScenarioReport {
+        ScenarioReport {
             name: name.to_string(),
             path: path.to_path_buf(),
             policy: policy.to_path_buf(),
@@ -1179,7 +1179,7 @@ expect:
         assert_eq!(s.name, "case");
         assert_eq!(s.policy_path(), Path::new("/tmp/s/../p.rhai"));
         assert_eq!(s.file.task.node_timeout_seconds, 300);
-        assert_eq!(s.file.agents.default, Outcome::Succeed);
+        assert_eq!(s.file.agents.default, AgentOutcome::Succeed);
     }
 
     #[test]
@@ -1286,10 +1286,10 @@ expect:
             "{MINIMAL}agents:\n  latency: 30s\n  nodes:\n    n1: fail\n    n2: [fail, succeed]\n"
         ))
         .unwrap();
-        assert_eq!(s.file.agents.nodes["n1"].0, vec![Outcome::Fail]);
+        assert_eq!(s.file.agents.nodes["n1"].0, vec![AgentOutcome::Fail]);
         assert_eq!(
             s.file.agents.nodes["n2"].0,
-            vec![Outcome::Fail, Outcome::Succeed]
+            vec![AgentOutcome::Fail, AgentOutcome::Succeed]
         );
         assert_eq!(s.file.agents.latency.ms(), 30_000);
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// What a simulated agent does with a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum Outcome {
+pub enum AgentOutcome {
     #[default]
     Succeed,
     /// The install fails and the agent restores the previous release.
@@ -79,23 +79,23 @@ impl Random {
         Ok(())
     }
 
-    fn draw(&self, node: &str, attempt: u32) -> Outcome {
+    fn draw(&self, node: &str, attempt: u32) -> AgentOutcome {
         let mut rng = fastrand::Rng::with_seed(self.seed ^ fnv1a(node) ^ u64::from(attempt));
         let x = rng.f64();
         let mut edge = 0.0;
         for (p, outcome) in [
-            (self.fail, Outcome::Fail),
-            (self.rollback_fails, Outcome::RollbackFails),
-            (self.reject, Outcome::Reject),
-            (self.silent, Outcome::Silent),
-            (self.hang, Outcome::Hang),
+            (self.fail, AgentOutcome::Fail),
+            (self.rollback_fails, AgentOutcome::RollbackFails),
+            (self.reject, AgentOutcome::Reject),
+            (self.silent, AgentOutcome::Silent),
+            (self.hang, AgentOutcome::Hang),
         ] {
             edge += p;
             if x < edge {
                 return outcome;
             }
         }
-        Outcome::Succeed
+        AgentOutcome::Succeed
     }
 }
 
@@ -113,13 +113,13 @@ fn fnv1a(s: &str) -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct Agents {
     #[serde(default)]
-    pub default: Outcome,
+    pub default: AgentOutcome,
     #[serde(default)]
-    pub nodes: BTreeMap<String, Outcome>,
+    pub nodes: BTreeMap<String, AgentOutcome>,
     /// Outcomes per attempt: the first delivery gets the first, a retry the
     /// next, and the last one repeats. Wins over `nodes`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub attempts: BTreeMap<String, Vec<Outcome>>,
+    pub attempts: BTreeMap<String, Vec<AgentOutcome>>,
     /// Draws the outcome of nodes not in `nodes`/`attempts` (instead of `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub random: Option<Random>,
@@ -138,7 +138,7 @@ fn is_zero(n: &u64) -> bool {
 
 impl Agents {
     /// The outcome of `node`'s `attempt`-th delivery (from 1).
-    pub fn outcome(&self, node: &str, attempt: u32) -> Outcome {
+    pub fn outcome(&self, node: &str, attempt: u32) -> AgentOutcome {
         if let Some(script) = self.attempts.get(node).filter(|s| !s.is_empty()) {
             let i = (attempt.max(1) as usize - 1).min(script.len() - 1);
             return script[i];
@@ -356,7 +356,7 @@ impl Sim {
                     *attempt
                 };
                 let events = match self.agents.outcome(&node, attempt) {
-                    Outcome::Succeed => vec![
+                    AgentOutcome::Succeed => vec![
                         RunEvent::Downloading,
                         RunEvent::Upgrading,
                         RunEvent::Verifying,
@@ -364,7 +364,7 @@ impl Sim {
                     ],
                     // As the agent: without a backup there is nothing to
                     // put back, and the node is left on the new release.
-                    Outcome::Fail if backup == Backup::None => vec![
+                    AgentOutcome::Fail if backup == Backup::None => vec![
                         RunEvent::Downloading,
                         RunEvent::Upgrading,
                         RunEvent::FailedRollbackFailed {
@@ -373,25 +373,25 @@ impl Sim {
                             ),
                         },
                     ],
-                    Outcome::Fail => vec![
+                    AgentOutcome::Fail => vec![
                         RunEvent::Downloading,
                         RunEvent::Upgrading,
                         RunEvent::FailedRolledBack {
                             error: "install failed (simulated)".into(),
                         },
                     ],
-                    Outcome::RollbackFails => vec![
+                    AgentOutcome::RollbackFails => vec![
                         RunEvent::Downloading,
                         RunEvent::Upgrading,
                         RunEvent::FailedRollbackFailed {
                             error: "install and restore failed (simulated)".into(),
                         },
                     ],
-                    Outcome::Reject => vec![RunEvent::Rejected {
+                    AgentOutcome::Reject => vec![RunEvent::Rejected {
                         reason: "declined by the device (simulated)".into(),
                     }],
-                    Outcome::Silent => vec![],
-                    Outcome::Hang => vec![RunEvent::Downloading],
+                    AgentOutcome::Silent => vec![],
+                    AgentOutcome::Hang => vec![RunEvent::Downloading],
                 };
                 self.pending
                     .push((now + self.agents.latency_ms, node, events));
@@ -583,12 +583,12 @@ mod tests {
             }),
             ..Default::default()
         };
-        let draw = |a: &Agents| -> Vec<Outcome> {
+        let draw = |a: &Agents| -> Vec<AgentOutcome> {
             (0..1000).map(|i| a.outcome(&format!("n{i}"), 1)).collect()
         };
         let first = draw(&agents);
         assert_eq!(first, draw(&agents), "same seed, same outcomes");
-        let fails = first.iter().filter(|o| **o == Outcome::Fail).count();
+        let fails = first.iter().filter(|o| **o == AgentOutcome::Fail).count();
         assert!((150..250).contains(&fails), "about 20% fail, got {fails}");
         let mut other = agents.clone();
         other.random.as_mut().unwrap().seed = 8;
@@ -600,12 +600,12 @@ mod tests {
         let mut agents = Agents::default();
         agents
             .attempts
-            .insert("n1".into(), vec![Outcome::Fail, Outcome::Succeed]);
-        agents.nodes.insert("n1".into(), Outcome::Hang);
-        assert_eq!(agents.outcome("n1", 1), Outcome::Fail);
-        assert_eq!(agents.outcome("n1", 2), Outcome::Succeed);
-        assert_eq!(agents.outcome("n1", 5), Outcome::Succeed);
-        assert_eq!(agents.outcome("n2", 1), Outcome::Succeed);
+            .insert("n1".into(), vec![AgentOutcome::Fail, AgentOutcome::Succeed]);
+        agents.nodes.insert("n1".into(), AgentOutcome::Hang);
+        assert_eq!(agents.outcome("n1", 1), AgentOutcome::Fail);
+        assert_eq!(agents.outcome("n1", 2), AgentOutcome::Succeed);
+        assert_eq!(agents.outcome("n1", 5), AgentOutcome::Succeed);
+        assert_eq!(agents.outcome("n2", 1), AgentOutcome::Succeed);
     }
 
     #[test]

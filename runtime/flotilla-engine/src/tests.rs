@@ -2,7 +2,7 @@
 //! virtual clock, with Rhai policies.
 
 use super::*;
-use crate::sim::{self, Agents, Outcome};
+use crate::sim::{self, AgentOutcome, Agents};
 use crate::store::MemoryStore;
 use flotilla_model::{Method, Node, Release, Selector};
 use flotilla_policy::world::{ManualClock, MemoryDelivery, MemoryFleet};
@@ -265,7 +265,7 @@ fn canary_pauses_below_the_minimum_then_resumes_and_aborts_above_it() {
         .unwrap();
     // The canary node fails: 1 finished < 5, so the task pauses for a person.
     let mut agents = Agents::default();
-    agents.nodes.insert("n000".into(), Outcome::Fail);
+    agents.nodes.insert("n000".into(), AgentOutcome::Fail);
     drive(&mut w, &agents);
     let t = w.engine.task(&task.id).unwrap();
     assert!(
@@ -278,8 +278,10 @@ fn canary_pauses_below_the_minimum_then_resumes_and_aborts_above_it() {
 
     // Resumed, wave "10%" (n001) runs; wave "50%" has two failures of 8 -> abort.
     w.engine.resume(&task.id).unwrap();
-    agents.nodes.insert("n003".into(), Outcome::RollbackFails);
-    agents.nodes.insert("n004".into(), Outcome::Silent);
+    agents
+        .nodes
+        .insert("n003".into(), AgentOutcome::RollbackFails);
+    agents.nodes.insert("n004".into(), AgentOutcome::Silent);
     drive(&mut w, &agents);
     let t = w.engine.task(&task.id).unwrap();
     assert!(
@@ -308,7 +310,7 @@ fn rollback_puts_the_previous_version_back_on_upgraded_nodes() {
     let mut w = world(fleet(4, "1.12"), &[("rb", policy)]);
     let task = w.engine.create(spec("rb", "rb", json!({}))).unwrap();
     let mut agents = Agents::default();
-    agents.nodes.insert("n003".into(), Outcome::Fail);
+    agents.nodes.insert("n003".into(), AgentOutcome::Fail);
     let timeline = sim::run(&mut w.engine, &w.clock, &agents, 1000, 3_600_000).unwrap();
     let t = w.engine.task(&task.id).unwrap();
     assert_eq!(t.state, TaskState::RolledBack);
@@ -487,8 +489,8 @@ fn silent_and_hanging_nodes_run_into_the_node_timeout() {
     s.node_timeout_seconds = 600;
     let task = w.engine.create(s).unwrap();
     let mut agents = Agents::default();
-    agents.nodes.insert("n000".into(), Outcome::Silent);
-    agents.nodes.insert("n001".into(), Outcome::Hang);
+    agents.nodes.insert("n000".into(), AgentOutcome::Silent);
+    agents.nodes.insert("n001".into(), AgentOutcome::Hang);
     drive(&mut w, &agents);
     let states = sim::states(&w.engine, &task.id).unwrap();
     assert_eq!(states["n000"], "unknown");
@@ -527,7 +529,7 @@ fn retry_failed_runs_failed_nodes_again_within_the_retries() {
     s.retries = 2;
     let task = w.engine.create(s).unwrap();
     let mut agents = Agents::default();
-    agents.nodes.insert("n001".into(), Outcome::Fail);
+    agents.nodes.insert("n001".into(), AgentOutcome::Fail);
     drive(&mut w, &agents);
     let runs = w.engine.runs(&task.id).unwrap();
     let failing = runs.iter().find(|r| r.node_id == "n001").unwrap();
@@ -763,7 +765,7 @@ fn a_resume_after_a_pause_verdict_still_waits_for_the_next_waves_approval() {
         ))
         .unwrap();
     let mut agents = Agents::default();
-    agents.nodes.insert("n000".into(), Outcome::Fail);
+    agents.nodes.insert("n000".into(), AgentOutcome::Fail);
     drive(&mut w, &agents);
     assert!(matches!(
         w.engine.task(&task.id).unwrap().state,
@@ -808,7 +810,7 @@ fn policies_read_the_task_status_and_earlier_outcomes() {
     let mut w = world(fleet(4, "1.12"), &[("status", STATUS_READER)]);
     // An earlier task in which n002 failed.
     let mut agents = Agents::default();
-    agents.nodes.insert("n002".into(), Outcome::Fail);
+    agents.nodes.insert("n002".into(), AgentOutcome::Fail);
     let first = w
         .engine
         .create(spec("first", "default", json!({})))
@@ -828,7 +830,7 @@ fn policies_read_the_task_status_and_earlier_outcomes() {
         .create(spec("second", "status", json!({})))
         .unwrap();
     let mut agents = Agents::default();
-    agents.nodes.insert("n000".into(), Outcome::Fail);
+    agents.nodes.insert("n000".into(), AgentOutcome::Fail);
     drive(&mut w, &agents);
     let t = w.engine.task(&task.id).unwrap();
     assert_eq!(
@@ -1261,9 +1263,10 @@ fn retries_rerun_a_failed_node_on_their_own_after_a_backoff() {
     s.retries = 1;
     let task = w.engine.create(s).unwrap();
     let mut agents = Agents::default();
-    agents
-        .attempts
-        .insert("n001".into(), vec![Outcome::Fail, Outcome::Succeed]);
+    agents.attempts.insert(
+        "n001".into(),
+        vec![AgentOutcome::Fail, AgentOutcome::Succeed],
+    );
     drive(&mut w, &agents);
     let runs = w.engine.runs(&task.id).unwrap();
     let n001 = runs.iter().find(|r| r.node_id == "n001").unwrap();
@@ -1298,7 +1301,7 @@ fn retries_rerun_a_failed_node_on_their_own_after_a_backoff() {
 
     // Per failure kind: timed-out runs are not retried when `timed_out: 0`,
     // and the retries used up, `evaluate` sees the failure.
-    let per_kind = |outcome: Outcome| {
+    let per_kind = |outcome: AgentOutcome| {
         let mut w = world(fleet(2, "1.12"), &[("strict", seen)]);
         let mut s = spec("kinds", "strict", json!({}));
         s.retry = Some(flotilla_model::Retry {
@@ -1314,10 +1317,10 @@ fn retries_rerun_a_failed_node_on_their_own_after_a_backoff() {
         let n001 = runs.into_iter().find(|r| r.node_id == "n001").unwrap();
         (n001, w.engine.task(&task.id).unwrap().state)
     };
-    let (n001, state) = per_kind(Outcome::Fail);
+    let (n001, state) = per_kind(AgentOutcome::Fail);
     assert_eq!(n001.attempts, 3, "1 try + 2 retries");
     assert_eq!(state, TaskState::Failed("saw 1 failed".into()));
-    let (n001, _) = per_kind(Outcome::Hang);
+    let (n001, _) = per_kind(AgentOutcome::Hang);
     assert_eq!((n001.state.name(), n001.attempts), ("timed-out", 1));
 }
 

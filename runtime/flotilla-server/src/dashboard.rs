@@ -432,7 +432,7 @@ async fn policy_source(
 }
 
 /// Where a live stream stands.
-struct Live {
+struct LiveStream {
     state: Arc<AppState>,
     id: String,
     /// The last task view sent (its JSON).
@@ -448,7 +448,7 @@ struct Live {
     _place: LivePlace,
 }
 
-impl Live {
+impl LiveStream {
     /// Looks for a changed view and new events; queues what to send.
     async fn look(&mut self) -> Result<(), ApiError> {
         let id = self.id.clone();
@@ -523,7 +523,7 @@ async fn live(
     let caller = caller.map(|axum::Extension(c)| c.name).unwrap_or_default();
     let place = state.live_streams.take(&caller)?;
     let closing = state.closing.subscribe();
-    let live = Live {
+    let live = LiveStream {
         closing,
         state,
         id,

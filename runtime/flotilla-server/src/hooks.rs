@@ -99,7 +99,7 @@ pub struct HookRelease {
 
 /// What a payload says about the release's artifact.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Artifact {
+pub struct HookArtifact {
     pub url: String,
     pub sha256: String,
     pub size: u64,
@@ -151,7 +151,7 @@ impl HookRelease {
     }
 
     /// The artifact a payload names, or what is missing or wrong in it.
-    pub fn artifact(&self, payload: &Value) -> Result<Artifact, ApiError> {
+    pub fn artifact(&self, payload: &Value) -> Result<HookArtifact, ApiError> {
         let bad = |m: String| ApiError::unprocessable(m);
         let (url, sha256, size) = match &self.asset {
             Some(pattern) => {
@@ -227,7 +227,7 @@ impl HookRelease {
             .as_u64()
             .filter(|s| *s > 0)
             .ok_or_else(|| bad("the artifact's size is not a positive number".into()))?;
-        Ok(Artifact {
+        Ok(HookArtifact {
             url: url.to_string(),
             sha256: sha256.to_ascii_lowercase(),
             size,
@@ -692,7 +692,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             a,
-            Artifact {
+            HookArtifact {
                 url: "https://example.com/edge-2.0.0-arm64.tar.gz".into(),
                 sha256: "bb".into(),
                 size: 10

@@ -13,7 +13,7 @@ use minisign_verify::{PublicKey, Signature, StreamVerifier};
 
 /// A `release_keys` entry that is no key.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub enum PublicKeyError {
     #[error(
         "{entry:?} is neither a minisign public key (the base64 line of a .pub file) nor a readable .pub file: {source}"
     )]
@@ -36,7 +36,7 @@ pub enum KeyError {
 pub struct ReleaseKeyError {
     pub index: usize,
     #[source]
-    pub source: KeyError,
+    pub source: PublicKeyError,
 }
 
 /// Why a release's signature is refused. Every case is a refusal of the
@@ -72,17 +72,17 @@ pub struct ReleaseKeys {
 
 /// One `release_keys` (or agent `trusted_keys`) entry: a public key's
 /// base64 line, or the path of a minisign `.pub` file.
-pub fn load_key(entry: &str) -> Result<(String, PublicKey), KeyError> {
+pub fn load_key(entry: &str) -> Result<(String, PublicKey), PublicKeyError> {
     let entry = entry.trim();
     if let Ok(key) = PublicKey::from_base64(entry) {
         let id = public_key_id(entry).unwrap_or_default();
         return Ok((id, key));
     }
-    let text = std::fs::read_to_string(entry).map_err(|source| KeyError::Unreadable {
+    let text = std::fs::read_to_string(entry).map_err(|source| PublicKeyError::Unreadable {
         entry: entry.to_string(),
         source,
     })?;
-    let key = PublicKey::decode(&text).map_err(|source| KeyError::NotAKey {
+    let key = PublicKey::decode(&text).map_err(|source| PublicKeyError::NotAKey {
         entry: entry.to_string(),
         source,
     })?;

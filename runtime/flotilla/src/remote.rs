@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use flotilla_client::{
-    Action, Client, DEFAULT_SERVER, DryRun, NewRelease, NodeFilter, PolicyEntry, TaskView,
+    Client, DEFAULT_SERVER, DryRun, NewRelease, NodeFilter, PolicyEntry, TaskAction, TaskView,
 };
 use flotilla_model::ReleaseRecord;
 use flotilla_model::{Hook, Node, NodeRun, ReleaseKind, RunState, Task, TaskSpec, TaskState};
@@ -265,7 +265,7 @@ pub struct ReleaseSign {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Kind {
+pub enum ReleaseKindArg {
     Full,
     Patch,
 }
@@ -286,8 +286,8 @@ pub struct ReleaseAdd {
     pub sha256: Option<String>,
     #[arg(long, requires = "url")]
     pub size: Option<u64>,
-    #[arg(long, value_enum, default_value_t = Kind::Full)]
-    pub kind: Kind,
+    #[arg(long, value_enum, default_value_t = ReleaseKindArg::Full)]
+    pub kind: ReleaseKindArg,
     /// The artifact's minisign signature (a .minisig file, from
     /// `flotilla release sign` or `minisign -S -t ...`).
     #[arg(long, value_name = "FILE.minisig")]
@@ -346,11 +346,11 @@ pub fn run_task(args: TaskArgs) -> anyhow::Result<ExitCode> {
                 .await?;
                 String::new()
             }
-            TaskCommand::Pause(a) => control(&c, Action::Pause, &a, json).await?,
-            TaskCommand::Resume(a) => control(&c, Action::Resume, &a, json).await?,
-            TaskCommand::Promote(a) => control(&c, Action::Promote, &a, json).await?,
-            TaskCommand::Cancel(a) => control(&c, Action::Cancel, &a, json).await?,
-            TaskCommand::Rollback(a) => control(&c, Action::Rollback, &a, json).await?,
+            TaskCommand::Pause(a) => control(&c, TaskAction::Pause, &a, json).await?,
+            TaskCommand::Resume(a) => control(&c, TaskAction::Resume, &a, json).await?,
+            TaskCommand::Promote(a) => control(&c, TaskAction::Promote, &a, json).await?,
+            TaskCommand::Cancel(a) => control(&c, TaskAction::Cancel, &a, json).await?,
+            TaskCommand::Rollback(a) => control(&c, TaskAction::Rollback, &a, json).await?,
             TaskCommand::Watch { id, interval } => {
                 if !(0.05..=3600.0).contains(&interval) {
                     bail!("--interval must be between 0.05 and 3600 seconds");
@@ -917,7 +917,7 @@ pub async fn follow_events(
 /// `task pause|resume|promote|cancel|rollback`.
 pub async fn control(
     c: &Client,
-    action: Action,
+    action: TaskAction,
     args: &ControlArgs,
     json: bool,
 ) -> anyhow::Result<String> {
@@ -1263,8 +1263,8 @@ pub async fn release_add(
             package: add.package.clone(),
             version: add.version.clone(),
             kind: match add.kind {
-                Kind::Full => ReleaseKind::Full,
-                Kind::Patch => ReleaseKind::Patch,
+                ReleaseKindArg::Full => ReleaseKind::Full,
+                ReleaseKindArg::Patch => ReleaseKind::Patch,
             },
             url: add.url.clone(),
             sha256: add.sha256.clone(),

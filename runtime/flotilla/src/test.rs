@@ -4,7 +4,7 @@
 
 use anyhow::bail;
 use clap::Args;
-use flotilla_engine::scenario::{self, PolicyFile, Report, Scenario};
+use flotilla_engine::scenario::{self, PolicyFile, Scenario, ScenarioReport};
 use flotilla_policy::{PolicyError, WasmRuntime};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -65,7 +65,7 @@ pub fn run_to(args: TestArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     for file in &files {
         progress.set_message(file.display().to_string());
         let report = match Scenario::load(file) {
-            Err(e) => Report::could_not_run(
+            Err(e) => ScenarioReport::could_not_run(
                 &file.display().to_string(),
                 file,
                 args.policy.as_deref().unwrap_or(Path::new("")),
@@ -114,7 +114,7 @@ pub fn run_to(args: TestArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_one(out: &mut dyn Write, r: &Report, verbose: bool) {
+fn print_one(out: &mut dyn Write, r: &ScenarioReport, verbose: bool) {
     if r.passed {
         let _ = writeln!(out, "PASS {} ({})", r.name, r.path.display());
         return;
