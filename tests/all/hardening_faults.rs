@@ -526,3 +526,52 @@ async fn burst_of_reports(restart_broker: bool) {
     pump.abort();
     r.stop().await;
 }
+
+/// Issue 15, point 7: the runner's disk failing to store an upload is a
+/// fault (503 with `Retry-After`), not a refusal of the policy (422) nor a
+/// permanent error (500); nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_fault_storing_an_upload_answers_503_not_a_refusal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let h = crate::api::Harness::start(|c| c.data = data.clone()).await;
+    // The folders uploads are written to become files: every write fails.
+    for dir in ["policies", "artifacts"] {
+        let dir = data.join(dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, "").unwrap();
+    }
+
+    let script = std::fs::read(flotilla_tests::script("canary")).unwrap();
+    let res = h
+        .http
+        .put(h.url("/v1/policies/mine"))
+        .body(script)
+        .send()
+        .await
+        .unwrap();
+    assert_fault(&res, "a policy upload the disk cannot store");
+    let body: Value = res.json().await.unwrap();
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("could not store"), "{body}");
+    let (s, _) = h.get("/v1/policies/mine").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing stored");
+
+    let (s, r) = h
+        .post(
+            "/v1/releases",
+            json!({"package": "edge", "version": "1.0.0"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let res = h
+        .http
+        .put(h.url("/v1/releases/edge/1.0.0/artifact"))
+        .body(b"the release".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_fault(&res, "an artifact upload the disk cannot store");
+    let (s, _) = h.get("/v1/releases/edge/1.0.0/artifact").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "no artifact stored");
+}

@@ -603,9 +603,11 @@ pub async fn upload_artifact(
     let limit = state.config.max_upload_bytes as u64;
     let dir = state.inventory.artifacts_dir().to_path_buf();
     let tmp = dir.join(format!(".upload-{}", uuid_like()));
+    // The runner's disk failing to take the bytes is a fault (503), not a
+    // refusal of the artifact.
     let mut file = tokio::fs::File::create(&tmp)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store_fault)?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
@@ -624,9 +626,11 @@ pub async fn upload_artifact(
             if let Some(v) = verifier.as_mut() {
                 v.update(&chunk);
             }
-            file.write_all(&chunk).await.map_err(ApiError::internal)?;
+            file.write_all(&chunk)
+                .await
+                .map_err(ApiError::store_fault)?;
         }
-        file.sync_all().await.map_err(ApiError::internal)?;
+        file.sync_all().await.map_err(ApiError::store_fault)?;
         Ok(())
     }
     .await;
@@ -650,9 +654,10 @@ pub async fn upload_artifact(
             )));
         }
     }
-    tokio::fs::rename(&tmp, state.inventory.artifact_file(&sha))
-        .await
-        .map_err(ApiError::internal)?;
+    if let Err(e) = tokio::fs::rename(&tmp, state.inventory.artifact_file(&sha)).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(ApiError::store_fault(e));
+    }
     rec.sha256 = sha;
     rec.size = size;
     state.inventory.put_release(rec.clone())?;
@@ -737,8 +742,12 @@ async fn upload_policy(
         .map_err(ApiError::internal)?;
     match saved {
         Ok(l) => Ok((StatusCode::CREATED, Json(l)).into_response()),
-        Err(e) => Err(ApiError::unprocessable(e.to_string())
-            .hint("run `flotilla policy check FILE` locally for details")),
+        // The runner's disk, not the policy: a fault, worth sending again.
+        Err(e @ crate::inventory::SavePolicyError::Store { .. }) => Err(ApiError::store_fault(e)),
+        Err(crate::inventory::SavePolicyError::Invalid(e)) => {
+            Err(ApiError::unprocessable(e.to_string())
+                .hint("run `flotilla policy check FILE` locally for details"))
+        }
     }
 }
 

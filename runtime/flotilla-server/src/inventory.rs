@@ -504,6 +504,20 @@ pub struct PolicyListing {
     pub info: PolicyInfo,
 }
 
+/// Why an upload is not stored: the policy is refused, or the runner's
+/// disk failed to store it (a fault: sending it again later is right).
+#[derive(Debug, thiserror::Error)]
+pub enum SavePolicyError {
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+    #[error("policy {name}: storing the policy: {source}")]
+    Store {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Uploaded policies in `DATA/policies/NAME.{wasm,rhai}` and the built-in
 /// ones; an upload of a built-in name takes its place.
 pub struct PolicyDir {
@@ -694,20 +708,23 @@ impl PolicyDir {
     }
 
     /// Checks and stores a policy under `name`.
-    pub fn save(&self, name: &str, bytes: &[u8]) -> Result<PolicyListing, PolicyError> {
+    pub fn save(&self, name: &str, bytes: &[u8]) -> Result<PolicyListing, SavePolicyError> {
         flotilla_model::check_name("policy", name).map_err(|e| PolicyError::Load {
             policy: name.into(),
             reason: e.0,
         })?;
         let (kind, info) = self.check(name, bytes)?;
-        let io = |e: std::io::Error| PolicyError::Load {
-            policy: name.into(),
-            reason: format!("storing the policy: {e}"),
+        let io = |source| SavePolicyError::Store {
+            name: name.into(),
+            source,
         };
         let path = self.dir.join(format!("{name}.{kind}"));
         let tmp = self.dir.join(format!(".{name}.{kind}.tmp"));
         std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })?;
         let other = if kind == "wasm" { "rhai" } else { "wasm" };
         let _ = std::fs::remove_file(self.dir.join(format!("{name}.{other}")));
         Ok(PolicyListing {
