@@ -193,22 +193,56 @@ pub enum CommandError {
     },
 }
 
-/// Why a download produced no artifact.
-#[derive(Debug)]
-enum DownloadError {
-    /// The runner or the bytes are wrong; trying again will not help.
-    Refused(String),
-    /// Every attempt failed.
-    GaveUp(String),
+/// What went wrong with one download attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadProblem {
+    /// The runner's answer (or none): transient or not, see
+    /// [`RunnerClientError::is_transient`].
+    #[error(transparent)]
+    Runner(#[from] RunnerClientError),
+    #[error("the runner refused the node token")]
+    Unauthorized,
+    #[error("the server resumed at {start:?}, not at byte {offset}; starting over")]
+    BadResume { start: Option<u64>, offset: u64 },
+    #[error("the server refused the resume range; starting over")]
+    RangeRefused,
+    #[error("the server offers {offered} bytes, more than the release's size of {size}")]
+    Offers { offered: u64, size: u64 },
+    #[error("the server sent more than the release's size of {size} bytes")]
+    TooLong { size: u64 },
+    #[error("interrupted at byte {written}: {source}")]
+    Interrupted {
+        written: u64,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the body ended at byte {written} of {size}")]
+    Short { written: u64, size: u64 },
+    #[error(
+        "sha256 mismatch: expected {expected}, got {got}; the artifact is corrupt (check the release's sha256 on the runner)"
+    )]
+    Digest { expected: String, got: String },
 }
 
-impl std::fmt::Display for DownloadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DownloadError::Refused(s) => write!(f, "download refused: {s}"),
-            DownloadError::GaveUp(s) => write!(f, "download failed: {s}"),
-        }
-    }
+/// Why a download produced no artifact.
+#[derive(Debug, thiserror::Error)]
+enum DownloadError {
+    /// The runner or the bytes are wrong; trying again will not help.
+    #[error("download refused: {0}")]
+    Refused(#[source] DownloadProblem),
+    /// Every attempt failed.
+    #[error(
+        "download failed: {attempts} attempts, last: {}; the partial file is kept and resumed next time",
+        last.as_ref().map_or("no attempt made".to_string(), |e| e.to_string())
+    )]
+    GaveUp {
+        attempts: u32,
+        last: Option<DownloadProblem>,
+    },
+    /// The node's own disk (writing the partial file, reading it for its
+    /// digest): a fault of the node, not of the runner or the release.
+    #[error("download failed: {0}")]
+    Node(#[source] UpgradeError),
 }
 
 impl Upgrader {
@@ -789,11 +823,11 @@ impl Upgrader {
     ) -> Result<PathBuf, DownloadError> {
         let url = client
             .resolve(&artifact.url)
-            .map_err(|e| DownloadError::Refused(e.to_string()))?;
+            .map_err(|e| DownloadError::Refused(e.into()))?;
         let sha = artifact.sha256.to_ascii_lowercase();
         let part = self.store.downloads_dir().join(format!("{sha}.part"));
         let size = artifact.size;
-        let mut last = String::from("no attempt made");
+        let mut last: Option<DownloadProblem> = None;
         for attempt in 0..=self.steps.download_retries {
             if attempt > 0 {
                 let pause = self
@@ -801,7 +835,7 @@ impl Upgrader {
                     .retry_backoff
                     .saturating_mul(1 << (attempt - 1).min(16))
                     .min(Duration::from_secs(30));
-                tracing::info!(attempt, ?pause, error = last, "retrying the download");
+                tracing::info!(attempt, ?pause, error = ?last.as_ref().map(|e| e.to_string()), "retrying the download");
                 tokio::time::sleep(pause).await;
             }
             match fetch(client, &url, &part, size).await {
@@ -810,30 +844,33 @@ impl Upgrader {
                         let p = part.clone();
                         blocking(move || sha256_file(&p)).await
                     }
-                    .map_err(|e| DownloadError::GaveUp(e.to_string()))?;
+                    .map_err(DownloadError::Node)?;
                     if got != sha {
                         let _ = tokio::fs::remove_file(&part).await;
-                        return Err(DownloadError::Refused(format!(
-                            "sha256 mismatch: expected {sha}, got {got}; the artifact is corrupt \
-                             (check the release's sha256 on the runner)"
-                        )));
+                        return Err(DownloadError::Refused(DownloadProblem::Digest {
+                            expected: sha,
+                            got,
+                        }));
                     }
                     return Ok(part);
                 }
                 Err(Fetch::Refused(e)) => return Err(DownloadError::Refused(e)),
-                Err(Fetch::Retry(e)) => last = e,
+                Err(Fetch::Disk(e)) => return Err(DownloadError::Node(e)),
+                Err(Fetch::Retry(e)) => last = Some(e),
             }
         }
-        Err(DownloadError::GaveUp(format!(
-            "{} attempts, last: {last}; the partial file is kept and resumed next time",
-            self.steps.download_retries + 1
-        )))
+        Err(DownloadError::GaveUp {
+            attempts: self.steps.download_retries + 1,
+            last,
+        })
     }
 }
 
 enum Fetch {
-    Refused(String),
-    Retry(String),
+    Refused(DownloadProblem),
+    Retry(DownloadProblem),
+    /// Writing the partial file failed.
+    Disk(UpgradeError),
 }
 
 /// One download attempt: appends to `part` from where it ends.
@@ -843,7 +880,12 @@ async fn fetch(
     part: &Path,
     size: u64,
 ) -> Result<(), Fetch> {
-    let io = |e: std::io::Error| Fetch::Refused(format!("{}: {e}", part.display()));
+    let io = |source| {
+        Fetch::Disk(UpgradeError::Io {
+            path: part.to_path_buf(),
+            source,
+        })
+    };
     let mut offset = match tokio::fs::metadata(part).await {
         Ok(m) => m.len(),
         Err(_) => 0,
@@ -857,11 +899,11 @@ async fn fetch(
     }
     let mut resp = match client.artifact(url, offset).await {
         Ok(r) => r,
-        Err(e) if e.is_transient() => return Err(Fetch::Retry(e.to_string())),
+        Err(e) if e.is_transient() => return Err(Fetch::Retry(e.into())),
         Err(RunnerClientError::Unauthorized) => {
-            return Err(Fetch::Retry("the runner refused the node token".into()));
+            return Err(Fetch::Retry(DownloadProblem::Unauthorized));
         }
-        Err(e) => return Err(Fetch::Refused(e.to_string())),
+        Err(e) => return Err(Fetch::Refused(e.into())),
     };
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -880,16 +922,12 @@ async fn fetch(
                 .and_then(|v| v.parse::<u64>().ok());
             if start != Some(offset) {
                 file.set_len(0).await.map_err(io)?;
-                return Err(Fetch::Retry(format!(
-                    "the server resumed at {start:?}, not at byte {offset}; starting over"
-                )));
+                return Err(Fetch::Retry(DownloadProblem::BadResume { start, offset }));
             }
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
             file.set_len(0).await.map_err(io)?;
-            return Err(Fetch::Retry(
-                "the server refused the resume range; starting over".into(),
-            ));
+            return Err(Fetch::Retry(DownloadProblem::RangeRefused));
         }
         _ => {
             // A full body: the server ignored the range.
@@ -902,10 +940,10 @@ async fn fetch(
     {
         drop(file);
         let _ = tokio::fs::remove_file(part).await;
-        return Err(Fetch::Refused(format!(
-            "the server offers {} bytes, more than the release's size of {size}",
-            offset + len
-        )));
+        return Err(Fetch::Refused(DownloadProblem::Offers {
+            offered: offset + len,
+            size,
+        }));
     }
     let mut written = offset;
     loop {
@@ -914,25 +952,24 @@ async fn fetch(
             Ok(None) => break,
             Err(e) => {
                 let _ = file.flush().await;
-                return Err(Fetch::Retry(format!("interrupted at byte {written}: {e}")));
+                return Err(Fetch::Retry(DownloadProblem::Interrupted {
+                    written,
+                    source: e,
+                }));
             }
         };
         written += chunk.len() as u64;
         if written > size {
             drop(file);
             let _ = tokio::fs::remove_file(part).await;
-            return Err(Fetch::Refused(format!(
-                "the server sent more than the release's size of {size} bytes"
-            )));
+            return Err(Fetch::Refused(DownloadProblem::TooLong { size }));
         }
         file.write_all(&chunk).await.map_err(io)?;
     }
     file.flush().await.map_err(io)?;
     file.sync_all().await.map_err(io)?;
     if written < size {
-        return Err(Fetch::Retry(format!(
-            "the body ended at byte {written} of {size}"
-        )));
+        return Err(Fetch::Retry(DownloadProblem::Short { written, size }));
     }
     Ok(())
 }
@@ -1311,6 +1348,39 @@ mod tests {
         assert!(steps.is_empty(), "{steps:?}");
         assert!(server.seen().is_empty(), "downloaded");
         untouched(&up, tmp.path());
+    }
+
+    /// The node's disk failing a download is the node's failure, not the
+    /// runner refusing it.
+    #[tokio::test]
+    async fn a_disk_fault_during_the_download_is_not_called_a_refusal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), Some(LOG), None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let downloads = up.store.downloads_dir();
+        fs::remove_dir_all(&downloads).unwrap();
+        fs::write(&downloads, "").unwrap();
+        let (_, outcome) = run(
+            &up,
+            &server,
+            &install(&server, &bytes, true, Backup::Default),
+        )
+        .await;
+        assert_eq!(
+            outcome.state,
+            ReportState::FailedRolledBack,
+            "{}",
+            outcome.detail
+        );
+        assert!(
+            outcome.detail.starts_with("download failed: ")
+                && outcome.detail.contains("Not a directory")
+                && outcome.detail.ends_with("nothing on the node was changed"),
+            "{}",
+            outcome.detail
+        );
+        assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
     }
 
     #[tokio::test]
