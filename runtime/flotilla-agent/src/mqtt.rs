@@ -21,6 +21,7 @@ use crate::client::ClientTls;
 use flotilla_model::protocol::mqtt::{self, Endpoint, Kind};
 use flotilla_model::protocol::{Heartbeat, Report, Work};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -41,12 +42,46 @@ pub struct MqttConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
+    #[error("the CA file (--ca-file) {}: {source}", path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the CA file (--ca-file) {} holds no certificate", path.display())]
+    NoCa { path: PathBuf },
+    #[error("the CA file {}: {source}", path.display())]
+    CaCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("{0}")]
-    Config(String),
+    Tls(#[source] rustls::Error),
+    #[error("the client certificate {}: {source}", path.display())]
+    ClientCert {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the client key {}: {source}", path.display())]
+    ClientKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the client certificate and key: {0}")]
+    ClientPair(#[source] rustls::Error),
+    #[error("--client-cert and --client-key go together: give both or neither")]
+    HalfPair,
+    #[error(
+        "refusing plain MQTT to {url}: the node's credentials would cross the network in clear; use mqtts://"
+    )]
+    Plain { url: String },
     #[error(transparent)]
     Setting(#[from] mqtt::SettingError),
     #[error("the MQTT client stopped: {0}")]
-    Closed(String),
+    Closed(#[source] rumqttc::ClientError),
 }
 
 /// The node's open work as last published by the runner.
@@ -75,45 +110,48 @@ impl Drop for MqttLink {
 fn tls_config(tls: &ClientTls) -> Result<rustls::ClientConfig, MqttError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let err = MqttError::Config;
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = &tls.ca_file {
         let certs: Vec<_> = CertificateDer::pem_file_iter(ca)
             .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| err(format!("the CA file (--ca-file) {}: {e}", ca.display())))?;
+            .map_err(|source| MqttError::CaFile {
+                path: ca.clone(),
+                source,
+            })?;
         if certs.is_empty() {
-            return Err(err(format!(
-                "the CA file (--ca-file) {} holds no certificate",
-                ca.display()
-            )));
+            return Err(MqttError::NoCa { path: ca.clone() });
         }
         for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| err(format!("the CA file {}: {e}", ca.display())))?;
+            roots.add(c).map_err(|source| MqttError::CaCertificate {
+                path: ca.clone(),
+                source,
+            })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
+        .map_err(MqttError::Tls)?
         .with_root_certificates(roots);
     match (&tls.client_cert, &tls.client_key) {
         (None, None) => Ok(builder.with_no_client_auth()),
         (Some(cert), Some(key)) => {
             let chain: Vec<_> = CertificateDer::pem_file_iter(cert)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| err(format!("the client certificate {}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| err(format!("the client key {}: {e}", key.display())))?;
+                .map_err(|source| MqttError::ClientCert {
+                    path: cert.clone(),
+                    source,
+                })?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|source| MqttError::ClientKey {
+                path: key.clone(),
+                source,
+            })?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| err(format!("the client certificate and key: {e}")))
+                .map_err(MqttError::ClientPair)
         }
-        _ => Err(err(
-            "--client-cert and --client-key go together: give both or neither".into(),
-        )),
+        _ => Err(MqttError::HalfPair),
     }
 }
 
@@ -124,10 +162,9 @@ impl MqttLink {
         let endpoint = Endpoint::parse(&config.url)?;
         mqtt::check_prefix(&config.prefix)?;
         if !endpoint.tls && !endpoint.is_loopback() {
-            return Err(MqttError::Config(format!(
-                "refusing plain MQTT to {}: the node's credentials would cross the network in clear; use mqtts://",
-                config.url
-            )));
+            return Err(MqttError::Plain {
+                url: config.url.clone(),
+            });
         }
         let mut opts = MqttOptions::new(node, &endpoint.host, endpoint.port);
         opts.set_clean_session(false)
@@ -205,7 +242,7 @@ impl MqttLink {
         let body = serde_json::to_vec(hb).expect("a heartbeat serialises");
         self.client
             .try_publish(self.topic(Kind::Heartbeat), QoS::AtLeastOnce, false, body)
-            .map_err(|e| MqttError::Closed(e.to_string()))
+            .map_err(MqttError::Closed)
     }
 
     /// Hands the report to the client (QoS 1; it retries until the broker
@@ -215,7 +252,7 @@ impl MqttLink {
         self.client
             .publish(self.topic(Kind::Report), QoS::AtLeastOnce, false, body)
             .await
-            .map_err(|e| MqttError::Closed(e.to_string()))
+            .map_err(MqttError::Closed)
     }
 
     /// Push: the open work, waiting up to `wait` for some.
@@ -248,7 +285,7 @@ impl MqttLink {
                 Vec::new(),
             )
             .await
-            .map_err(|e| MqttError::Closed(e.to_string()))?;
+            .map_err(MqttError::Closed)?;
         Ok(self.work(wait).await)
     }
 }

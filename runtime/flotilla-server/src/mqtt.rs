@@ -506,10 +506,11 @@ fn shown(topic: &str) -> String {
 mod tests {
     use super::*;
 
-    fn config(extra: &str) -> Result<MqttConfig, String> {
-        let c: MqttConfig = toml::from_str(&format!("url = \"mqtts://broker.example\"\n{extra}"))
-            .map_err(|e| e.to_string())?;
-        c.check().map(|()| c).map_err(|e| e.to_string())
+    /// The config with `extra` keys, checked; the TOML itself must parse.
+    fn config(extra: &str) -> Result<MqttConfig, ConfigError> {
+        let c: MqttConfig =
+            toml::from_str(&format!("url = \"mqtts://broker.example\"\n{extra}")).unwrap();
+        c.check().map(|()| c)
     }
 
     #[test]
@@ -528,26 +529,26 @@ mod tests {
         assert!(plain.check().unwrap_err().to_string().contains("mqtts://"));
         let local: MqttConfig = toml::from_str("url = \"mqtt://127.0.0.1:1883\"").unwrap();
         assert!(local.check().is_ok());
-        assert!(config("prefix = \"a/#\"").unwrap_err().contains("prefix"));
-        assert!(
-            config("share_group = \"a/b\"")
-                .unwrap_err()
-                .contains("share_group")
-        );
-        assert!(
-            config("max_payload_bytes = 10")
-                .unwrap_err()
-                .contains("max_payload_bytes")
-        );
+        // Each refusal names the key that is wrong, in its text too.
+        for (extra, key) in [
+            ("prefix = \"a/#\"", "mqtt.prefix"),
+            ("share_group = \"a/b\"", "mqtt.share_group"),
+            ("max_payload_bytes = 10", "mqtt.max_payload_bytes"),
+            ("client_cert = \"c.pem\"", "mqtt.client_cert"),
+        ] {
+            let err = config(extra).unwrap_err();
+            assert_eq!(err.key(), key, "{err}");
+            let shown = key.trim_start_matches("mqtt.");
+            assert!(err.to_string().contains(shown), "{err}");
+        }
         assert!(
             config("client_cert = \"c.pem\"")
                 .unwrap_err()
+                .to_string()
                 .contains("together")
         );
-        assert!(
-            config("passwrd_file = \"x\"")
-                .unwrap_err()
-                .contains("unknown field")
-        );
+        let typo =
+            toml::from_str::<MqttConfig>("url = \"mqtts://broker.example\"\npasswrd_file = \"x\"");
+        assert!(typo.unwrap_err().to_string().contains("unknown field"));
     }
 }
