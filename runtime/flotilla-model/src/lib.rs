@@ -11,8 +11,8 @@ pub mod task;
 
 pub use run::{IllegalTransition, NodeRun, RunEvent, RunState};
 pub use task::{
-    Backup, BackupPlace, BackupPlaceError, BackupPlaceProblem, Event, Retry, Scope, SpecError,
-    Target, Task, TaskEvent, TaskSpec, TaskState, backup_place, check_name,
+    Backup, BackupPlace, BackupPlaceError, BackupPlaceProblem, Event, NameError, Retry, Scope,
+    SpecError, SpecProblem, Target, Task, TaskEvent, TaskSpec, TaskState, backup_place, check_name,
 };
 
 use serde::{Deserialize, Serialize};

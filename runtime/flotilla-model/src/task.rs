@@ -215,72 +215,112 @@ fn default_backoff() -> u64 {
 /// What is wrong with a spec, phrased for the person who wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid task: {0}")]
-pub struct SpecError(pub String);
+pub struct SpecError(pub SpecProblem);
+
+/// The one thing a [`SpecError`] finds wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecProblem {
+    #[error(
+        "name {0:?} must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
+    )]
+    TaskName(String),
+    /// The policy's name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("`package` is empty")]
+    NoPackage,
+    #[error("target version {0:?} is not a version (like 1.13 or v4.2.1)")]
+    TargetVersion(String),
+    #[error("target control-plane component is empty")]
+    NoComponent,
+    #[error("source version {0:?} is not a version")]
+    SourceVersion(String),
+    #[error(
+        "{0} asset trees selected; at most 5 are allowed (use node ids for devices deeper down)"
+    )]
+    TooManyAssetTrees(usize),
+    #[error("pull (upon device request) needs scope `all`: a filtered scope must use push")]
+    PullNeedsAll,
+    #[error(transparent)]
+    Backup(#[from] BackupPlaceError),
+    #[error("`params` must be a JSON object")]
+    ParamsNotObject,
+    #[error("`node_timeout_seconds` must be at least 1")]
+    NoNodeTimeout,
+    #[error("at most {MAX_RETRIES} retries per failure kind (as AWS IoT Jobs allows); {0} asked")]
+    TooManyRetries(u32),
+    #[error("`retry.backoff_seconds` must be at most {MAX_BACKOFF_SECONDS}")]
+    BackoffTooLong,
+}
+
+impl<E: Into<SpecProblem>> From<E> for SpecError {
+    fn from(e: E) -> Self {
+        SpecError(e.into())
+    }
+}
+
+/// A name that breaks the one name rule ([`check_name`]): what it names
+/// (`policy`, `hook`, `token`, `package`) and the name given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what} {name:?}: use 1-63 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+)]
+pub struct NameError {
+    pub what: String,
+    pub name: String,
+}
 
 impl TaskSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        let bad = |m: String| Err(SpecError(m));
+        let bad = |p: SpecProblem| Err(SpecError(p));
         validate_name(&self.name)?;
         if self.package.trim().is_empty() {
-            return bad("`package` is empty".into());
+            return bad(SpecProblem::NoPackage);
         }
         match &self.target {
             Target::Version(v) if flotilla_version::parse(v).is_err() => {
-                return bad(format!(
-                    "target version {v:?} is not a version (like 1.13 or v4.2.1)"
-                ));
+                return bad(SpecProblem::TargetVersion(v.clone()));
             }
             Target::ControlPlane(c) if c.trim().is_empty() => {
-                return bad("target control-plane component is empty".into());
+                return bad(SpecProblem::NoComponent);
             }
             _ => {}
         }
         for v in &self.source_versions {
             if flotilla_version::parse(v).is_err() {
-                return bad(format!("source version {v:?} is not a version"));
+                return bad(SpecProblem::SourceVersion(v.clone()));
             }
         }
         if let Scope::Selector(sel) = &self.scope {
             if sel.asset_trees.len() > 5 {
-                return bad(format!(
-                    "{} asset trees selected; at most 5 are allowed (use node ids for devices deeper down)",
-                    sel.asset_trees.len()
-                ));
+                return bad(SpecProblem::TooManyAssetTrees(sel.asset_trees.len()));
             }
             if self.method == Method::Pull {
-                return bad(
-                    "pull (upon device request) needs scope `all`: a filtered scope must use push"
-                        .into(),
-                );
+                return bad(SpecProblem::PullNeedsAll);
             }
         }
         // The same rule as every route that takes a policy name: a name is
         // never a path, so no policy is loaded from outside its directory.
         check_name("policy", &self.policy)?;
         if let Backup::Location(loc) = &self.backup {
-            backup_place(loc).map_err(|e| SpecError(e.to_string()))?;
+            backup_place(loc)?;
         }
         if !self.params.is_object() {
-            return bad("`params` must be a JSON object".into());
+            return bad(SpecProblem::ParamsNotObject);
         }
         if self.node_timeout_seconds == 0 {
-            return bad("`node_timeout_seconds` must be at least 1".into());
+            return bad(SpecProblem::NoNodeTimeout);
         }
         let (failed, timed_out) = self.retries_per_kind();
         if failed.max(timed_out) > MAX_RETRIES {
-            return bad(format!(
-                "at most {MAX_RETRIES} retries per failure kind (as AWS IoT Jobs allows); {} asked",
-                failed.max(timed_out)
-            ));
+            return bad(SpecProblem::TooManyRetries(failed.max(timed_out)));
         }
         if self
             .retry
             .as_ref()
             .is_some_and(|r| r.backoff_seconds > MAX_BACKOFF_SECONDS)
         {
-            return bad(format!(
-                "`retry.backoff_seconds` must be at most {MAX_BACKOFF_SECONDS}"
-            ));
+            return bad(SpecProblem::BackoffTooLong);
         }
         Ok(())
     }
@@ -311,7 +351,7 @@ impl TaskSpec {
 /// The one name rule for packages, policies, hooks and components: 1–63
 /// lowercase letters, digits, `-`, `_` or `.`, starting with a letter or a
 /// digit (so never `.`, `..`, a hidden file or a path).
-pub fn check_name(what: &str, name: &str) -> Result<(), SpecError> {
+pub fn check_name(what: &str, name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -324,9 +364,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), SpecError> {
     if ok {
         Ok(())
     } else {
-        Err(SpecError(format!(
-            "{what} {name:?}: use 1-63 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit"
-        )))
+        Err(NameError {
+            what: what.to_string(),
+            name: name.to_string(),
+        })
     }
 }
 
@@ -341,9 +382,7 @@ pub fn validate_name(name: &str) -> Result<(), SpecError> {
     if valid {
         Ok(())
     } else {
-        Err(SpecError(format!(
-            "name {name:?} must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
-        )))
+        Err(SpecProblem::TaskName(name.to_string()).into())
     }
 }
 
@@ -482,6 +521,32 @@ mod tests {
         assert_eq!(s.scope, Scope::All);
         assert_eq!(s.method, Method::Push);
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn a_refused_spec_says_what_is_wrong_as_before() {
+        let mut s = spec();
+        s.package = " ".into();
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.0, SpecProblem::NoPackage);
+        assert_eq!(err.to_string(), "invalid task: `package` is empty");
+        let mut s = spec();
+        s.policy = "../etc".into();
+        let err = s.validate().unwrap_err();
+        assert!(
+            matches!(&err.0, SpecProblem::Name(n) if n.what == "policy"),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "invalid task: policy \"../etc\": use 1-63 lowercase letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+        );
+        let mut s = spec();
+        s.backup = Backup::Location("/a//b".into());
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "invalid task: backup location \"/a//b\": an absolute path must be normalised: no `//` and no trailing `/`"
+        );
     }
 
     #[test]

@@ -351,7 +351,8 @@ impl Tokens {
     /// Makes a token `name` with `role`: the secret is returned once, only
     /// its digest stored (not flushed: the caller flushes before answering).
     pub fn create(&self, name: &str, role: Role, now: u64) -> Result<String, ApiError> {
-        flotilla_model::check_name("token", name).map_err(|e| ApiError::unprocessable(e.0))?;
+        flotilla_model::check_name("token", name)
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?;
         if name == ANONYMOUS {
             return Err(ApiError::unprocessable(format!(
                 "token name {ANONYMOUS:?} is reserved"

@@ -247,7 +247,7 @@ pub fn finish_audit(state: &AppState, rec: crate::audit::AuditRecord, res: &Resp
 /// A name for packages, policies, hooks and components: the one rule of
 /// [`flotilla_model::check_name`], so a name is never a path.
 pub fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
-    flotilla_model::check_name(what, name).map_err(|e| ApiError::unprocessable(e.0))
+    flotilla_model::check_name(what, name).map_err(|e| ApiError::unprocessable(e.to_string()))
 }
 
 // ----- nodes -----

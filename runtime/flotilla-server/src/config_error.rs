@@ -33,8 +33,8 @@ pub enum ConfigError {
     #[error("mqtt.client_cert and mqtt.client_key go together")]
     ClientCertWithoutKey,
     /// A `[[tokens]]` name that is not a name.
-    #[error("{}", .0.0)]
-    TokenName(flotilla_model::SpecError),
+    #[error(transparent)]
+    TokenName(flotilla_model::NameError),
     #[error("token name {0:?} is reserved")]
     TokenNameReserved(String),
     #[error("token {0:?}: sha256 must be 64 hex characters (`flotilla token digest` makes it)")]

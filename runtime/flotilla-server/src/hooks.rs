@@ -108,8 +108,8 @@ pub struct HookArtifact {
 /// A `[[hooks]]` entry that cannot work: the hook and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum HookConfigError {
-    #[error("{}", .0.0)]
-    Name(flotilla_model::SpecError),
+    #[error(transparent)]
+    Name(flotilla_model::NameError),
     #[error(
         "hook name {0:?} is reserved: /metrics counts deliveries to unconfigured names under it"
     )]

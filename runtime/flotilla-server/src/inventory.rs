@@ -667,7 +667,7 @@ impl PolicyDir {
         if let Err(e) = flotilla_model::check_name("policy", name) {
             return Err(PolicyError::Load {
                 policy: name.into(),
-                reason: e.0,
+                reason: e.to_string(),
             });
         }
         match self.source(name) {
@@ -711,7 +711,7 @@ impl PolicyDir {
     pub fn save(&self, name: &str, bytes: &[u8]) -> Result<PolicyListing, SavePolicyError> {
         flotilla_model::check_name("policy", name).map_err(|e| PolicyError::Load {
             policy: name.into(),
-            reason: e.0,
+            reason: e.to_string(),
         })?;
         let (kind, info) = self.check(name, bytes)?;
         let io = |source| SavePolicyError::Store {

@@ -1327,7 +1327,7 @@ pub fn release_sign(args: &ReleaseSign) -> anyhow::Result<String> {
     let version = flotilla_version::parse(&args.version)
         .map_err(|e| anyhow::anyhow!("version {:?}: {e}", args.version))?
         .to_string();
-    flotilla_model::check_name("package", &args.package).map_err(|e| anyhow::anyhow!(e.0))?;
+    flotilla_model::check_name("package", &args.package)?;
     let text = std::fs::read_to_string(&args.key)
         .with_context(|| format!("reading the secret key {}", args.key.display()))?;
     // The minisign 0.11 CLI writes a password-less key (`-G -W`) with a
