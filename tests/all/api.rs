@@ -117,7 +117,7 @@ impl Harness {
     }
 
     /// A release with an uploaded artifact.
-    async fn release(&self, package: &str, version: &str, bytes: &[u8]) {
+    pub(crate) async fn release(&self, package: &str, version: &str, bytes: &[u8]) {
         let (s, _) = self
             .post(
                 "/v1/releases",

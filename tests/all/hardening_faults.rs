@@ -575,3 +575,63 @@ async fn a_disk_fault_storing_an_upload_answers_503_not_a_refusal() {
     let (s, _) = h.get("/v1/releases/edge/1.0.0/artifact").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "no artifact stored");
 }
+
+/// A stored policy the disk cannot read is a fault, not "no such policy":
+/// creating a task with it, and reading it, answer 503 with Retry-After and
+/// store nothing (before, the read error was taken for a missing file: the
+/// task was refused with 422 "no such policy", the policy listed as 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_policy_the_disk_cannot_read_answers_503_not_no_such_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let h = crate::api::Harness::start(|c| c.data = data.clone()).await;
+    h.put("/v1/nodes/n0", json!({"version": "1.0.0"})).await;
+    h.release("edge", "1.1.0", b"v1.1").await;
+    let script = std::fs::read(flotilla_tests::script("canary")).unwrap();
+    let res = h
+        .http
+        .put(h.url("/v1/policies/mine"))
+        .body(script)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+
+    // The stored script becomes something that cannot be read as a file
+    // (a directory: reading it fails with EISDIR, as root ignores modes).
+    let stored = data.join("policies/mine.rhai");
+    std::fs::remove_file(&stored).unwrap();
+    std::fs::create_dir(&stored).unwrap();
+
+    let spec =
+        json!({"name": "t-a", "package": "edge", "target": {"version": "1.1.0"}, "policy": "mine"});
+    let res = h
+        .http
+        .post(h.url("/v1/tasks"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_fault(&res, "a task whose stored policy cannot be read");
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("mine"),
+        "{body}"
+    );
+    let (_, list) = h.get("/v1/tasks").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "nothing stored");
+
+    let res = h.http.get(h.url("/v1/policies/mine")).send().await.unwrap();
+    assert_fault(&res, "reading a stored policy the disk cannot read");
+
+    // Back on the disk: the same call goes through.
+    std::fs::remove_dir(&stored).unwrap();
+    std::fs::write(
+        &stored,
+        std::fs::read(flotilla_tests::script("canary")).unwrap(),
+    )
+    .unwrap();
+    let (s, t) = h.post("/v1/tasks", spec).await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    h.stop().await;
+}

@@ -807,6 +807,12 @@ impl Engine {
         for id in ids {
             if let Err(e) = self.advance(&id, &mut out) {
                 match e {
+                    // The disk failed reading the policy's bytes: nothing is
+                    // wrong with the task or its policy, the next tick tries
+                    // again (no one should have to resume it).
+                    EngineError::Policy(err) if err.is_fault() => {
+                        tracing::warn!(task = %id, "{err}; trying again on the next tick");
+                    }
                     // A policy failure pauses only its task (invariant 4).
                     EngineError::Policy(err) => {
                         let now = self.clock.now();

@@ -47,20 +47,10 @@ fn world(nodes: Vec<Node>, extra: &[(&str, &str)]) -> World0 {
     for (k, v) in extra {
         scripts.insert(k.to_string(), v.to_string());
     }
-    let delivery = MemoryDelivery {
-        releases: vec![Release {
-            package: "edgecore".into(),
-            version: "1.13.0".into(),
-            kind: Default::default(),
-            size: 0,
-            sha256: String::new(),
-        }],
-        control_plane: BTreeMap::from([("cloudcore".to_string(), "v1.13".to_string())]),
-    };
     let engine = Engine::new(
         store.clone(),
         Arc::new(MemoryFleet::new(nodes)),
-        Arc::new(delivery),
+        Arc::new(delivery()),
         clock.clone(),
         Arc::new(Scripts(scripts)),
     )
@@ -69,6 +59,20 @@ fn world(nodes: Vec<Node>, extra: &[(&str, &str)]) -> World0 {
         engine,
         clock,
         store,
+    }
+}
+
+/// The release `edgecore` 1.13.0 and the control plane `cloudcore` at v1.13.
+fn delivery() -> MemoryDelivery {
+    MemoryDelivery {
+        releases: vec![Release {
+            package: "edgecore".into(),
+            version: "1.13.0".into(),
+            kind: Default::default(),
+            size: 0,
+            sha256: String::new(),
+        }],
+        control_plane: BTreeMap::from([("cloudcore".to_string(), "v1.13".to_string())]),
     }
 }
 
@@ -480,6 +484,60 @@ fn an_engine_over_the_same_store_resumes_where_the_last_one_stopped() {
         again.report("n000", RunEvent::Succeeded),
         Err(EngineError::NotInTask { .. })
     ));
+}
+
+/// Loads through [`Scripts`], but fails with a disk fault while `failing`.
+struct FaultyDisk {
+    scripts: Scripts,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl PolicySource for FaultyDisk {
+    fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = std::io::Error::from_raw_os_error(5); // EIO
+            return Err(PolicyError::io(name, "reading policies/default.rhai", e));
+        }
+        self.scripts.load(name, world)
+    }
+}
+
+/// A disk fault reading a task's policy is not the policy failing: the task
+/// is not paused (nobody would need to resume it), the next tick tries again.
+/// Failed before: the fault paused the task like a trapping policy.
+#[test]
+fn a_disk_fault_loading_the_policy_is_retried_not_a_pause() {
+    let mut w = world(fleet(3, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec("faulty", "default", json!({})))
+        .unwrap();
+    let World0 { clock, store, .. } = w;
+    // A restarted engine loads the policy on its first tick: the disk fails.
+    let source = Arc::new(FaultyDisk {
+        scripts: Scripts(BTreeMap::from([("default".to_string(), String::new())])),
+        failing: true.into(),
+    });
+    let mut again = Engine::new(
+        store,
+        Arc::new(MemoryFleet::new(fleet(3, "1.12"))),
+        Arc::new(delivery()),
+        clock.clone(),
+        source.clone(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert!(again.tick().unwrap().is_empty());
+        clock.advance(1000);
+    }
+    let state = again.task(&task.id).unwrap().state;
+    assert!(!matches!(state, TaskState::Paused(_)), "{state:?}");
+    // The disk is back: the task goes on without anyone resuming it.
+    source
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    sim::run(&mut again, &clock, &Agents::default(), 1000, 3600 * 1000).unwrap();
+    assert_eq!(again.task(&task.id).unwrap().state, TaskState::Succeeded);
 }
 
 #[test]

@@ -36,6 +36,15 @@ pub use self::wasm::{CompiledPolicy, WasmPolicy, WasmRuntime};
 pub enum PolicyError {
     #[error("policy {policy}: cannot load: {reason}")]
     Load { policy: String, reason: String },
+    /// The policy's stored bytes could not be read or kept (a disk fault):
+    /// nothing is wrong with the policy, and the same call may be retried.
+    #[error("policy {policy}: {context}: {source}")]
+    Io {
+        policy: String,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("policy {policy}: hook {hook} trapped: {message}")]
     Trap {
         policy: String,
@@ -63,6 +72,21 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
+    /// A fault reading or keeping `policy`'s bytes ([`PolicyError::Io`]).
+    pub fn io(policy: &str, context: impl Into<String>, source: std::io::Error) -> Self {
+        PolicyError::Io {
+            policy: policy.to_string(),
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Is this a fault on the runner (retry later) rather than something
+    /// wrong with the policy or its output?
+    pub fn is_fault(&self) -> bool {
+        matches!(self, PolicyError::Io { .. })
+    }
+
     pub fn invalid(policy: &str, hook: Hook, reason: impl Into<String>) -> Self {
         PolicyError::Invalid {
             policy: policy.to_string(),

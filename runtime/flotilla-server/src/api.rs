@@ -726,7 +726,7 @@ async fn get_policy(
     match got {
         Ok(Some(l)) => Ok(Json(l).into_response()),
         Ok(None) => Err(ApiError::not_found(format!("no policy {name}"))),
-        Err(e) => Err(ApiError::unprocessable(e.to_string())),
+        Err(e) => Err(ApiError::policy(e)),
     }
 }
 
@@ -785,7 +785,7 @@ pub fn check_task(state: &AppState, spec: &TaskSpec) -> Result<(), ApiError> {
     state
         .policies
         .load(&spec.policy, World::empty())
-        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+        .map_err(ApiError::policy)?;
     match &spec.target {
         Target::Version(v) => match state.inventory.release(&spec.package, v) {
             Some(r) if r.ready() => Ok(()),

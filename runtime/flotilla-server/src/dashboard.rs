@@ -419,7 +419,8 @@ async fn policy_source(
     let n = name.clone();
     let got = tokio::task::spawn_blocking(move || policies.rhai_text(&n))
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::policy)?;
     match got {
         None => Err(ApiError::not_found(format!("no policy {name}"))),
         Some(None) => Ok(Json(

@@ -92,6 +92,25 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A policy's failure: a fault reading its stored bytes answers 503 with
+    /// `Retry-After` (send it again later); anything wrong with the policy
+    /// itself is a refusal (422).
+    pub fn policy(e: flotilla_policy::PolicyError) -> Self {
+        if !e.is_fault() {
+            return ApiError::unprocessable(e.to_string());
+        }
+        tracing::error!("policy read fault: {e}");
+        let mut err = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the runner could not read a stored policy ({e}); nothing was applied"),
+        )
+        .hint("a fault on the runner's disk, not a problem with the request or the policy: send it again later");
+        err.retry_after = Some(RETRY_AFTER_SECONDS);
+        err
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({ "error": self.error.clone() });
@@ -126,7 +145,7 @@ impl From<EngineError> for ApiError {
                 ApiError::conflict(e.to_string()).hint(hint)
             }
             EngineError::Downgrade { .. } => ApiError::conflict(e.to_string()),
-            EngineError::Policy(_) => ApiError::unprocessable(e.to_string()),
+            EngineError::Policy(e) => ApiError::policy(e),
             EngineError::Store(e) => ApiError::from(e),
         }
     }

@@ -548,34 +548,50 @@ impl PolicyDir {
         })
     }
 
-    fn source(&self, name: &str) -> Option<Source> {
+    /// Where `name` comes from: an uploaded component or script, else a
+    /// built-in; `Ok(None)` when there is no such policy. A stored file that
+    /// is there but cannot be read is a fault ([`PolicyError::Io`]), never
+    /// taken for a missing one.
+    fn source(&self, name: &str) -> Result<Option<Source>, PolicyError> {
         // A name is never a path: nothing outside the directory is read,
         // whichever caller forgot to check.
-        flotilla_model::check_name("policy", name).ok()?;
+        if flotilla_model::check_name("policy", name).is_err() {
+            return Ok(None);
+        }
+        let reading = |p: &Path, e| PolicyError::io(name, format!("reading {}", p.display()), e);
         let wasm = self.dir.join(format!("{name}.wasm"));
-        if wasm.is_file() {
-            return Some(Source::Wasm(wasm));
+        match std::fs::metadata(&wasm) {
+            Ok(m) if m.is_file() => return Ok(Some(Source::Wasm(wasm))),
+            Ok(_) => {
+                let e = std::io::Error::other("not a regular file");
+                return Err(reading(&wasm, e));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(reading(&wasm, e)),
         }
-        if let Ok(text) = std::fs::read_to_string(self.dir.join(format!("{name}.rhai"))) {
-            return Some(Source::Rhai {
-                text,
-                builtin: false,
-            });
+        let rhai = self.dir.join(format!("{name}.rhai"));
+        match std::fs::read_to_string(&rhai) {
+            Ok(text) => {
+                return Ok(Some(Source::Rhai {
+                    text,
+                    builtin: false,
+                }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(reading(&rhai, e)),
         }
-        BUILTIN
+        Ok(BUILTIN
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, text)| Source::Rhai {
                 text: text.to_string(),
                 builtin: true,
-            })
+            }))
     }
 
     fn compiled(&self, name: &str, path: &Path) -> Result<Arc<CompiledPolicy>, PolicyError> {
-        let bytes = std::fs::read(path).map_err(|e| PolicyError::Load {
-            policy: name.into(),
-            reason: format!("reading {}: {e}", path.display()),
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| PolicyError::io(name, format!("reading {}", path.display()), e))?;
         self.compiled_bytes(name, name, &bytes)
     }
 
@@ -610,10 +626,11 @@ impl PolicyDir {
             policy: name.into(),
             reason,
         };
-        let (bytes, kind) = match self.source(name) {
+        let (bytes, kind) = match self.source(name)? {
             None => return Err(err("no such policy".into())),
             Some(Source::Wasm(p)) => (
-                std::fs::read(&p).map_err(|e| err(format!("reading {}: {e}", p.display())))?,
+                std::fs::read(&p)
+                    .map_err(|e| PolicyError::io(name, format!("reading {}", p.display()), e))?,
                 "wasm",
             ),
             Some(Source::Rhai { text, .. }) => (text.into_bytes(), "rhai"),
@@ -622,7 +639,7 @@ impl PolicyDir {
         let dir = self.pinned_dir();
         let path = dir.join(format!("{sha}.{kind}"));
         if !path.is_file() {
-            let io = |e: std::io::Error| err(format!("keeping a copy of the policy: {e}"));
+            let io = |e| PolicyError::io(name, "keeping a copy of the policy", e);
             std::fs::create_dir_all(&dir).map_err(io)?;
             let tmp = dir.join(format!(".{sha}.{kind}.tmp"));
             std::fs::write(&tmp, &bytes).map_err(io)?;
@@ -647,15 +664,21 @@ impl PolicyDir {
         let dir = self.pinned_dir();
         for kind in ["wasm", "rhai"] {
             let path = dir.join(format!("{sha256}.{kind}"));
-            if let Ok(bytes) = std::fs::read(&path) {
-                if hex::encode(Sha256::digest(&bytes)) != sha256 {
-                    return Err(err(format!(
-                        "{} does not hash to its name: the task's policy bytes were changed",
-                        path.display()
-                    )));
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    let context = format!("reading {}", path.display());
+                    return Err(PolicyError::io(name, context, e));
                 }
-                return Ok((bytes, kind));
+            };
+            if hex::encode(Sha256::digest(&bytes)) != sha256 {
+                return Err(err(format!(
+                    "{} does not hash to its name: the task's policy bytes were changed",
+                    path.display()
+                )));
             }
+            return Ok((bytes, kind));
         }
         Err(err(format!(
             "the bytes this task was created with (sha256 {sha256}) are gone from {}",
@@ -670,7 +693,7 @@ impl PolicyDir {
                 reason: e.to_string(),
             });
         }
-        match self.source(name) {
+        match self.source(name)? {
             None => Err(PolicyError::Load {
                 policy: name.into(),
                 reason: "no such policy: upload it with `flotilla policy upload NAME FILE` (built in: canary, version-gate)".into(),
@@ -739,13 +762,11 @@ impl PolicyDir {
 
     /// One policy, as listed.
     pub fn get(&self, name: &str) -> Result<Option<PolicyListing>, PolicyError> {
-        let (bytes, builtin) = match self.source(name) {
+        let (bytes, builtin) = match self.source(name)? {
             None => return Ok(None),
             Some(Source::Wasm(p)) => (
-                std::fs::read(&p).map_err(|e| PolicyError::Load {
-                    policy: name.into(),
-                    reason: e.to_string(),
-                })?,
+                std::fs::read(&p)
+                    .map_err(|e| PolicyError::io(name, format!("reading {}", p.display()), e))?,
                 false,
             ),
             Some(Source::Rhai { text, builtin }) => (text.into_bytes(), builtin),
@@ -763,11 +784,11 @@ impl PolicyDir {
 
     /// The text of a Rhai policy: `None` when there is no such policy,
     /// `Some(None)` for a component (its source is not kept here).
-    pub fn rhai_text(&self, name: &str) -> Option<Option<String>> {
-        match self.source(name)? {
-            Source::Wasm(_) => Some(None),
-            Source::Rhai { text, .. } => Some(Some(text)),
-        }
+    pub fn rhai_text(&self, name: &str) -> Result<Option<Option<String>>, PolicyError> {
+        Ok(self.source(name)?.map(|s| match s {
+            Source::Wasm(_) => None,
+            Source::Rhai { text, .. } => Some(text),
+        }))
     }
 
     pub fn names(&self) -> Vec<String> {
