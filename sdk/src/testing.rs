@@ -18,7 +18,7 @@
 //! instead, so a Rhai twin and its Rust port can share their scenarios.
 
 use flotilla_engine::scenario::{self, PolicyFile, Scenario, ScenarioError};
-use flotilla_policy::build::{build_component, workspace_root};
+use flotilla_policy::build::{BuildError, build_component, workspace_root};
 use flotilla_policy::{PolicyError, WasmRuntime};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,9 +30,8 @@ pub use flotilla_engine::scenario::ScenarioReport;
 /// failed [`ScenarioReport`], not this).
 #[derive(Debug)]
 pub enum TestingError {
-    /// `cargo build` of the component failed; the text is cargo's own
-    /// (the policy crate's builder reports it as text).
-    Build(String),
+    /// `cargo build` of the component failed (cargo's output is in it).
+    Build(BuildError),
     /// A scenario path that cannot be read.
     Scenarios(ScenarioError),
     /// No `*.yaml` under the paths given.
@@ -44,7 +43,7 @@ pub enum TestingError {
 impl std::fmt::Display for TestingError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TestingError::Build(e) => f.write_str(e),
+            TestingError::Build(e) => e.fmt(f),
             TestingError::Scenarios(e) => e.fmt(f),
             TestingError::NoScenarios(paths) => {
                 write!(f, "no scenario files (*.yaml) under {paths:?}")
@@ -59,7 +58,8 @@ impl std::error::Error for TestingError {
         match self {
             TestingError::Scenarios(e) => Some(e),
             TestingError::Policy(e) => Some(e),
-            TestingError::Build(_) | TestingError::NoScenarios(_) => None,
+            TestingError::Build(e) => Some(e),
+            TestingError::NoScenarios(_) => None,
         }
     }
 }

@@ -8,6 +8,56 @@ use std::sync::OnceLock;
 
 pub const GUEST_TARGET: &str = "wasm32-wasip2";
 
+/// Why a policy could not be built, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The build tool (cargo, rustup, componentize-py, componentize-js)
+    /// could not be started: not installed, or not on `PATH`.
+    #[error("cannot run {tool} ({source}){hint}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+        /// What to install (empty when there is nothing to add).
+        hint: String,
+    },
+    /// The tool ran and failed: what it printed.
+    #[error("building {what} failed:\n{output}{hint}")]
+    Failed {
+        what: String,
+        output: String,
+        hint: &'static str,
+    },
+    /// `rustup target add wasm32-wasip2` ran and failed.
+    #[error("`rustup target add {GUEST_TARGET}` failed ({0}); run it by hand")]
+    Target(std::process::ExitStatus),
+    /// The build said it succeeded but left no component where it should.
+    #[error("cargo built {package} but {} is missing", path.display())]
+    Missing { package: String, path: PathBuf },
+    /// A source, output or folder could not be read or written.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No source to build in the policy's folder.
+    #[error("no .js file in {}", .0.display())]
+    NoSource(PathBuf),
+}
+
+impl BuildError {
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
+        let path = path.to_path_buf();
+        move |source| BuildError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
 /// The `guest` profile policies are built with: small and fast (the same as
 /// `[profile.guest]` of this workspace's Cargo.toml).
 pub const GUEST_PROFILE: [&str; 7] = [
@@ -24,7 +74,7 @@ pub const GUEST_PROFILE: [&str; 7] = [
 /// into `workspace/target/guests` (a target dir of its own, so a build started
 /// from inside `cargo test` never waits on the outer cargo's lock) and returns
 /// the `.wasm` path.
-pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, String> {
+pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, BuildError> {
     ensure_target()?;
     let target_dir = workspace.join("target").join("guests");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -50,7 +100,11 @@ pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, Strin
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+        .map_err(|source| BuildError::Spawn {
+            tool: "cargo".into(),
+            source,
+            hint: String::new(),
+        })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let hint = if stderr.contains("may not be installed")
@@ -60,26 +114,32 @@ pub fn build_component(workspace: &Path, package: &str) -> Result<PathBuf, Strin
         } else {
             ""
         };
-        return Err(format!("building policy {package} failed:\n{stderr}{hint}"));
+        return Err(BuildError::Failed {
+            what: format!("policy {package}"),
+            output: stderr.into_owned(),
+            hint,
+        });
     }
     let file = format!("{}.wasm", package.replace('-', "_"));
     let path = target_dir.join(GUEST_TARGET).join("guest").join(file);
     if path.exists() {
         Ok(path)
     } else {
-        Err(format!(
-            "cargo built {package} but {} is missing",
-            path.display()
-        ))
+        Err(BuildError::Missing {
+            package: package.into(),
+            path,
+        })
     }
 }
 
 /// Adds the `wasm32-wasip2` target with rustup when the toolchain lacks it,
 /// so `cargo test` passes on a fresh machine without a step to remember.
 /// Once per process; a toolchain without rustup gets the hint instead.
-fn ensure_target() -> Result<(), String> {
+fn ensure_target() -> Result<(), BuildError> {
+    // What failed, kept for every later call of this process (an error is
+    // not `Clone`: its text is, and a failure is told once in full).
     static ONCE: OnceLock<Result<(), String>> = OnceLock::new();
-    ONCE.get_or_init(|| {
+    let once = ONCE.get_or_init(|| {
         let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
         let libdir = Command::new(rustc)
             .args(["--print", "target-libdir", "--target", GUEST_TARGET])
@@ -94,14 +154,22 @@ fn ensure_target() -> Result<(), String> {
         let status = Command::new("rustup")
             .args(["target", "add", GUEST_TARGET])
             .status()
-            .map_err(|e| format!("cannot run rustup ({e}); install the {GUEST_TARGET} target for your toolchain"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("`rustup target add {GUEST_TARGET}` failed ({status}); run it by hand"))
+            .map_err(|source| BuildError::Spawn {
+                tool: "rustup".into(),
+                source,
+                hint: format!("; install the {GUEST_TARGET} target for your toolchain"),
+            });
+        match status {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(BuildError::Target(s).to_string()),
+            Err(e) => Err(e.to_string()),
         }
+    });
+    once.clone().map_err(|output| BuildError::Failed {
+        what: format!("the {GUEST_TARGET} target"),
+        output,
+        hint: "",
     })
-    .clone()
 }
 
 /// The workspace root, from a crate inside it (`CARGO_MANIFEST_DIR/..` upwards
@@ -145,7 +213,7 @@ pub fn build_interpreted(
     dir: &Path,
     wit: &Path,
     out_dir: &Path,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, BuildError> {
     let (var, tool, pin) = match lang {
         Interpreted::Python => (
             "FLOTILLA_COMPONENTIZE_PY",
@@ -162,17 +230,17 @@ pub fn build_interpreted(
     let source = match lang {
         Interpreted::Python => dir.join("app.py"),
         Interpreted::JavaScript => std::fs::read_dir(dir)
-            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .map_err(BuildError::io("read", dir))?
             .filter_map(Result::ok)
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "js"))
-            .ok_or_else(|| format!("no .js file in {}", dir.display()))?,
+            .ok_or_else(|| BuildError::NoSource(dir.to_path_buf()))?,
     };
     // Same sources, same tool, same contract: the earlier build stands.
     let mut hash = sha2::Sha256::new();
     use sha2::Digest;
     for f in [&source, &wit.join("policy.wit")] {
-        hash.update(std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?);
+        hash.update(std::fs::read(f).map_err(BuildError::io("read", f))?);
     }
     hash.update(pin.as_bytes());
     let name = dir
@@ -186,8 +254,7 @@ pub fn build_interpreted(
     if out.is_file() {
         return Ok(out);
     }
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).map_err(BuildError::io("create", out_dir))?;
     let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     let mut cmd = Command::new(&tool);
     cmd.current_dir(dir);
@@ -211,22 +278,23 @@ pub fn build_interpreted(
             ])
             .arg(&tmp),
     };
-    let output = cmd.output().map_err(|e| {
-        format!(
-            "cannot run {} ({e}): install {pin} (`.ci/run` does; see README \"Testing\")",
-            tool.to_string_lossy()
-        )
+    let output = cmd.output().map_err(|source| BuildError::Spawn {
+        tool: tool.to_string_lossy().into_owned(),
+        source,
+        hint: format!(": install {pin} (`.ci/run` does; see README \"Testing\")"),
     })?;
     if !output.status.success() || !tmp.is_file() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!(
-            "building {} with {} failed:\n{}{}",
-            dir.display(),
-            tool.to_string_lossy(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ));
+        return Err(BuildError::Failed {
+            what: format!("{} with {}", dir.display(), tool.to_string_lossy()),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            hint: "",
+        });
     }
-    std::fs::rename(&tmp, &out).map_err(|e| format!("cannot move {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &out).map_err(BuildError::io("move", &tmp))?;
     Ok(out)
 }

@@ -28,7 +28,7 @@ pub use self::rhai::RhaiPolicy;
 #[cfg(test)]
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
-pub use self::wasm::{CompiledPolicy, WasmPolicy, WasmRuntime};
+pub use self::wasm::{CompiledPolicy, ContractError, WasmPolicy, WasmRuntime};
 
 /// Why a policy call (or load) failed. Every variant names the policy; call
 /// failures name the hook. The engine pauses the task with this message.
@@ -93,6 +93,52 @@ impl PolicyError {
             hook,
             reason: reason.into(),
         }
+    }
+}
+
+/// How a hook call failed, as a host tells it from its engine's error (an
+/// interrupted epoch, a terminated Rhai run, a trap...). Both hosts turn it
+/// into the error the engine records through [`Failure::into_error`], so a
+/// budget, a cap and a trap read the same whichever host ran the policy.
+pub(crate) enum Failure {
+    /// Past its budget: the budget as shown (`100 ms`, `10000 operations`).
+    Budget(String),
+    /// Past its memory cap: the cap as shown (`64 MiB`).
+    Memory(String),
+    /// Anything else: a trap, a panic, a thrown error, with its message.
+    Trap(String),
+}
+
+impl Failure {
+    /// A CPU budget overrun of `budget`.
+    pub(crate) fn cpu(budget: std::time::Duration) -> Self {
+        Failure::Budget(duration_text(budget))
+    }
+
+    pub(crate) fn into_error(self, policy: &str, hook: Hook) -> PolicyError {
+        let policy = policy.to_string();
+        match self {
+            Failure::Budget(budget) => PolicyError::Budget {
+                policy,
+                hook,
+                budget,
+            },
+            Failure::Memory(cap) => PolicyError::Memory { policy, hook, cap },
+            Failure::Trap(message) => PolicyError::Trap {
+                policy,
+                hook,
+                message,
+            },
+        }
+    }
+}
+
+/// `100 ms` for whole milliseconds, else Rust's debug form (`1.5ms`).
+pub(crate) fn duration_text(d: std::time::Duration) -> String {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{d:?}")
     }
 }
 
@@ -218,7 +264,7 @@ pub trait Policy: Send {
         }
         let waves = self.call_plan(ctx, nodes)?;
         validate_plan(nodes, &waves)
-            .map_err(|r| PolicyError::invalid(self.name(), Hook::Plan, r))?;
+            .map_err(|r| PolicyError::invalid(self.name(), Hook::Plan, r.to_string()))?;
         Ok(waves)
     }
 
@@ -349,25 +395,31 @@ fn require_reason(policy: &str, hook: Hook, what: &str, reason: &str) -> Result<
 }
 
 /// Every wave non-empty, every id one of `nodes`, every node in exactly one wave.
-pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), String> {
+pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), PlanError> {
     let mut placed: HashMap<&str, Option<usize>> =
         nodes.iter().map(|n| (n.id.as_str(), None)).collect();
     for (i, wave) in waves.iter().enumerate() {
         if wave.nodes.is_empty() {
-            return Err(format!("wave {i} ({:?}) is empty", wave.name));
+            return Err(PlanError::EmptyWave {
+                wave: i,
+                name: wave.name.clone(),
+            });
         }
         for id in &wave.nodes {
             match placed.get_mut(id.as_str()) {
                 None => {
-                    return Err(format!(
-                        "wave {i} ({:?}) names node {id:?}, which is not among the selected nodes",
-                        wave.name
-                    ));
+                    return Err(PlanError::UnknownNode {
+                        wave: i,
+                        name: wave.name.clone(),
+                        node: id.clone(),
+                    });
                 }
                 Some(Some(prev)) => {
-                    return Err(format!(
-                        "node {id:?} is in wave {prev} and again in wave {i}"
-                    ));
+                    return Err(PlanError::TwoWaves {
+                        node: id.clone(),
+                        first: *prev,
+                        again: i,
+                    });
                 }
                 Some(slot) => *slot = Some(i),
             }
@@ -380,15 +432,38 @@ pub fn validate_plan(nodes: &[Node], waves: &[Wave]) -> Result<(), String> {
         .collect();
     if !missing.is_empty() {
         missing.sort_unstable();
-        let shown: Vec<&str> = missing.iter().take(5).copied().collect();
-        return Err(format!(
-            "{} selected node(s) are in no wave: {}{}",
-            missing.len(),
-            shown.join(", "),
-            if missing.len() > 5 { ", ..." } else { "" }
-        ));
+        return Err(PlanError::Unplaced {
+            count: missing.len(),
+            first: missing.iter().take(5).map(|s| s.to_string()).collect(),
+        });
     }
     Ok(())
+}
+
+/// How a plan breaks "every selected node in exactly one non-empty wave".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("wave {wave} ({name:?}) is empty")]
+    EmptyWave { wave: usize, name: String },
+    #[error("wave {wave} ({name:?}) names node {node:?}, which is not among the selected nodes")]
+    UnknownNode {
+        wave: usize,
+        name: String,
+        node: String,
+    },
+    #[error("node {node:?} is in wave {first} and again in wave {again}")]
+    TwoWaves {
+        node: String,
+        first: usize,
+        again: usize,
+    },
+    /// Selected nodes in no wave: how many, and the first five by id.
+    #[error(
+        "{count} selected node(s) are in no wave: {}{}",
+        first.join(", "),
+        if *count > first.len() { ", ..." } else { "" }
+    )]
+    Unplaced { count: usize, first: Vec<String> },
 }
 
 /// A task context as a host passes it to a policy, converted once and kept

@@ -30,7 +30,7 @@
 
 mod node;
 
-use super::{Limits, Policy, PolicyError};
+use super::{Failure, Limits, Policy, PolicyError};
 use crate::clock::CallClock;
 use crate::world::World;
 use flotilla_model::{
@@ -315,22 +315,9 @@ impl Run<'_> {
             args,
         );
         deadline.report_suppressed(self.policy, hook.fn_name());
-        result.map(Dynamic::flatten).map_err(|e| {
-            let policy = self.policy.to_string();
-            match classify(&e, self.limits, budget) {
-                Failure::Budget(budget) => PolicyError::Budget {
-                    policy,
-                    hook,
-                    budget,
-                },
-                Failure::Memory(cap) => PolicyError::Memory { policy, hook, cap },
-                Failure::Trap(message) => PolicyError::Trap {
-                    policy,
-                    hook,
-                    message,
-                },
-            }
-        })
+        result
+            .map(Dynamic::flatten)
+            .map_err(|e| classify(&e, self.limits, budget).into_error(self.policy, hook))
     }
 
     /// `select` on each of `chunks` in turn.
@@ -1020,12 +1007,9 @@ fn hooks_of(ast: &AST) -> Result<Vec<Hook>, String> {
 // ---------------------------------------------------------------------------
 // Errors
 
-enum Failure {
-    Budget(String),
-    Memory(String),
-    Trap(String),
-}
-
+/// What stopped a Rhai run: the operation count or the CPU-time deadline
+/// (budget), the allocation counter or a collection past its size (memory
+/// cap), or the script itself.
 fn classify(err: &EvalAltResult, limits: &Limits, budget: Duration) -> Failure {
     match err.unwrap_inner() {
         EvalAltResult::ErrorTooManyOperations(..) => {
@@ -1039,7 +1023,7 @@ fn classify(err: &EvalAltResult, limits: &Limits, budget: Duration) -> Failure {
                 limits.memory_bytes >> 20
             ))
         }
-        EvalAltResult::ErrorTerminated(..) => Failure::Budget(duration_text(budget)),
+        EvalAltResult::ErrorTerminated(..) => Failure::cpu(budget),
         EvalAltResult::ErrorDataTooLarge(what, pos) => Failure::Memory(format!(
             "{} elements or bytes per string, array or map; {} too large{}",
             limits.max_collection,
@@ -1051,14 +1035,6 @@ fn classify(err: &EvalAltResult, limits: &Limits, budget: Duration) -> Failure {
             }
         )),
         _ => Failure::Trap(one_line(&err.to_string())),
-    }
-}
-
-fn duration_text(d: Duration) -> String {
-    if d.subsec_nanos().is_multiple_of(1_000_000) {
-        format!("{} ms", d.as_millis())
-    } else {
-        format!("{d:?}")
     }
 }
 

@@ -29,7 +29,7 @@
 //! wasmtime's doc-hidden internals), `sections` (sniffing a binary for the
 //! argument-arena section), `convert` (WIT types to and from the model).
 
-use super::{Limits, Policy, PolicyError};
+use super::{Failure, Limits, Policy, PolicyError};
 use crate::clock::CallClock;
 use crate::world::World;
 use flotilla_model::{self as model, Hook, PolicyInfo};
@@ -314,7 +314,7 @@ impl WasmRuntime {
         } else {
             &self.fallback
         };
-        contract_check(engine, &component).map_err(load_err)?;
+        contract_check(engine, &component).map_err(|e| load_err(e.to_string()))?;
 
         let pooled = if in_pool {
             Some(link(&self.linker, &component).map_err(load_err)?)
@@ -999,33 +999,21 @@ fn classify(
     store: &Store<State>,
     e: wasmtime::Error,
 ) -> PolicyError {
-    let policy = policy.to_string();
-    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-        return PolicyError::Budget {
-            policy,
-            hook,
-            budget: format!("{} ms", limits.budget(nodes).as_millis()),
-        };
-    }
-    if store.data().limiter.hit_cap {
-        return PolicyError::Memory {
-            policy,
-            hook,
-            cap: format!("{} MiB", store.data().limiter.memory_cap >> 20),
-        };
-    }
-    let stderr = store.data().stderr.contents();
-    let stderr = String::from_utf8_lossy(&stderr);
-    let stderr = stderr.trim();
-    PolicyError::Trap {
-        policy,
-        hook,
-        message: if stderr.is_empty() {
+    let failure = if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        Failure::cpu(limits.budget(nodes))
+    } else if store.data().limiter.hit_cap {
+        Failure::Memory(format!("{} MiB", store.data().limiter.memory_cap >> 20))
+    } else {
+        let stderr = store.data().stderr.contents();
+        let stderr = String::from_utf8_lossy(&stderr);
+        let stderr = stderr.trim();
+        Failure::Trap(if stderr.is_empty() {
             format!("{e:#}")
         } else {
             format!("{e:#}; guest stderr: {stderr}")
-        },
-    }
+        })
+    };
+    failure.into_error(policy, hook)
 }
 
 /// Makes instances of a compiled policy for one world and limits.
@@ -1182,7 +1170,40 @@ fn call_plan(
 /// Is `component` a policy of this runner's contract? A component built
 /// against another version of `flotilla:policy` (0.1.0 exported the hooks at
 /// the top level) is named as such, with what to rebuild.
-fn contract_check(engine: &Engine, component: &Component) -> Result<(), String> {
+/// How a component fails to speak this runner's contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContractError {
+    /// It names `flotilla:policy` interfaces of another version.
+    #[error(
+        "built against flotilla:policy@{version}, which this runner does not load (it speaks {CONTRACT}): {REBUILD}"
+    )]
+    OtherVersion { version: String },
+    /// Its hooks are top-level exports, as in 0.1.0.
+    #[error(
+        "exports its hooks at the top level as flotilla:policy@0.1.0 did; this runner speaks {CONTRACT}: {REBUILD}"
+    )]
+    TopLevelHooks,
+    /// No `hooks` interface among its exports.
+    #[error(
+        "does not implement world flotilla:policy/policy@0.2.0: missing export {HOOKS} (it exports: {}); put `#[flotilla_sdk::policy]` on the `impl Policy` of a Rust policy",
+        if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
+    )]
+    NoHooks { exports: Vec<String> },
+    #[error("export {HOOKS} is not an interface instance")]
+    HooksNotAnInterface,
+    /// The `hooks` interface lacks some hooks.
+    #[error(
+        "does not implement world flotilla:policy/policy@0.2.0: {HOOKS} lacks {} (it has: {})",
+        missing.join(", "),
+        has.join(", ")
+    )]
+    MissingHooks {
+        missing: Vec<String>,
+        has: Vec<String>,
+    },
+}
+
+fn contract_check(engine: &Engine, component: &Component) -> Result<(), ContractError> {
     use wasmtime::component::types::ComponentItem;
     let ty = component.component_type();
     let exports: Vec<(&str, ComponentItem)> = ty.exports(engine).map(|(n, e)| (n, e.ty)).collect();
@@ -1197,33 +1218,21 @@ fn contract_check(engine: &Engine, component: &Component) -> Result<(), String> 
         .find(|v| *v != CONTRACT.rsplit('@').next().unwrap_or_default());
     let top_level_hooks = names.contains(&"describe") && names.contains(&"select");
     if let Some(version) = other {
-        return Err(format!(
-            "built against flotilla:policy@{version}, which this runner does not load \
-             (it speaks {CONTRACT}): {REBUILD}"
-        ));
+        return Err(ContractError::OtherVersion {
+            version: version.to_string(),
+        });
     }
     if top_level_hooks && !names.contains(&HOOKS) {
-        return Err(format!(
-            "exports its hooks at the top level as flotilla:policy@0.1.0 did; this runner \
-             speaks {CONTRACT}: {REBUILD}"
-        ));
+        return Err(ContractError::TopLevelHooks);
     }
-    let listing = || {
-        if names.is_empty() {
-            "nothing".to_string()
-        } else {
-            names.join(", ")
-        }
-    };
+    let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let Some((_, hooks)) = exports.iter().find(|(n, _)| *n == HOOKS) else {
-        return Err(format!(
-            "does not implement world flotilla:policy/policy@0.2.0: missing export {HOOKS} \
-             (it exports: {}); put `#[flotilla_sdk::policy]` on the `impl Policy` of a Rust policy",
-            listing()
-        ));
+        return Err(ContractError::NoHooks {
+            exports: owned(&names),
+        });
     };
     let ComponentItem::ComponentInstance(hooks) = hooks else {
-        return Err(format!("export {HOOKS} is not an interface instance"));
+        return Err(ContractError::HooksNotAnInterface);
     };
     let inner: Vec<&str> = hooks.exports(engine).map(|(n, _)| n).collect();
     let missing: Vec<&str> = EXPORTS
@@ -1232,12 +1241,10 @@ fn contract_check(engine: &Engine, component: &Component) -> Result<(), String> 
         .filter(|e| !inner.contains(e))
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "does not implement world flotilla:policy/policy@0.2.0: {HOOKS} lacks {} \
-             (it has: {})",
-            missing.join(", "),
-            inner.join(", ")
-        ));
+        return Err(ContractError::MissingHooks {
+            missing: owned(&missing),
+            has: owned(&inner),
+        });
     }
     Ok(())
 }
