@@ -554,6 +554,13 @@ async fn a_disk_fault_storing_an_upload_answers_503_not_a_refusal() {
     let body: Value = res.json().await.unwrap();
     let error = body["error"].as_str().unwrap_or_default();
     assert!(error.contains("could not store"), "{body}");
+    // While the folder is broken, reading the policy is a fault too.
+    let res = h.http.get(h.url("/v1/policies/mine")).send().await.unwrap();
+    assert_fault(&res, "reading a policy from a folder the disk cannot read");
+    // Nothing was stored: with the folder back, there is no such policy.
+    let dir = data.join("policies");
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
     let (s, _) = h.get("/v1/policies/mine").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "nothing stored");
 
