@@ -193,6 +193,17 @@ impl Runner0 {
 }
 
 /// A 503 that asks to be retried, and says it was a fault.
+/// PUTs the canary script as the policy `name`.
+async fn upload_canary(h: &crate::api::Harness, name: &str) -> reqwest::Response {
+    let script = std::fs::read(flotilla_tests::script("canary")).unwrap();
+    h.http
+        .put(h.url(&format!("/v1/policies/{name}")))
+        .body(script)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn assert_fault(res: &reqwest::Response, what: &str) {
     assert_eq!(
         res.status(),
@@ -542,14 +553,7 @@ async fn a_disk_fault_storing_an_upload_answers_503_not_a_refusal() {
         std::fs::write(&dir, "").unwrap();
     }
 
-    let script = std::fs::read(flotilla_tests::script("canary")).unwrap();
-    let res = h
-        .http
-        .put(h.url("/v1/policies/mine"))
-        .body(script)
-        .send()
-        .await
-        .unwrap();
+    let res = upload_canary(&h, "mine").await;
     assert_fault(&res, "a policy upload the disk cannot store");
     let body: Value = res.json().await.unwrap();
     let error = body["error"].as_str().unwrap_or_default();
@@ -594,14 +598,7 @@ async fn a_stored_policy_the_disk_cannot_read_answers_503_not_no_such_policy() {
     let h = crate::api::Harness::start(|c| c.data = data.clone()).await;
     h.put("/v1/nodes/n0", json!({"version": "1.0.0"})).await;
     h.release("edge", "1.1.0", b"v1.1").await;
-    let script = std::fs::read(flotilla_tests::script("canary")).unwrap();
-    let res = h
-        .http
-        .put(h.url("/v1/policies/mine"))
-        .body(script)
-        .send()
-        .await
-        .unwrap();
+    let res = upload_canary(&h, "mine").await;
     assert!(res.status().is_success(), "{}", res.status());
 
     // The stored script becomes something that cannot be read as a file

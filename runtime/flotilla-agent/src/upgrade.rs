@@ -1324,27 +1324,14 @@ mod tests {
         let bytes = release("2.0.0");
         let server = artifact_server(bytes.clone());
         // The work journal cannot be written: its directory became a file.
-        let journal = tmp.path().join("work");
-        fs::remove_dir_all(&journal).unwrap();
-        fs::write(&journal, "").unwrap();
+        dir_becomes_a_file(&tmp.path().join("work"));
         let (steps, outcome) = run(
             &up,
             &server,
             &install(&server, &bytes, true, Backup::Default),
         )
         .await;
-        assert_eq!(
-            outcome.state,
-            ReportState::FailedRolledBack,
-            "{}",
-            outcome.detail
-        );
-        assert!(
-            outcome.detail.starts_with("cannot journal the work")
-                && outcome.detail.ends_with("nothing on the node was changed"),
-            "{}",
-            outcome.detail
-        );
+        failed_and_unchanged(&outcome, "cannot journal the work", "");
         assert!(steps.is_empty(), "{steps:?}");
         assert!(server.seen().is_empty(), "downloaded");
         untouched(&up, tmp.path());
@@ -1358,29 +1345,34 @@ mod tests {
         let up = node(tmp.path(), Some(LOG), None);
         let bytes = release("2.0.0");
         let server = artifact_server(bytes.clone());
-        let downloads = up.store.downloads_dir();
-        fs::remove_dir_all(&downloads).unwrap();
-        fs::write(&downloads, "").unwrap();
+        dir_becomes_a_file(&up.store.downloads_dir());
         let (_, outcome) = run(
             &up,
             &server,
             &install(&server, &bytes, true, Backup::Default),
         )
         .await;
-        assert_eq!(
-            outcome.state,
-            ReportState::FailedRolledBack,
-            "{}",
-            outcome.detail
-        );
-        assert!(
-            outcome.detail.starts_with("download failed: ")
-                && outcome.detail.contains("Not a directory")
-                && outcome.detail.ends_with("nothing on the node was changed"),
-            "{}",
-            outcome.detail
-        );
+        failed_and_unchanged(&outcome, "download failed: ", "Not a directory");
         assert_eq!(up.store.current().unwrap().as_deref(), Some("1.0.0"));
+    }
+
+    /// A folder the agent writes to becomes a file: every write in it fails.
+    fn dir_becomes_a_file(dir: &Path) {
+        fs::remove_dir_all(dir).unwrap();
+        fs::write(dir, "").unwrap();
+    }
+
+    /// Failed, rolled back, and said so: the detail starts with `prefix`,
+    /// contains `cause` and ends with "nothing on the node was changed".
+    fn failed_and_unchanged(outcome: &Report, prefix: &str, cause: &str) {
+        let detail = &outcome.detail;
+        assert_eq!(outcome.state, ReportState::FailedRolledBack, "{detail}");
+        assert!(
+            detail.starts_with(prefix)
+                && detail.contains(cause)
+                && detail.ends_with("nothing on the node was changed"),
+            "{detail}"
+        );
     }
 
     #[tokio::test]
