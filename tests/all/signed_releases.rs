@@ -352,3 +352,43 @@ fn flotilla_release_sign_makes_a_signature_the_minisign_cli_verifies() {
         Some(trusted_comment("edge", "1.4.0", &sha256(&bytes), bytes.len() as u64).as_str())
     );
 }
+
+/// A `release_keys` file the disk cannot read while the runner runs (it is
+/// read at each signed call, so a rotated key takes effect without a
+/// restart) is a fault: 503 with `Retry-After`, nothing stored, and the same
+/// call goes through once the file is back. Answered 500 before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_key_file_the_disk_cannot_read_answers_503_not_500() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, kp) = keypair();
+    let key_file = tmp.path().join("release.pub");
+    let pub_file = kp.pk.to_box().unwrap().into_string();
+    std::fs::write(&key_file, &pub_file).unwrap();
+    let h = Harness::start(|c| {
+        c.release_keys = vec![key_file.display().to_string()];
+        c.require_signed_releases = true;
+    })
+    .await;
+    let bytes = b"edge 2.1.0".to_vec();
+    let sig = sign_release(&kp, "edge", "2.1.0", &bytes);
+
+    std::fs::remove_file(&key_file).unwrap();
+    std::fs::create_dir(&key_file).unwrap(); // reading it fails (EISDIR)
+    let res = h
+        .http
+        .post(h.url("/v1/releases"))
+        .json(&json!({"package": "edge", "version": "2.1.0", "signature": sig}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(stored(&h, "2.1.0").await.is_none(), "stored on a fault");
+
+    std::fs::remove_dir(&key_file).unwrap();
+    std::fs::write(&key_file, &pub_file).unwrap();
+    let (s, r) = create(&h, "2.1.0", Some(&sig)).await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    let (s, r) = upload(&h, "2.1.0", &bytes).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+}

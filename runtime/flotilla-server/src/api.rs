@@ -452,8 +452,16 @@ pub(crate) struct NewRelease {
 
 /// The runner's release keys, or a fault: the config was checked at start,
 /// so a key file that cannot be read now is the disk's doing.
+/// The runner's release keys, read at each signed call (a rotated key file
+/// takes effect without a restart; the entries were checked at start). A
+/// key file the disk cannot read now is a fault, one that no longer holds a
+/// key an internal error.
 fn release_keys(state: &AppState) -> Result<crate::signing::ReleaseKeys, ApiError> {
-    crate::signing::ReleaseKeys::load(&state.config.release_keys).map_err(ApiError::internal)
+    use crate::signing::PublicKeyError;
+    crate::signing::ReleaseKeys::load(&state.config.release_keys).map_err(|e| match e.source {
+        PublicKeyError::Unreadable { .. } => ApiError::read_fault("a release_keys file", e),
+        _ => ApiError::internal(e),
+    })
 }
 
 fn unsigned(package: &str, version: &str) -> ApiError {

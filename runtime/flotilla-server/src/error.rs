@@ -100,12 +100,18 @@ impl ApiError {
         if !e.is_fault() {
             return ApiError::unprocessable(e.to_string());
         }
-        tracing::error!("policy read fault: {e}");
+        ApiError::read_fault("a stored policy", e)
+    }
+
+    /// The runner's disk could not read `what` (a stored policy, a
+    /// `release_keys` file): 503 with `Retry-After`, nothing applied.
+    pub fn read_fault(what: &str, e: impl std::fmt::Display) -> Self {
+        tracing::error!("read fault ({what}): {e}");
         let mut err = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the runner could not read a stored policy ({e}); nothing was applied"),
+            format!("the runner could not read {what} ({e}); nothing was applied"),
         )
-        .hint("a fault on the runner's disk, not a problem with the request or the policy: send it again later");
+        .hint("a fault on the runner's disk, not a problem with the request: send it again later");
         err.retry_after = Some(RETRY_AFTER_SECONDS);
         err
     }
