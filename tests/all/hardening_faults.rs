@@ -142,6 +142,19 @@ impl Runner0 {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// Enrolls `node` (at 1.0.0) with the enrollment secret; its token.
+    async fn enroll(&self, node: &str) -> String {
+        let (s, body) = self
+            .json(
+                "POST",
+                "/v1/agents/enroll",
+                Some(json!({"node_id": node, "secret": ENROLL, "version": "1.0.0"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        serde_json::from_value::<Enrolled>(body).unwrap().token
+    }
+
     /// Release edge 2.0.0 with its artifact, a one-wave Rhai policy and a
     /// task `name` that upgrades every node to it; the task's id.
     async fn start_edge_task(&self, name: &str) -> String {
@@ -223,15 +236,7 @@ async fn a_store_fault_answers_503_and_the_retried_report_is_applied_once() {
     let r = Runner0::start().await;
     let mut tokens = Vec::new();
     for node in ["n1", "n2"] {
-        let (s, body) = r
-            .json(
-                "POST",
-                "/v1/agents/enroll",
-                Some(json!({"node_id": node, "secret": ENROLL, "version": "1.0.0"})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{body}");
-        tokens.push(serde_json::from_value::<Enrolled>(body).unwrap().token);
+        tokens.push(r.enroll(node).await);
     }
     let id = r.start_edge_task("up").await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -327,14 +332,7 @@ async fn an_mqtt_report_is_acked_only_once_the_store_has_it() {
     };
     let r = Runner0::start_with(Some(broker.runner_config())).await;
     let node = "node-00";
-    let (s, body) = r
-        .json(
-            "POST",
-            "/v1/agents/enroll",
-            Some(json!({"node_id": node, "secret": ENROLL, "version": "1.0.0"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{body}");
+    r.enroll(node).await;
     let id = r.start_edge_task("up").await;
     let counts = |state: &'static str| {
         let (r, id) = (&r, id.clone());
@@ -457,15 +455,8 @@ async fn burst_of_reports(restart_broker: bool) {
         r.state
             .inventory
             .upsert_node(flotilla_model::Node {
-                id: node(i),
-                version: "1.0.0".into(),
-                labels: Vec::new(),
-                attributes: Vec::new(),
-                asset_path: String::new(),
-                healthy: true,
-                schedulable: true,
-                online: true,
                 last_seen: now,
+                ..flotilla_model::Node::new(node(i), "1.0.0")
             })
             .unwrap();
     }
