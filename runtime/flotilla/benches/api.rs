@@ -15,6 +15,8 @@
 //! The client is reqwest over keep-alive connections, C requests in flight.
 //! Run: `cargo bench -p flotilla --bench api` (`-- --nodes N --conns C`).
 
+mod common;
+
 use flotilla_server::{Config, Runner};
 use serde_json::json;
 use std::sync::Arc;
@@ -101,73 +103,23 @@ async fn fleet(
     }));
     // Setup: enroll, a release, a policy with one wave of everyone.
     eprintln!("setup ({scheme}): enrolling {nodes} nodes ...");
-    let mut tokens = Vec::with_capacity(nodes);
-    for i in 0..nodes {
-        let node = format!("n{i:06}");
-        let r: serde_json::Value = client
-            .post(format!("{base}/v1/agents/enroll"))
-            .json(&json!({"node_id": node, "secret": "bench", "version": "1.0.0"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        tokens.push((node, r["token"].as_str().unwrap().to_string()));
-    }
-    let post = |path: &str, body: serde_json::Value| {
-        client.post(format!("{base}{path}")).json(&body).send()
-    };
-    post(
-        "/v1/releases",
-        json!({"package": "edge", "version": "2.0.0"}),
-    )
-    .await
-    .unwrap();
-    client
-        .put(format!("{base}/v1/releases/edge/2.0.0/artifact"))
-        .body(vec![1u8; 1024])
-        .send()
+    let node = |i: usize| format!("n{i:06}");
+    let tokens: Vec<(String, String)> = common::enroll(client, &base, nodes, node)
         .await
-        .unwrap();
-    client
-        .put(format!("{base}/v1/policies/everyone"))
-        .body("// every hook at its default: one wave of every node\n")
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap();
-    let task: serde_json::Value = post(
-        "/v1/tasks",
-        json!({"name": "bench", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"}),
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| (node(i), token))
+        .collect();
+    let id = common::start_task(client, &base).await;
+    common::wait_counts(
+        client,
+        &base,
+        &id,
+        "offered",
+        nodes,
+        Duration::from_secs(120),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let id = task["id"].as_str().expect("task created").to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let t: serde_json::Value = client
-            .get(format!("{base}/v1/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if t["counts"]["offered"].as_u64() == Some(nodes as u64) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not every node was offered: {}",
-            t["counts"]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
     Fleet {
         base,
         tokens,

@@ -23,7 +23,9 @@
 //! or `FLOTILLA_BENCH_DEVICES`). Needs `mosquitto` and `mosquitto_passwd`
 //! (Debian: apt-get install mosquitto) and a file limit above 2N + 1000.
 
-use serde_json::{Value, json};
+mod common;
+
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -204,46 +206,8 @@ async fn runner(http: &reqwest::Client, dir: &Path, n: usize, mqtt_port: Option<
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     eprintln!("  setup: enrolling {n} nodes ...");
-    let mut tokens = Vec::with_capacity(n);
-    for i in 0..n {
-        let r: Value = http
-            .post(format!("{base}/v1/agents/enroll"))
-            .json(&json!({"node_id": node(i), "secret": "bench", "version": "1.0.0"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        tokens.push(r["token"].as_str().unwrap().to_string());
-    }
-    http.post(format!("{base}/v1/releases"))
-        .json(&json!({"package": "edge", "version": "2.0.0"}))
-        .send()
-        .await
-        .unwrap();
-    http.put(format!("{base}/v1/releases/edge/2.0.0/artifact"))
-        .body(vec![1u8; 1024])
-        .send()
-        .await
-        .unwrap();
-    http.put(format!("{base}/v1/policies/everyone"))
-        .body("// every hook at its default: one wave of every node\n")
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap();
-    let task: Value = http
-        .post(format!("{base}/v1/tasks"))
-        .json(&json!({"name": "bench", "package": "edge", "target": {"version": "2.0.0"}, "policy": "everyone"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let task = task["id"].as_str().expect("task created").to_string();
+    let tokens = common::enroll(http, &base, n, node).await;
+    let task = common::start_task(http, &base).await;
     let r = Runner {
         proc,
         base,
@@ -261,26 +225,7 @@ impl Runner {
     }
 
     async fn wait_counts(&self, http: &reqwest::Client, state: &str, n: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let t: Value = http
-                .get(format!("{}/v1/tasks/{}", self.base, self.task))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if t["counts"][state].as_u64() == Some(n as u64) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not {n} {state}: {}",
-                t["counts"]
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_counts(http, &self.base, &self.task, state, n, limit).await;
     }
 
     /// The runner's count of reports it applied from MQTT.
