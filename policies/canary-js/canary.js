@@ -63,7 +63,9 @@ const rounded = (x) => (x >= 0 ? Math.floor(x + 0.5) : -Math.floor(-x + 0.5));
 
 export const hooks = {
   describe() {
-    return { name: "canary", version: "0.1.0", hooks: ["plan", "evaluate"] };
+    // `plan` places each node by its index and keeps nothing between calls:
+    // the runner may run its chunks at once.
+    return { name: "canary", version: "0.1.0", hooks: ["plan", "evaluate"], planCalls: "independent" };
   },
 
   select(ctx, nodes) {

@@ -21,6 +21,7 @@ from wit_world.imports.types import (
     Admission_Now,
     Hook,
     Offer_Offer,
+    PlanCalls,
     PolicyInfo,
     Selection_Include,
     Verdict_Abort,
@@ -76,7 +77,14 @@ def waves_of(total):
 
 class Hooks(exports.Hooks):
     def describe(self):
-        return PolicyInfo(name="canary", version="0.1.0", hooks=[Hook.PLAN, Hook.EVALUATE])
+        # `plan` places each node by its index and keeps nothing between
+        # calls: the runner may run its chunks at once.
+        return PolicyInfo(
+            name="canary",
+            version="0.1.0",
+            hooks=[Hook.PLAN, Hook.EVALUATE],
+            plan_calls=PlanCalls.INDEPENDENT,
+        )
 
     def select(self, ctx, nodes):
         return [Selection_Include()] * len(nodes)

@@ -36,8 +36,8 @@ pub mod bindings {
 }
 
 pub use bindings::flotilla::policy::types::{
-    Admission, Backup, DeliveryMethod, Hook, Level, Node, NodeRun, Offer, Outcome, PolicyInfo,
-    Release, ReleaseKind, Selection, Selector, Skip, SkipReason, Strategy, TaskContext,
+    Admission, Backup, DeliveryMethod, Hook, Level, Node, NodeRun, Offer, Outcome, PlanCalls,
+    PolicyInfo, Release, ReleaseKind, Selection, Selector, Skip, SkipReason, Strategy, TaskContext,
     TaskSummary, Verdict, Wave, WaveReport,
 };
 pub use flotilla_sdk_macros::policy;
@@ -346,6 +346,9 @@ macro_rules! __export_policy {
                         name: <$ty as $crate::Describe>::NAME.into(),
                         version: <$ty as $crate::Describe>::VERSION.into(),
                         hooks: <$ty as $crate::Describe>::HOOKS.to_vec(),
+                        // The glue keeps every chunk and calls the policy's
+                        // `plan` on the last one: the calls are in order.
+                        plan_calls: $crate::PlanCalls::InOrder,
                     }
                 }
                 // Each hook drops its arguments, then frees the argument

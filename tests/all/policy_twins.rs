@@ -1,7 +1,7 @@
 //! The shipped policies written twice — a Rust component and a Rhai script —
 //! decide identically on a shared table of inputs.
 
-use flotilla_model::{Node, TaskContext, WaveReport};
+use flotilla_model::{Node, PlanCalls, TaskContext, WaveReport};
 use flotilla_policy::world::World;
 use flotilla_policy::{Limits, Policy, RhaiPolicy, WasmRuntime};
 use flotilla_tests::{component, fleet, interpreted, script};
@@ -119,6 +119,46 @@ fn canary_plan_twins_agree() {
                 assert_eq!(sizes[0], 1, "the canary is one node");
                 assert_eq!(sizes.iter().sum::<usize>(), n);
             }
+        }
+    }
+}
+
+/// A `plan` declared independent (the Python and JavaScript canaries) has
+/// its chunks spread over instances like `select`'s, and still plans as the
+/// Rust canary does with every node at once; the Rust canary's `plan` is in
+/// order (the SDK keeps each chunk until the last) and stays in one instance.
+#[test]
+fn an_independent_plan_is_spread_over_instances_and_an_in_order_one_is_not() {
+    let rt = WasmRuntime::new(None).unwrap();
+    let limits = Limits {
+        cpu: std::time::Duration::from_secs(10),
+        ..Limits::default()
+    };
+    // Three chunks: two instances take two chunks and one.
+    let nodes: Vec<Node> = fleet(2 * flotilla_model::CHUNK + 100, &["1.0.0"]);
+    let mut ctx = TaskContext::new("2.0.0").with_params(json!({ "soak_seconds": 60 }));
+    ctx.concurrency = 7;
+    let mut rust = rt
+        .load_file(&component("canary"))
+        .unwrap()
+        .instantiate(World::empty(), limits)
+        .unwrap();
+    assert_eq!(rust.info().plan_calls, PlanCalls::InOrder);
+    rust.set_workers(2);
+    let expected = rust.plan(&ctx, &nodes).unwrap();
+    assert_eq!(rust.instances(), 1, "an in-order plan stays in one instance");
+    assert_eq!(expected.len(), 4);
+    for name in ["canary-py", "canary-js"] {
+        let compiled = rt
+            .load_file(&interpreted(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(compiled.info().plan_calls, PlanCalls::Independent, "{name}");
+        for workers in [1, 2] {
+            let mut p = compiled.instantiate(World::empty(), limits).unwrap();
+            p.set_workers(workers);
+            let got = p.plan(&ctx, &nodes).unwrap();
+            assert_eq!(got, expected, "{name}, {workers} workers");
+            assert_eq!(p.instances(), workers, "{name}: instances used");
         }
     }
 }

@@ -380,6 +380,32 @@ pub struct PolicyInfo {
     pub name: String,
     pub version: String,
     pub hooks: Vec<Hook>,
+    /// How `plan` may be called over several chunks (absent in a runner's
+    /// answer from before 2026-12: in order).
+    #[serde(default)]
+    pub plan_calls: PlanCalls,
+}
+
+/// How the runner may call `plan` when the selection spans several chunks
+/// (`policy-info.plan-calls` of the contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanCalls {
+    /// In order, in one instance; the policy may keep state between calls.
+    #[default]
+    InOrder,
+    /// Each call depends only on its own chunk: the calls may run at once in
+    /// separate instances.
+    Independent,
+}
+
+impl PlanCalls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanCalls::InOrder => "in-order",
+            PlanCalls::Independent => "independent",
+        }
+    }
 }
 
 impl PolicyInfo {

@@ -34,8 +34,8 @@ use super::{Failure, Limits, Policy, PolicyError};
 use crate::clock::CallClock;
 use crate::world::World;
 use flotilla_model::{
-    Admission, Hook, Node, Offer, PolicyInfo, Selection, Selector, SkipReason, TaskContext,
-    Verdict, Wave, WaveReport,
+    Admission, Hook, Node, Offer, PlanCalls, PolicyInfo, Selection, Selector, SkipReason,
+    TaskContext, Verdict, Wave, WaveReport,
 };
 use flotilla_window::{Window, local_time_in};
 use rhai::packages::{
@@ -198,6 +198,8 @@ impl RhaiPolicy {
                 name: name.to_string(),
                 version,
                 hooks,
+                // A script's `plan` gets every node in one call.
+                plan_calls: PlanCalls::InOrder,
             },
             engine,
             ast,

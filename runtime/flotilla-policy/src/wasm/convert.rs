@@ -79,3 +79,10 @@ pub(super) fn hook_from(h: wit::Hook) -> Hook {
         wit::Hook::OnRequest => Hook::OnRequest,
     }
 }
+
+pub(super) fn plan_calls_from(p: wit::PlanCalls) -> model::PlanCalls {
+    match p {
+        wit::PlanCalls::InOrder => model::PlanCalls::InOrder,
+        wit::PlanCalls::Independent => model::PlanCalls::Independent,
+    }
+}

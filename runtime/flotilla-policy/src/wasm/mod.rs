@@ -56,7 +56,7 @@ mod lower;
 pub use lower::use_derived_lowering;
 mod sections;
 
-use convert::{hook_from, selection_from, wit_ctx, wit_node};
+use convert::{hook_from, plan_calls_from, selection_from, wit_ctx, wit_node};
 use host::{Limiter, State};
 use lower::{CtxArg, NOT_RESERVED, NodeList};
 use sections::args_arena;
@@ -337,6 +337,7 @@ impl WasmRuntime {
                 name: name.to_string(),
                 version: String::new(),
                 hooks: Vec::new(),
+                plan_calls: model::PlanCalls::InOrder,
             },
         };
         let mut probe = compiled.instantiate(World::empty(), Limits::default())?;
@@ -366,6 +367,7 @@ impl WasmRuntime {
             },
             version: described.version,
             hooks: described.hooks,
+            plan_calls: described.plan_calls,
         };
         Ok(compiled)
     }
@@ -627,14 +629,21 @@ impl WasmPolicy {
         self.live(Hook::Select).map(|_| ())
     }
 
+    /// How many live instances this policy holds (its own and the extra ones
+    /// `select` and an independent `plan` spread chunks over).
+    pub fn instances(&self) -> usize {
+        usize::from(self.live.is_some()) + self.spare.len()
+    }
+
     /// Drops the instances; the next call makes a new one.
     pub fn discard(&mut self) {
         self.live = None;
         self.spare.clear();
     }
 
-    /// How many instances `select` may spread chunks over (default: the
-    /// number of cores, at most 4). 1 keeps everything on the calling thread.
+    /// How many instances `select`, and a `plan` declared independent, may
+    /// spread chunks over (default: the number of cores, at most 4). 1 keeps
+    /// everything on the calling thread.
     pub fn set_workers(&mut self, workers: usize) {
         self.workers = workers.max(1);
         self.spare.truncate(self.workers - 1);
@@ -644,8 +653,9 @@ impl WasmPolicy {
     /// never shrinks, and an interpreter's heap (a JavaScript or Python
     /// runtime's) grows over calls until it collects; a fresh instance (cheap:
     /// copy-on-write from the compiled image) starts small again. Called before
-    /// `select` and before the first chunk of a `plan`, never between a plan's
-    /// chunks (a policy may keep state across them).
+    /// `select` and before the first chunk of a `plan`; between a plan's
+    /// chunks only when it is declared independent (otherwise a policy may
+    /// keep state across them).
     fn recycle_grown(&mut self) {
         let limits = self.limits;
         let grown = |l: &LiveInstance| l.grown(&limits);
@@ -729,39 +739,24 @@ impl WasmPolicy {
         out
     }
 
-    fn describe(&mut self) -> Result<PolicyInfo, PolicyError> {
-        let info = self.call(Hook::Select, 0, |l| {
-            l.bindings
-                .flotilla_policy_hooks()
-                .call_describe(&mut l.store)
-        })?;
-        Ok(PolicyInfo {
-            name: info.name,
-            version: info.version,
-            hooks: info.hooks.into_iter().map(hook_from).collect(),
-        })
-    }
-}
-
-impl Policy for WasmPolicy {
-    fn info(&self) -> &PolicyInfo {
-        &self.compiled.info
-    }
-
-    /// Chunks are spread over up to `workers` instances on scoped threads (the
-    /// contract says `select` keeps no state between calls). Each call has its
-    /// own budget; a failed instance is discarded, the others are kept.
-    fn call_select_chunks(
+    /// Runs `call` on every chunk (with its offset), the chunks spread in
+    /// contiguous groups over up to `workers` instances on scoped threads;
+    /// the results come back in chunk order. For calls that keep no state
+    /// between chunks (`select`, and `plan` declared independent): each call
+    /// has a budget and cap for its own chunk, and an instance whose memory
+    /// grew is swapped for a fresh one between chunks. A failed instance is
+    /// discarded (a trapped one cannot be entered again), the others kept.
+    fn spread_chunks<T: Send>(
         &mut self,
         ctx: &model::TaskContext,
-        chunks: &[&[model::Node]],
-    ) -> Result<Vec<Vec<model::Selection>>, PolicyError> {
+        hook: Hook,
+        chunks: &[(u32, &[model::Node])],
+        call: impl Fn(&mut LiveInstance, &wit::TaskContext, u32, &[model::Node]) -> wasmtime::Result<T>
+        + Sync,
+    ) -> Result<Vec<T>, PolicyError> {
         self.recycle_grown();
         let per = chunks.len().div_ceil(self.workers.max(1)).max(1);
-        let groups: Vec<&[&[model::Node]]> = chunks.chunks(per).collect();
-        if groups.len() <= 1 {
-            return chunks.iter().map(|c| self.call_select(ctx, c)).collect();
-        }
+        let groups: Vec<&[(u32, &[model::Node])]> = chunks.chunks(per).collect();
         let mut lives = Vec::with_capacity(groups.len());
         while lives.len() < groups.len() {
             let live = match (lives.is_empty(), self.live.take(), self.spare.pop()) {
@@ -775,29 +770,27 @@ impl Policy for WasmPolicy {
                 }
                 (_, primary, None) => {
                     self.live = primary;
-                    self.new_live(Hook::Select)?
+                    self.new_live(hook)?
                 }
             };
             lives.push(live);
         }
         let cached = self.take_ctx(ctx);
         let maker = self.maker();
-        let (name, limits, maker) = (&self.compiled.name, self.limits, &maker);
+        let (name, limits, maker, call) = (&self.compiled.name, self.limits, &maker, &call);
         let wit_ctx = &cached.1;
         let results = crate::spread(lives, groups, |live, group| {
             let mut out = Vec::with_capacity(group.len());
-            for chunk in group {
-                // `select` keeps no state between calls: an instance whose
-                // heap grew (an interpreter's garbage) is swapped for a
-                // fresh one.
+            for &(offset, chunk) in group {
+                // Nothing is kept between calls: an instance whose heap grew
+                // (an interpreter's garbage) is swapped for a fresh one.
                 if live.grown(&limits) {
-                    *live = maker.new_live(Hook::Select)?;
+                    *live = maker.new_live(hook)?;
                 }
                 live.arm(limits.budget(chunk.len()), limits.memory(chunk.len()));
-                match call_select(live, wit_ctx, chunk) {
-                    Ok(v) => out.push(v.into_iter().map(selection_from).collect()),
+                match call(live, wit_ctx, offset, chunk) {
+                    Ok(v) => out.push(v),
                     Err(e) => {
-                        let hook = Hook::Select;
                         return Err(classify(name, &limits, hook, chunk.len(), &live.store, e));
                     }
                 }
@@ -808,8 +801,6 @@ impl Policy for WasmPolicy {
         let mut all = Vec::with_capacity(chunks.len());
         let mut first_err = None;
         for (live, result) in results {
-            // A worker that failed is discarded (a trapped instance cannot
-            // be entered again); the others are kept.
             if result.is_ok() {
                 if self.live.is_none() {
                     self.live = Some(live);
@@ -828,6 +819,46 @@ impl Policy for WasmPolicy {
             Some(e) => Err(e),
             None => Ok(all),
         }
+    }
+
+    fn describe(&mut self) -> Result<PolicyInfo, PolicyError> {
+        let info = self.call(Hook::Select, 0, |l| {
+            l.bindings
+                .flotilla_policy_hooks()
+                .call_describe(&mut l.store)
+        })?;
+        Ok(PolicyInfo {
+            name: info.name,
+            version: info.version,
+            hooks: info.hooks.into_iter().map(hook_from).collect(),
+            plan_calls: plan_calls_from(info.plan_calls),
+        })
+    }
+}
+
+impl Policy for WasmPolicy {
+    fn info(&self) -> &PolicyInfo {
+        &self.compiled.info
+    }
+
+    /// Chunks are spread over up to `workers` instances on scoped threads (the
+    /// contract says `select` keeps no state between calls). Each call has its
+    /// own budget; a failed instance is discarded, the others are kept.
+    fn call_select_chunks(
+        &mut self,
+        ctx: &model::TaskContext,
+        chunks: &[&[model::Node]],
+    ) -> Result<Vec<Vec<model::Selection>>, PolicyError> {
+        if self.workers <= 1 || chunks.len() <= 1 {
+            return chunks.iter().map(|c| self.call_select(ctx, c)).collect();
+        }
+        let chunks: Vec<(u32, &[model::Node])> = chunks.iter().map(|c| (0, *c)).collect();
+        self.spread_chunks(ctx, Hook::Select, &chunks, |live, ctx, _, chunk| {
+            Ok(call_select(live, ctx, chunk)?
+                .into_iter()
+                .map(selection_from)
+                .collect())
+        })
     }
 
     fn call_select(
@@ -849,39 +880,56 @@ impl Policy for WasmPolicy {
         ctx: &model::TaskContext,
         nodes: &[model::Node],
     ) -> Result<Vec<model::Wave>, PolicyError> {
-        // Chunks in order, in this policy's one instance; each call's budget
-        // covers the nodes handed over so far (a policy may keep them and
-        // decide on the last call). Waves of the same name are merged.
         let total = u32::try_from(nodes.len()).map_err(|_| {
             PolicyError::invalid(&self.compiled.name, Hook::Plan, "more than 2^32 nodes")
         })?;
-        self.recycle_grown();
+        let chunks: Vec<(u32, &[model::Node])> = nodes
+            .chunks(model::CHUNK)
+            .enumerate()
+            .map(|(i, c)| ((i * model::CHUNK) as u32, c))
+            .collect();
+        let outs: Vec<Vec<wit::Wave>> = if self.compiled.info.plan_calls
+            == model::PlanCalls::Independent
+            && self.workers > 1
+            && chunks.len() > 1
+        {
+            // Declared independent: spread like `select`'s chunks.
+            self.spread_chunks(ctx, Hook::Plan, &chunks, |live, ctx, offset, chunk| {
+                call_plan(live, ctx, chunk, offset, total)
+            })?
+        } else {
+            // In order, in this policy's one instance; each call's budget
+            // covers the nodes handed over so far (a policy may keep them and
+            // decide on the last call).
+            self.recycle_grown();
+            let mut outs = Vec::with_capacity(chunks.len());
+            for &(offset, chunk) in &chunks {
+                let handed = offset as usize + chunk.len();
+                outs.push(self.with_ctx(ctx, |this, ctx| {
+                    this.call(Hook::Plan, handed, |live| {
+                        call_plan(live, ctx, chunk, offset, total)
+                    })
+                })?);
+            }
+            outs
+        };
+        // Waves of the same name are merged, in chunk order.
         let mut waves: Vec<model::Wave> = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
-        let mut offset = 0usize;
-        for chunk in nodes.chunks(model::CHUNK) {
-            let handed = offset + chunk.len();
-            let out: Vec<wit::Wave> = self.with_ctx(ctx, |this, ctx| {
-                this.call(Hook::Plan, handed, |live| {
-                    call_plan(live, ctx, chunk, offset as u32, total)
-                })
-            })?;
-            for w in out {
-                match by_name.get(&w.name) {
-                    Some(&i) => waves[i].nodes.extend(w.nodes),
-                    None => {
-                        by_name.insert(w.name.clone(), waves.len());
-                        waves.push(model::Wave {
-                            name: w.name,
-                            nodes: w.nodes,
-                            concurrency: w.concurrency,
-                            soak_seconds: w.soak_seconds,
-                            needs_approval: w.needs_approval,
-                        });
-                    }
+        for w in outs.into_iter().flatten() {
+            match by_name.get(&w.name) {
+                Some(&i) => waves[i].nodes.extend(w.nodes),
+                None => {
+                    by_name.insert(w.name.clone(), waves.len());
+                    waves.push(model::Wave {
+                        name: w.name,
+                        nodes: w.nodes,
+                        concurrency: w.concurrency,
+                        soak_seconds: w.soak_seconds,
+                        needs_approval: w.needs_approval,
+                    });
                 }
             }
-            offset = handed;
         }
         Ok(waves)
     }

@@ -12,6 +12,7 @@ from wit_world.imports.types import (
     Admission_Now,
     Hook,
     Offer_Offer,
+    PlanCalls,
     PolicyInfo,
     Selection_Include,
     Selection_Skip,
@@ -28,7 +29,16 @@ def label(node, key):
 
 class Hooks(exports.Hooks):
     def describe(self):
-        return PolicyInfo(name="{{name}}", version="0.1.0", hooks=[Hook.SELECT, Hook.PLAN])
+        # `plan` places each node by its index and keeps nothing between
+        # calls, so it says its calls are independent: the runner may run
+        # them at once on several cores. A plan that must see every node
+        # first (sorting, grouping) says PlanCalls.IN_ORDER instead.
+        return PolicyInfo(
+            name="{{name}}",
+            version="0.1.0",
+            hooks=[Hook.SELECT, Hook.PLAN],
+            plan_calls=PlanCalls.INDEPENDENT,
+        )
 
     def select(self, ctx, nodes):
         # ctx.params is a JSON string: json.loads(ctx.params) for the task's parameters.

@@ -9,7 +9,11 @@ const label = (node, key) => (node.labels.find(([k]) => k === key) || [])[1];
 
 export const hooks = {
   describe() {
-    return { name: "{{name}}", version: "0.1.0", hooks: ["select", "plan"] };
+    // `plan` places each node by its index and keeps nothing between calls,
+    // so its calls are independent: the runner may run them at once on
+    // several cores. A plan that must see every node first (sorting,
+    // grouping) says planCalls: "in-order" instead.
+    return { name: "{{name}}", version: "0.1.0", hooks: ["select", "plan"], planCalls: "independent" };
   },
 
   select(ctx, nodes) {
