@@ -489,6 +489,7 @@ async fn policies_and_tokens() {
     assert!(up.contains("uploaded policy my-canary (rhai"), "{up}");
     assert!(up.contains("plan") && up.contains("evaluate"), "{up}");
     assert!(up.contains("no (default)"), "{up}");
+    assert!(up.contains("plan calls: in order"), "{up}");
     let list = remote::policy_list(&c, false).await.unwrap();
     assert!(
         list.contains("my-canary") && list.contains("plan, evaluate"),

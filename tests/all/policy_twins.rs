@@ -146,7 +146,11 @@ fn an_independent_plan_is_spread_over_instances_and_an_in_order_one_is_not() {
     assert_eq!(rust.info().plan_calls, PlanCalls::InOrder);
     rust.set_workers(2);
     let expected = rust.plan(&ctx, &nodes).unwrap();
-    assert_eq!(rust.instances(), 1, "an in-order plan stays in one instance");
+    assert_eq!(
+        rust.instances(),
+        1,
+        "an in-order plan stays in one instance"
+    );
     assert_eq!(expected.len(), 4);
     for name in ["canary-py", "canary-js"] {
         let compiled = rt

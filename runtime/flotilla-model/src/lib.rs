@@ -406,6 +406,16 @@ impl PlanCalls {
             PlanCalls::Independent => "independent",
         }
     }
+
+    /// For people: `policy check` and `policy upload` print it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PlanCalls::InOrder => {
+                "in order, in one instance (the policy may keep state between chunks)"
+            }
+            PlanCalls::Independent => "independent (chunks may run at once on several cores)",
+        }
+    }
 }
 
 impl PolicyInfo {

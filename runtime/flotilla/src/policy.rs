@@ -153,7 +153,7 @@ fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 outln!(
                     "{}",
                     serde_json::json!({ "ok": true, "file": file, "kind": kind, "name": info.name,
-                        "version": info.version, "hooks": info.hooks })
+                        "version": info.version, "hooks": info.hooks, "plan_calls": info.plan_calls })
                 );
             } else {
                 outln!("{} {} ({kind}) loads.", info.name, info.version);
@@ -169,6 +169,9 @@ fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     t.add_row([h.as_str(), yes, otherwise]);
                 }
                 outln!("{t}");
+                if info.implements(Hook::Plan) {
+                    outln!("plan calls: {}", info.plan_calls.describe());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

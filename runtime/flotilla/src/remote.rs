@@ -1491,6 +1491,9 @@ pub async fn policy_upload(
             ]);
         }
         out.push_str(&t.to_string());
+        if info.implements(Hook::Plan) {
+            out.push_str(&format!("\nplan calls: {}", info.plan_calls.describe()));
+        }
     }
     Ok(out)
 }
