@@ -3,7 +3,7 @@
 use flotilla_model::Hook;
 use flotilla_policy::world::World;
 use flotilla_policy::{Limits, Policy, PolicyError, WasmRuntime};
-use flotilla_tests::component;
+use flotilla_tests::{component, workspace};
 
 #[test]
 fn a_component_of_another_world_is_rejected_with_what_is_missing() {
@@ -59,6 +59,56 @@ fn a_component_of_contract_0_1_is_refused_naming_the_version_and_what_to_rebuild
         );
         assert!(msg.contains("flotilla-sdk"), "{msg}");
     }
+}
+
+/// A component built against the draft of 0.2.0 before `policy-info` got
+/// `plan-calls` (this repository's canary in JavaScript, built against that
+/// WIT) is refused at load with what to rebuild, not at its first call with
+/// a bare type mismatch.
+#[test]
+fn a_component_of_the_draft_0_2_without_plan_calls_is_refused_at_load() {
+    use flotilla_policy::build::{Interpreted, build_interpreted};
+    let tmp = tempfile::tempdir().unwrap();
+    let wit = std::fs::read_to_string(workspace().join("wit/policy.wit")).unwrap();
+    let field = "        plan-calls: plan-calls,\n";
+    assert!(
+        wit.contains(field),
+        "the WIT's policy-info changed: update this test"
+    );
+    std::fs::create_dir(tmp.path().join("wit")).unwrap();
+    std::fs::write(tmp.path().join("wit/policy.wit"), wit.replace(field, "")).unwrap();
+    let js = std::fs::read_to_string(workspace().join("policies/canary-js/canary.js")).unwrap();
+    let draft = js.replace(r#", planCalls: "independent""#, "");
+    assert_ne!(
+        draft, js,
+        "the JS canary's describe changed: update this test"
+    );
+    let dir = tmp.path().join("draft");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("canary.js"), draft).unwrap();
+    let wasm = build_interpreted(
+        Interpreted::JavaScript,
+        &dir,
+        &tmp.path().join("wit"),
+        tmp.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let err = WasmRuntime::new(None)
+        .unwrap()
+        .load_file(&wasm)
+        .err()
+        .expect("a draft 0.2 component must be refused");
+    let msg = err.to_string();
+    assert!(matches!(err, PolicyError::Load { .. }), "{msg}");
+    assert!(
+        msg.contains("policy-info with the fields (name, version, hooks)"),
+        "{msg}"
+    );
+    assert!(msg.contains("(name, version, hooks, plan-calls)"), "{msg}");
+    assert!(
+        msg.contains("rebuild it against flotilla:policy@0.2.0"),
+        "{msg}"
+    );
 }
 
 #[test]

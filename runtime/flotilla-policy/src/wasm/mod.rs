@@ -1249,7 +1249,18 @@ pub enum ContractError {
         missing: Vec<String>,
         has: Vec<String>,
     },
+    /// `describe` answers a `policy-info` of other fields (built against an
+    /// earlier draft of 0.2.0, before `plan-calls`).
+    #[error(
+        "its `describe` returns policy-info with the fields ({}), but {CONTRACT} has ({}): it was built against an earlier draft of 0.2.0 (before `plan-calls`); {REBUILD}",
+        fields.join(", "),
+        POLICY_INFO_FIELDS.join(", ")
+    )]
+    PolicyInfoFields { fields: Vec<String> },
 }
+
+/// The fields of `policy-info`, in order.
+const POLICY_INFO_FIELDS: [&str; 4] = ["name", "version", "hooks", "plan-calls"];
 
 fn contract_check(engine: &Engine, component: &Component) -> Result<(), ContractError> {
     use wasmtime::component::types::ComponentItem;
@@ -1293,6 +1304,21 @@ fn contract_check(engine: &Engine, component: &Component) -> Result<(), Contract
             missing: owned(&missing),
             has: owned(&inner),
         });
+    }
+    // `policy-info` as this runner has it: a component built before
+    // `plan-calls` was added to 0.2.0 would otherwise fail at its first
+    // instantiation with a bare type mismatch.
+    use wasmtime::component::types::Type;
+    if let Some(ComponentItem::ComponentFunc(describe)) =
+        hooks.get_export(engine, "describe").map(|e| e.ty)
+        && let Some(Type::Record(info)) = describe.results().next()
+    {
+        let fields: Vec<&str> = info.fields().map(|f| f.name).collect();
+        if fields != POLICY_INFO_FIELDS {
+            return Err(ContractError::PolicyInfoFields {
+                fields: owned(&fields),
+            });
+        }
     }
     Ok(())
 }
