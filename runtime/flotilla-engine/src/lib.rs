@@ -1752,8 +1752,9 @@ struct Undo {
     next_seq: u64,
     events: usize,
     dirty: usize,
-    /// Each changed run as it was, once per node.
-    runs: Vec<NodeRun>,
+    /// Each changed run as it was, once per node (by node id: a batch can
+    /// be a whole wave, and a linear look made it quadratic).
+    runs: HashMap<String, NodeRun>,
 }
 
 impl Undo {
@@ -1765,14 +1766,14 @@ impl Undo {
             next_seq: live.next_seq,
             events: live.events.len(),
             dirty: live.dirty.len(),
-            runs: Vec::new(),
+            runs: HashMap::new(),
         }
     }
 
     /// Keeps `run` as it is now, unless an earlier report of the batch did.
     fn keep(&mut self, run: &NodeRun) {
-        if !self.runs.iter().any(|r| r.node_id == run.node_id) {
-            self.runs.push(run.clone());
+        if !self.runs.contains_key(&run.node_id) {
+            self.runs.insert(run.node_id.clone(), run.clone());
         }
     }
 
@@ -1785,8 +1786,8 @@ impl Undo {
         // tick) stay, to be committed with the next one.
         live.events.truncate(self.events);
         live.dirty.truncate(self.dirty);
-        for run in self.runs {
-            live.runs.insert(run.node_id.clone(), run);
+        for (node, run) in self.runs {
+            live.runs.insert(node, run);
         }
     }
 }
