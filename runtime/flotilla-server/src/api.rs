@@ -908,7 +908,8 @@ async fn list_tasks(
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let store = state.store.clone();
-    let tasks = tokio::task::spawn_blocking(move || store.tasks())
+    // Heads and wave counts: a 100,000-node plan is not built to be counted.
+    let tasks = tokio::task::spawn_blocking(move || store.task_list())
         .await
         .map_err(ApiError::internal)??;
     // The runs of the tasks the engine holds, counted in its memory.
@@ -916,14 +917,14 @@ async fn list_tasks(
     Ok(Json(
         tasks
             .into_iter()
-            .filter(|t| q.state.as_deref().is_none_or(|s| t.state.name() == s))
-            .map(|t| {
+            .filter(|(t, _)| q.state.as_deref().is_none_or(|s| t.state.name() == s))
+            .map(|(t, waves)| {
                 let counts = live.remove(&t.id);
                 serde_json::json!({
                     "counts": counts,
                     "id": t.id, "name": t.spec.name, "package": t.spec.package,
                     "target_version": t.target_version, "state": t.state,
-                    "waves": t.waves.len(), "current_wave": t.current_wave,
+                    "waves": waves, "current_wave": t.current_wave,
                     "awaiting_approval": t.awaiting_approval,
                     "created_at": t.created_at, "updated_at": t.updated_at,
                 })

@@ -287,20 +287,21 @@ impl SledStore {
     /// A task head (`T id`) plus its plan (`P id`).
     fn read_task(&self, key: &[u8], head: &[u8]) -> Result<Task, StoreError> {
         let mut task: Task = decode(key, head)?;
-        let plan_key = key_of(|b| {
-            b.push(PLAN);
-            b.extend_from_slice(&key[1..]);
-        });
-        let plan = self
-            .tree
+        let plan = self.plan_bytes(key, &task.id)?;
+        task.waves = decode(&plan_of(key), &plan)?;
+        Ok(task)
+    }
+
+    /// The stored plan of the task whose head is at `key`.
+    fn plan_bytes(&self, key: &[u8], id: &str) -> Result<IVec, StoreError> {
+        let plan_key = plan_of(key);
+        self.tree
             .get(&plan_key)
-            .map_err(|e| self.io(&format!("reading the plan of {}", task.id), e))?
+            .map_err(|e| self.io(&format!("reading the plan of {id}"), e))?
             .ok_or_else(|| StoreError::Corrupt {
                 key: describe(&plan_key),
                 reason: "missing (the task record has no plan)".into(),
-            })?;
-        task.waves = decode(&plan_key, &plan)?;
-        Ok(task)
+            })
     }
 
     /// The lock that keeps reads of `task_id`'s runs and write-outs of its
@@ -813,6 +814,14 @@ fn describe(key: &[u8]) -> String {
     }
 }
 
+/// The key of the plan of the task whose head is at `head_key`.
+fn plan_of(head_key: &[u8]) -> IVec {
+    key_of(|b| {
+        b.push(PLAN);
+        b.extend_from_slice(&head_key[1..]);
+    })
+}
+
 fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: describe(key),
@@ -1077,6 +1086,20 @@ impl Store for SledStore {
         }
         tasks.sort_by_key(|t| t.created_at);
         Ok(tasks)
+    }
+
+    fn task_list(&self) -> Result<Vec<(Task, usize)>, StoreError> {
+        let mut list = Vec::new();
+        for kv in self.tree.scan_prefix([TASK]) {
+            let (k, v) = kv.map_err(|e| self.io("reading tasks", e))?;
+            let task: Task = decode(&k, &v)?;
+            // The waves counted, their node ids skipped (not built).
+            let waves: Vec<serde::de::IgnoredAny> =
+                decode(&plan_of(&k), &self.plan_bytes(&k, &task.id)?)?;
+            list.push((task, waves.len()));
+        }
+        list.sort_by_key(|(t, _)| t.created_at);
+        Ok(list)
     }
 
     fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError> {

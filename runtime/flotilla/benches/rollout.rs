@@ -208,6 +208,16 @@ fn main() {
     let t = Instant::now();
     assert_eq!(store.runs(&task.id).unwrap().len(), n);
     let read_all = t.elapsed();
+    // A task list (`GET /v1/tasks`, polled by the dashboard): heads and wave
+    // counts, beside reading every task with its plan.
+    let t = Instant::now();
+    let listed = store.inner.task_list().unwrap();
+    let list = t.elapsed();
+    let t = Instant::now();
+    let full = store.inner.tasks().unwrap();
+    let with_plans = t.elapsed();
+    assert_eq!(listed.len(), full.len());
+    assert_eq!(listed[0].1, full[0].waves.len());
 
     // Baseline: the same number of records and bytes (values of the
     // average size the store wrote) into sled in a tight loop, then one flush.
@@ -266,6 +276,16 @@ fn main() {
         "{:<44} {:>10.3} s",
         "read of every run of the task",
         read_all.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "task list (heads, wave counts)",
+        list.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "  baseline: every task with its plan",
+        with_plans.as_secs_f64() * 1e3
     );
     // sled flushes on drop: close both databases before removing their files.
     drop((engine, store, tree, db));

@@ -351,6 +351,11 @@ pub mod conformance {
         want[1].waves.clear();
         assert_eq!(heads, want);
         assert_eq!(heads[0].id, "t2");
+        let list = store.task_list().unwrap();
+        let counts: Vec<(&str, usize)> = list.iter().map(|(t, n)| (t.id.as_str(), *n)).collect();
+        assert_eq!(counts, [("t2", 0), ("t1", 2)]);
+        let list_heads: Vec<Task> = list.into_iter().map(|(t, _)| t).collect();
+        assert_eq!(list_heads, heads);
     }
 
     pub fn tasks_oldest_first(store: &dyn Store) {

@@ -88,6 +88,20 @@ pub trait Store: Send + Sync {
         }
         Ok(tasks)
     }
+    /// Every task, oldest first, without its plan, with its number of
+    /// waves: what a task list shows (`GET /v1/tasks`, polled by the
+    /// dashboard), without building every plan's node ids.
+    fn task_list(&self) -> Result<Vec<(Task, usize)>, StoreError> {
+        Ok(self
+            .tasks()?
+            .into_iter()
+            .map(|mut t| {
+                let waves = t.waves.len();
+                t.waves = Vec::new();
+                (t, waves)
+            })
+            .collect())
+    }
     /// A task's runs, ordered by node id.
     fn runs(&self, task_id: &str) -> Result<Vec<NodeRun>, StoreError>;
     /// One node's run in a task.
