@@ -490,7 +490,11 @@ async fn tasks_lifecycle_and_bad_input() {
     // The list counts the stored plan's waves without the node ids.
     let (_, list) = h.get("/v1/tasks").await;
     assert_eq!(list[0]["id"], id.as_str(), "{list}");
-    assert_eq!(list[0]["waves"], task["waves"].as_array().unwrap().len(), "{list}");
+    assert_eq!(
+        list[0]["waves"],
+        task["waves"].as_array().unwrap().len(),
+        "{list}"
+    );
     assert_eq!(list[0]["waves"], sizes.len(), "{list}");
     // the live task's runs in the metrics (counted by the engine)
     let metrics = h.metrics().await;

@@ -374,6 +374,15 @@ fn interpreted(root: &Path, cache: &Path, rows: &mut Vec<Row>) {
                 Ok(_) => {
                     let d = median(3, || once(&mut p).unwrap());
                     rows.push(row(what, d, base, Duration::from_secs(2), last_cpu(1)));
+                    // Four calls over 25 chunks each: an instance's memory
+                    // must stay under the cap, not grow call after call.
+                    eprintln!(
+                        "{name}: {what}: largest instance memory after 4 calls {:.1} MiB \
+                         ({} instances; base cap {} MiB)",
+                        p.memory_bytes() as f64 / (1 << 20) as f64,
+                        p.instances(),
+                        Limits::default().memory_bytes >> 20
+                    );
                 }
                 Err(e) => {
                     // Not met: say so, then time it with a wider budget.

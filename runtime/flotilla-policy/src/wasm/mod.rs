@@ -635,6 +635,17 @@ impl WasmPolicy {
         usize::from(self.live.is_some()) + self.spare.len()
     }
 
+    /// The largest linear memory any of its live instances grew to, in
+    /// bytes (what the memory cap is held against).
+    pub fn memory_bytes(&self) -> usize {
+        self.live
+            .iter()
+            .chain(&self.spare)
+            .map(|l| l.store.data().limiter.largest)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Drops the instances; the next call makes a new one.
     pub fn discard(&mut self) {
         self.live = None;
