@@ -185,6 +185,9 @@ struct LiveTask {
     last_scan: Option<u64>,
     /// What the policy reads through `status` (the runs, lent per call).
     status: Arc<PolicyStatusView>,
+    /// The disk failed reading the policy: since when, and when it was last
+    /// logged (a fault is retried every tick, logged once a minute).
+    policy_fault: Option<(u64, u64)>,
 }
 
 impl LiveTask {
@@ -194,6 +197,12 @@ impl LiveTask {
     /// an agent is still upgrading.
     fn in_flight(&self) -> bool {
         self.runs.values().any(out_with_agent)
+    }
+
+    /// Its targeting and planning finished (a plan was stored; tasks of
+    /// runners before `plan_rev` have their waves).
+    fn planned(&self) -> bool {
+        self.task.plan_rev > 0 || !self.task.waves.is_empty()
     }
 
     fn event(&mut self, at: u64, node: Option<&str>, kind: &str, detail: impl Into<String>) {
@@ -535,6 +544,7 @@ impl Engine {
                 events: Vec::new(),
                 next_seq,
                 last_scan: None,
+                policy_fault: None,
                 status: Arc::new(PolicyStatusView::new(
                     &task.id,
                     self.store.clone(),
@@ -810,8 +820,33 @@ impl Engine {
                     // The disk failed reading the policy's bytes: nothing is
                     // wrong with the task or its policy, the next tick tries
                     // again (no one should have to resume it).
+                    // Said once in the task's events (and logged once a
+                    // minute while it lasts), not on every tick.
                     EngineError::Policy(err) if err.is_fault() => {
-                        tracing::warn!(task = %id, "{err}; trying again on the next tick");
+                        let now = self.clock.now();
+                        if let Some(live) = self.live.get_mut(&id) {
+                            match &mut live.policy_fault {
+                                None => {
+                                    tracing::warn!(task = %id, "{err}; trying again on every tick");
+                                    live.event(
+                                        now,
+                                        None,
+                                        "policy.unreadable",
+                                        format!("{err}; trying again on every tick"),
+                                    );
+                                    live.policy_fault = Some((now, now));
+                                }
+                                Some((since, logged)) if now.saturating_sub(*logged) >= 60_000 => {
+                                    tracing::warn!(
+                                        task = %id,
+                                        "{err}; still trying, for {} s now",
+                                        now.saturating_sub(*since) / 1000
+                                    );
+                                    *logged = now;
+                                }
+                                Some(_) => {}
+                            }
+                        }
                     }
                     // A policy failure pauses only its task (invariant 4).
                     EngineError::Policy(err) => {
@@ -849,6 +884,7 @@ impl Engine {
         f: impl FnOnce(&mut dyn Policy) -> Result<R, PolicyError>,
     ) -> Result<R, EngineError> {
         if live.policy.is_none() {
+            let now = world.clock.now();
             let world = World {
                 status: live.status.clone(),
                 ..world.clone()
@@ -857,6 +893,18 @@ impl Engine {
                 Some(sha) => policies.load_pinned(&live.task.spec.policy, sha, world)?,
                 None => policies.load(&live.task.spec.policy, world)?,
             });
+            if let Some((since, _)) = live.policy_fault.take() {
+                tracing::info!(task = %live.task.id, "policy read again");
+                live.event(
+                    now,
+                    None,
+                    "policy.readable",
+                    format!(
+                        "read again after {} s of disk faults",
+                        now.saturating_sub(since) / 1000
+                    ),
+                );
+            }
         }
         let policy = live.policy.as_mut().expect("just loaded");
         Ok(live.status.lend(&mut live.runs, || f(policy.as_mut()))?)
@@ -880,6 +928,13 @@ impl Engine {
                 if !self.live[id].schedule.is_open(now) {
                     return Ok(());
                 }
+                self.start(id, now)?;
+                self.dispatch(id, now, out)
+            }
+            // Targeting or planning did not finish (a policy error paused
+            // the task and it was resumed, or the disk failed reading the
+            // policy): from the start again, not a dispatch of no waves.
+            TaskState::Running if !self.live[id].planned() => {
                 self.start(id, now)?;
                 self.dispatch(id, now, out)
             }
@@ -929,10 +984,34 @@ impl Engine {
         };
         let nodes = self.query_all(&selector);
 
+        // Again, after a try that stopped before its plan: the nodes it
+        // held are let go, and its runs of nodes now out of scope cancelled
+        // (targeting below makes every node in scope a fresh run).
+        if !matches!(self.live[id].task.state, TaskState::Scheduled) {
+            let in_scope: std::collections::HashSet<&str> =
+                nodes.iter().map(|n| n.id.as_str()).collect();
+            let live = live_task(&mut self.live, id)?;
+            let mut gone = Vec::new();
+            for node in live.runs.keys() {
+                if self.busy.get(node).is_some_and(|t| &**t == id) {
+                    self.busy.remove(node);
+                }
+                if !in_scope.contains(node.as_str()) {
+                    gone.push(node.clone());
+                }
+            }
+            for node in gone {
+                if matches!(live.runs[&node].state, RunState::Pending) {
+                    live.apply(&node, RunEvent::Cancel, now)?;
+                }
+            }
+        }
         let live = live_task(&mut self.live, id)?;
         live.task.target_version = Some(target.clone());
         live.ctx.target_version = target.clone();
-        live.task_transition(TaskEvent::Start, now)?;
+        if matches!(live.task.state, TaskState::Scheduled) {
+            live.task_transition(TaskEvent::Start, now)?;
+        }
         live.event(
             now,
             None,

@@ -526,18 +526,111 @@ fn a_disk_fault_loading_the_policy_is_retried_not_a_pause() {
         source.clone(),
     )
     .unwrap();
-    for _ in 0..3 {
+    // Ticks come every 250 ms in the runner: two minutes of a failing disk.
+    for _ in 0..480 {
         assert!(again.tick().unwrap().is_empty());
-        clock.advance(1000);
+        clock.advance(250);
     }
     let state = again.task(&task.id).unwrap().state;
     assert!(!matches!(state, TaskState::Paused(_)), "{state:?}");
+    // The operator sees it in the task's events once, not once a tick.
+    let kinds = |engine: &Engine| -> Vec<String> {
+        engine
+            .events(&task.id, 0, 10_000)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .filter(|k| k.starts_with("policy."))
+            .collect()
+    };
+    assert_eq!(kinds(&again), ["policy.unreadable"]);
     // The disk is back: the task goes on without anyone resuming it.
     source
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
     sim::run(&mut again, &clock, &Agents::default(), 1000, 3600 * 1000).unwrap();
     assert_eq!(again.task(&task.id).unwrap().state, TaskState::Succeeded);
+    // Every node was upgraded: the fault did not skip the targeting (it
+    // did before: `succeeded` with every node pending, no waves planned).
+    let states = sim::states(&again, &task.id).unwrap();
+    assert_eq!(states.len(), 3, "{states:?}");
+    assert!(states.values().all(|s| s == "succeeded"), "{states:?}");
+    assert_eq!(
+        kinds(&again)[..3],
+        ["policy.unreadable", "policy.readable", "policy.plan"]
+    );
+}
+
+/// Loads `broken` while `failing`, `fixed` after.
+struct Mended {
+    broken: Scripts,
+    fixed: Scripts,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl PolicySource for Mended {
+    fn load(&self, name: &str, world: World) -> Result<Box<dyn Policy>, PolicyError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            self.broken.load(name, world)
+        } else {
+            self.fixed.load(name, world)
+        }
+    }
+}
+
+/// A policy that fails during targeting pauses its task before anything
+/// was planned. Resumed once the policy is mended, the task targets and
+/// plans again and upgrades its nodes. Failed before: it completed at once,
+/// `succeeded` with every node still pending (no waves to dispatch).
+#[test]
+fn a_task_paused_before_its_plan_targets_again_when_resumed() {
+    let mut w = world(fleet(3, "1.12"), &[]);
+    let task = w
+        .engine
+        .create(spec("mended", "default", json!({})))
+        .unwrap();
+    let World0 { clock, store, .. } = w;
+    let source = Arc::new(Mended {
+        broken: Scripts(BTreeMap::from([(
+            "default".to_string(),
+            r#"fn select(ctx, nodes) { throw "select is broken" }"#.to_string(),
+        )])),
+        fixed: Scripts(BTreeMap::from([("default".to_string(), String::new())])),
+        failing: true.into(),
+    });
+    let mut again = Engine::new(
+        store,
+        Arc::new(MemoryFleet::new(fleet(3, "1.12"))),
+        Arc::new(delivery()),
+        clock.clone(),
+        source.clone(),
+    )
+    .unwrap();
+    again.tick().unwrap();
+    let state = again.task(&task.id).unwrap().state;
+    assert!(
+        matches!(&state, TaskState::Paused(r) if r.contains("select is broken")),
+        "{state:?}"
+    );
+    // Paused, it stays paused: nothing completes it behind the operator.
+    for _ in 0..5 {
+        clock.advance(1000);
+        again.tick().unwrap();
+    }
+    assert!(matches!(
+        again.task(&task.id).unwrap().state,
+        TaskState::Paused(_)
+    ));
+    source
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    again.resume(&task.id).unwrap();
+    sim::run(&mut again, &clock, &Agents::default(), 1000, 3600 * 1000).unwrap();
+    assert_eq!(again.task(&task.id).unwrap().state, TaskState::Succeeded);
+    let states = sim::states(&again, &task.id).unwrap();
+    assert_eq!(states.len(), 3, "{states:?}");
+    assert!(states.values().all(|s| s == "succeeded"), "{states:?}");
+    assert_eq!(again.task(&task.id).unwrap().waves.len(), 1);
 }
 
 #[test]
