@@ -1163,7 +1163,7 @@ impl Engine {
             Scope::Selector(s) => s.clone(),
         };
         let runs = &self.live[id].runs;
-        let mut again = 0;
+        let (mut again, mut undecided) = (0, 0);
         let fresh: Vec<Node> = self
             .query_all(&selector)
             .into_iter()
@@ -1171,7 +1171,11 @@ impl Engine {
                 None => true,
                 Some(run) => {
                     let look = worth_another_look(run, n, self.busy.get(&n.id), id);
-                    again += usize::from(look);
+                    if matches!(run.state, RunState::Pending) {
+                        undecided += usize::from(look);
+                    } else {
+                        again += usize::from(look);
+                    }
                     look
                 }
             })
@@ -1181,6 +1185,14 @@ impl Engine {
         }
         let world = self.world();
         let live = live_task(&mut self.live, id)?;
+        if undecided > 0 {
+            live.event(
+                now,
+                None,
+                "task.increment",
+                format!("{undecided} nodes left undecided by a failed select are targeted again"),
+            );
+        }
         if again > 0 {
             live.event(
                 now,
@@ -1921,6 +1933,11 @@ fn out_with_agent(run: &NodeRun) -> bool {
 /// - same version, out of range, or the policy's own skip: its version changed
 ///   (a policy skip for labels or attributes is not revisited).
 fn worth_another_look(run: &NodeRun, node: &Node, busy_in: Option<&Arc<str>>, task: &str) -> bool {
+    // Created by a targeting that did not finish (its `select` failed):
+    // never decided, so decided now.
+    if matches!(run.state, RunState::Pending) {
+        return true;
+    }
     let RunState::Skipped { reason, .. } = &run.state else {
         return false;
     };

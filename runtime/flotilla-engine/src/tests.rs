@@ -633,6 +633,75 @@ fn a_task_paused_before_its_plan_targets_again_when_resumed() {
     assert_eq!(again.task(&task.id).unwrap().waves.len(), 1);
 }
 
+/// The same for a node an increment task found later: its `select`
+/// failed, the task paused with the node's run created but undecided.
+/// Resumed, the next scan looks at it again. Failed before: the run stayed
+/// `pending` for good (only skipped runs were looked at again), the node
+/// held by the task and never upgraded.
+#[test]
+fn a_node_whose_increment_targeting_failed_is_targeted_again() {
+    let clock = Arc::new(ManualClock::new(MONDAY));
+    let inventory = Arc::new(MemoryFleet::new(fleet(2, "1.12")));
+    let source = Arc::new(Mended {
+        broken: Scripts(BTreeMap::from([(
+            "default".to_string(),
+            r#"fn select(ctx, nodes) {
+                nodes.map(|n| if n.id == "late" { throw "late is trouble" } else { #{ decision: "include" } })
+            }"#
+            .to_string(),
+        )])),
+        fixed: Scripts(BTreeMap::from([("default".to_string(), String::new())])),
+        failing: true.into(),
+    });
+    let mut engine = Engine::new(
+        Arc::new(MemoryStore::new()),
+        inventory.clone(),
+        Arc::new(delivery()),
+        clock.clone(),
+        source.clone(),
+    )
+    .unwrap();
+    let mut s = spec("inc", "default", json!({}));
+    s.strategy = serde_json::from_value(json!("increment")).unwrap();
+    let task = engine.create(s).unwrap();
+    // Two nodes take a while, so the task is running when "late" registers.
+    let agents = Agents {
+        latency_ms: 2 * 60_000,
+        ..Default::default()
+    };
+    let mut agents_sim = sim::Sim::new(clock.clone(), agents);
+    agents_sim.step(&mut engine).unwrap();
+    inventory.upsert(Node::new("late", "1.12"));
+    for _ in 0..3 {
+        clock.advance(60_000);
+        agents_sim.step(&mut engine).unwrap();
+    }
+    let state = engine.task(&task.id).unwrap().state;
+    assert!(
+        matches!(&state, TaskState::Paused(r) if r.contains("late is trouble")),
+        "{state:?}"
+    );
+    source
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    engine.resume(&task.id).unwrap();
+    for _ in 0..60 {
+        if !engine.has_active() {
+            break;
+        }
+        if agents_sim.step(&mut engine).unwrap() {
+            clock.advance(60_000);
+        }
+    }
+    let states = sim::states(&engine, &task.id).unwrap();
+    assert_eq!(
+        states.get("late").map(String::as_str),
+        Some("succeeded"),
+        "{states:?}"
+    );
+    assert_eq!(engine.task(&task.id).unwrap().state, TaskState::Succeeded);
+}
+
 #[test]
 fn silent_and_hanging_nodes_run_into_the_node_timeout() {
     let mut w = world(fleet(3, "1.12"), &[]);
