@@ -849,14 +849,7 @@ impl Engine {
                         }
                     }
                     // A policy failure pauses only its task (invariant 4).
-                    EngineError::Policy(err) => {
-                        let now = self.clock.now();
-                        if let Some(live) = self.live.get_mut(&id) {
-                            live.policy = None;
-                            live.event(now, None, "policy.error", err.to_string());
-                            let _ = live.task_transition(TaskEvent::Pause(err.to_string()), now);
-                        }
-                    }
+                    EngineError::Policy(err) => self.pause_for_policy(&id, &err),
                     other => return Err(other),
                 }
             }
@@ -1599,8 +1592,21 @@ impl Engine {
             .collect()
     }
 
+    /// A policy failure pauses only its task (invariant 4): the instance is
+    /// dropped (the next call loads it afresh) and the failure recorded.
+    fn pause_for_policy(&mut self, id: &str, err: &PolicyError) {
+        let now = self.clock.now();
+        if let Some(live) = self.live.get_mut(id) {
+            live.policy = None;
+            live.event(now, None, "policy.error", err.to_string());
+            let _ = live.task_transition(TaskEvent::Pause(err.to_string()), now);
+        }
+    }
+
     /// Pull mode: a device asks for work. Returns the delivery if the policy
-    /// offers it now.
+    /// offers it now. An `on-request` that fails pauses the task, as any
+    /// hook's failure does, and the device gets no work (it asks again); a
+    /// disk fault reading the policy is an error the device retries.
     pub fn request(&mut self, node: &str) -> Result<Option<Command>, EngineError> {
         let Some(id) = self.busy.get(node).map(|t| t.to_string()) else {
             return Ok(None);
@@ -1624,7 +1630,16 @@ impl Engine {
             return Ok(None);
         };
         let ctx = live.ctx.clone();
-        let offer = Self::call_policy(live, &*self.policies, &world, |p| p.on_request(&ctx, &n))?;
+        let offer =
+            match Self::call_policy(live, &*self.policies, &world, |p| p.on_request(&ctx, &n)) {
+                Ok(offer) => offer,
+                Err(EngineError::Policy(err)) if !err.is_fault() => {
+                    self.pause_for_policy(&id, &err);
+                    self.commit(&id)?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
         let answer = match offer {
             Offer::Offer => {
                 live.apply(node, RunEvent::Offer, now)?;

@@ -393,6 +393,37 @@ fn pull_is_offered_through_on_request_and_refused_for_filtered_scope() {
     );
 }
 
+/// An `on-request` that throws pauses its pull task like any hook's
+/// failure (invariant 4), and the asking device gets no work. Failed
+/// before: every ask answered an error and the task ran on, unpaused, with
+/// nothing in its events.
+#[test]
+fn a_failing_on_request_pauses_its_pull_task() {
+    let broken = r#"fn on_request(ctx, node) { throw "pull is broken"; }"#;
+    let mut w = world(fleet(2, "1.12"), &[("broken", broken)]);
+    let mut s = spec("pull", "broken", json!({}));
+    s.method = Method::Pull;
+    let task = w.engine.create(s).unwrap();
+    w.engine.tick().unwrap();
+    assert_eq!(w.engine.request("n000").unwrap(), None);
+    let state = w.engine.task(&task.id).unwrap().state;
+    assert!(
+        matches!(&state, TaskState::Paused(r) if r.contains("pull is broken")),
+        "{state:?}"
+    );
+    let errors = w
+        .engine
+        .events(&task.id, 0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "policy.error")
+        .count();
+    assert_eq!(errors, 1);
+    // Paused: the next device gets nothing and the policy is not called.
+    assert_eq!(w.engine.request("n001").unwrap(), None);
+    assert_eq!(sim::states(&w.engine, &task.id).unwrap()["n000"], "queued");
+}
+
 #[test]
 fn a_failing_policy_pauses_only_its_task() {
     let broken = r#"fn plan(ctx, nodes) { throw "boom"; }"#;
