@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
-use upgrade::{Steps, Upgrader};
+use upgrade::{Outcome, Steps, Upgrader};
 
 /// Everything the agent runs with; the CLI builds it from flags and a file.
 #[derive(Debug, Clone)]
@@ -96,6 +96,9 @@ impl Backoff {
 enum Delivery {
     Taken,
     Refused,
+    /// Nothing was reported: a fault on this node deferred the work (see
+    /// [`upgrade::Outcome::Deferred`]); it is asked for again after a pause.
+    Deferred,
     /// The agent is stopping; the journal re-reports it after a restart.
     Stopped,
 }
@@ -335,6 +338,8 @@ impl Agent {
 
     async fn work_loop(&self) -> Result<(), AgentError> {
         let mut backoff = Backoff(0);
+        // Grows while work keeps being deferred (a disk fault that lasts).
+        let mut deferred = Backoff(0);
         while !self.stopped() {
             self.ensure_enrolled().await?;
             if self.stopped() {
@@ -363,9 +368,18 @@ impl Agent {
                 Ok(Some(work)) => {
                     backoff = Backoff(0);
                     // A runner that refuses the report but keeps the work
-                    // open would otherwise get it back at once, forever.
-                    if self.handle(work).await == Delivery::Refused
-                        && !self.pause(Duration::from_secs(5)).await
+                    // open would otherwise get it back at once, forever;
+                    // deferred work likewise, until the fault is gone.
+                    let pause = match self.handle(work).await {
+                        Delivery::Refused => Some(Duration::from_secs(5)),
+                        Delivery::Deferred => Some(deferred.next()),
+                        Delivery::Taken | Delivery::Stopped => {
+                            deferred = Backoff(0);
+                            None
+                        }
+                    };
+                    if let Some(p) = pause
+                        && !self.pause(p).await
                     {
                         break;
                     }
@@ -419,6 +433,17 @@ impl Agent {
             },
             forward
         );
+        let outcome = match outcome {
+            Outcome::Done(report) => report,
+            Outcome::Deferred(why) => {
+                tracing::warn!(
+                    task,
+                    why,
+                    "work deferred by a fault on this node; asking for it again after a pause"
+                );
+                return Delivery::Deferred;
+            }
+        };
         tracing::info!(task, state = ?outcome.state, detail = outcome.detail, "work finished");
         self.deliver(&outcome).await
     }
@@ -598,7 +623,6 @@ mod tests {
                 })
                 .collect();
             let bytes = targz(&[("VERSION", b"2.0.0"), ("blob", &filler)]);
-            let cut = AtomicBool::new(cut_first);
             let work = Work::Install {
                 task: "t1".into(),
                 package: "edge".into(),
@@ -613,6 +637,13 @@ mod tests {
                 backup: Backup::Default,
                 permanent,
             };
+            Self::holding(work, bytes, cut_first)
+        }
+
+        /// A runner that holds `work` until its final report; the artifact
+        /// of release edge 2.0.0 is `bytes`.
+        fn holding(work: Work, bytes: Vec<u8>, cut_first: bool) -> Self {
+            let cut = AtomicBool::new(cut_first);
             let (report_tx, reports) = unbounded_channel();
             let (beat_tx, heartbeats) = unbounded_channel();
             let done = Arc::new(AtomicBool::new(false));
@@ -731,6 +762,148 @@ mod tests {
                 .map(|r| r.path().to_string())
                 .collect()
         }
+    }
+
+    /// A disk fault making a trial permanent defers the work: no report
+    /// (a `rejected` would leave the node to fall back at its next
+    /// restart), the agent asks for the work again after a pause, and once
+    /// the disk is back it reports `made-permanent`. The runner hands out a
+    /// trial install, then (once it succeeded) the make-permanent, and holds
+    /// that until its final report, as the real one does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn make_permanent_deferred_by_a_disk_fault_is_asked_for_again_until_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        // `permanent` cannot be written: the file its new content goes to
+        // first is a directory.
+        let blocker = tmp
+            .path()
+            .join(format!("permanent.tmp{}", std::process::id()));
+        std::fs::create_dir_all(blocker.join("blocked")).unwrap();
+        let bytes = targz(&[("VERSION", b"2.0.0")]);
+        let install = Work::Install {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "2.0.0".into(),
+            artifact: Artifact {
+                url: "/v1/releases/edge/2.0.0/artifact".into(),
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                size: bytes.len() as u64,
+                kind: Default::default(),
+                signature: None,
+            },
+            backup: Backup::Default,
+            permanent: false,
+        };
+        let commit = Work::MakePermanent {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "2.0.0".into(),
+        };
+        // 0: the install is out; 1: the make-permanent is; 2: done.
+        let stage = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (report_tx, mut reports) = unbounded_channel::<Report>();
+        let server = {
+            let (stage, commits) = (stage.clone(), commits.clone());
+            TestServer::start(
+                move |req: &Request| match (req.method.as_str(), req.path()) {
+                    ("POST", "/v1/agents/enroll") => Response::json(&Enrolled {
+                        token: TOKEN.into(),
+                    }),
+                    ("POST", "/v1/agents/n1/heartbeat") => Response::status(204),
+                    ("GET", "/v1/agents/n1/work") => match stage.load(Ordering::SeqCst) {
+                        0 => Response::json(&install),
+                        1 => {
+                            commits.fetch_add(1, Ordering::SeqCst);
+                            Response::json(&commit)
+                        }
+                        _ => {
+                            std::thread::sleep(Duration::from_millis(50));
+                            Response::status(204)
+                        }
+                    },
+                    ("POST", "/v1/agents/n1/report") => {
+                        let r: Report = serde_json::from_slice(&req.body).unwrap();
+                        match r.state {
+                            ReportState::Succeeded => stage.store(1, Ordering::SeqCst),
+                            ReportState::MadePermanent | ReportState::Rejected => {
+                                stage.store(2, Ordering::SeqCst)
+                            }
+                            _ => {}
+                        }
+                        let _ = report_tx.send(r);
+                        Response::status(204)
+                    }
+                    ("GET", "/v1/releases/edge/2.0.0/artifact") => Response::ranged(req, &bytes),
+                    _ => Response::status(404),
+                },
+            )
+        };
+        let config = AgentConfig {
+            server: server.url(),
+            node_id: "n1".into(),
+            state_dir: tmp.path().to_path_buf(),
+            enroll_secret: Some("s3cret".into()),
+            labels: Vec::new(),
+            attributes: Vec::new(),
+            asset_path: String::new(),
+            schedulable: true,
+            steps: Steps {
+                node_id: "n1".into(),
+                install_command: Some("test -f VERSION".into()),
+                retry_backoff: Duration::from_millis(10),
+                ..Steps::default()
+            },
+            heartbeat: Duration::from_secs(60),
+            pull: None,
+            wait_seconds: 1,
+            tls: Default::default(),
+            mqtt: None,
+        };
+        // The disk comes back once the make-permanent was handed out twice.
+        let mend = {
+            let (blocker, commits) = (blocker.clone(), commits.clone());
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(15);
+                while std::time::Instant::now() < deadline {
+                    let n = commits.load(Ordering::SeqCst);
+                    if n >= 2 {
+                        std::fs::remove_dir_all(&blocker).unwrap();
+                        return n;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                0
+            })
+        };
+        let mut finals = Vec::new();
+        let stop = async {
+            let wait = async {
+                while let Some(r) = reports.recv().await {
+                    if matches!(r.state, ReportState::MadePermanent | ReportState::Rejected) {
+                        finals.push(r);
+                        break;
+                    }
+                    finals.push(r);
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(20), wait).await;
+        };
+        run(config, stop).await.unwrap();
+        assert!(
+            mend.join().unwrap() >= 2,
+            "the make-permanent was not asked for again"
+        );
+        let states: Vec<ReportState> = finals.iter().map(|r| r.state).collect();
+        assert_eq!(
+            states.last(),
+            Some(&ReportState::MadePermanent),
+            "{finals:?}"
+        );
+        assert!(!states.contains(&ReportState::Rejected), "{finals:?}");
+        let restarted = ReleaseStore::open(tmp.path()).unwrap();
+        assert!(restarted.revert_trial().unwrap().is_none());
+        assert_eq!(restarted.permanent().unwrap().as_deref(), Some("2.0.0"));
     }
 
     /// An agent wired to `server` only for delivering reports.

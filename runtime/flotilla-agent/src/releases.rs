@@ -44,6 +44,14 @@ pub enum ReleaseError {
     TooLarge { limit: u64, what: &'static str },
 }
 
+impl ReleaseError {
+    /// The node's disk failed (an I/O error), not the request: the same
+    /// request may work later.
+    pub fn is_fault(&self) -> bool {
+        matches!(self, ReleaseError::Io { .. })
+    }
+}
+
 /// How much one archive may unpack to: a compressed archive is small on the
 /// wire and may be enormous on disk (a gzip bomb), so the agent stops at a
 /// cap instead of filling the node's disk.

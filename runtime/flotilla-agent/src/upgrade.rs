@@ -68,6 +68,17 @@ impl Default for Steps {
     }
 }
 
+/// What carrying out a piece of work came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The final report, for the runner.
+    Done(Report),
+    /// A fault on this node (its disk) stopped the work before anything
+    /// final could be said: nothing is reported, so the runner keeps the
+    /// work open, and the agent asks for it again after a pause.
+    Deferred(String),
+}
+
 /// Runs work against the node's release store.
 pub struct Upgrader {
     pub store: ReleaseStore,
@@ -256,14 +267,15 @@ impl Upgrader {
     }
 
     /// Does `work` (or re-reports it when it was already done) and returns
-    /// the final report. Steps are sent on `progress` as they start.
+    /// the final report, or why it was deferred. Steps are sent on
+    /// `progress` as they start.
     pub async fn execute(
         &self,
         client: &RunnerClient,
         work: &Work,
         progress: &UnboundedSender<Report>,
-    ) -> Report {
-        match work {
+    ) -> Outcome {
+        Outcome::Done(match work {
             Work::Install {
                 task,
                 version,
@@ -278,8 +290,10 @@ impl Upgrader {
                 .await
             }
             Work::Restore { task, version, .. } => self.restore(task, version).await,
-            Work::MakePermanent { task, version, .. } => self.make_permanent(task, version),
-        }
+            Work::MakePermanent { task, version, .. } => {
+                return self.make_permanent(task, version);
+            }
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -675,32 +689,35 @@ impl Upgrader {
 
     /// `Work::MakePermanent`: the trial release `version` (current) becomes
     /// the one a restart comes back on. Idempotent: asked again, it answers
-    /// the same.
-    fn make_permanent(&self, task: &str, version: &str) -> Report {
+    /// the same. Declined (`rejected`) only for what asking again will not
+    /// change (another release is current, it is not installed); a disk
+    /// fault defers it instead (see [`Outcome::Deferred`]).
+    fn make_permanent(&self, task: &str, version: &str) -> Outcome {
+        let declined = |detail: String| Outcome::Done(report(task, ReportState::Rejected, detail));
+        let deferred =
+            |e: ReleaseError| Outcome::Deferred(format!("making {version} permanent: {e}"));
         if let Err(e) = check_version(version) {
-            return report(task, ReportState::Rejected, e.to_string());
+            return declined(e.to_string());
         }
         match self.store.current() {
             Ok(Some(current)) if current == version => {}
             Ok(current) => {
-                return report(
-                    task,
-                    ReportState::Rejected,
-                    format!(
-                        "{version} is not the current release ({}); nothing made permanent",
-                        current.as_deref().unwrap_or("none")
-                    ),
-                );
+                return declined(format!(
+                    "{version} is not the current release ({}); nothing made permanent",
+                    current.as_deref().unwrap_or("none")
+                ));
             }
-            Err(e) => return report(task, ReportState::Rejected, e.to_string()),
+            Err(e) if e.is_fault() => return deferred(e),
+            Err(e) => return declined(e.to_string()),
         }
         match self.store.make_permanent(version) {
-            Ok(()) => report(
+            Ok(()) => Outcome::Done(report(
                 task,
                 ReportState::MadePermanent,
                 format!("{version} is permanent"),
-            ),
-            Err(e) => report(task, ReportState::Rejected, e.to_string()),
+            )),
+            Err(e) if e.is_fault() => deferred(e),
+            Err(e) => declined(e.to_string()),
         }
     }
 
@@ -1302,7 +1319,10 @@ mod tests {
     async fn run(up: &Upgrader, server: &TestServer, work: &Work) -> (Vec<ReportState>, Report) {
         let client = RunnerClient::new(&server.url(), "n1").unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let outcome = up.execute(&client, work, &tx).await;
+        let outcome = match up.execute(&client, work, &tx).await {
+            Outcome::Done(r) => r,
+            Outcome::Deferred(why) => panic!("deferred: {why}"),
+        };
         drop(tx);
         let mut steps = Vec::new();
         while let Some(r) = rx.recv().await {
@@ -1637,6 +1657,49 @@ mod tests {
         let restarted = ReleaseStore::open(tmp.path()).unwrap();
         assert!(restarted.revert_trial().unwrap().is_none());
         assert_eq!(restarted.current().unwrap().as_deref(), Some("2.0.0"));
+    }
+
+    /// A disk fault making a trial permanent is not the node declining: the
+    /// runner takes `rejected` then as "not made permanent, a person
+    /// decides", and the node would fall back to the old release at its
+    /// next restart. Nothing is reported instead; the runner keeps the work
+    /// open and the agent asks for it again, which succeeds once the disk
+    /// is back. Failed before: `rejected` with "cannot replace ...".
+    #[tokio::test]
+    async fn a_disk_fault_making_a_trial_permanent_is_deferred_not_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let up = node(tmp.path(), None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        run(
+            &up,
+            &server,
+            &install(&server, &bytes, false, Backup::Default),
+        )
+        .await;
+        let commit = Work::MakePermanent {
+            task: "t1".into(),
+            package: "app".into(),
+            version: "2.0.0".into(),
+        };
+        // The `permanent` file cannot be replaced: a non-empty directory.
+        let permanent = up.store.dir().join("permanent");
+        let kept = fs::read(&permanent).unwrap();
+        fs::remove_file(&permanent).unwrap();
+        fs::create_dir_all(permanent.join("blocked")).unwrap();
+        let client = RunnerClient::new(&server.url(), "n1").unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        match up.execute(&client, &commit, &tx).await {
+            Outcome::Deferred(why) => assert!(why.contains("permanent"), "{why}"),
+            Outcome::Done(r) => panic!("reported {:?}: {}", r.state, r.detail),
+        }
+        // The disk is back: the same work, asked for again, succeeds.
+        fs::remove_dir_all(&permanent).unwrap();
+        fs::write(&permanent, kept).unwrap();
+        let (_, done) = run(&up, &server, &commit).await;
+        assert_eq!(done.state, ReportState::MadePermanent, "{}", done.detail);
+        let restarted = ReleaseStore::open(tmp.path()).unwrap();
+        assert!(restarted.revert_trial().unwrap().is_none());
     }
 
     #[tokio::test]
