@@ -599,6 +599,32 @@ mod tests {
         assert!(hb.check().is_ok(), "the runner would refuse {hb:?}");
     }
 
+    /// An agent of node `n1` for `server` (secret `s3cret`, the install
+    /// command `test -f VERSION`, quick retries).
+    fn agent_config(server: &TestServer, dir: &std::path::Path, pull: bool) -> AgentConfig {
+        AgentConfig {
+            server: server.url(),
+            node_id: "n1".into(),
+            state_dir: dir.to_path_buf(),
+            enroll_secret: Some("s3cret".into()),
+            labels: vec![("tier".into(), "edge".into())],
+            attributes: Vec::new(),
+            asset_path: String::new(),
+            schedulable: true,
+            steps: Steps {
+                node_id: "n1".into(),
+                install_command: Some("test -f VERSION".into()),
+                retry_backoff: Duration::from_millis(10),
+                ..Steps::default()
+            },
+            heartbeat: Duration::from_millis(100),
+            pull: pull.then_some(Duration::from_millis(100)),
+            wait_seconds: 1,
+            tls: Default::default(),
+            mqtt: None,
+        }
+    }
+
     /// A runner that holds one piece of work for node `n1` until a final
     /// report on it arrives, as the real one does.
     struct FakeRunner {
@@ -706,27 +732,7 @@ mod tests {
         }
 
         fn config(&self, dir: &std::path::Path, pull: bool) -> AgentConfig {
-            AgentConfig {
-                server: self.server.url(),
-                node_id: "n1".into(),
-                state_dir: dir.to_path_buf(),
-                enroll_secret: Some("s3cret".into()),
-                labels: vec![("tier".into(), "edge".into())],
-                attributes: Vec::new(),
-                asset_path: String::new(),
-                schedulable: true,
-                steps: Steps {
-                    node_id: "n1".into(),
-                    install_command: Some("test -f VERSION".into()),
-                    retry_backoff: Duration::from_millis(10),
-                    ..Steps::default()
-                },
-                heartbeat: Duration::from_millis(100),
-                pull: pull.then_some(Duration::from_millis(100)),
-                wait_seconds: 1,
-                tls: Default::default(),
-                mqtt: None,
-            }
+            agent_config(&self.server, dir, pull)
         }
 
         /// Runs the agent until a final report arrives (at most 20 s);
@@ -839,27 +845,7 @@ mod tests {
                 },
             )
         };
-        let config = AgentConfig {
-            server: server.url(),
-            node_id: "n1".into(),
-            state_dir: tmp.path().to_path_buf(),
-            enroll_secret: Some("s3cret".into()),
-            labels: Vec::new(),
-            attributes: Vec::new(),
-            asset_path: String::new(),
-            schedulable: true,
-            steps: Steps {
-                node_id: "n1".into(),
-                install_command: Some("test -f VERSION".into()),
-                retry_backoff: Duration::from_millis(10),
-                ..Steps::default()
-            },
-            heartbeat: Duration::from_secs(60),
-            pull: None,
-            wait_seconds: 1,
-            tls: Default::default(),
-            mqtt: None,
-        };
+        let config = agent_config(&server, tmp.path(), false);
         // The disk comes back once the make-permanent was handed out twice.
         let mend = {
             let (blocker, commits) = (blocker.clone(), commits.clone());

@@ -1315,20 +1315,49 @@ mod tests {
         Upgrader::new(store, steps).unwrap()
     }
 
-    /// Runs `work`; returns the progress states and the final report.
-    async fn run(up: &Upgrader, server: &TestServer, work: &Work) -> (Vec<ReportState>, Report) {
+    /// Runs `work`; returns the progress states and what it came to.
+    async fn execute(
+        up: &Upgrader,
+        server: &TestServer,
+        work: &Work,
+    ) -> (Vec<ReportState>, Outcome) {
         let client = RunnerClient::new(&server.url(), "n1").unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let outcome = match up.execute(&client, work, &tx).await {
-            Outcome::Done(r) => r,
-            Outcome::Deferred(why) => panic!("deferred: {why}"),
-        };
+        let outcome = up.execute(&client, work, &tx).await;
         drop(tx);
         let mut steps = Vec::new();
         while let Some(r) = rx.recv().await {
             steps.push(r.state);
         }
         (steps, outcome)
+    }
+
+    /// Runs `work`; returns the progress states and the final report.
+    async fn run(up: &Upgrader, server: &TestServer, work: &Work) -> (Vec<ReportState>, Report) {
+        match execute(up, server, work).await {
+            (steps, Outcome::Done(r)) => (steps, r),
+            (_, Outcome::Deferred(why)) => panic!("deferred: {why}"),
+        }
+    }
+
+    /// A node on release 2.0.0 as a trial (1.0.0 permanent), and the server
+    /// it downloaded it from.
+    async fn on_trial(dir: &Path) -> (Upgrader, TestServer) {
+        let up = node(dir, None, None);
+        let bytes = release("2.0.0");
+        let server = artifact_server(bytes.clone());
+        let work = install(&server, &bytes, false, Backup::Default);
+        let (_, outcome) = run(&up, &server, &work).await;
+        assert_eq!(outcome.state, ReportState::Succeeded, "{}", outcome.detail);
+        (up, server)
+    }
+
+    fn make_permanent(version: &str) -> Work {
+        Work::MakePermanent {
+            task: "t1".into(),
+            package: "app".into(),
+            version: version.into(),
+        }
     }
 
     fn log(dir: &Path) -> String {
@@ -1629,20 +1658,8 @@ mod tests {
     #[tokio::test]
     async fn a_trial_made_permanent_survives_a_restart() {
         let tmp = tempfile::tempdir().unwrap();
-        let up = node(tmp.path(), None, None);
-        let bytes = release("2.0.0");
-        let server = artifact_server(bytes.clone());
-        run(
-            &up,
-            &server,
-            &install(&server, &bytes, false, Backup::Default),
-        )
-        .await;
-        let commit = |version: &str| Work::MakePermanent {
-            task: "t1".into(),
-            package: "app".into(),
-            version: version.into(),
-        };
+        let (up, server) = on_trial(tmp.path()).await;
+        let commit = make_permanent;
         let (_, wrong) = run(&up, &server, &commit("3.0.0")).await;
         assert_eq!(wrong.state, ReportState::Rejected, "{}", wrong.detail);
         assert_eq!(up.store.permanent().unwrap().as_deref(), Some("1.0.0"));
@@ -1668,28 +1685,14 @@ mod tests {
     #[tokio::test]
     async fn a_disk_fault_making_a_trial_permanent_is_deferred_not_rejected() {
         let tmp = tempfile::tempdir().unwrap();
-        let up = node(tmp.path(), None, None);
-        let bytes = release("2.0.0");
-        let server = artifact_server(bytes.clone());
-        run(
-            &up,
-            &server,
-            &install(&server, &bytes, false, Backup::Default),
-        )
-        .await;
-        let commit = Work::MakePermanent {
-            task: "t1".into(),
-            package: "app".into(),
-            version: "2.0.0".into(),
-        };
+        let (up, server) = on_trial(tmp.path()).await;
+        let commit = make_permanent("2.0.0");
         // The `permanent` file cannot be replaced: a non-empty directory.
         let permanent = up.store.dir().join("permanent");
         let kept = fs::read(&permanent).unwrap();
         fs::remove_file(&permanent).unwrap();
         fs::create_dir_all(permanent.join("blocked")).unwrap();
-        let client = RunnerClient::new(&server.url(), "n1").unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        match up.execute(&client, &commit, &tx).await {
+        match execute(&up, &server, &commit).await.1 {
             Outcome::Deferred(why) => assert!(why.contains("permanent"), "{why}"),
             Outcome::Done(r) => panic!("reported {:?}: {}", r.state, r.detail),
         }

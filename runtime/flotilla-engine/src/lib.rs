@@ -820,34 +820,7 @@ impl Engine {
                     // The disk failed reading the policy's bytes: nothing is
                     // wrong with the task or its policy, the next tick tries
                     // again (no one should have to resume it).
-                    // Said once in the task's events (and logged once a
-                    // minute while it lasts), not on every tick.
-                    EngineError::Policy(err) if err.is_fault() => {
-                        let now = self.clock.now();
-                        if let Some(live) = self.live.get_mut(&id) {
-                            match &mut live.policy_fault {
-                                None => {
-                                    tracing::warn!(task = %id, "{err}; trying again on every tick");
-                                    live.event(
-                                        now,
-                                        None,
-                                        "policy.unreadable",
-                                        format!("{err}; trying again on every tick"),
-                                    );
-                                    live.policy_fault = Some((now, now));
-                                }
-                                Some((since, logged)) if now.saturating_sub(*logged) >= 60_000 => {
-                                    tracing::warn!(
-                                        task = %id,
-                                        "{err}; still trying, for {} s now",
-                                        now.saturating_sub(*since) / 1000
-                                    );
-                                    *logged = now;
-                                }
-                                Some(_) => {}
-                            }
-                        }
-                    }
+                    EngineError::Policy(err) if err.is_fault() => self.note_policy_fault(&id, &err),
                     // A policy failure pauses only its task (invariant 4).
                     EngineError::Policy(err) => self.pause_for_policy(&id, &err),
                     other => return Err(other),
@@ -985,18 +958,16 @@ impl Engine {
                 nodes.iter().map(|n| n.id.as_str()).collect();
             let live = live_task(&mut self.live, id)?;
             let mut gone = Vec::new();
-            for node in live.runs.keys() {
+            for (node, run) in &live.runs {
                 if self.busy.get(node).is_some_and(|t| &**t == id) {
                     self.busy.remove(node);
                 }
-                if !in_scope.contains(node.as_str()) {
+                if !in_scope.contains(node.as_str()) && matches!(run.state, RunState::Pending) {
                     gone.push(node.clone());
                 }
             }
             for node in gone {
-                if matches!(live.runs[&node].state, RunState::Pending) {
-                    live.apply(&node, RunEvent::Cancel, now)?;
-                }
+                live.apply(&node, RunEvent::Cancel, now)?;
             }
         }
         let live = live_task(&mut self.live, id)?;
@@ -1590,6 +1561,29 @@ impl Engine {
                 Err(e) => Err(e),
             })
             .collect()
+    }
+
+    /// A disk fault reading `id`'s policy: said once in the task's events,
+    /// and logged once a minute while it lasts, not on every tick.
+    fn note_policy_fault(&mut self, id: &str, err: &PolicyError) {
+        let now = self.clock.now();
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        match &mut live.policy_fault {
+            None => {
+                tracing::warn!(task = %id, "{err}; trying again on every tick");
+                let detail = format!("{err}; trying again on every tick");
+                live.event(now, None, "policy.unreadable", detail);
+                live.policy_fault = Some((now, now));
+            }
+            Some((since, logged)) if now.saturating_sub(*logged) >= 60_000 => {
+                let secs = now.saturating_sub(*since) / 1000;
+                tracing::warn!(task = %id, "{err}; still trying, for {secs} s now");
+                *logged = now;
+            }
+            Some(_) => {}
+        }
     }
 
     /// A policy failure pauses only its task (invariant 4): the instance is

@@ -77,6 +77,24 @@ fn delivery() -> MemoryDelivery {
 }
 
 /// An engine whose only policy is `default` (an empty script), with no releases.
+impl Scripts {
+    /// Only the policy `default`, with `text` (empty: every hook at its default).
+    fn default_policy(text: &str) -> Scripts {
+        Scripts(BTreeMap::from([("default".to_string(), text.to_string())]))
+    }
+}
+
+/// An engine over `store` and `fleet` with the releases of [`delivery`],
+/// loading its policies from `policies`.
+fn engine_over(
+    store: Arc<MemoryStore>,
+    fleet: Arc<MemoryFleet>,
+    clock: &Arc<ManualClock>,
+    policies: Arc<dyn PolicySource>,
+) -> Engine {
+    Engine::new(store, fleet, Arc::new(delivery()), clock.clone(), policies).unwrap()
+}
+
 fn engine_with_default_policy(
     store: Arc<MemoryStore>,
     fleet: Arc<MemoryFleet>,
@@ -517,9 +535,9 @@ fn an_engine_over_the_same_store_resumes_where_the_last_one_stopped() {
     ));
 }
 
-/// Loads through [`Scripts`], but fails with a disk fault while `failing`.
+/// The policy `default` (every hook at its default), but a disk fault
+/// while `failing`.
 struct FaultyDisk {
-    scripts: Scripts,
     failing: std::sync::atomic::AtomicBool,
 }
 
@@ -529,7 +547,7 @@ impl PolicySource for FaultyDisk {
             let e = std::io::Error::from_raw_os_error(5); // EIO
             return Err(PolicyError::io(name, "reading policies/default.rhai", e));
         }
-        self.scripts.load(name, world)
+        Scripts::default_policy("").load(name, world)
     }
 }
 
@@ -546,17 +564,10 @@ fn a_disk_fault_loading_the_policy_is_retried_not_a_pause() {
     let World0 { clock, store, .. } = w;
     // A restarted engine loads the policy on its first tick: the disk fails.
     let source = Arc::new(FaultyDisk {
-        scripts: Scripts(BTreeMap::from([("default".to_string(), String::new())])),
         failing: true.into(),
     });
-    let mut again = Engine::new(
-        store,
-        Arc::new(MemoryFleet::new(fleet(3, "1.12"))),
-        Arc::new(delivery()),
-        clock.clone(),
-        source.clone(),
-    )
-    .unwrap();
+    let fleet = Arc::new(MemoryFleet::new(fleet(3, "1.12")));
+    let mut again = engine_over(store, fleet, &clock, source.clone());
     // Ticks come every 250 ms in the runner: two minutes of a failing disk.
     for _ in 0..480 {
         assert!(again.tick().unwrap().is_empty());
@@ -592,11 +603,20 @@ fn a_disk_fault_loading_the_policy_is_retried_not_a_pause() {
     );
 }
 
-/// Loads `broken` while `failing`, `fixed` after.
+/// The policy `default`: `broken` while `failing`, every hook at its
+/// default after.
 struct Mended {
     broken: Scripts,
-    fixed: Scripts,
     failing: std::sync::atomic::AtomicBool,
+}
+
+impl Mended {
+    fn new(broken: &str) -> Mended {
+        Mended {
+            broken: Scripts::default_policy(broken),
+            failing: true.into(),
+        }
+    }
 }
 
 impl PolicySource for Mended {
@@ -604,7 +624,7 @@ impl PolicySource for Mended {
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
             self.broken.load(name, world)
         } else {
-            self.fixed.load(name, world)
+            Scripts::default_policy("").load(name, world)
         }
     }
 }
@@ -621,22 +641,11 @@ fn a_task_paused_before_its_plan_targets_again_when_resumed() {
         .create(spec("mended", "default", json!({})))
         .unwrap();
     let World0 { clock, store, .. } = w;
-    let source = Arc::new(Mended {
-        broken: Scripts(BTreeMap::from([(
-            "default".to_string(),
-            r#"fn select(ctx, nodes) { throw "select is broken" }"#.to_string(),
-        )])),
-        fixed: Scripts(BTreeMap::from([("default".to_string(), String::new())])),
-        failing: true.into(),
-    });
-    let mut again = Engine::new(
-        store,
-        Arc::new(MemoryFleet::new(fleet(3, "1.12"))),
-        Arc::new(delivery()),
-        clock.clone(),
-        source.clone(),
-    )
-    .unwrap();
+    let source = Arc::new(Mended::new(
+        r#"fn select(ctx, nodes) { throw "select is broken" }"#,
+    ));
+    let fleet = Arc::new(MemoryFleet::new(fleet(3, "1.12")));
+    let mut again = engine_over(store, fleet, &clock, source.clone());
     again.tick().unwrap();
     let state = again.task(&task.id).unwrap().state;
     assert!(
@@ -673,25 +682,13 @@ fn a_task_paused_before_its_plan_targets_again_when_resumed() {
 fn a_node_whose_increment_targeting_failed_is_targeted_again() {
     let clock = Arc::new(ManualClock::new(MONDAY));
     let inventory = Arc::new(MemoryFleet::new(fleet(2, "1.12")));
-    let source = Arc::new(Mended {
-        broken: Scripts(BTreeMap::from([(
-            "default".to_string(),
-            r#"fn select(ctx, nodes) {
-                nodes.map(|n| if n.id == "late" { throw "late is trouble" } else { #{ decision: "include" } })
-            }"#
-            .to_string(),
-        )])),
-        fixed: Scripts(BTreeMap::from([("default".to_string(), String::new())])),
-        failing: true.into(),
-    });
-    let mut engine = Engine::new(
-        Arc::new(MemoryStore::new()),
-        inventory.clone(),
-        Arc::new(delivery()),
-        clock.clone(),
-        source.clone(),
-    )
-    .unwrap();
+    let source = Arc::new(Mended::new(
+        r#"fn select(ctx, nodes) {
+            nodes.map(|n| if n.id == "late" { throw "late is trouble" } else { #{ decision: "include" } })
+        }"#,
+    ));
+    let store = Arc::new(MemoryStore::new());
+    let mut engine = engine_over(store, inventory.clone(), &clock, source.clone());
     let mut s = spec("inc", "default", json!({}));
     s.strategy = serde_json::from_value(json!("increment")).unwrap();
     let task = engine.create(s).unwrap();

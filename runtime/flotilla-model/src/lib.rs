@@ -400,13 +400,6 @@ pub enum PlanCalls {
 }
 
 impl PlanCalls {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PlanCalls::InOrder => "in-order",
-            PlanCalls::Independent => "independent",
-        }
-    }
-
     /// For people: `policy check` and `policy upload` print it.
     pub fn describe(self) -> &'static str {
         match self {
