@@ -599,6 +599,24 @@ mod tests {
         assert!(hb.check().is_ok(), "the runner would refuse {hb:?}");
     }
 
+    /// Task t1's install of edge 2.0.0 whose artifact is `bytes`.
+    fn install_edge(bytes: &[u8], permanent: bool) -> Work {
+        Work::Install {
+            task: "t1".into(),
+            package: "edge".into(),
+            version: "2.0.0".into(),
+            artifact: Artifact {
+                url: "/v1/releases/edge/2.0.0/artifact".into(),
+                sha256: hex::encode(Sha256::digest(bytes)),
+                size: bytes.len() as u64,
+                kind: Default::default(),
+                signature: None,
+            },
+            backup: Backup::Default,
+            permanent,
+        }
+    }
+
     /// An agent of node `n1` for `server` (secret `s3cret`, the install
     /// command `test -f VERSION`, quick retries).
     fn agent_config(server: &TestServer, dir: &std::path::Path, pull: bool) -> AgentConfig {
@@ -649,20 +667,7 @@ mod tests {
                 })
                 .collect();
             let bytes = targz(&[("VERSION", b"2.0.0"), ("blob", &filler)]);
-            let work = Work::Install {
-                task: "t1".into(),
-                package: "edge".into(),
-                version: "2.0.0".into(),
-                artifact: Artifact {
-                    url: "/v1/releases/edge/2.0.0/artifact".into(),
-                    sha256: hex::encode(Sha256::digest(&bytes)),
-                    size: bytes.len() as u64,
-                    kind: Default::default(),
-                    signature: None,
-                },
-                backup: Backup::Default,
-                permanent,
-            };
+            let work = install_edge(&bytes, permanent);
             Self::holding(work, bytes, cut_first)
         }
 
@@ -786,20 +791,7 @@ mod tests {
             .join(format!("permanent.tmp{}", std::process::id()));
         std::fs::create_dir_all(blocker.join("blocked")).unwrap();
         let bytes = targz(&[("VERSION", b"2.0.0")]);
-        let install = Work::Install {
-            task: "t1".into(),
-            package: "edge".into(),
-            version: "2.0.0".into(),
-            artifact: Artifact {
-                url: "/v1/releases/edge/2.0.0/artifact".into(),
-                sha256: hex::encode(Sha256::digest(&bytes)),
-                size: bytes.len() as u64,
-                kind: Default::default(),
-                signature: None,
-            },
-            backup: Backup::Default,
-            permanent: false,
-        };
+        let install = install_edge(&bytes, false);
         let commit = Work::MakePermanent {
             task: "t1".into(),
             package: "edge".into(),
